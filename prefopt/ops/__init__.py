@@ -1,0 +1,223 @@
+"""The fused op: output head -> per-token statistics, never holding the ``[tokens, vocab]`` logits.
+
+:func:`linear_logprobs` checks its inputs, drops ignored tokens, hands the packed tokens to a backend
+(an autograd Function with the contract of :mod:`prefopt.ops.torch_backend`) and scatters the
+per-token results back to the shape of ``targets``.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .common import OpConfig
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+class TokenStats(NamedTuple):
+    """Per-token statistics with the shape of ``targets``; ignored tokens hold 0.
+
+    ``logp``: log pi(y_t); ``lse``: log-sum-exp of the logits; ``entropy``: H(pi_t);
+    ``ref_logp``: log pi_ref(y_t) (no gradient); ``kl``: KL(pi_t || pi_ref,t) over the full vocabulary;
+    ``uniform_nll``: -(1/V) sum_v log pi_t(v), the uniform term of label smoothing.
+    Fields that were not asked for are ``None``.
+    """
+
+    logp: Tensor
+    lse: Tensor
+    entropy: Optional[Tensor] = None
+    ref_logp: Optional[Tensor] = None
+    kl: Optional[Tensor] = None
+    uniform_nll: Optional[Tensor] = None
+
+
+def _check_float(name: str, t: Optional[Tensor], required: bool = True) -> None:
+    if t is None:
+        if required:
+            raise TypeError(f"{name}: expected a floating-point tensor, got None")
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_head(prefix: str, weight: Tensor, bias: Optional[Tensor], hidden_size: int, device) -> None:
+    _check_float(f"{prefix}weight", weight)
+    if weight.dim() != 2 or weight.shape[1] != hidden_size:
+        raise ValueError(
+            f"{prefix}weight: expected shape [V, {hidden_size}] (vocab x hidden size of {prefix}hidden), "
+            f"got {list(weight.shape)}"
+        )
+    if weight.device != device:
+        raise ValueError(f"{prefix}weight: expected device {device} like {prefix}hidden, got {weight.device}")
+    if bias is not None:
+        _check_float(f"{prefix}bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{prefix}bias: expected shape [{weight.shape[0]}], got {list(bias.shape)}")
+        if bias.device != device:
+            raise ValueError(f"{prefix}bias: expected device {device}, got {bias.device}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``"auto"`` to the backend for ``device``: Triton on CUDA when it is installed, torch otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    if device.type == "cuda" and triton_available():
+        return "triton"
+    return "torch"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _backend_function(name: str):
+    if name == "torch":
+        from .torch_backend import LinearLogprobsTorch
+
+        return LinearLogprobsTorch
+    if not triton_available():
+        raise ValueError("backend: 'triton' needs the triton package (pip install triton)")
+    from .triton_backend import LinearLogprobsTriton
+
+    return LinearLogprobsTriton
+
+
+def linear_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    ref_hidden: Optional[Tensor] = None,
+    ref_weight: Optional[Tensor] = None,
+    ref_bias: Optional[Tensor] = None,
+    entropy: bool = False,
+    kl: bool = False,
+    uniform_nll: bool = False,
+    backend: str = "auto",
+) -> TokenStats:
+    """Per-token log-probabilities of ``targets`` under the head ``weight`` applied to ``hidden``.
+
+    Computes, for every token whose target is not ``ignore_index``,
+
+        z = softcap(hidden @ weight.T + bias) / temperature,   softcap(s) = cap * tanh(s / cap)
+        logp = z[y] - logsumexp(z),   lse = logsumexp(z)
+
+    and on request ``entropy = -sum p log p``, ``uniform_nll = -(1/V) sum log p`` and, with a reference
+    head, ``ref_logp`` (no gradient) and ``kl = KL(pi || pi_ref)`` over the full vocabulary, streaming
+    over vocabulary tiles so that no ``[tokens, V]`` tensor ever exists. Statistics are accumulated in
+    float32 (float64 for float64 inputs) whatever the input dtype, and returned in that precision.
+
+    Args:
+        hidden: ``[..., H]`` final hidden states of the policy, any float dtype.
+        weight: ``[V, H]`` output head. When it (and ``bias``) do not require grad (a frozen or LoRA
+            head) no weight gradient is computed and, for log-prob-only calls, backward needs no pass
+            over the vocabulary.
+        targets: integer ``[...]`` (the leading shape of ``hidden``), aligned with ``hidden``
+            (position t is scored on ``targets[t]``); values in ``[0, V)`` or ``ignore_index``.
+        ref_hidden / ref_weight / ref_bias: the reference model's hidden states (same shape as
+            ``hidden``) and head; ``ref_weight`` defaults to ``weight`` (shared frozen head, e.g. LoRA
+            with adapters disabled). No gradient flows into the reference.
+        entropy / kl / uniform_nll: also return these statistics (``kl`` needs ``ref_hidden``).
+        backend: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"torch"`` or ``"triton"``.
+
+    Returns:
+        :class:`TokenStats` of tensors shaped like ``targets`` (0 at ignored positions).
+    """
+    _check_float("hidden", hidden)
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden: expected shape [..., H] with at least 2 dims, got {list(hidden.shape)}")
+    hidden_size = hidden.shape[-1]
+    _check_head("", weight, bias, hidden_size, hidden.device)
+    vocab_size = weight.shape[0]
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets: expected a torch.Tensor, got {type(targets).__name__}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets: expected an integer tensor, got dtype {targets.dtype}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"targets: expected shape {list(hidden.shape[:-1])} (the leading shape of hidden), "
+            f"got {list(targets.shape)}"
+        )
+    if targets.device != hidden.device:
+        raise ValueError(f"targets: expected device {hidden.device} like hidden, got {targets.device}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    if softcap is not None and (not isinstance(softcap, (int, float)) or not softcap > 0):
+        raise ValueError(f"softcap: expected None or a number > 0, got {softcap!r}")
+    if ref_hidden is not None:
+        _check_float("ref_hidden", ref_hidden)
+        if ref_hidden.shape[:-1] != hidden.shape[:-1]:
+            raise ValueError(
+                f"ref_hidden: expected leading shape {list(hidden.shape[:-1])} like hidden, "
+                f"got {list(ref_hidden.shape)}"
+            )
+        if ref_hidden.device != hidden.device:
+            raise ValueError(f"ref_hidden: expected device {hidden.device} like hidden, got {ref_hidden.device}")
+        if ref_weight is None:
+            if ref_bias is not None:
+                raise ValueError("ref_bias: given without ref_weight; pass the reference head's weight too")
+            ref_weight, ref_bias = weight, bias
+        _check_head("ref_", ref_weight, ref_bias, ref_hidden.shape[-1], hidden.device)
+        if ref_weight.shape[0] != vocab_size:
+            raise ValueError(
+                f"ref_weight: expected {vocab_size} rows (the vocabulary of weight), got {ref_weight.shape[0]}"
+            )
+    elif ref_weight is not None or ref_bias is not None:
+        raise ValueError("ref_hidden: required when ref_weight or ref_bias is given")
+    if kl and ref_hidden is None:
+        raise ValueError("kl: needs the reference head (pass ref_hidden, and ref_weight if it differs)")
+    name = resolve_backend(backend, hidden.device)
+
+    flat_targets = targets.reshape(-1).long()
+    valid = flat_targets != ignore_index
+    bad = valid & ((flat_targets < 0) | (flat_targets >= vocab_size))
+    if bool(bad.any()):
+        first = int(flat_targets[bad][0])
+        raise ValueError(
+            f"targets: expected values in [0, {vocab_size}) or ignore_index={ignore_index}, found {first}"
+        )
+    index = valid.nonzero().squeeze(1)
+    packed_hidden = hidden.reshape(-1, hidden_size).index_select(0, index)
+    packed_targets = flat_targets.index_select(0, index)
+    packed_ref = None
+    if ref_hidden is not None:
+        packed_ref = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1]).index_select(0, index)
+        ref_weight = ref_weight.detach()
+        ref_bias = ref_bias.detach() if ref_bias is not None else None
+
+    config = OpConfig(float(temperature), None if softcap is None else float(softcap), entropy, kl, uniform_nll)
+    outputs = _backend_function(name).apply(
+        packed_hidden, weight, bias, packed_targets, packed_ref, ref_weight, ref_bias, config
+    )
+    stat_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    fields = []
+    for out in outputs:
+        if out.numel() == 0 and index.numel() > 0:
+            fields.append(None)
+            continue
+        full = torch.zeros(flat_targets.shape[0], dtype=stat_dtype, device=hidden.device)
+        fields.append(full.index_copy(0, index, out.to(stat_dtype)).view(targets.shape))
+    logp, lse, ent, ref_logp, kl_out, uni = fields
+    return TokenStats(
+        logp,
+        lse,
+        ent if entropy else None,
+        ref_logp if ref_hidden is not None else None,
+        kl_out if kl else None,
+        uni if uniform_nll else None,
+    )
