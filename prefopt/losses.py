@@ -1,0 +1,421 @@
+"""Drop-in fused losses: (head weight, hidden states, targets) -> loss, without ever holding the logits.
+
+Each loss has a module form (``FusedDPOLoss(beta=0.1)(weight, hidden, targets, ...)``) and a functional
+form (``fused_dpo_loss(weight, hidden, targets, ..., beta=0.1)``). Paired losses take the chosen rows
+first and the rejected rows second (``hidden [2B, T, H]``), in the positional order of Liger-Kernel's
+``LigerFusedLinearDPOLoss``, and return ``LossOutput(loss, metrics)`` with TRL's metric names.
+
+Gradient accumulation: every loss averages over a unit (``pairs``, target ``tokens`` or ``sequences``,
+see ``unit``); pass the size of the whole accumulated batch in that unit as ``num_items_in_batch`` (sum
+of :meth:`FusedLoss.count_items` over the micro-batches) and the micro-batch losses add up to the loss of
+the whole batch.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import objectives
+from .ops import TokenStats, linear_logprobs
+
+
+class LossOutput(NamedTuple):
+    loss: Tensor
+    metrics: Dict[str, Tensor]
+
+
+def shift_left(t: Tensor, fill) -> Tensor:
+    """``out[..., i] = t[..., i + 1]``, the last position filled: aligns HF-style labels with hidden."""
+    return torch.cat([t[..., 1:], t.new_full(t.shape[:-1] + (1,), fill)], dim=-1)
+
+
+def sequence_logps(
+    weight: Tensor,
+    hidden: Tensor,
+    targets: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    shift: bool = False,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
+    """Per-row summed log-prob of the targets and the number of scored tokens: ``(sum_t logp, n)``.
+
+    For reference precompute passes and log-prob probes. ``shift=True`` takes Hugging Face labels.
+    """
+    if shift:
+        targets = shift_left(targets, ignore_index)
+    stats = linear_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
+                            temperature=temperature, softcap=softcap, backend=backend)
+    return stats.logp.sum(-1), (targets != ignore_index).sum(-1)
+
+
+class FusedLoss(nn.Module):
+    """Common options of every fused loss.
+
+    Args:
+        ignore_index: target value of positions that are not scored (prompt, image, padding).
+        temperature: logits are divided by it before the softmax.
+        softcap: ``cap * tanh(logits / cap)`` before the temperature (Gemma-2 style); None for none.
+        shift: targets are Hugging Face labels (``hidden[:, t]`` predicts ``targets[:, t + 1]``);
+            False means they are already aligned with ``hidden``.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`prefopt.linear_logprobs`).
+    """
+
+    unit = "tokens"
+
+    def __init__(self, *, ignore_index: int = -100, temperature: float = 1.0, softcap: Optional[float] = None,
+                 shift: bool = False, backend: str = "auto"):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.temperature = temperature
+        self.softcap = softcap
+        self.shift = shift
+        self.backend = backend
+
+    def align(self, per_token: Tensor, fill) -> Tensor:
+        """Shift a per-position tensor like the targets when ``shift`` is on."""
+        return shift_left(per_token, fill) if self.shift else per_token
+
+    def count_items(self, targets: Tensor) -> int:
+        """Size of this micro-batch in the loss's ``unit``, to sum into ``num_items_in_batch``."""
+        mask = self.align(targets, self.ignore_index) != self.ignore_index
+        if self.unit == "tokens":
+            return int(mask.sum())
+        if self.unit == "sequences":
+            return int(mask.any(-1).sum())
+        return targets.shape[0] // 2
+
+    def token_stats(self, weight, hidden, targets, bias=None, ref_hidden=None, ref_weight=None, ref_bias=None,
+                    **flags) -> Tuple[TokenStats, Tensor]:
+        """Run the fused op; returns the per-token statistics and the (aligned) mask of scored tokens."""
+        targets = self.align(targets, self.ignore_index)
+        stats = linear_logprobs(
+            hidden, weight, targets, bias=bias, ignore_index=self.ignore_index, temperature=self.temperature,
+            softcap=self.softcap, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
+            backend=self.backend, **flags,
+        )
+        return stats, targets != self.ignore_index
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "training")
+
+
+@dataclass
+class PairStats:
+    """Per-pair sums the paired objectives are written on (``[B]`` each)."""
+
+    chosen_logps: Tensor
+    rejected_logps: Tensor
+    chosen_lengths: Tensor
+    rejected_lengths: Tensor
+    ref_chosen_logps: Optional[Tensor]
+    ref_rejected_logps: Optional[Tensor]
+    chosen_uniform_nll: Optional[Tensor]
+
+    @property
+    def chosen_avg(self) -> Tensor:
+        return self.chosen_logps / self.chosen_lengths.clamp(min=1)
+
+    @property
+    def rejected_avg(self) -> Tensor:
+        return self.rejected_logps / self.rejected_lengths.clamp(min=1)
+
+
+class PairedLoss(FusedLoss):
+    """Base of the losses on (chosen, rejected) pairs; subclasses implement :meth:`objective`."""
+
+    unit = "pairs"
+    needs_reference = True
+
+    def stat_flags(self) -> Dict[str, bool]:
+        return {}
+
+    def forward(self, weight: Tensor, hidden: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
+                ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
+                ref_bias: Optional[Tensor] = None, ref_logps: Optional[Tensor] = None,
+                num_items_in_batch: Optional[int] = None) -> LossOutput:
+        """Loss of ``B`` pairs: ``hidden [2B, T, H]`` holds chosen rows then rejected rows.
+
+        The reference comes either as hidden states (``ref_hidden`` with ``ref_weight``, which defaults
+        to ``weight``, computed in the same fused pass) or as precomputed per-row log-prob sums
+        ``ref_logps [2B]`` in the same row order.
+        """
+        if hidden.dim() != 3 or hidden.shape[0] % 2:
+            raise ValueError(
+                f"hidden: expected [2B, T, H] with chosen rows then rejected rows, got {list(hidden.shape)}"
+            )
+        if ref_logps is not None and ref_hidden is not None:
+            raise ValueError("ref_logps: give either ref_logps or ref_hidden, not both")
+        if self.needs_reference and ref_logps is None and ref_hidden is None:
+            raise ValueError(f"ref_hidden/ref_logps: {type(self).__name__} needs the reference policy")
+        if ref_logps is not None and ref_logps.shape != (hidden.shape[0],):
+            raise ValueError(f"ref_logps: expected shape [{hidden.shape[0]}] (one per row), got {list(ref_logps.shape)}")
+        stats, mask = self.token_stats(weight, hidden, targets, bias, ref_hidden, ref_weight, ref_bias, **self.stat_flags())
+        half = hidden.shape[0] // 2
+        logps, lengths = stats.logp.sum(-1), mask.sum(-1)
+        if stats.ref_logp is not None:
+            ref_logps = stats.ref_logp.sum(-1)
+        if ref_logps is not None:
+            ref_logps = ref_logps.detach().to(logps.dtype)
+        uniform = stats.uniform_nll.sum(-1)[:half] if stats.uniform_nll is not None else None
+        pairs = PairStats(
+            logps[:half], logps[half:], lengths[:half], lengths[half:],
+            None if ref_logps is None else ref_logps[:half], None if ref_logps is None else ref_logps[half:],
+            uniform,
+        )
+        per_pair, metrics = self.objective(pairs)
+        loss = per_pair.sum() / (num_items_in_batch if num_items_in_batch is not None else half)
+        metrics = {k: v.detach().float().mean() for k, v in metrics.items()}
+        metrics["logps/chosen"] = pairs.chosen_logps.detach().float().mean()
+        metrics["logps/rejected"] = pairs.rejected_logps.detach().float().mean()
+        return LossOutput(loss, metrics)
+
+    def objective(self, pairs: PairStats) -> Tuple[Tensor, Dict[str, Tensor]]:
+        raise NotImplementedError
+
+
+def reward_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Dict[str, Tensor]:
+    """TRL's reward metrics from per-pair implicit rewards."""
+    return {
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "rewards/margins": chosen_rewards - rejected_rewards,
+    }
+
+
+class FusedDPOLoss(PairedLoss):
+    """DPO and its variants (see :func:`prefopt.objectives.dpo_loss`) on the fused op.
+
+    ``loss = mean over pairs of dpo_loss(lp_c, lp_r, rf_c, rf_r)``; rewards are ``beta * (lp - rf)``.
+    """
+
+    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                 rpo_alpha: float = 1.0, **options):
+        super().__init__(**options)
+        if loss_type not in objectives.DPO_LOSS_TYPES:
+            raise ValueError(f"loss_type: expected one of {objectives.DPO_LOSS_TYPES}, got {loss_type!r}")
+        self.beta, self.loss_type, self.label_smoothing, self.rpo_alpha = beta, loss_type, label_smoothing, rpo_alpha
+
+    def objective(self, pairs: PairStats):
+        loss = objectives.dpo_loss(
+            pairs.chosen_logps, pairs.rejected_logps, pairs.ref_chosen_logps, pairs.ref_rejected_logps,
+            beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+            rpo_alpha=self.rpo_alpha, chosen_lengths=pairs.chosen_lengths, rejected_lengths=pairs.rejected_lengths,
+        )
+        return loss, reward_metrics(self.beta * (pairs.chosen_logps - pairs.ref_chosen_logps),
+                                    self.beta * (pairs.rejected_logps - pairs.ref_rejected_logps))
+
+
+class FusedCWDPOLoss(PairedLoss):
+    """Cooling-weighted DPO (see :func:`prefopt.objectives.cwdpo_loss`); metric ``cooling_weight``."""
+
+    def __init__(self, beta: float = 0.1, floor: float = -3.0, tau: float = 0.5, detach_weight: bool = True,
+                 **options):
+        super().__init__(**options)
+        if tau <= 0:
+            raise ValueError(f"tau: expected a temperature > 0, got {tau!r}")
+        self.beta, self.floor, self.tau, self.detach_weight = beta, floor, tau, detach_weight
+
+    def objective(self, pairs: PairStats):
+        out = objectives.cwdpo_loss(
+            pairs.chosen_logps, pairs.rejected_logps, pairs.ref_chosen_logps, pairs.ref_rejected_logps,
+            pairs.rejected_avg, beta=self.beta, floor=self.floor, tau=self.tau, detach_weight=self.detach_weight,
+        )
+        metrics = reward_metrics(self.beta * (pairs.chosen_logps - pairs.ref_chosen_logps),
+                                 self.beta * (pairs.rejected_logps - pairs.ref_rejected_logps))
+        metrics["cooling_weight"] = out.weight
+        return out.loss, metrics
+
+
+class FusedSimPOLoss(PairedLoss):
+    """SimPO (see :func:`prefopt.objectives.simpo_loss`), no reference; rewards are ``beta * avg``."""
+
+    needs_reference = False
+
+    def __init__(self, beta: float = 2.0, gamma: float = 1.0, **options):
+        super().__init__(**options)
+        self.beta, self.gamma = beta, gamma
+
+    def objective(self, pairs: PairStats):
+        loss = objectives.simpo_loss(pairs.chosen_avg, pairs.rejected_avg, beta=self.beta, gamma=self.gamma)
+        return loss, reward_metrics(self.beta * pairs.chosen_avg, self.beta * pairs.rejected_avg)
+
+
+class FusedORPOLoss(PairedLoss):
+    """ORPO (see :func:`prefopt.objectives.orpo_loss`), no reference; rewards are ``beta * avg``."""
+
+    needs_reference = False
+
+    def __init__(self, beta: float = 0.1, **options):
+        super().__init__(**options)
+        self.beta = beta
+
+    def objective(self, pairs: PairStats):
+        nll = -pairs.chosen_avg
+        loss = objectives.orpo_loss(pairs.chosen_avg, pairs.rejected_avg, nll, beta=self.beta)
+        metrics = reward_metrics(self.beta * pairs.chosen_avg, self.beta * pairs.rejected_avg)
+        metrics["nll"] = nll
+        return loss, metrics
+
+
+class FusedSFTCLoss(PairedLoss):
+    """Constrained SFT (see :func:`prefopt.objectives.sftc_loss`): rows are positives then negatives.
+
+    With ``label_smoothing = e`` the positive NLL per token is ``(1 - e) * (-logp) + e * uniform_nll``.
+    """
+
+    needs_reference = False
+
+    def __init__(self, lam: float = 0.1, margin: float = 2.0, label_smoothing: float = 0.0, **options):
+        super().__init__(**options)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing: expected a value in [0, 1), got {label_smoothing!r}")
+        self.lam, self.margin, self.label_smoothing = lam, margin, label_smoothing
+
+    def stat_flags(self):
+        return {"uniform_nll": self.label_smoothing > 0}
+
+    def objective(self, pairs: PairStats):
+        positive_nll = -pairs.chosen_avg
+        if pairs.chosen_uniform_nll is not None:
+            smooth = pairs.chosen_uniform_nll / pairs.chosen_lengths.clamp(min=1)
+            positive_nll = (1 - self.label_smoothing) * positive_nll + self.label_smoothing * smooth
+        negative_nll = -pairs.rejected_avg
+        loss = objectives.sftc_loss(positive_nll, negative_nll, lam=self.lam, margin=self.margin)
+        return loss, {"nll/positive": positive_nll, "nll/negative": negative_nll}
+
+
+class FusedSFTLoss(FusedLoss):
+    """Supervised fine-tuning: token-mean ``(1 - e) * (-logp) + e * uniform_nll`` (e = label_smoothing)."""
+
+    def __init__(self, label_smoothing: float = 0.0, **options):
+        super().__init__(**options)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing: expected a value in [0, 1), got {label_smoothing!r}")
+        self.label_smoothing = label_smoothing
+
+    def forward(self, weight: Tensor, hidden: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
+                num_items_in_batch: Optional[int] = None) -> LossOutput:
+        stats, mask = self.token_stats(weight, hidden, targets, bias, uniform_nll=self.label_smoothing > 0)
+        nll = -stats.logp
+        if stats.uniform_nll is not None:
+            nll = (1 - self.label_smoothing) * nll + self.label_smoothing * stats.uniform_nll
+        count = mask.sum()
+        loss = nll.sum() / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
+        return LossOutput(loss, {"nll": (-stats.logp.sum() / count.clamp(min=1)).detach()})
+
+
+class FusedNSFTLoss(FusedLoss):
+    """nSFT (see :func:`prefopt.objectives.nsft_loss`): every row is a positive (chosen or correction).
+
+    ``loss = sum_t (-logp_t + kl_coef * KL_t) / N`` over the scored tokens of all rows, with ``KL_t`` the
+    full-vocabulary KL(pi || pi_ref) from the reference hidden states (computed in the same pass).
+    """
+
+    def __init__(self, kl_coef: float = 0.1, **options):
+        super().__init__(**options)
+        self.kl_coef = kl_coef
+
+    def forward(self, weight: Tensor, hidden: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
+                ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
+                ref_bias: Optional[Tensor] = None, num_items_in_batch: Optional[int] = None) -> LossOutput:
+        if ref_hidden is None:
+            raise ValueError("ref_hidden: FusedNSFTLoss needs the reference hidden states for its per-token KL")
+        stats, mask = self.token_stats(weight, hidden, targets, bias, ref_hidden, ref_weight, ref_bias, kl=True)
+        count = mask.sum().clamp(min=1)
+        divisor = num_items_in_batch if num_items_in_batch is not None else count
+        nll, kl = -stats.logp.sum() / divisor, stats.kl.sum() / divisor
+        loss = objectives.nsft_loss(nll, kl, kl_coef=self.kl_coef)
+        return LossOutput(loss, {"nll": (-stats.logp.sum() / count).detach(), "kl": (stats.kl.sum() / count).detach()})
+
+
+class FusedGRPOLoss(FusedLoss):
+    """GRPO per token (see :func:`prefopt.objectives.grpo_loss`) on the fused op.
+
+    ``loss_agg="token-mean"`` averages over every scored token of the batch (unit ``tokens``),
+    ``"sequence-mean"`` averages each sequence's tokens, then the sequences (unit ``sequences``).
+    ``old_logps`` / ``ref_logps`` are per-position tensors shaped like ``targets`` (shifted with them when
+    ``shift=True``); without ``old_logps`` the step is on-policy (``rho = 1`` with its gradient).
+    The reference comes as ``ref_logps`` or as hidden states (``ref_hidden``, same fused pass).
+    Metrics: ``kl`` (mean k3), ``clip_fraction``, ``ratio``.
+    """
+
+    AGGREGATIONS = ("token-mean", "sequence-mean")
+
+    def __init__(self, beta: float = 0.04, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
+                 loss_agg: str = "token-mean", **options):
+        super().__init__(**options)
+        if loss_agg not in self.AGGREGATIONS:
+            raise ValueError(f"loss_agg: expected one of {self.AGGREGATIONS}, got {loss_agg!r}")
+        self.beta, self.epsilon_low, self.epsilon_high, self.loss_agg = beta, epsilon_low, epsilon_high, loss_agg
+        self.unit = "tokens" if loss_agg == "token-mean" else "sequences"
+
+    def forward(self, weight: Tensor, hidden: Tensor, targets: Tensor, advantages: Tensor,
+                bias: Optional[Tensor] = None, old_logps: Optional[Tensor] = None,
+                ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
+                ref_bias: Optional[Tensor] = None, ref_logps: Optional[Tensor] = None,
+                num_items_in_batch: Optional[int] = None) -> LossOutput:
+        rows = targets.shape[:-1]
+        if advantages.shape != rows:
+            raise ValueError(f"advantages: expected shape {list(rows)} (one per sequence), got {list(advantages.shape)}")
+        for name, per_token in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+            if per_token is not None and per_token.shape != targets.shape:
+                raise ValueError(f"{name}: expected shape {list(targets.shape)} like targets, got {list(per_token.shape)}")
+        if ref_logps is not None and ref_hidden is not None:
+            raise ValueError("ref_logps: give either ref_logps or ref_hidden, not both")
+        stats, mask = self.token_stats(weight, hidden, targets, bias, ref_hidden, ref_weight, ref_bias)
+        logps = stats.logp
+        old = logps.detach() if old_logps is None else self.align(old_logps, 0).to(logps.dtype)
+        ref = stats.ref_logp if ref_logps is None else self.align(ref_logps, 0).to(logps.dtype)
+        token = objectives.grpo_loss(logps, old, advantages.to(logps.dtype)[..., None], ref, beta=self.beta,
+                                     epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high)
+        weights = mask.to(logps.dtype)
+        per_seq_count = weights.sum(-1)
+        if self.loss_agg == "token-mean":
+            total = (token.loss * weights).sum()
+            default = per_seq_count.sum().clamp(min=1)
+        else:
+            total = ((token.loss * weights).sum(-1) / per_seq_count.clamp(min=1)).sum()
+            default = (per_seq_count > 0).sum().clamp(min=1)
+        loss = total / (num_items_in_batch if num_items_in_batch is not None else default)
+        count = weights.sum().clamp(min=1)
+        metrics = {
+            "clip_fraction": ((token.clipped.to(weights.dtype) * weights).sum() / count).detach(),
+            "ratio": ((torch.exp(logps - old) * weights).sum() / count).detach(),
+        }
+        if token.k3 is not None:
+            metrics["kl"] = ((token.k3 * weights).sum() / count).detach()
+        return LossOutput(loss, metrics)
+
+
+def _functional(module_cls) -> Callable[..., LossOutput]:
+    """The functional form of a loss module: constructor options as keywords, the rest to forward."""
+    forward_params = set(inspect.signature(module_cls.forward).parameters) - {"self"}
+
+    def loss_fn(*args, **kwargs) -> LossOutput:
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k not in forward_params}
+        return module_cls(**options)(*args, **kwargs)
+
+    loss_fn.__doc__ = (
+        f"Functional form of :class:`{module_cls.__name__}`: arguments of its ``forward`` plus its "
+        f"constructor options as keywords.\n\n{module_cls.__doc__}"
+    )
+    return loss_fn
+
+
+fused_dpo_loss = _functional(FusedDPOLoss)
+fused_cwdpo_loss = _functional(FusedCWDPOLoss)
+fused_simpo_loss = _functional(FusedSimPOLoss)
+fused_orpo_loss = _functional(FusedORPOLoss)
+fused_sftc_loss = _functional(FusedSFTCLoss)
+fused_sft_loss = _functional(FusedSFTLoss)
+fused_nsft_loss = _functional(FusedNSFTLoss)
+fused_grpo_loss = _functional(FusedGRPOLoss)
