@@ -148,16 +148,15 @@ class LinearLogprobsTorch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_lse, g_entropy, g_ref_logp, g_kl, g_uniform):
         config: OpConfig = ctx.config
-        live = [g if g is not None and g.numel() > 0 else None for g in (g_logp, g_lse, g_entropy, g_kl, g_uniform)]
-        g_logp, g_lse, g_entropy, g_kl, g_uniform = live
+        g_entropy = g_entropy if config.entropy else None
+        g_kl = g_kl if config.kl else None
+        g_uniform = g_uniform if config.uniform_nll else None
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         if ctx.shortcut:
             weight, targets, target_logit, moments = ctx.saved_tensors
         else:
             (hidden, weight, bias, targets, lse, mean_logit, mean_ref_logit,
              ref_hidden, ref_weight, ref_bias) = ctx.saved_tensors
-        if all(g is None for g in live):
-            return (None,) * 8
         like = target_logit if ctx.shortcut else lse
         coef = logit_grad_coefficients(
             g_logp, g_lse, g_entropy, g_kl, g_uniform,
