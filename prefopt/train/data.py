@@ -1,0 +1,327 @@
+"""Preference records, their JSONL loader, and the collator that turns records into model inputs + labels.
+
+JSONL format, one object per line (blank lines are skipped)::
+
+    {"images": ["img/0.png"], "prompt": "What colour is the circle?",
+     "chosen": "The circle is red.", "rejected": "The circle is blue.",
+     "corrections": ["The circle is not blue; it is red."]}
+
+``prompt`` and ``chosen`` are required non-empty strings; ``rejected`` is a string or null/absent;
+``images`` is a list of paths (relative paths are resolved against the JSONL file's folder; a single
+string is accepted as a one-element list), may be empty or absent; ``corrections`` is a list of strings,
+may be absent. Other keys are ignored. A malformed line is never trained on: with ``strict=False`` it is
+skipped with a warning naming the file and line number, with ``strict=True`` it raises ``ValueError``
+naming both.
+
+The collator renders each (prompt, answer) pair with the processor's (or tokenizer's) chat template,
+runs it through the processor (image tokens are expanded there), and builds Hugging Face labels
+(unshifted: ``labels[r, t]`` is the target of position ``t``; the loss shifts by one): ``input_ids`` with
+every prompt token (image tokens included) and padding set to ``ignore_index``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+__all__ = ["PreferenceRecord", "load_records", "PreferenceCollator", "EXTRA_BATCH_KEYS", "model_inputs"]
+
+# Keys the collator adds that are not model inputs; ModelAdapter.hidden_states drops them.
+EXTRA_BATCH_KEYS = ("labels", "num_images", "correction_rows", "row_record")
+
+
+@dataclass
+class PreferenceRecord:
+    """One preference example. ``images``: paths or PIL images (in the order their tokens appear)."""
+
+    prompt: str
+    chosen: str
+    rejected: Optional[str] = None
+    images: list = field(default_factory=list)
+    corrections: List[str] = field(default_factory=list)
+
+
+def model_inputs(batch: Dict[str, Any]) -> Dict[str, Any]:
+    """``batch`` without the collator's extra keys (``labels``, ``num_images``, ...): the model's inputs."""
+    return {k: v for k, v in batch.items() if k not in EXTRA_BATCH_KEYS}
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _parse_record(obj: Any, folder: str) -> PreferenceRecord:
+    """Validate one decoded JSON value; raise ValueError with the reason when it is malformed."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    for key in ("prompt", "chosen"):
+        if key not in obj:
+            raise ValueError(f"missing field {key!r}")
+        if not isinstance(obj[key], str) or not obj[key].strip():
+            raise ValueError(f"field {key!r} must be a non-empty string")
+    rejected = obj.get("rejected")
+    if rejected is not None and (not isinstance(rejected, str) or not rejected.strip()):
+        raise ValueError("field 'rejected' must be a non-empty string or null")
+    images = obj.get("images", [])
+    if images is None:
+        images = []
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise ValueError("field 'images' must be a list of paths")
+    paths = []
+    for p in images:
+        full = p if os.path.isabs(p) else os.path.join(folder, p)
+        if not os.path.isfile(full):
+            raise ValueError(f"image not found: {p}")
+        paths.append(full)
+    corrections = obj.get("corrections", [])
+    if corrections is None:
+        corrections = []
+    if not isinstance(corrections, list) or not all(isinstance(c, str) and c.strip() for c in corrections):
+        raise ValueError("field 'corrections' must be a list of non-empty strings")
+    return PreferenceRecord(
+        prompt=obj["prompt"], chosen=obj["chosen"], rejected=rejected, images=paths, corrections=list(corrections)
+    )
+
+
+def load_records(
+    source: str, *, split: str = "train", strict: bool = False, seed: int = 0, size: Optional[int] = None
+) -> List[PreferenceRecord]:
+    """Load preference records.
+
+    ``source``: ``"synthetic"`` (the built-in set, :func:`prefopt.train.synthetic.make_synthetic_records`
+    with ``split``, ``size`` and ``seed``), a JSONL file, or a folder holding ``{split}.jsonl``. For a
+    file, ``split`` and ``seed`` are not used and ``size`` keeps the first ``size`` valid records.
+    Missing path: ``ValueError`` with a one-line message. Malformed lines: see the module docstring.
+    """
+    if source == "synthetic":
+        from .synthetic import make_synthetic_records
+
+        return make_synthetic_records(split=split, size=size, seed=seed)
+    path = source
+    if os.path.isdir(path):
+        path = os.path.join(path, f"{split}.jsonl")
+        if not os.path.isfile(path):
+            raise ValueError(f"data folder {source!r} has no {split}.jsonl")
+    elif not os.path.isfile(path):
+        raise ValueError(f"data file not found: {source!r} (expected a JSONL file, a folder, or 'synthetic')")
+    folder = os.path.dirname(os.path.abspath(path))
+    records: List[PreferenceRecord] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"invalid JSON ({e.msg})") from None
+                rec = _parse_record(obj, folder)
+            except ValueError as e:
+                msg = f"{path}: line {lineno}: malformed record: {e}"
+                if strict:
+                    raise ValueError(msg) from None
+                warnings.warn(msg + " (skipped)", stacklevel=2)
+                continue
+            records.append(rec)
+            if size is not None and len(records) >= size:
+                break
+    return records
+
+
+# --------------------------------------------------------------------------------------------- collation
+
+
+def _load_image(img: Any):
+    from PIL import Image
+
+    if isinstance(img, (str, os.PathLike)):
+        with Image.open(img) as im:
+            return im.convert("RGB")
+    if isinstance(img, Image.Image):
+        return img if img.mode == "RGB" else img.convert("RGB")
+    return img  # arrays / tensors: the image processor takes them as they are
+
+
+class PreferenceCollator:
+    """Collate :class:`PreferenceRecord` s into one padded batch for the model and the fused losses.
+
+    ``processor``: a Hugging Face processor (tokenizer + image processor, e.g. from :func:`build_model`)
+    or a bare tokenizer for text-only models. The text is padded on the right.
+
+    ``collator(records, mode=...)`` returns a dict of tensors with R rows:
+
+    * ``mode="pair"``: R = 2B, the B chosen rows (record order) then the B rejected rows (same order);
+      every record needs ``rejected``.
+    * ``mode="sft"``: R = B, the chosen rows.
+    * ``mode="nsft"``: the B chosen rows, then each record's ``corrections`` in record order;
+      ``correction_rows`` (bool [R]) marks the correction rows.
+
+    Keys: the processor's model inputs (``input_ids``, ``attention_mask``, and for images e.g.
+    ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``; images are repeated for every row that
+    uses them, in row order), plus ``labels`` ([R, T] long, unshifted, prompt/image/padding tokens =
+    ``ignore_index``), ``num_images`` ([R] long) and ``row_record`` ([R] long: the record each row came from).
+    Pass the whole dict to ``ModelAdapter.hidden_states`` (it drops the extra keys) or use
+    :func:`model_inputs`.
+
+    A row longer than ``max_length`` has its answer cut at ``max_length``; a prompt (with its image tokens)
+    that leaves no room for one answer token raises ``ValueError``. Records with images and a processor
+    without an image processor: ``ValueError``.
+    """
+
+    def __init__(self, processor, *, max_length: int = 512, ignore_index: int = -100):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.image_processor = getattr(processor, "image_processor", None)
+        self.max_length = int(max_length)
+        self.ignore_index = int(ignore_index)
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id
+        if pad_id is None:
+            raise ValueError("tokenizer has neither a pad token nor an eos token to pad with")
+        self.pad_token_id = int(pad_id)
+        self.image_token_ids = set()
+        for attr in ("image_token_id", "video_token_id"):
+            tid = getattr(processor, attr, None)
+            if isinstance(tid, int):
+                self.image_token_ids.add(tid)
+        self._template_owner = self._find_template_owner()
+
+    # -- text rendering
+
+    def _find_template_owner(self):
+        for owner in (self.processor, self.tokenizer):
+            if getattr(owner, "chat_template", None):
+                return owner
+        return None
+
+    def _messages(self, prompt: str, n_images: int, answer: Optional[str]) -> List[dict]:
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+        msgs = [{"role": "user", "content": content}]
+        if answer is not None:
+            msgs.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return msgs
+
+    def render(self, prompt: str, answer: str, n_images: int = 0) -> tuple:
+        """(prompt text, full text): the chat-templated prompt with the generation prompt, and the whole
+        conversation with the answer. Without a chat template: ``prompt + "\\n"`` and that + answer + eos."""
+        owner = self._template_owner
+        if owner is None:
+            if n_images:
+                raise ValueError("records with images need a processor with a chat template")
+            p = prompt + "\n"
+            return p, p + answer + (self.tokenizer.eos_token or "")
+        try:
+            p = owner.apply_chat_template(self._messages(prompt, n_images, None), tokenize=False, add_generation_prompt=True)
+            full = owner.apply_chat_template(self._messages(prompt, n_images, answer), tokenize=False)
+        except Exception:
+            if n_images or owner is not self.tokenizer:
+                raise
+            # Text-only templates that want plain-string content.
+            msgs = [{"role": "user", "content": prompt}]
+            p = owner.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            full = owner.apply_chat_template(msgs + [{"role": "assistant", "content": answer}], tokenize=False)
+        return p, full
+
+    def prompt_text(self, record: PreferenceRecord) -> str:
+        """The chat-templated prompt of ``record`` ending with the generation prompt (for ``generate``)."""
+        return self.render(record.prompt, "", len(record.images))[0]
+
+    # -- encoding
+
+    def _tok_ids(self, text: str) -> List[int]:
+        return list(self.tokenizer(text, add_special_tokens=self._template_owner is None)["input_ids"])
+
+    def _encode(self, prompt: str, answer: str, images: list, where: str) -> tuple:
+        """(features of one row, prompt length in tokens)."""
+        p_text, full_text = self.render(prompt, answer, len(images))
+        add_special = self._template_owner is None
+        if images:
+            if self.image_processor is None:
+                raise ValueError(
+                    f"{where} has images but the model's processor has no image processor (text-only model?)"
+                )
+            feats = self.processor(
+                text=[full_text], images=[_load_image(i) for i in images], return_tensors="pt",
+                add_special_tokens=add_special,
+            )
+        else:
+            feats = self.tokenizer([full_text], return_tensors="pt", add_special_tokens=add_special)
+        feats = dict(feats)
+        ids = feats["input_ids"][0].tolist()
+        # Image-token expansion happens in the prompt only, so the prompt length in the processed row is
+        # the tokenizer's prompt length plus the number of tokens the processor added.
+        text_full = self._tok_ids(full_text)
+        text_prompt = self._tok_ids(p_text)
+        n = 0
+        while n < min(len(text_prompt), len(text_full)) and text_prompt[n] == text_full[n]:
+            n += 1
+        prompt_len = n + (len(ids) - len(text_full))
+        if prompt_len >= min(len(ids), self.max_length):
+            raise ValueError(
+                f"{where}: prompt is {prompt_len} tokens (images included), leaving no answer token within "
+                f"max_length={self.max_length}"
+            )
+        return feats, prompt_len
+
+    def __call__(self, records: Sequence[PreferenceRecord], *, mode: str = "pair") -> Dict[str, torch.Tensor]:
+        if mode not in ("pair", "sft", "nsft"):
+            raise ValueError(f"mode: expected 'pair', 'sft' or 'nsft', got {mode!r}")
+        if not records:
+            raise ValueError("cannot collate an empty list of records")
+        rows = []  # (record index, answer, is_correction)
+        for i, r in enumerate(records):
+            rows.append((i, r.chosen, False))
+        if mode == "pair":
+            for i, r in enumerate(records):
+                if r.rejected is None:
+                    raise ValueError(f"record {i} has no rejected answer (mode='pair')")
+                rows.append((i, r.rejected, False))
+        elif mode == "nsft":
+            for i, r in enumerate(records):
+                rows.extend((i, c, True) for c in r.corrections)
+
+        encoded = []
+        for i, answer, _ in rows:
+            r = records[i]
+            encoded.append(self._encode(r.prompt, answer, list(r.images), f"record {i}"))
+
+        T = min(self.max_length, max(f["input_ids"].shape[1] for f, _ in encoded))
+        R = len(rows)
+        input_ids = torch.full((R, T), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((R, T), dtype=torch.long)
+        labels = torch.full((R, T), self.ignore_index, dtype=torch.long)
+        per_token: Dict[str, torch.Tensor] = {}
+        stacked: Dict[str, List[torch.Tensor]] = {}
+        for row, (feats, prompt_len) in enumerate(encoded):
+            ids = feats["input_ids"][0][:T]
+            L = ids.shape[0]
+            input_ids[row, :L] = ids
+            attention_mask[row, :L] = 1
+            labels[row, prompt_len:L] = ids[prompt_len:]
+            for key, val in feats.items():
+                if key in ("input_ids", "attention_mask") or not isinstance(val, torch.Tensor):
+                    continue
+                if key.endswith("token_type_ids"):
+                    if key not in per_token:
+                        per_token[key] = torch.zeros((R, T) + tuple(val.shape[2:]), dtype=val.dtype)
+                    per_token[key][row, :L] = val[0, :L]
+                else:
+                    stacked.setdefault(key, []).append(val)
+        for tid in self.image_token_ids:
+            labels[input_ids == tid] = self.ignore_index
+        out: Dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        out.update(per_token)
+        for key, vals in stacked.items():
+            out[key] = torch.cat(vals, dim=0)
+        out["labels"] = labels
+        out["num_images"] = torch.tensor([len(records[i].images) for i, _, _ in rows], dtype=torch.long)
+        out["row_record"] = torch.tensor([i for i, _, _ in rows], dtype=torch.long)
+        if mode == "nsft":
+            out["correction_rows"] = torch.tensor([c for _, _, c in rows], dtype=torch.bool)
+        return out

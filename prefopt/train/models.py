@@ -1,0 +1,480 @@
+"""Model adapters: run a Hugging Face causal LM / VLM to its final normed hidden states, never its logits.
+
+:class:`ModelAdapter` wraps a model (optionally a peft LoRA model) and gives the trainer what the fused op
+needs: ``hidden_states(**inputs)`` (the backbone's ``last_hidden_state``, after the final norm, with the
+head not run) and ``head()`` (the output-embedding weight, bias, final logit softcap and temperature, so
+that ``logits = softcap(hidden @ weight.T + bias) / temperature`` would be the model's own logits).
+
+:func:`build_model` loads a model from a local folder (no downloads) or builds one of the embedded tiny
+models (``"tiny-llava"``, ``"tiny-qwen2-vl"``, ``"tiny-llama"``) from a config with random weights, with a
+locally made tokenizer and the real processor classes, for the default run and the tests.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .data import EXTRA_BATCH_KEYS
+
+__all__ = ["HeadSpec", "ModelAdapter", "build_model", "TINY_MODELS", "SUPPORTED_VLMS"]
+
+TINY_MODELS = ("tiny-llava", "tiny-qwen2-vl", "tiny-llama")
+SUPPORTED_VLMS = ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+
+
+@dataclass
+class HeadSpec:
+    """The output head as the fused op takes it.
+
+    ``weight``: [V, H], the output-embedding weight (the input-embedding matrix itself when tied);
+    ``bias``: [V] or None; ``softcap``: the config's ``final_logit_softcapping`` (logits ->
+    ``softcap * tanh(logits / softcap)``) or None; ``temperature``: logits are divided by it (1.0 unless the
+    config scales logits: Granite's ``logits_scaling``, Cohere's ``1 / logit_scale``).
+    """
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    softcap: Optional[float]
+    temperature: float
+
+
+def _unwrap(model: nn.Module) -> Tuple[nn.Module, bool]:
+    """(the transformers model inside ``model``, whether ``model`` is a peft model)."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency of the train extra
+        PeftModel = ()
+    if PeftModel and isinstance(model, PeftModel):
+        return model.get_base_model(), True
+    return model, False
+
+
+def _config_value(config, names) -> Any:
+    """The first of ``names`` set (not None) in ``config`` or its text config."""
+    configs = [config]
+    get_text = getattr(config, "get_text_config", None)
+    if callable(get_text):
+        try:
+            text = get_text()
+        except Exception:  # pragma: no cover
+            text = None
+        if text is not None and text is not config:
+            configs.insert(0, text)
+    for cfg in configs:
+        for name in names:
+            val = getattr(cfg, name, None)
+            if val is not None:
+                return val
+    return None
+
+
+class ModelAdapter:
+    """Wrap a causal LM or VLM for the fused losses.
+
+    ``ModelAdapter(model)``: ``model`` is a transformers ``PreTrainedModel`` with an output head
+    (``get_output_embeddings()``) and a backbone (``model.model`` or the ``base_model_prefix`` module) that
+    returns ``last_hidden_state``, or a peft model around one. Otherwise ``ValueError`` naming what is
+    missing. Supported and tested: ``LlavaForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``,
+    ``Qwen2_5_VLForConditionalGeneration`` and ``AutoModelForCausalLM`` text models (Llama, Qwen2, ...).
+    """
+
+    def __init__(self, model: nn.Module):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"ModelAdapter needs a torch nn.Module, got {type(model).__name__}")
+        hf, is_peft = _unwrap(model)
+        name = type(hf).__name__
+        get_out = getattr(hf, "get_output_embeddings", None)
+        if not callable(get_out):
+            raise ValueError(f"unsupported model {name}: it has no get_output_embeddings() (not a transformers model?)")
+        head = get_out()
+        if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+            raise ValueError(
+                f"unsupported model {name}: get_output_embeddings() returned no head with a weight "
+                "(a base model without an LM head? load it with AutoModelForCausalLM / the ...ForConditionalGeneration class)"
+            )
+        backbone = self._find_backbone(hf)
+        if backbone is None:
+            raise ValueError(
+                f"unsupported model {name}: no backbone module found (expected 'model' or the "
+                f"base_model_prefix attribute {getattr(hf, 'base_model_prefix', '')!r} returning last_hidden_state)"
+            )
+        self.model = model
+        self.hf_model = hf
+        self.backbone = backbone
+        self.has_adapters = bool(is_peft)
+        self.config = hf.config
+
+    @staticmethod
+    def _find_backbone(hf: nn.Module) -> Optional[nn.Module]:
+        candidates = [getattr(hf, "model", None)]
+        prefix = getattr(hf, "base_model_prefix", None)
+        if prefix:
+            candidates.append(getattr(hf, prefix, None))
+        for c in candidates:
+            if isinstance(c, nn.Module) and c is not hf:
+                return c
+        return None
+
+    # -- forward
+
+    def hidden_states(self, **inputs) -> torch.Tensor:
+        """The final normed hidden states [R, T, H] of the language model, the head not run.
+
+        Takes the collator's / processor's batch as keyword arguments (``input_ids``, ``attention_mask``,
+        ``pixel_values``, ``image_grid_thw``, ...); the collator's extra keys (``labels``, ``num_images``,
+        ``row_record``, ``correction_rows``) are dropped. Runs under the caller's grad mode and inside
+        ``disable_adapters()`` when the caller enters it.
+        """
+        kwargs = {k: v for k, v in inputs.items() if k not in EXTRA_BATCH_KEYS}
+        kwargs.setdefault("use_cache", False)
+        kwargs["return_dict"] = True
+        out = self.backbone(**kwargs)
+        hidden = getattr(out, "last_hidden_state", None)
+        if hidden is None:
+            hidden = out[0]
+        return hidden
+
+    def head(self) -> HeadSpec:
+        """The output head: weight/bias of ``get_output_embeddings()`` (tied: the embedding matrix), the
+        config's final logit softcap and temperature."""
+        lm_head = self.hf_model.get_output_embeddings()
+        softcap = _config_value(self.config, ("final_logit_softcapping",))
+        temperature = 1.0
+        scaling = _config_value(self.config, ("logits_scaling",))  # Granite: logits / logits_scaling
+        if scaling is not None:
+            temperature = float(scaling)
+        scale = _config_value(self.config, ("logit_scale",))  # Cohere: logits * logit_scale
+        if scale is not None and isinstance(scale, (int, float)):
+            temperature = 1.0 / float(scale)
+        return HeadSpec(
+            weight=lm_head.weight,
+            bias=getattr(lm_head, "bias", None),
+            softcap=float(softcap) if softcap else None,
+            temperature=float(temperature),
+        )
+
+    def disable_adapters(self):
+        """Context manager: inside it the LoRA adapters are off (the reference "policy with adapters off").
+        ``ValueError`` if the model has no adapters."""
+        if not self.has_adapters:
+            raise ValueError("disable_adapters(): the model has no LoRA adapters (build it with lora=True)")
+        return self.model.disable_adapter()
+
+    # -- conveniences
+
+    @property
+    def device(self) -> torch.device:
+        return self.head().weight.device
+
+    def trainable_parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def __repr__(self) -> str:
+        return f"ModelAdapter({type(self.hf_model).__name__}, adapters={self.has_adapters})"
+
+
+# ------------------------------------------------------------------------------------------ building
+
+
+def _attn_implementation(device) -> str:
+    dev = torch.device(device)
+    if dev.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _default_dtype(device, dtype):
+    if dtype is not None:
+        if isinstance(dtype, str):
+            try:
+                return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                        "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
+            except KeyError:
+                raise ValueError(f"dtype: expected bf16, fp16 or fp32, got {dtype!r}") from None
+        return dtype
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+# Special tokens of the tiny models' tokenizer (ChatML-style chat template).
+PAD, EOS, IM_START, IM_END = "<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+LLAVA_IMAGE = "<image>"
+VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
+SPECIAL_TOKENS = [PAD, EOS, IM_START, IM_END, LLAVA_IMAGE, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
+TINY_VOCAB_SIZE = 640
+
+
+def _chat_template(image_text: str) -> str:
+    return (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for c in message['content'] %}"
+        "{% if c['type'] == 'image' %}" + image_text + "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+def tiny_tokenizer(image_text: str = ""):
+    """A byte-level BPE tokenizer trained (deterministically) on the synthetic set's sentences, so any
+    text encodes (byte fallback) and the synthetic words are single tokens; ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .synthetic import corpus_sentences
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = corpus_sentences() + ["user", "assistant", "system"]
+    tok.train_from_iterator(corpus * 2, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD,
+        eos_token=IM_END,
+        bos_token=None,
+        unk_token=None,
+        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (PAD, IM_END)],
+        chat_template=_chat_template(image_text),
+        padding_side="right",
+        model_max_length=2048,
+    )
+    return fast
+
+
+def _tiny_text_config(tok, *, tie: bool):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tie,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
+
+
+def _qwen2_vl_processor_class():
+    """``Qwen2VLProcessor`` without its video processor.
+
+    The real class insists on a video processor, and every video processor of transformers 5 needs
+    torchvision, which is not installable here. This subclass only drops ``video_processor`` from the
+    constructor's signature (the attributes a processor checks are read from it); text and image
+    processing are the real Qwen2VLProcessor's.
+    """
+    from transformers import Qwen2VLProcessor
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                             chat_template=chat_template, **kwargs)
+
+    return ImageOnlyQwen2VLProcessor
+
+
+def _build_tiny(name: str, *, dtype, attn: str, seed: int):
+    """(model, processor) of an embedded tiny model, weights drawn from ``seed`` (global RNG untouched)."""
+    from transformers import (
+        LlamaForCausalLM,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    if name == "tiny-llama":
+        tok = tiny_tokenizer()
+        config = _tiny_text_config(tok, tie=True)
+        cls, processor = LlamaForCausalLM, tok
+    elif name == "tiny-llava":
+        from transformers import CLIPVisionConfig
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        tok = tiny_tokenizer(LLAVA_IMAGE)
+        config = LlavaConfig(
+            vision_config=CLIPVisionConfig(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                image_size=32, patch_size=8, projection_dim=32,
+            ),
+            text_config=_tiny_text_config(tok, tie=False),
+            image_token_index=tok.convert_tokens_to_ids(LLAVA_IMAGE),
+            image_seq_length=16,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-1,
+            tie_word_embeddings=False,
+        )
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True,
+        )
+        processor = LlavaProcessor(
+            image_processor=image_processor, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+            num_additional_image_tokens=1, chat_template=_chat_template(LLAVA_IMAGE), image_token=LLAVA_IMAGE,
+        )
+        cls = LlavaForConditionalGeneration
+    elif name == "tiny-qwen2-vl":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        image_text = VISION_START + IMAGE_PAD + VISION_END
+        tok = tiny_tokenizer(image_text)
+        text = _tiny_text_config(tok, tie=True).to_dict()
+        text.pop("model_type", None)
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+        config = Qwen2VLConfig(
+            text_config=text,
+            vision_config=dict(
+                depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+            ),
+            image_token_id=tok.convert_tokens_to_ids(IMAGE_PAD),
+            video_token_id=tok.convert_tokens_to_ids(VIDEO_PAD),
+            vision_start_token_id=tok.convert_tokens_to_ids(VISION_START),
+            vision_end_token_id=tok.convert_tokens_to_ids(VISION_END),
+            tie_word_embeddings=True,
+        )
+        image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, temporal_patch_size=2, merge_size=2
+        )
+        processor = _qwen2_vl_processor_class()(
+            image_processor=image_processor, tokenizer=tok, chat_template=_chat_template(image_text)
+        )
+        cls = Qwen2VLForConditionalGeneration
+    else:  # pragma: no cover - checked by the caller
+        raise ValueError(f"unknown tiny model {name!r}")
+    config._attn_implementation = attn
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls._from_config(config, attn_implementation=attn, dtype=torch.float32)
+    model = model.to(dtype)
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is not None:
+            cfg.pad_token_id = tok.pad_token_id
+            cfg.eos_token_id = tok.eos_token_id
+    return model, processor
+
+
+def _load_local(path: str, *, dtype, attn: str):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read a model config in {path!r}: {str(e).splitlines()[0]}") from None
+    archs = list(getattr(config, "architectures", None) or [])
+    vlm = next((a for a in archs if a in SUPPORTED_VLMS), None)
+    kwargs = dict(local_files_only=True, dtype=dtype, attn_implementation=attn)
+    try:
+        if vlm is not None:
+            import transformers
+
+            model = getattr(transformers, vlm).from_pretrained(path, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"cannot load {path!r} as a causal LM or supported VLM: {str(e).splitlines()[0]}") from None
+    processor = None
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    except Exception:
+        processor = None
+    if processor is None:
+        processor = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tok = getattr(processor, "tokenizer", processor)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return model, processor
+
+
+def _lora_targets(hf: nn.Module) -> list:
+    """Full names of the language model's nn.Linear layers (not the head, not the vision tower)."""
+    decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else None
+    if decoder is None or decoder is hf:
+        decoder = ModelAdapter._find_backbone(hf)
+    head = hf.get_output_embeddings()
+    prefix = next(n for n, m in hf.named_modules() if m is decoder)
+    names = []
+    for n, m in decoder.named_modules():
+        if isinstance(m, nn.Linear) and m is not head:
+            names.append(f"{prefix}.{n}" if prefix else n)
+    if not names:
+        raise ValueError(f"LoRA: no linear layers found in the language model of {type(hf).__name__}")
+    return names
+
+
+def build_model(
+    name_or_path: str,
+    *,
+    dtype=None,
+    lora: bool = False,
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    gradient_checkpointing: bool = False,
+    device="cpu",
+    seed: int = 0,
+) -> Tuple[ModelAdapter, Any]:
+    """Build ``(ModelAdapter, processor)``.
+
+    ``name_or_path``: one of ``TINY_MODELS`` (random weights from ``seed``; tiny-llava and tiny-qwen2-vl
+    with their real processor classes and PIL image processors, tiny-llama text-only with a tokenizer as
+    its processor) or a local folder loaded with ``from_pretrained(..., local_files_only=True)`` (processor
+    from ``AutoProcessor``, else ``AutoTokenizer``). Unknown name / missing path: ``ValueError``.
+
+    ``dtype``: torch dtype or "bf16"/"fp16"/"fp32"; default bf16 on CUDA, fp32 on CPU.
+    Attention: flash_attention_2 when flash-attn is importable and ``device`` is CUDA, else sdpa.
+    ``lora``: wrap with peft LoRA on the language model's linear layers (rank ``lora_r``, ``lora_alpha``);
+    everything else, the head included, is frozen. ``gradient_checkpointing``: non-reentrant checkpointing
+    of the decoder layers (and ``use_cache`` off). The model is returned in train mode on ``device``.
+    """
+    dtype = _default_dtype(device, dtype)
+    attn = _attn_implementation(device)
+    if name_or_path in TINY_MODELS:
+        model, processor = _build_tiny(name_or_path, dtype=dtype, attn=attn, seed=seed)
+    elif os.path.isdir(name_or_path):
+        model, processor = _load_local(name_or_path, dtype=dtype, attn=attn)
+    else:
+        raise ValueError(
+            f"model not found: {name_or_path!r} (expected a local model folder or one of {', '.join(TINY_MODELS)})"
+        )
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        kw = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:  # pragma: no cover - older transformers
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(
+            r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, bias="none", target_modules=_lora_targets(model)
+        )
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # peft reads a deprecated transformers property
+            torch.manual_seed(seed + 1)
+            model = get_peft_model(model, cfg)
+        hf, _ = _unwrap(model)
+        for p in hf.get_output_embeddings().parameters():
+            p.requires_grad_(False)
+    model.to(device)
+    model.train()
+    return ModelAdapter(model), processor
