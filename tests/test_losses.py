@@ -1,0 +1,259 @@
+"""Every fused loss against an independent float64 reference written on materialised logits."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import prefopt
+import prefopt.ops.torch_backend as torch_backend
+from oracle import oracle_linear_logprobs
+from test_op import BACKENDS, assert_close, seed  # noqa: F401  (seed is a fixture)
+
+ROWS, LENGTH, HIDDEN, VOCAB = 4, 6, 12, 31  # 2 pairs
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    monkeypatch.setitem(torch_backend.CHUNK_SIZES, "cpu", (4, 8))
+
+
+def batch(rows=ROWS, length=LENGTH, hidden_size=HIDDEN, vocab=VOCAB):
+    hidden = torch.randn(rows, length, hidden_size, requires_grad=True)
+    weight = (torch.randn(vocab, hidden_size) / hidden_size**0.5).requires_grad_()
+    bias = (torch.randn(vocab) * 0.1).requires_grad_()
+    targets = torch.randint(0, vocab, (rows, length))
+    targets[:, :2] = -100  # the prompt
+    targets[0, -1] = -100  # padding
+    ref = dict(ref_hidden=torch.randn(rows, length, hidden_size),
+               ref_weight=torch.randn(vocab, hidden_size) / hidden_size**0.5)
+    return hidden, weight, bias, targets, ref
+
+
+def small_batch():
+    """Few enough inputs for a numerical Jacobian, still several tiles of the small chunks."""
+    return batch(length=4, hidden_size=5, vocab=11)
+
+
+def pair_terms(h, w, b, y, ref):
+    """Per-pair float64 sums from materialised logits: the quantities of DESIGN.md's table."""
+    s = oracle_linear_logprobs(h, w, y, bias=b, **ref)
+    n = (y != -100).sum(-1).double()
+    half = y.shape[0] // 2
+    lp, rf, uni = s.logp.sum(-1), s.ref_logp.sum(-1), s.uniform_nll.sum(-1)
+    return dict(lc=lp[:half], lr=lp[half:], rc=rf[:half], rr=rf[half:], nc=n[:half], nr=n[half:], uc=uni[:half])
+
+
+def logsig(x):
+    return F.logsigmoid(x)
+
+
+def cooling(t):
+    return torch.sigmoid((t["lr"] / t["nr"] - (-2.0)) / 0.7).detach()
+
+
+PAIRED = {
+    "dpo": (prefopt.FusedDPOLoss(beta=0.3),
+            lambda t: -logsig(0.3 * ((t["lc"] - t["rc"]) - (t["lr"] - t["rr"])))),
+    "cdpo": (prefopt.FusedDPOLoss(beta=0.3, loss_type="cdpo", label_smoothing=0.2),
+             lambda t: -0.8 * logsig(0.3 * ((t["lc"] - t["rc"]) - (t["lr"] - t["rr"])))
+             - 0.2 * logsig(-0.3 * ((t["lc"] - t["rc"]) - (t["lr"] - t["rr"])))),
+    "robust": (prefopt.FusedDPOLoss(beta=0.3, loss_type="robust", label_smoothing=0.2),
+               lambda t: (-0.8 * logsig(0.3 * ((t["lc"] - t["rc"]) - (t["lr"] - t["rr"])))
+                          + 0.2 * logsig(-0.3 * ((t["lc"] - t["rc"]) - (t["lr"] - t["rr"])))) / 0.6),
+    "hinge": (prefopt.FusedDPOLoss(beta=0.3, loss_type="hinge"),
+              lambda t: torch.relu(1 - 0.3 * ((t["lc"] - t["rc"]) - (t["lr"] - t["rr"])))),
+    "ipo": (prefopt.FusedDPOLoss(beta=0.3, loss_type="ipo"),
+            lambda t: ((t["lc"] - t["rc"]) / t["nc"] - (t["lr"] - t["rr"]) / t["nr"] - 1 / 0.6) ** 2),
+    "rpo": (prefopt.FusedDPOLoss(beta=0.3, loss_type="rpo", rpo_alpha=0.5),
+            lambda t: -logsig(0.3 * ((t["lc"] - t["rc"]) - (t["lr"] - t["rr"]))) + 0.5 * (-t["lc"] / t["nc"])),
+    "simpo": (prefopt.FusedSimPOLoss(beta=2.0, gamma=0.4),
+              lambda t: -logsig(2.0 * t["lc"] / t["nc"] - 2.0 * t["lr"] / t["nr"] - 0.4)),
+    "orpo": (prefopt.FusedORPOLoss(beta=0.2),
+             lambda t: -t["lc"] / t["nc"] - 0.2 * logsig(
+                 (t["lc"] / t["nc"] - torch.log1p(-torch.exp(t["lc"] / t["nc"])))
+                 - (t["lr"] / t["nr"] - torch.log1p(-torch.exp(t["lr"] / t["nr"]))))),
+    "cwdpo": (prefopt.FusedCWDPOLoss(beta=0.3, floor=-2.0, tau=0.7),
+              lambda t: -logsig(0.3 * ((t["lc"] - t["rc"]) - cooling(t) * (t["lr"] - t["rr"])))),
+    "cwdpo-live-weight": (prefopt.FusedCWDPOLoss(beta=0.3, floor=-2.0, tau=0.7, detach_weight=False),
+                          lambda t: -logsig(0.3 * ((t["lc"] - t["rc"]) - torch.sigmoid(
+                              (t["lr"] / t["nr"] + 2.0) / 0.7) * (t["lr"] - t["rr"])))),
+    "sftc": (prefopt.FusedSFTCLoss(lam=0.5, margin=4.0, label_smoothing=0.1),
+             lambda t: 0.9 * (-t["lc"] / t["nc"]) + 0.1 * t["uc"] / t["nc"] + 0.5 * torch.relu(4.0 + t["lr"] / t["nr"])),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(PAIRED))
+@pytest.mark.parametrize("reference", ["hidden", "logps"])
+def test_paired_loss_matches_reference(name, backend, reference, seed):
+    module, formula = PAIRED[name]
+    module.backend = backend
+    h, w, b, y, ref = batch()
+    if reference == "hidden":
+        out = module(w, h, y, b, **ref)
+    else:
+        ref_logps = oracle_linear_logprobs(ref["ref_hidden"], ref["ref_weight"], y).logp.sum(-1).float()
+        out = module(w, h, y, b, ref_logps=ref_logps)
+    out.loss.backward()
+    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, w, b))
+    ref64 = {k: v.double() for k, v in ref.items()}
+    expected = formula(pair_terms(h64, w64, b64, y, ref64)).mean()
+    expected.backward()
+    assert_close(out.loss, expected, 2e-5, f"{name} loss", seed)
+    for got, want, what in ((h.grad, h64.grad, "hidden"), (w.grad, w64.grad, "weight"), (b.grad, b64.grad, "bias")):
+        assert_close(got, want, 2e-5, f"{name} d {what}", seed)
+
+
+@pytest.mark.parametrize("name", ["dpo", "ipo", "orpo", "cwdpo-live-weight", "sftc"])
+def test_paired_loss_gradcheck(name, seed):
+    module, _ = PAIRED[name]
+    module.backend = "torch"
+    h, w, b, y, ref = small_batch()
+    inputs = tuple(t.detach().double().requires_grad_() for t in (h, w, b))
+    ref64 = {k: v.double() for k, v in ref.items()}
+    assert torch.autograd.gradcheck(lambda *x: module(x[1], x[0], y, x[2], **ref64).loss, inputs), f"seed {seed}"
+
+
+def test_dpo_metrics_use_trl_names(seed):
+    h, w, b, y, ref = batch()
+    out = prefopt.FusedDPOLoss(beta=0.3)(w, h, y, b, **ref)
+    t = pair_terms(*(x.detach().double() for x in (h, w, b)), y, {k: v.double() for k, v in ref.items()})
+    chosen, rejected = 0.3 * (t["lc"] - t["rc"]), 0.3 * (t["lr"] - t["rr"])
+    expected = {
+        "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+        "rewards/margins": (chosen - rejected).mean(), "rewards/accuracies": (chosen > rejected).double().mean(),
+        "logps/chosen": t["lc"].mean(), "logps/rejected": t["lr"].mean(),
+    }
+    assert set(expected) <= set(out.metrics)
+    for key, value in expected.items():
+        assert_close(out.metrics[key], value, 1e-5, key, seed)
+        assert not out.metrics[key].requires_grad
+
+
+def test_cwdpo_reports_its_cooling_weight(seed):
+    h, w, b, y, ref = batch()
+    module, _ = PAIRED["cwdpo"]
+    out = module(w, h, y, b, **ref)
+    t = pair_terms(*(x.detach().double() for x in (h, w, b)), y, {k: v.double() for k, v in ref.items()})
+    assert_close(out.metrics["cooling_weight"], cooling(t).mean(), 1e-5, "cooling_weight", seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_sft_loss(backend, label_smoothing, seed):
+    h, w, b, y, _ = batch()
+    out = prefopt.FusedSFTLoss(label_smoothing=label_smoothing, backend=backend)(w, h, y, b)
+    out.loss.backward()
+    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, w, b))
+    s = oracle_linear_logprobs(h64, w64, y, bias=b64)
+    expected = ((1 - label_smoothing) * -s.logp + label_smoothing * s.uniform_nll).sum() / (y != -100).sum()
+    expected.backward()
+    assert_close(out.loss, expected, 2e-5, "loss", seed)
+    assert_close(h.grad, h64.grad, 2e-5, "d hidden", seed)
+    assert_close(w.grad, w64.grad, 2e-5, "d weight", seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nsft_loss(backend, seed):
+    h, w, b, y, ref = batch()
+    out = prefopt.FusedNSFTLoss(kl_coef=0.3, backend=backend)(w, h, y, b, **ref)
+    out.loss.backward()
+    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, w, b))
+    s = oracle_linear_logprobs(h64, w64, y, bias=b64, **{k: v.double() for k, v in ref.items()})
+    n = (y != -100).sum()
+    expected = (-s.logp.sum() + 0.3 * s.kl.sum()) / n
+    expected.backward()
+    assert_close(out.loss, expected, 2e-5, "loss", seed)
+    assert_close(out.metrics["kl"], s.kl.sum() / n, 2e-5, "kl metric", seed)
+    assert_close(h.grad, h64.grad, 2e-5, "d hidden", seed)
+    assert_close(w.grad, w64.grad, 2e-5, "d weight", seed)
+
+
+def grpo_reference(logp, old, ref, adv, mask, beta, lo, hi, agg):
+    ratio = torch.exp(logp - old)
+    per_token = -torch.minimum(ratio * adv[:, None], ratio.clamp(1 - lo, 1 + hi) * adv[:, None])
+    per_token = per_token + beta * (torch.exp(ref - logp) - (ref - logp) - 1)
+    per_token = per_token * mask
+    if agg == "token-mean":
+        return per_token.sum() / mask.sum()
+    return (per_token.sum(-1) / mask.sum(-1)).mean()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_agg", ["token-mean", "sequence-mean"])
+def test_grpo_loss(backend, loss_agg, seed):
+    h, w, b, y, ref = batch()
+    mask = (y != -100).double()
+    old = oracle_linear_logprobs(h.detach(), w.detach(), y, bias=b.detach()).logp + 0.3 * torch.randn(y.shape)
+    advantages = torch.randn(ROWS)
+    module = prefopt.FusedGRPOLoss(beta=0.1, epsilon_low=0.2, epsilon_high=0.28, loss_agg=loss_agg, backend=backend)
+    out = module(w, h, y, advantages, b, old_logps=old.float(), **ref)
+    out.loss.backward()
+    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, w, b))
+    s = oracle_linear_logprobs(h64, w64, y, bias=b64, **{k: v.double() for k, v in ref.items()})
+    expected = grpo_reference(s.logp, old.double(), s.ref_logp, advantages.double(), mask, 0.1, 0.2, 0.28, loss_agg)
+    expected.backward()
+    assert_close(out.loss, expected, 2e-5, "loss", seed)
+    assert_close(h.grad, h64.grad, 2e-5, "d hidden", seed)
+    assert_close(w.grad, w64.grad, 2e-5, "d weight", seed)
+    ratio = torch.exp(s.logp.detach() - old.double())
+    clipped = ((ratio < 0.8) & (advantages[:, None] < 0)) | ((ratio > 1.28) & (advantages[:, None] > 0))
+    assert_close(out.metrics["clip_fraction"], (clipped.double() * mask).sum() / mask.sum(), 1e-6, "clip", seed)
+
+
+def test_grpo_gradcheck(seed):
+    h, w, b, y, ref = small_batch()
+    old = torch.randn(y.shape, dtype=torch.float64) - 3.0
+    adv = torch.randn(ROWS, dtype=torch.float64)
+    module = prefopt.FusedGRPOLoss(beta=0.1)
+    inputs = tuple(t.detach().double().requires_grad_() for t in (h, w, b))
+    ref64 = {k: v.double() for k, v in ref.items()}
+    assert torch.autograd.gradcheck(
+        lambda *x: module(x[1], x[0], y, adv, x[2], old_logps=old, **ref64).loss, inputs), f"seed {seed}"
+
+
+def test_gradient_accumulation_matches_the_whole_batch(seed):
+    h, w, b, y, ref = batch(rows=8)  # 4 pairs: chosen rows 0-3, rejected rows 4-7
+    module = prefopt.FusedDPOLoss(beta=0.3)
+    full = module(w, h, y, b, **ref).loss
+    full_grads = torch.autograd.grad(full, (h, w, b))
+    micro = [[0, 1, 4, 5], [2, 3, 6, 7]]  # two micro-batches of two pairs each
+    total = sum(module.count_items(y[i]) for i in micro)
+    assert total == 4
+    accumulated = sum(
+        module(w, h[i], y[i], b, ref_hidden=ref["ref_hidden"][i], ref_weight=ref["ref_weight"],
+               num_items_in_batch=total).loss for i in micro)
+    grads = torch.autograd.grad(accumulated, (h, w, b))
+    assert_close(accumulated, full, 1e-6, "loss", seed)
+    for got, want in zip(grads, full_grads):
+        assert_close(got, want, 1e-6, "grad", seed)
+
+
+def test_token_normalised_accumulation(seed):
+    h, w, b, y, _ = batch(rows=6)
+    y[0, 2:] = -100  # uneven token counts between micro-batches
+    module = prefopt.FusedSFTLoss()
+    full = module(w, h, y, b).loss
+    parts = [slice(0, 2), slice(2, 6)]
+    total = sum(module.count_items(y[p]) for p in parts)
+    accumulated = sum(module(w, h[p], y[p], b, num_items_in_batch=total).loss for p in parts)
+    assert_close(accumulated, full, 1e-6, "loss", seed)
+
+
+def test_shift_takes_hugging_face_labels(seed):
+    h, w, b, y, ref = batch()
+    aligned = torch.cat([y[:, 1:], torch.full((ROWS, 1), -100)], dim=1)
+    shifted = prefopt.FusedDPOLoss(shift=True)(w, h, y, b, **ref)
+    plain = prefopt.FusedDPOLoss()(w, h, aligned, b, **ref)
+    assert_close(shifted.loss, plain.loss, 1e-6, "loss", seed)
+    sums, counts = prefopt.sequence_logps(w, h, y, bias=b, shift=True)
+    assert torch.equal(counts, (aligned != -100).sum(-1))
+    assert_close(sums, oracle_linear_logprobs(h, w, aligned, bias=b).logp.sum(-1), 2e-5, "sequence_logps", seed)
+
+
+def test_functional_forms_equal_modules(seed):
+    h, w, b, y, ref = batch()
+    module = prefopt.FusedCWDPOLoss(beta=0.2, floor=-1.0)(w, h, y, b, **ref)
+    functional = prefopt.fused_cwdpo_loss(w, h, y, b, beta=0.2, floor=-1.0, **ref)
+    assert torch.equal(module.loss, functional.loss)
+    grpo = prefopt.fused_grpo_loss(w, h, y, torch.ones(ROWS), beta=0.0)
+    assert torch.isfinite(grpo.loss)
