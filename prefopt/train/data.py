@@ -200,32 +200,31 @@ class PreferenceCollator:
                 return owner
         return None
 
-    def _messages(self, prompt: str, n_images: int, answer: Optional[str]) -> List[dict]:
-        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+    def _messages(self, prompt: str, n_images: int, answer: Optional[str], structured: bool) -> List[dict]:
+        if structured:  # processors' templates take typed content parts
+            content: Any = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+            reply: Any = [{"type": "text", "text": answer}]
+        else:  # text tokenizers' templates take plain strings
+            content, reply = prompt, answer
         msgs = [{"role": "user", "content": content}]
         if answer is not None:
-            msgs.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+            msgs.append({"role": "assistant", "content": reply})
         return msgs
 
     def render(self, prompt: str, answer: str, n_images: int = 0) -> tuple:
         """(prompt text, full text): the chat-templated prompt with the generation prompt, and the whole
-        conversation with the answer. Without a chat template: ``prompt + "\\n"`` and that + answer + eos."""
+        conversation with the answer. Without a chat template: ``prompt + "\n"`` and that + answer + eos."""
         owner = self._template_owner
         if owner is None:
             if n_images:
                 raise ValueError("records with images need a processor with a chat template")
             p = prompt + "\n"
             return p, p + answer + (self.tokenizer.eos_token or "")
-        try:
-            p = owner.apply_chat_template(self._messages(prompt, n_images, None), tokenize=False, add_generation_prompt=True)
-            full = owner.apply_chat_template(self._messages(prompt, n_images, answer), tokenize=False)
-        except Exception:
-            if n_images or owner is not self.tokenizer:
-                raise
-            # Text-only templates that want plain-string content.
-            msgs = [{"role": "user", "content": prompt}]
-            p = owner.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            full = owner.apply_chat_template(msgs + [{"role": "assistant", "content": answer}], tokenize=False)
+        structured = owner is not self.tokenizer or n_images > 0
+        p = owner.apply_chat_template(
+            self._messages(prompt, n_images, None, structured), tokenize=False, add_generation_prompt=True
+        )
+        full = owner.apply_chat_template(self._messages(prompt, n_images, answer, structured), tokenize=False)
         return p, full
 
     def prompt_text(self, record: PreferenceRecord) -> str:
@@ -240,19 +239,7 @@ class PreferenceCollator:
     def _encode(self, prompt: str, answer: str, images: list, where: str) -> tuple:
         """(features of one row, prompt length in tokens)."""
         p_text, full_text = self.render(prompt, answer, len(images))
-        add_special = self._template_owner is None
-        if images:
-            if self.image_processor is None:
-                raise ValueError(
-                    f"{where} has images but the model's processor has no image processor (text-only model?)"
-                )
-            feats = self.processor(
-                text=[full_text], images=[_load_image(i) for i in images], return_tensors="pt",
-                add_special_tokens=add_special,
-            )
-        else:
-            feats = self.tokenizer([full_text], return_tensors="pt", add_special_tokens=add_special)
-        feats = dict(feats)
+        feats = self._features(full_text, images, where)
         ids = feats["input_ids"][0].tolist()
         # Image-token expansion happens in the prompt only, so the prompt length in the processed row is
         # the tokenizer's prompt length plus the number of tokens the processor added.
@@ -269,11 +256,64 @@ class PreferenceCollator:
             )
         return feats, prompt_len
 
+    def _check_images(self, records: Sequence[PreferenceRecord]) -> None:
+        if self.image_processor is None:
+            for i, r in enumerate(records):
+                if r.images:
+                    raise ValueError(
+                        f"record {i} has images but the model's processor has no image processor (text-only model?)"
+                    )
+
+    def _features(self, text: str, images: list, where: str) -> Dict[str, Any]:
+        add_special = self._template_owner is None
+        if images:
+            if self.image_processor is None:
+                raise ValueError(
+                    f"{where} has images but the model's processor has no image processor (text-only model?)"
+                )
+            feats = self.processor(
+                text=[text], images=[_load_image(i) for i in images], return_tensors="pt",
+                add_special_tokens=add_special,
+            )
+        else:
+            feats = self.tokenizer([text], return_tensors="pt", add_special_tokens=add_special)
+        return dict(feats)
+
+    def generation_inputs(self, records: Sequence[PreferenceRecord]) -> Dict[str, torch.Tensor]:
+        """Left-padded prompt batch (chat template with the generation prompt, images processed) for
+        ``model.generate(**inputs)``; the new tokens start at column ``inputs["input_ids"].shape[1]``."""
+        self._check_images(records)
+        feats = [self._features(self.prompt_text(r), list(r.images), f"record {i}") for i, r in enumerate(records)]
+        T = max(f["input_ids"].shape[1] for f in feats)
+        R = len(feats)
+        out: Dict[str, Any] = {
+            "input_ids": torch.full((R, T), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((R, T), dtype=torch.long),
+        }
+        stacked: Dict[str, List[torch.Tensor]] = {}
+        for row, f in enumerate(feats):
+            L = f["input_ids"].shape[1]
+            out["input_ids"][row, T - L:] = f["input_ids"][0]
+            out["attention_mask"][row, T - L:] = 1
+            for key, val in f.items():
+                if key in ("input_ids", "attention_mask") or not isinstance(val, torch.Tensor):
+                    continue
+                if key.endswith("token_type_ids"):
+                    if key not in out:
+                        out[key] = torch.zeros((R, T) + tuple(val.shape[2:]), dtype=val.dtype)
+                    out[key][row, T - L:] = val[0]
+                else:
+                    stacked.setdefault(key, []).append(val)
+        for key, vals in stacked.items():
+            out[key] = torch.cat(vals, dim=0)
+        return out
+
     def __call__(self, records: Sequence[PreferenceRecord], *, mode: str = "pair") -> Dict[str, torch.Tensor]:
         if mode not in ("pair", "sft", "nsft"):
             raise ValueError(f"mode: expected 'pair', 'sft' or 'nsft', got {mode!r}")
         if not records:
             raise ValueError("cannot collate an empty list of records")
+        self._check_images(records)
         rows = []  # (record index, answer, is_correction)
         for i, r in enumerate(records):
             rows.append((i, r.chosen, False))

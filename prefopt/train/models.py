@@ -273,22 +273,28 @@ def _tiny_text_config(tok, *, tie: bool):
     )
 
 
-def _qwen2_vl_processor_class():
-    """``Qwen2VLProcessor`` without its video processor.
+_IMAGE_ONLY_CLASSES: Dict[str, type] = {}
 
-    The real class insists on a video processor, and every video processor of transformers 5 needs
+
+def image_only_processor_class(base_name: str = "Qwen2VLProcessor") -> type:
+    """``base_name`` (``Qwen2VLProcessor`` or ``Qwen2_5_VLProcessor``) without its video processor.
+
+    The real classes insist on a video processor, and every video processor of transformers 5 needs
     torchvision, which is not installable here. This subclass only drops ``video_processor`` from the
-    constructor's signature (the attributes a processor checks are read from it); text and image
-    processing are the real Qwen2VLProcessor's.
+    constructor's signature (the sub-processors a processor checks are read from it); text and image
+    processing are the real class's.
     """
-    from transformers import Qwen2VLProcessor
+    if base_name not in _IMAGE_ONLY_CLASSES:
+        import transformers
 
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        base = getattr(transformers, base_name)
+
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                             chat_template=chat_template, **kwargs)
+            base.__init__(self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                          chat_template=chat_template, **kwargs)
 
-    return ImageOnlyQwen2VLProcessor
+        _IMAGE_ONLY_CLASSES[base_name] = type(f"ImageOnly{base_name}", (base,), {"__init__": __init__})
+    return _IMAGE_ONLY_CLASSES[base_name]
 
 
 def _build_tiny(name: str, *, dtype, attn: str, seed: int):
@@ -354,7 +360,7 @@ def _build_tiny(name: str, *, dtype, attn: str, seed: int):
         image_processor = Qwen2VLImageProcessorPil(
             min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, temporal_patch_size=2, merge_size=2
         )
-        processor = _qwen2_vl_processor_class()(
+        processor = image_only_processor_class("Qwen2VLProcessor")(
             image_processor=image_processor, tokenizer=tok, chat_template=_chat_template(image_text)
         )
         cls = Qwen2VLForConditionalGeneration
@@ -370,6 +376,14 @@ def _build_tiny(name: str, *, dtype, attn: str, seed: int):
             cfg.pad_token_id = tok.pad_token_id
             cfg.eos_token_id = tok.eos_token_id
     return model, processor
+
+
+def _read_chat_template(path: str) -> Optional[str]:
+    f = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(f):
+        with open(f, encoding="utf-8") as fh:
+            return fh.read()
+    return None
 
 
 def _load_local(path: str, *, dtype, attn: str):
@@ -396,8 +410,22 @@ def _load_local(path: str, *, dtype, attn: str):
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     except Exception:
         processor = None
-    if processor is None:
-        processor = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if processor is None or (vlm is not None and getattr(processor, "image_processor", None) is None):
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        processor = tokenizer
+        if vlm is not None and vlm.startswith("Qwen2"):
+            # AutoProcessor fails without torchvision (the video processor): compose image-only.
+            from transformers import AutoImageProcessor
+
+            try:
+                image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+                base = "Qwen2_5_VLProcessor" if vlm.startswith("Qwen2_5") else "Qwen2VLProcessor"
+                processor = image_only_processor_class(base)(
+                    image_processor=image_processor, tokenizer=tokenizer,
+                    chat_template=getattr(tokenizer, "chat_template", None) or _read_chat_template(path),
+                )
+            except Exception:
+                processor = tokenizer
     tok = getattr(processor, "tokenizer", processor)
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token

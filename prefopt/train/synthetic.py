@@ -178,15 +178,10 @@ def _question(scene: Scene, kind: str, rng: random.Random) -> Optional[Tuple[str
     raise ValueError(f"unknown question kind {kind!r}")
 
 
-def make_synthetic_records(split: str = "train", size: Optional[int] = None, seed: int = 0) -> list:
-    """``size`` synthetic :class:`~prefopt.train.data.PreferenceRecord` s of ``split`` (``"train"`` or
-    ``"heldout"``; default sizes 256 and 64), deterministic from ``seed``.
-
-    Each record has one PIL image, a question ``prompt``, the correct ``chosen`` answer, a hallucinated
-    ``rejected`` answer and one or two ``corrections``. No (scene, question) pair repeats within a split,
-    and no scene layout is in both splits.
-    """
-    from .data import PreferenceRecord  # data imports this module lazily too; avoid a cycle at import
+def generate_scenes(split: str = "train", size: Optional[int] = None, seed: int = 0):
+    """Yield ``(scene, question kind, PreferenceRecord)`` for :func:`make_synthetic_records` (the scene
+    layouts let tests check the split)."""
+    from .data import PreferenceRecord  # data imports this module lazily; avoid a cycle at import
 
     if split not in SPLITS:
         raise ValueError(f"synthetic split: expected one of {SPLITS}, got {split!r}")
@@ -194,12 +189,11 @@ def make_synthetic_records(split: str = "train", size: Optional[int] = None, see
     if size < 0:
         raise ValueError(f"synthetic size: expected >= 0, got {size}")
     rng = random.Random(f"prefopt-synthetic/{seed}/{split}")
-    records: List[PreferenceRecord] = []
     seen = set()
-    attempts = 0
-    while len(records) < size:
+    made = attempts = 0
+    while made < size:
         attempts += 1
-        if attempts > 200 * size + 1000:
+        if attempts > 200 * size + 1000:  # pragma: no cover - the scene space is far larger than any size
             raise RuntimeError(f"could not draw {size} distinct synthetic records for split {split!r}")
         scene = _random_scene(rng)
         if scene_split(scene) != split:
@@ -214,10 +208,21 @@ def make_synthetic_records(split: str = "train", size: Optional[int] = None, see
             continue
         seen.add(key)
         image = draw_scene(scene, rng)
-        records.append(
-            PreferenceRecord(prompt=prompt, chosen=chosen, rejected=rejected, images=[image], corrections=corrections)
+        made += 1
+        yield scene, kind, PreferenceRecord(
+            prompt=prompt, chosen=chosen, rejected=rejected, images=[image], corrections=corrections
         )
-    return records
+
+
+def make_synthetic_records(split: str = "train", size: Optional[int] = None, seed: int = 0) -> list:
+    """``size`` synthetic :class:`~prefopt.train.data.PreferenceRecord` s of ``split`` (``"train"`` or
+    ``"heldout"``; default sizes 256 and 64), deterministic from ``seed``.
+
+    Each record has one 56x56 PIL image, a question ``prompt``, the correct ``chosen`` answer, a
+    hallucinated ``rejected`` answer and one or two ``corrections``. No (scene, question) pair repeats
+    within a split, and no scene layout is in both splits.
+    """
+    return [rec for _, _, rec in generate_scenes(split, size, seed)]
 
 
 def corpus_sentences() -> List[str]:
