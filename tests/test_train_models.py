@@ -209,8 +209,12 @@ def test_gradient_checkpointing_and_dtype(tiny):
         torch.testing.assert_close(hidden, tiny["tiny-llava"][0].hidden_states(**batch))
     hidden.pow(2).mean().backward()
     assert adapter.hf_model.model.language_model.layers[0].self_attn.q_proj.weight.grad is not None
-    bf16, _ = build_model("tiny-llama", dtype="bf16")
+    bf16, _ = build_model("tiny-llava", dtype="bf16")
     assert all(p.dtype == torch.bfloat16 for p in bf16.model.parameters())
+    assert bf16.hidden_states(**batch).dtype == torch.bfloat16  # fp32 pixel values are cast
+    lora_gc, _ = build_model("tiny-llama", lora=True, gradient_checkpointing=True)
+    lora_gc.hidden_states(**tiny["tiny-llama"][2]).pow(2).mean().backward()
+    assert all(p.grad is not None for p in lora_gc.trainable_parameters())
     with pytest.raises(ValueError, match="dtype"):
         build_model("tiny-llama", dtype="int7")
 
@@ -234,3 +238,13 @@ def test_tiny_tokenizer_roundtrip(tiny):
     text = "What colour is the circle? Zebra ü 42 \u2603"
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
     assert len(tok("The circle is red.", add_special_tokens=False)["input_ids"]) == 5  # whole words
+
+
+def test_attention_choice(monkeypatch):
+    from prefopt.train import models
+
+    assert models._attn_implementation("cpu", torch.float32) == "sdpa"
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    assert models._attn_implementation("cuda", torch.bfloat16) == "flash_attention_2"
+    assert models._attn_implementation("cuda", torch.float32) == "sdpa"
+    assert models._attn_implementation("cpu", torch.bfloat16) == "sdpa"

@@ -133,6 +133,10 @@ class ModelAdapter:
         ``disable_adapters()`` when the caller enters it.
         """
         kwargs = {k: v for k, v in inputs.items() if k not in EXTRA_BATCH_KEYS}
+        dtype = self.head().weight.dtype
+        for k, v in kwargs.items():  # pixel values come from the processor in fp32
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != dtype:
+                kwargs[k] = v.to(dtype)
         kwargs.setdefault("use_cache", False)
         kwargs["return_dict"] = True
         out = self.backbone(**kwargs)
@@ -183,9 +187,11 @@ class ModelAdapter:
 # ------------------------------------------------------------------------------------------ building
 
 
-def _attn_implementation(device) -> str:
+def _attn_implementation(device, dtype) -> str:
+    """flash_attention_2 on CUDA in bf16/fp16 when flash-attn is installed, else sdpa."""
     dev = torch.device(device)
-    if dev.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+    half = dtype in (torch.bfloat16, torch.float16)
+    if dev.type == "cuda" and half and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
 
@@ -468,13 +474,14 @@ def build_model(
     from ``AutoProcessor``, else ``AutoTokenizer``). Unknown name / missing path: ``ValueError``.
 
     ``dtype``: torch dtype or "bf16"/"fp16"/"fp32"; default bf16 on CUDA, fp32 on CPU.
-    Attention: flash_attention_2 when flash-attn is importable and ``device`` is CUDA, else sdpa.
+    Attention: flash_attention_2 when flash-attn is importable, ``device`` is CUDA and the dtype is bf16/fp16,
+    else sdpa.
     ``lora``: wrap with peft LoRA on the language model's linear layers (rank ``lora_r``, ``lora_alpha``);
     everything else, the head included, is frozen. ``gradient_checkpointing``: non-reentrant checkpointing
     of the decoder layers (and ``use_cache`` off). The model is returned in train mode on ``device``.
     """
     dtype = _default_dtype(device, dtype)
-    attn = _attn_implementation(device)
+    attn = _attn_implementation(device, dtype)
     if name_or_path in TINY_MODELS:
         model, processor = _build_tiny(name_or_path, dtype=dtype, attn=attn, seed=seed)
     elif os.path.isdir(name_or_path):
