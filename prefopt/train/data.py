@@ -276,7 +276,9 @@ class PreferenceCollator:
                 add_special_tokens=add_special,
             )
         else:
-            feats = self.tokenizer([text], return_tensors="pt", add_special_tokens=add_special)
+            feats = self.tokenizer(
+                [text], return_tensors="pt", add_special_tokens=add_special, return_token_type_ids=False
+            )
         return dict(feats)
 
     def generation_inputs(self, records: Sequence[PreferenceRecord]) -> Dict[str, torch.Tensor]:
