@@ -20,7 +20,7 @@ from torch import Tensor
 from .common import OpConfig, empty_stat, logit_grad_coefficients
 
 #: Tile sizes (tokens, vocabulary entries) per device type; the largest temporary has their product.
-CHUNK_SIZES = {"cpu": (512, 4096), "cuda": (2048, 8192)}
+CHUNK_SIZES = {"cpu": (1024, 4096), "cuda": (2048, 8192)}
 
 
 def chunk_sizes(device: torch.device) -> Tuple[int, int]:
@@ -36,15 +36,15 @@ def logits_tile(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], config: OpConfig, dtype: torch.dtype
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """z = softcap(hidden @ weight.T + bias) / temperature in ``dtype``; also tanh(s/cap) for its derivative."""
-    s = (hidden @ weight.T).to(dtype)
+    s = (hidden @ weight.T).to(dtype)  # a fresh tile: every step below may work in place
     if bias is not None:
-        s = s + bias.to(dtype)
+        s.add_(bias.to(dtype))
     tanh = None
     if config.softcap is not None:
-        tanh = torch.tanh(s / config.softcap)
+        tanh = s.div_(config.softcap).tanh_()
         s = tanh * config.softcap
     if config.temperature != 1.0:
-        s = s / config.temperature
+        s.div_(config.temperature)
     return s, tanh
 
 
@@ -93,29 +93,30 @@ class LinearLogprobsTorch(torch.autograd.Function):
             for v0 in range(0, vocab, chunk_v):
                 v1 = min(v0 + chunk_v, vocab)
                 z, tanh = logits_tile(h, weight[v0:v1], None if bias is None else bias[v0:v1], config, dtype)
+                rows, cols = _target_columns(y, v0, v1)
+                target_logit[t0 + rows] = z[rows, cols]
+                if logit_sum is not None:
+                    logit_sum[t0:t1] += z.sum(1)
                 new_max = torch.maximum(run_max, z.amax(1))
                 scale = torch.exp(run_max - new_max)
-                e = torch.exp(z - new_max[:, None])
+                run_max = new_max
+                # e = exp(z - max); z itself is only needed afterwards for E_p[z], else overwrite it.
+                e = torch.exp(z - new_max[:, None]) if mean_logit is not None else z.sub_(new_max[:, None]).exp_()
                 run_sum = run_sum * scale + e.sum(1)
                 if mean_logit is not None:
                     mean_logit[t0:t1] = mean_logit[t0:t1] * scale + (e * z).sum(1)
-                if logit_sum is not None:
-                    logit_sum[t0:t1] += z.sum(1)
                 if moments is not None:
-                    weights = e if tanh is None else e * (1 - tanh * tanh)
+                    weights = e if tanh is None else e.mul_(1 - tanh * tanh)
                     moments[t0:t1] = moments[t0:t1] * scale[:, None] + (weights.to(weight.dtype) @ weight[v0:v1]).to(dtype)
-                rows, cols = _target_columns(y, v0, v1)
-                target_logit[t0 + rows] = z[rows, cols]
                 if want_ref:
                     rb = None if ref_bias is None else ref_bias[v0:v1]
                     zr, _ = logits_tile(rh, ref_weight[v0:v1], rb, config, dtype)
+                    ref_target_logit[t0 + rows] = zr[rows, cols]
                     if mean_ref_logit is not None:
                         mean_ref_logit[t0:t1] = mean_ref_logit[t0:t1] * scale + (e * zr).sum(1)
                     new_ref_max = torch.maximum(ref_max, zr.amax(1))
-                    ref_sum = ref_sum * torch.exp(ref_max - new_ref_max) + torch.exp(zr - new_ref_max[:, None]).sum(1)
+                    ref_sum = ref_sum * torch.exp(ref_max - new_ref_max) + zr.sub_(new_ref_max[:, None]).exp_().sum(1)
                     ref_max = new_ref_max
-                    ref_target_logit[t0 + rows] = zr[rows, cols]
-                run_max = new_max
             lse[t0:t1] = run_max + torch.log(run_sum)
             if mean_logit is not None:
                 mean_logit[t0:t1] /= run_sum
@@ -198,22 +199,26 @@ def _recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight,
             t1 = min(t0 + chunk_t, n)
             h = hidden[t0:t1]
             z, tanh = logits_tile(h, w, b, config, dtype)
-            inner = coef.c0[t0:t1, None]
-            if coef.c1 is not None:
-                inner = inner + coef.c1[t0:t1, None] * z
-            if coef.c2 is not None:
-                rb = None if ref_bias is None else ref_bias[v0:v1]
-                zr, _ = logits_tile(ref_hidden[t0:t1], ref_weight[v0:v1], rb, config, dtype)
-                inner = inner + coef.c2[t0:t1, None] * zr
-            grad = torch.exp(z - lse[t0:t1, None]) * inner
+            if coef.c1 is None and coef.c2 is None:
+                # Log-prob / lse gradients only: p * c0, computed in place over the logits tile.
+                grad = z.sub_(lse[t0:t1, None]).exp_().mul_(coef.c0[t0:t1, None])
+            else:
+                inner = coef.c0[t0:t1, None]
+                if coef.c1 is not None:
+                    inner = inner + coef.c1[t0:t1, None] * z
+                if coef.c2 is not None:
+                    rb = None if ref_bias is None else ref_bias[v0:v1]
+                    zr, _ = logits_tile(ref_hidden[t0:t1], ref_weight[v0:v1], rb, config, dtype)
+                    inner = inner + coef.c2[t0:t1, None] * zr
+                grad = torch.exp(z - lse[t0:t1, None]).mul_(inner)
             if coef.c3 is not None:
-                grad = grad + coef.c3[t0:t1, None]
+                grad.add_(coef.c3[t0:t1, None])
             rows, cols = _target_columns(targets[t0:t1], v0, v1)
             grad[rows, cols] += coef.a[t0 + rows]
             if tanh is not None:
-                grad = grad * (1 - tanh * tanh)
+                grad.mul_(1 - tanh * tanh)
             if config.temperature != 1.0:
-                grad = grad / config.temperature
+                grad.div_(config.temperature)
             if want_h:
                 grad_hidden[t0:t1] += (grad.to(w.dtype) @ w).to(dtype)
             if want_w:
