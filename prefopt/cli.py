@@ -1,0 +1,36 @@
+"""The ``prefopt`` command: ``prefopt train|bench|demo [options]``; ``prefopt CMD --help`` for each."""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import List, Optional
+
+COMMANDS = {
+    "train": ("prefopt.train.cli", "train a (vision-)language model with DPO, CW-DPO, nSFT, SFT, SimPO or ORPO"),
+    "bench": ("prefopt.bench.cli", "memory and throughput of the fused losses against the naive path and peers"),
+    "demo": ("prefopt.demo", "the fused DPO loss against the naive path on random data: values and peak memory"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: prefopt COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<7} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += ["", "Run 'prefopt COMMAND --help' for the options of each; 'prefopt train' alone runs the embedded default."]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"prefopt: unknown command {name!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
