@@ -1,0 +1,96 @@
+"""Compile the Triton kernels for an H100 (sm_90) without a GPU: ``python tests/aot_compile_kernels.py``.
+
+The interpreter runs the kernels' Python, not Triton's compiler, so it cannot see what only the real
+compiler rejects (an unsupported dtype in ``tl.dot``, a constexpr misuse, shared memory overflow).
+This script runs the whole compiler down to a cubin with the ptxas bundled in the triton wheel, for
+the configurations the launchers pick on an H100, with 16-divisible pointers and sizes (what the
+launcher specialises on for real shapes, and what enables the async-copy pipeline). It prints one
+JSON object per configuration: shared memory, wgmma / mma / cp.async counts in the PTX, local-memory
+(register spill) loads. It must run without TRITON_INTERPRET.
+"""
+import json
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("run without TRITON_INTERPRET=1: the kernels must be built for the compiler")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from prefopt.kernels import linear_logprobs as K  # noqa: E402
+
+DIVISIBLE = {"K", "KR", "V", "stride_h", "stride_w", "stride_rh", "stride_rw", "stride_m", "stride_ds", "width", "v_begin"}
+FLOATS = {"inv_temp", "softcap", "inv_softcap"}
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+SHAPE = (16384, 152064, 4096)  # tokens, vocabulary, hidden size (the issue's largest)
+
+
+def compile_kernel(fn, pointers, constexprs, blocks, arch=90):
+    names = fn.arg_names
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+        elif name in FLOATS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    attrs = {(names.index(k),): [["tt.divisibility", 16]]
+             for k, v in signature.items() if v.startswith("*") or k in DIVISIBLE}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages))
+
+
+def forward_variant(dtype, *, moments=False, ref=True, softcap=True, stats=True):
+    blocks = K.forward_blocks(*SHAPE, dtype, moments)
+    p, s = "*" + TYPES[dtype], "*" + ("fp64" if dtype == torch.float64 else "fp32")
+    pointers = dict(h_ptr=p, w_ptr=p, b_ptr=p, t_ptr="*i64", rh_ptr=p, rw_ptr=p, rb_ptr=p, max_ptr=s, sum_ptr=s,
+                    tgt_ptr=s, ez_ptr=s, zsum_ptr=s, rmax_ptr=s, rsum_ptr=s, rtgt_ptr=s, ezr_ptr=s, m_ptr=s)
+    constexprs = dict(HAS_BIAS=True, HAS_REF_BIAS=ref, SOFTCAP=softcap, WANT_EZ=stats, WANT_ZSUM=stats,
+                      WANT_REF=ref, WANT_EZR=ref and stats, MOMENTS=moments, ACC=K._acc_dtype(dtype),
+                      DOT_DTYPE=None, REF_DOT_DTYPE=None, PRECISION="ieee",
+                      BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h)
+    return compile_kernel(K._fwd_kernel, pointers, constexprs, blocks)
+
+
+def backward_variant(dtype, *, ref=True):
+    blocks = K.backward_blocks(*SHAPE, dtype)
+    p, s = "*" + TYPES[dtype], "*" + ("fp64" if dtype == torch.float64 else "fp32")
+    pointers = dict(h_ptr=p, w_ptr=p, b_ptr=p, t_ptr="*i64", rh_ptr=p, rw_ptr=p, rb_ptr=p, lse_ptr=s, a_ptr=s,
+                    c0_ptr=s, c1_ptr=s, c2_ptr=s, c3_ptr=s, ds_ptr=p)
+    constexprs = dict(HAS_BIAS=True, HAS_REF_BIAS=ref, SOFTCAP=True, HAS_C1=True, HAS_C2=ref, HAS_C3=True,
+                      ACC=K._acc_dtype(dtype), DOT_DTYPE=None, REF_DOT_DTYPE=None, PRECISION="ieee",
+                      BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h, GROUP_N=blocks.group_n)
+    return compile_kernel(K._bwd_dlogits_kernel, pointers, constexprs, blocks)
+
+
+VARIANTS = {
+    "fwd-bf16-all": lambda: forward_variant(torch.bfloat16),
+    "fwd-bf16-moments": lambda: forward_variant(torch.bfloat16, moments=True, ref=False, stats=False),
+    "bwd-bf16-kl": lambda: backward_variant(torch.bfloat16),
+    "fwd-fp32-plain": lambda: forward_variant(torch.float32, ref=False, softcap=False, stats=False),
+    "fwd-fp64-all": lambda: forward_variant(torch.float64),
+    "bwd-fp64-kl": lambda: backward_variant(torch.float64),
+}
+
+
+def main(names):
+    for name in names or VARIANTS:
+        kernel = VARIANTS[name]()
+        ptx = kernel.asm["ptx"]
+        print(json.dumps(dict(
+            name=name, shared=kernel.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
+            mma=ptx.count("mma.sync"), cp_async=ptx.count("cp.async"), local_loads=ptx.count("ld.local"),
+        )), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
