@@ -1,0 +1,548 @@
+"""The training loop, readable top to bottom.
+
+    prepare(config)          everything that can fail on a user's mistake, before anything is written:
+                             options, launcher, data, model, processor/data fit, resume point
+    Run.execute()            the run folder, the reference (precompute pass / frozen copy / adapters),
+                             AdamW + cosine schedule, the DDP/DeepSpeed wrap, resume, then per step:
+        batches              this rank's micro-batches of the step (on-policy negatives sampled here)
+        item count           the size of the whole accumulated global batch in the loss's unit
+        forward/backward     every micro-batch's loss is normalised by that count
+        step                 clip, AdamW, schedule; metrics (TRL names), probes, checkpoints
+
+The loss is always a fused prefopt module on the backbone's final hidden states and the head weight
+(:class:`~prefopt.train.methods.PolicyObjective`); the loop never computes logits. Data order is a
+function of (seed, step), so a resumed run sees the same batches as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from . import distributed as dist
+from . import reference as ref_mod
+from .methods import METHODS, MethodOptions, PolicyObjective, Stage, build_method
+from .probes import LogpProbe, ProbeResult, should_stop
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+TINY_LR = 1e-3  # the embedded tiny models learn visibly in a few dozen steps at this rate
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a run (the CLI's flags, one to one)."""
+
+    method: str = "cw-dpo"
+    model: str = "tiny-llava"
+    data: str = "synthetic"
+    out: str = "runs/train"
+    reference: str = "auto"  # model | adapters | precompute | auto (adapters with --lora, else model)
+    # model
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    dtype: Optional[str] = None  # None: bf16 on GPU, fp32 on CPU
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    op_backend: str = "auto"  # the fused op's backend
+    # data
+    train_size: Optional[int] = None
+    max_length: int = 512
+    strict_data: bool = False
+    probe_data: Optional[str] = None
+    probe_size: int = 16
+    # optimisation
+    steps: int = 0  # 0: from epochs
+    epochs: float = 1.0
+    batch_size: int = 4  # records per micro-batch per process (a record is one pair)
+    grad_accum: int = 1
+    lr: Optional[float] = None  # None: 1e-3 for the tiny models, 1e-4 with LoRA, 5e-6 otherwise
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    # method
+    options: MethodOptions = field(default_factory=MethodOptions)
+    max_new_tokens: int = 24
+    # probes, checkpoints, launch
+    probe_every: int = 10
+    early_stop_chosen_drop: Optional[float] = None
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    resume: bool = False
+    stop_after: Optional[int] = None  # stop (with a checkpoint) after this many steps of the schedule
+    deepspeed: Optional[str] = None
+    progress: bool = True
+
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        from .models import TINY_MODELS
+
+        if self.model in TINY_MODELS:
+            return TINY_LR
+        return 1e-4 if self.lora else 5e-6
+
+    def reference_mode(self, method) -> str:
+        if method.reference == "none":
+            return "none"
+        if self.reference == "auto":
+            return "adapters" if self.lora else "model"
+        return self.reference
+
+
+#: Options a resumed run must share with the run it continues.
+RESUME_KEYS = ("method", "model", "data", "reference", "lora", "lora_r", "lora_alpha", "train_size", "steps",
+               "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "seed", "options")
+
+
+class DataPlan:
+    """Which records each rank trains on at each step: epoch ``e`` walks a permutation drawn from
+    ``(seed, e)``; step ``s`` takes the next ``batch * accum * world`` positions, micro-batch ``a`` of
+    rank ``r`` its slice ``[a*batch*world + r*batch, +batch)``. One process with ``batch * world``
+    records per micro-batch sees the same global batches as ``world`` processes."""
+
+    def __init__(self, n: int, batch: int, accum: int, world: int, seed: int):
+        self.n, self.batch, self.accum, self.world, self.seed = n, batch, accum, world, seed
+        self.global_batch = batch * accum * world
+        self._perms: Dict[int, List[int]] = {}
+
+    def _at(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n)
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
+        return self._perms[epoch][offset]
+
+    def indices(self, step: int, micro: int, rank: int) -> List[int]:
+        start = step * self.global_batch + micro * self.batch * self.world + rank * self.batch
+        return [self._at(p) for p in range(start, start + self.batch)]
+
+    def epoch(self, step: int) -> float:
+        return step * self.global_batch / self.n
+
+    def total_steps(self, steps: int, epochs: float) -> int:
+        return steps if steps > 0 else max(1, math.ceil(epochs * self.n / self.global_batch))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch (CUDA) or the process's peak resident set (CPU), in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _to(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ================================================================================================ prepare
+
+
+def prepare(cfg: TrainConfig) -> "Run":
+    """Check everything a user can get wrong and load model and data; writes nothing. ``ValueError``
+    (one line) for a bad option, path, model/data mismatch or resume point."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method {cfg.method!r} (expected one of {', '.join(METHODS)})")
+    for name in ("batch_size", "grad_accum", "probe_size", "max_length", "keep_checkpoints"):
+        if getattr(cfg, name) < (0 if name == "keep_checkpoints" else 1):
+            raise ValueError(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(cfg, name)}")
+    if cfg.steps < 0 or cfg.epochs <= 0 or cfg.probe_every < 0 or cfg.save_every < 0:
+        raise ValueError("--steps, --probe-every and --save-every must be >= 0 and --epochs > 0")
+    if not 0.0 <= cfg.warmup_ratio < 1.0:
+        raise ValueError(f"--warmup-ratio: expected a fraction in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.deepspeed is not None and cfg.deepspeed not in dist.ZERO_PRESETS and not os.path.isfile(cfg.deepspeed):
+        raise ValueError(f"--deepspeed: expected zero2, zero3 or a JSON config file, got {cfg.deepspeed!r}")
+    resume_state = _check_out_dir(cfg)
+
+    state = dist.setup(cfg.deepspeed, cfg.device)
+    try:
+        return _prepare(cfg, state, resume_state)
+    except Exception:
+        dist.teardown(state)
+        raise
+
+
+def _check_out_dir(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ValueError(f"--out {cfg.out}: exists and is not a folder")
+    if not cfg.resume:
+        if os.path.isdir(cfg.out) and os.listdir(cfg.out):
+            raise ValueError(f"--out {cfg.out}: already holds files; pass --resume to continue that run or choose "
+                             "a new folder")
+        return None
+    path = ckpt.latest_checkpoint(cfg.out) if os.path.isdir(cfg.out) else None
+    if path is None:
+        raise ValueError(f"--resume: no checkpoint in {cfg.out}")
+    with open(os.path.join(path, ckpt.STATE_FILE), encoding="utf-8") as f:
+        saved = json.load(f)
+    now = asdict(cfg)
+    for key in RESUME_KEYS:
+        if saved["config"].get(key) != now[key]:
+            raise ValueError(f"--resume: --{key.replace('_', '-')} is {now[key]!r} but the run in {cfg.out} used "
+                             f"{saved['config'].get(key)!r}")
+    return {"path": path, **saved}
+
+
+def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
+    from .data import PreferenceCollator, load_records
+    from .models import build_model
+
+    seed_everything(cfg.seed + state.rank)
+    records = load_records(cfg.data, split="train", strict=cfg.strict_data, seed=cfg.seed, size=cfg.train_size)
+    if not records:
+        raise ValueError(f"--data {cfg.data}: no training records")
+    method_probe = build_method(cfg.method, cfg.options, total_steps=1)  # validates the method's options
+    modes = {s.mode for _, s in method_probe.stages}
+    if "pair" in modes:
+        missing = next((i for i, r in enumerate(records) if r.rejected is None), None)
+        if missing is not None:
+            raise ValueError(f"--data {cfg.data}: record {missing} has no rejected answer, which {cfg.method} needs")
+    if "nsft" in modes and not any(r.corrections for r in records):
+        raise ValueError(f"--data {cfg.data}: no record has corrections, which nsft trains on")
+    probe_records = _probe_records(cfg, records)
+
+    policy, processor = build_model(cfg.model, dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r,
+                                    lora_alpha=cfg.lora_alpha, gradient_checkpointing=cfg.gradient_checkpointing,
+                                    device=state.device, seed=cfg.seed)
+    collator = PreferenceCollator(processor, max_length=cfg.max_length)
+    plan = DataPlan(len(records), cfg.batch_size, cfg.grad_accum, state.world_size, cfg.seed)
+    for mode in sorted(modes):  # a model whose processor cannot take this data fails here, not mid-run
+        collator([records[i] for i in plan.indices(0, 0, state.rank)], mode=mode)
+    collator(probe_records[:1], mode="pair")
+
+    total = plan.total_steps(cfg.steps, cfg.epochs)
+    head = policy.head()
+    method = build_method(cfg.method, cfg.options, total_steps=total, temperature=head.temperature,
+                          softcap=head.softcap, backend=cfg.op_backend)
+    mode = cfg.reference_mode(method)
+    if mode != "none":
+        ref_mod.check_mode(mode, method, lora=cfg.lora)
+    return Run(cfg, state, policy, processor, collator, records, probe_records, plan, method, mode, total,
+               resume_state)
+
+
+def _probe_records(cfg: TrainConfig, records):
+    from .data import load_records
+
+    source = cfg.probe_data
+    if source is None and (cfg.data == "synthetic" or os.path.isfile(os.path.join(cfg.data, "heldout.jsonl"))):
+        source = cfg.data
+    if source is None:
+        probe = records[: cfg.probe_size]
+    else:
+        probe = load_records(source, split="heldout", strict=cfg.strict_data, seed=cfg.seed, size=cfg.probe_size)
+    probe = [r for r in probe if r.rejected is not None]
+    if not probe:
+        raise ValueError("probe set: no record with a rejected answer (give --probe-data)")
+    return probe
+
+
+# ================================================================================================ the run
+
+
+class Run:
+    """A prepared run; :meth:`execute` trains it."""
+
+    def __init__(self, cfg, state, policy, processor, collator, records, probe_records, plan, method, ref_mode,
+                 total_steps, resume_state):
+        self.cfg, self.state = cfg, state
+        self.policy, self.processor, self.collator = policy, processor, collator
+        self.records, self.probe_records, self.plan = records, probe_records, plan
+        self.method, self.ref_mode, self.total_steps = method, ref_mode, total_steps
+        self.resume_state = resume_state
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+
+    def log(self, message: str) -> None:
+        if self.state.is_main and self.cfg.progress:
+            from tqdm import tqdm
+
+            tqdm.write(message)
+
+    # ---------------------------------------------------------------------------------------- execute
+
+    def execute(self) -> Dict[str, Any]:
+        cfg, state = self.cfg, self.state
+        started = time.perf_counter()
+        if state.is_main:
+            os.makedirs(cfg.out, exist_ok=True)
+            with open(os.path.join(cfg.out, CONFIG_FILE), "w", encoding="utf-8") as f:
+                json.dump({**asdict(cfg), "world_size": state.world_size, "total_steps": self.total_steps}, f, indent=1)
+        dist.barrier(state)
+
+        # The module every gradient flows through (its reference is set at the method's reference point).
+        objective = PolicyObjective(self.policy)
+
+        # AdamW over the trainable parameters, cosine schedule with linear warmup, the backend's wrap.
+        from transformers import get_cosine_schedule_with_warmup
+
+        params = [p for p in objective.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate(), weight_decay=cfg.weight_decay)
+        warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, self.total_steps)
+        head = self.policy.head()
+        self.engine = engine = dist.wrap(
+            state, objective, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm, deepspeed_spec=cfg.deepspeed,
+            micro_batch=cfg.batch_size, grad_accum=cfg.grad_accum, dtype=head.weight.dtype,
+            head_params=(head.weight, head.bias))
+
+        # Resume (the reference of a point already passed first: merging adapters touches the weights the
+        # checkpoint then restores), or take the probes' starting point.
+        probe = LogpProbe(self.probe_records, self.collator, batch_size=cfg.batch_size, device=state.device)
+        start_step = 0
+        if self.resume_state is not None:
+            start_step = self.resume_state["step"]
+            point = self.method.reference_point
+            if point is not None and start_step > point:
+                objective.reference = self.make_reference(point, start_step)
+            ckpt.load_checkpoint(self.resume_state["path"], engine=engine, state=state)
+            saved_start = self.resume_state.get("probe_start")
+            probe.start = None if saved_start is None else ProbeResult(**saved_start)
+            self.truncate_metrics(start_step)
+            self.log(f"resumed from {self.resume_state['path']} at step {start_step}/{self.total_steps}")
+        elif cfg.probe_every > 0:
+            self.write_metrics({"step": 0, **probe.metrics(probe.measure(engine))})
+
+        # The steps.
+        from tqdm import tqdm
+
+        last_step = self.total_steps if cfg.stop_after is None else min(self.total_steps, cfg.stop_after)
+        bar = tqdm(total=self.total_steps, initial=start_step, disable=not (cfg.progress and state.is_main),
+                   desc=f"{cfg.method}", dynamic_ncols=True)
+        history: List[Dict[str, Any]] = []
+        stage_name, stopped_early, step = None, False, start_step
+        for step in range(start_step, last_step):
+            stage = self.method.stage_at(step)
+            if step == self.method.reference_point:
+                objective.reference = self.make_reference(step, step)
+            if stage.name != stage_name:
+                self.log(f"step {step}: stage {stage.name}" + (f" (on-policy negatives: {stage.onpolicy_fraction:.0%})"
+                                                                 if stage.onpolicy_fraction else ""))
+                stage_name = stage.name
+            metrics = self.train_step(step, stage)
+            if cfg.probe_every and ((step + 1) % cfg.probe_every == 0 or step + 1 == last_step):
+                metrics.update(probe.metrics(probe.measure(engine)))
+                stopped_early = should_stop(metrics, cfg.early_stop_chosen_drop)
+            self.write_metrics(metrics)
+            history.append(metrics)
+            bar.update(1)
+            bar.set_postfix({k: f"{metrics[m]:.3g}" for k, m in (("loss", "loss"), ("acc", "rewards/accuracies"),
+                                                                ("dlogp+", "probe/delta_logp_chosen")) if m in metrics})
+            done = step + 1
+            if stopped_early:
+                self.log(f"step {done}: early stop, probe positives fell "
+                         f"{-metrics['probe/delta_logp_chosen']:.3f} nats/token below their start")
+            if stopped_early or done == last_step or (cfg.save_every and done % cfg.save_every == 0):
+                self.save(done, probe)
+            if stopped_early:
+                break
+        else:
+            done = last_step
+            if start_step >= last_step:
+                self.save(done, probe)
+        bar.close()
+        summary = self.summary(history, done, stopped_early, time.perf_counter() - started)
+        dist.teardown(state)
+        return summary
+
+    # ---------------------------------------------------------------------------------------- pieces
+
+    def make_reference(self, point: int, step: int) -> ref_mod.Reference:
+        """The reference: the policy as it was at step ``point``. At ``step == point`` it is taken from the
+        policy now (a precompute pass, or a snapshot of the trainable parameters saved to the run folder);
+        a resumed run past the point reads those files back."""
+        cfg, state = self.cfg, self.state
+        if self.ref_mode == "precompute":
+            from tqdm import tqdm
+
+            path = os.path.join(cfg.out, f"reference_logps-{point}.safetensors")
+            fp = ref_mod.fingerprint(self.records, cfg.model, cfg.seed, point)
+            logps = ref_mod.load_tensors(path, fp)
+            if logps is None:
+                if step != point:
+                    raise ValueError(f"--resume: {path} is missing and the policy has moved on since step {point}")
+                with tqdm(total=len(self.records), desc="reference log-probs", dynamic_ncols=True, leave=False,
+                          disable=not (cfg.progress and state.is_main)) as bar:
+                    logps = ref_mod.precompute_logps(self.engine, self.records, self.collator,
+                                                     batch_size=cfg.batch_size, state=state, progress=bar)
+                ref_mod.save_tensors(path, logps, state, metadata={"fingerprint": fp})
+                self.log(f"step {point}: reference log-probs of {len(self.records)} examples written to {path}")
+            return ref_mod.PrecomputedReference(logps["chosen"], logps["rejected"])
+        snapshot = None
+        if point > 0:
+            path = os.path.join(cfg.out, f"reference-{point}.safetensors")
+            if step == point:
+                snapshot = ckpt.trainable_state(self.policy.model, state, everywhere=True)
+                ref_mod.save_tensors(path, snapshot, state)
+                self.log(f"step {point}: the reference is now the current policy (saved to {path})")
+            else:
+                snapshot = ref_mod.load_tensors(path)
+                if snapshot is None:
+                    raise ValueError(f"--resume: {path} (the reference's weights) is missing")
+        if self.ref_mode == "adapters":
+            return ref_mod.AdapterReference(self.policy, state, snapshot)
+        from .models import build_model
+
+        copy, _ = build_model(cfg.model, dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                              device=state.device, seed=cfg.seed)
+        reference = ref_mod.ModelReference(copy, state, snapshot)
+        copy.model = dist.wrap_frozen(state, copy.model, self.policy.head().weight.dtype)
+        return reference
+
+    def micro_batch(self, step: int, micro: int, stage: Stage) -> Tuple[List[int], Dict[str, torch.Tensor], int]:
+        """(record indices, collated batch on the device, number of on-policy negatives) of one micro-batch."""
+        idx = self.plan.indices(step, micro, self.state.rank)
+        records = [self.records[i] for i in idx]
+        sampled = 0
+        if stage.onpolicy_fraction > 0:
+            records, sampled = self.onpolicy_negatives(records, stage.onpolicy_fraction, (step, micro))
+        return idx, _to(self.collator(records, mode=stage.mode), self.state.device), sampled
+
+    @torch.no_grad()
+    def onpolicy_negatives(self, records, fraction: float, key) -> Tuple[list, int]:
+        """Replace the rejected answer of ``round(fraction * B)`` records (chosen by ``(seed, step, micro,
+        rank)``) with an answer sampled from the current policy; a sample that is empty or equals the
+        chosen answer keeps the dataset negative. Every rank samples the same number of prompts (ZeRO-3
+        generation is collective)."""
+        k = int(round(fraction * len(records)))
+        if k == 0:
+            return records, 0
+        rng = random.Random(hash((self.cfg.seed, *key, self.state.rank)))
+        picks = sorted(rng.sample(range(len(records)), k))
+        inputs = _to(self.collator.generation_inputs([records[i] for i in picks]), self.state.device)
+        model = self.policy.model
+        was_training = model.training
+        model.eval()
+        out = model.generate(**inputs, do_sample=True, max_new_tokens=self.cfg.max_new_tokens, use_cache=True,
+                             pad_token_id=self.collator.pad_token_id, synced_gpus=self.state.zero_stage == 3)
+        model.train(was_training)
+        texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        records, sampled = list(records), 0
+        for i, text in zip(picks, texts):
+            text = text.strip()
+            if text and text != records[i].chosen.strip():
+                records[i] = dataclasses.replace(records[i], rejected=text)
+                sampled += 1
+        return records, sampled
+
+    def train_step(self, step: int, stage: Stage) -> Dict[str, Any]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics (all ranks)."""
+        cfg, state, engine = self.cfg, self.state, self.engine
+        t0 = time.perf_counter()
+        micro = [self.micro_batch(step, a, stage) for a in range(cfg.grad_accum)]
+        # The whole global batch's size in the loss's unit (pairs or tokens): every micro-batch loss is
+        # divided by it, so the accumulated gradient is that of one big batch.
+        local_items = [stage.loss.count_items(batch["labels"]) for _, batch, _ in micro]
+        (global_items,) = dist.all_reduce([sum(local_items)], state)
+        global_items = max(1, int(global_items))
+        lr = engine.learning_rate
+        loss_sum, tokens, sampled = 0.0, 0, 0
+        weighted: Dict[str, float] = {}
+        for a, (idx, batch, n_sampled) in enumerate(micro):
+            last = a == len(micro) - 1
+            with contextlib.nullcontext() if last else engine.no_sync():
+                out = engine(batch, stage=stage, num_items=global_items, indices=idx)
+                # DDP and DeepSpeed average gradients over ranks; the count is already global.
+                engine.backward(out.loss * state.world_size)
+            if not last:
+                engine.micro_step()
+            loss_sum += float(out.loss.detach())
+            tokens += int(batch["attention_mask"].sum())
+            sampled += n_sampled
+            for k, v in out.metrics.items():
+                weighted[k] = weighted.get(k, 0.0) + float(v) * local_items[a]
+        grad_norm = engine.step()
+        keys = sorted(weighted)
+        totals = dist.all_reduce([loss_sum, tokens, sampled, sum(local_items)] + [weighted[k] for k in keys], state)
+        loss, tokens, sampled, items = totals[:4]
+        elapsed = time.perf_counter() - t0
+        (peak,) = dist.all_reduce([peak_memory_mb(state.device)], state, op="max")
+        metrics: Dict[str, Any] = {
+            "step": step + 1,
+            "epoch": round(self.plan.epoch(step + 1), 4),
+            "stage": stage.name,
+            "loss": loss,
+            **{k: v / max(items, 1) for k, v in zip(keys, totals[4:])},
+            "learning_rate": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_second": tokens / max(elapsed, 1e-9),
+            "peak_memory_mb": peak,
+        }
+        if stage.onpolicy_fraction:
+            metrics["onpolicy/negatives"] = int(sampled)
+        return metrics
+
+    def save(self, step: int, probe: LogpProbe) -> None:
+        start = None if probe.start is None else dataclasses.asdict(probe.start)
+        path = ckpt.save_checkpoint(self.cfg.out, step, engine=self.engine, state=self.state,
+                                    keep=self.cfg.keep_checkpoints,
+                                    trainer_state={"total_steps": self.total_steps, "probe_start": start,
+                                                   "config": asdict(self.cfg)})
+        self.checkpoint_path = path
+
+    def write_metrics(self, metrics: Dict[str, Any]) -> None:
+        if self.state.is_main:
+            with open(os.path.join(self.cfg.out, METRICS_FILE), "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop the lines a killed run logged after its last checkpoint (they are trained again)."""
+        path = os.path.join(self.cfg.out, METRICS_FILE)
+        if self.state.is_main and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(lines)
+            os.replace(path + ".tmp", path)
+
+    def summary(self, history: List[Dict[str, Any]], step: int, stopped_early: bool, wall: float) -> Dict[str, Any]:
+        """Means over the last tenth of the steps (at least 5) of loss and reward accuracy, the final
+        probes, peak memory, mean throughput and where the checkpoint is."""
+        tail = history[-max(5, len(history) // 10):] if history else []
+
+        def mean(key):
+            values = [m[key] for m in tail if key in m]
+            return sum(values) / len(values) if values else None
+
+        probes = next((m for m in reversed(history) if "probe/delta_logp_chosen" in m), {})
+        return {
+            "method": self.cfg.method,
+            "model": self.cfg.model,
+            "steps": step,
+            "total_steps": self.total_steps,
+            "stopped_early": stopped_early,
+            "loss": mean("loss"),
+            "reward_accuracy": mean("rewards/accuracies"),
+            "reward_margin": mean("rewards/margins"),
+            **{k: v for k, v in probes.items() if k.startswith("probe/")},
+            "peak_memory_mb": max((m["peak_memory_mb"] for m in history), default=peak_memory_mb(self.state.device)),
+            "tokens_per_second": mean("tokens_per_second"),
+            "wall_seconds": wall,
+            "checkpoint": getattr(self, "checkpoint_path", None),
+            "metrics": os.path.join(self.cfg.out, METRICS_FILE),
+            "world_size": self.state.world_size,
+            "backend": self.state.backend + (f" ZeRO-{self.state.zero_stage}" if self.state.backend == "deepspeed" else ""),
+        }
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Prepare and run; returns the summary (see :meth:`Run.summary`)."""
+    return prepare(cfg).execute()
