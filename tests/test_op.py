@@ -198,3 +198,23 @@ def test_reference_defaults_to_policy_head(backend, seed):
     assert_close(out.ref_logp, out.logp.detach(), 1e-5, "ref_logp", seed)
     assert_close(out.kl, torch.zeros_like(out.kl), 1e-5, "kl", seed)
     assert not out.ref_logp.requires_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+def test_low_precision_hidden_with_fp32_head(backend, seed, frozen):
+    # Autocast-style: bf16 activations, fp32 master head; gradients come back in each input's dtype.
+    h = torch.randn(3, 5, 16).bfloat16().requires_grad_()
+    w = (torch.randn(41, 16) / 4).requires_grad_(not frozen)
+    y = torch.randint(0, 41, (3, 5))
+    out = linear_logprobs(h, w, y, backend=backend)
+    out.logp.sum().backward()
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    expected = oracle_linear_logprobs(h64, w64.bfloat16().double(), y)
+    expected.logp.sum().backward()
+    assert_close(out.logp, expected.logp, 2e-2, "logp", seed)
+    assert h.grad.dtype == torch.bfloat16
+    assert_close(h.grad, h64.grad, 3e-2, "d hidden", seed)
+    if not frozen:
+        assert w.grad.dtype == torch.float32
+        assert_close(w.grad, w64.grad, 3e-2, "d weight", seed)

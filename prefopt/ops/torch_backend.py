@@ -36,7 +36,9 @@ def logits_tile(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], config: OpConfig, dtype: torch.dtype
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """z = softcap(hidden @ weight.T + bias) / temperature in ``dtype``; also tanh(s/cap) for its derivative."""
-    s = (hidden @ weight.T).to(dtype)  # a fresh tile: every step below may work in place
+    # Products run in the dtype of hidden (as under autocast); the result is a fresh tile, so every
+    # step below may work in place.
+    s = (hidden @ weight.T.to(hidden.dtype)).to(dtype)
     if bias is not None:
         s.add_(bias.to(dtype))
     tanh = None
@@ -107,7 +109,7 @@ class LinearLogprobsTorch(torch.autograd.Function):
                     mean_logit[t0:t1] = mean_logit[t0:t1] * scale + (e * z).sum(1)
                 if moments is not None:
                     weights = e if tanh is None else e.mul_(1 - tanh * tanh)
-                    moments[t0:t1] = moments[t0:t1] * scale[:, None] + (weights.to(weight.dtype) @ weight[v0:v1]).to(dtype)
+                    moments[t0:t1] = moments[t0:t1] * scale[:, None] + (weights.to(hidden.dtype) @ weight[v0:v1].to(hidden.dtype)).to(dtype)
                 if want_ref:
                     rb = None if ref_bias is None else ref_bias[v0:v1]
                     zr, _ = logits_tile(rh, ref_weight[v0:v1], rb, config, dtype)
@@ -133,7 +135,7 @@ class LinearLogprobsTorch(torch.autograd.Function):
         kl = (mean_logit - mean_ref_logit) - lse + ref_lse if config.kl else empty_stat(lse)
         uniform = lse - logit_sum / vocab if config.uniform_nll else empty_stat(lse)
 
-        ctx.config, ctx.shortcut, ctx.vocab = config, shortcut, vocab
+        ctx.config, ctx.shortcut, ctx.vocab, ctx.hidden_dtype = config, shortcut, vocab, hidden.dtype
         if shortcut:
             ctx.save_for_backward(weight, targets, target_logit, moments)
         else:
@@ -165,7 +167,8 @@ class LinearLogprobsTorch(torch.autograd.Function):
             ctx.vocab, like,
         )
         if ctx.shortcut:
-            return (_shortcut_grad_hidden(weight, targets, target_logit, moments, coef.a, coef.c0, config),) + (None,) * 7
+            grad = _shortcut_grad_hidden(weight, targets, target_logit, moments, coef.a, coef.c0, config)
+            return (grad.to(ctx.hidden_dtype),) + (None,) * 7
         return _recompute_grads(
             hidden, weight, bias, targets, lse, ref_hidden, ref_weight, ref_bias, coef, config, want_h, want_w, want_b
         ) + (None,) * 5
@@ -179,7 +182,7 @@ def _shortcut_grad_hidden(weight, targets, target_logit, moments, a, c0, config:
         tanh_y = target_logit * config.temperature / config.softcap
         scale_y = a * (1 - tanh_y * tanh_y)
     grad = scale_y[:, None] * weight.index_select(0, targets).to(dtype) + c0[:, None] * moments
-    return (grad / config.temperature).to(weight.dtype)
+    return grad / config.temperature
 
 
 def _recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, ref_bias, coef, config, want_h, want_w, want_b):
@@ -220,7 +223,7 @@ def _recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight,
             if config.temperature != 1.0:
                 grad.div_(config.temperature)
             if want_h:
-                grad_hidden[t0:t1] += (grad.to(w.dtype) @ w).to(dtype)
+                grad_hidden[t0:t1] += (grad.to(h.dtype) @ w.to(h.dtype)).to(dtype)
             if want_w:
                 tile_grad_w += (grad.T.to(h.dtype) @ h).to(dtype)
             if want_b:
