@@ -1,0 +1,89 @@
+"""Fast CPU tests of the benchmark harness (prefopt.bench): argument errors, failure isolation, outputs.
+
+Figures are not asserted (benchmarks measure, tests check correctness); only that every cell ends as a
+row and that the outputs carry what users need.
+"""
+import json
+import os
+
+import pytest
+
+from prefopt.bench import cli, report
+from prefopt.bench.runner import Cell, Point, run_all, run_cell
+from prefopt.bench.workloads import Shape
+
+TINY = ["--hidden", "32", "--vocab", "512", "--warmup", "1", "--repeats", "2", "--no-plots"]
+
+
+def test_unknown_implementation_is_a_clear_error(capsys):
+    assert cli.main(["--impl", "naive,nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown implementation 'nope'" in err and "prefopt-torch" in err
+
+
+def test_unknown_workload_and_bad_numbers(capsys):
+    assert cli.main(["--workload", "ppo"]) == 2
+    assert "unknown workload 'ppo'" in capsys.readouterr().err
+    assert cli.main(["--tokens", "12x"]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err
+    assert cli.main(["--tokens", "100", "--rows", "3"]) == 2
+    assert "not a multiple of --rows" in capsys.readouterr().err
+    assert cli.main(["--quick", "--preset", "gpu"]) == 2
+
+
+def test_shape_that_does_not_fit_is_refused_without_running(tmp_path, capsys):
+    rc = cli.main(["--tokens", "4000000", "--vocab", "152064", "--hidden", "8192", "--impl", "naive",
+                   "--device", "cpu", "--out", str(tmp_path), "--no-plots"])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert "does not fit" in captured.err and "GiB available" in captured.err
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [r["status"] for r in rows] == ["skipped"]
+
+
+def test_one_failing_implementation_does_not_lose_the_others():
+    point = Point("dpo-ref", Shape(2, 16, 32, 256))
+    # "no-such-impl" makes its worker raise (as a broken peer would); its neighbours still report.
+    cells = [Cell(point, "naive"), Cell(point, "no-such-impl"), Cell(point, "prefopt-torch")]
+    lines = []
+    run_all(cells, device="cpu", dtype="float32", warmup=1, repeats=1, timeout=120, progress=lines.append)
+    assert [c.result["status"] for c in cells] == ["ok", "failed", "ok"]
+    assert "KeyError" in cells[1].result["reason"]
+    assert len(lines) == 3 and "failed" in lines[1]
+    env = report.environment("cpu", "float32", cells)
+    md = report.markdown(cells, env, "t")
+    assert "| no-such-impl | failed: KeyError" in md and "| prefopt-torch | " in md
+
+
+def test_a_cell_past_its_timeout_becomes_a_row():
+    res = run_cell(Cell(Point("dpo-ref", Shape(2, 16, 32, 256)), "naive"), device="cpu", dtype="float32",
+                   warmup=1, repeats=1, timeout=0.2)
+    assert res["status"] == "timeout" and "timed out" in res["reason"]
+
+
+def test_json_markdown_and_plots_on_a_tiny_shape(tmp_path, capsys):
+    args = ["--workload", "dpo-ref", "--tokens", "32,64", "--rows", "2", "--impl", "naive,prefopt-torch,prefopt-triton",
+            "--device", "cpu", "--out", str(tmp_path)] + TINY[:-1]
+    assert cli.main(args) == 0
+    captured = capsys.readouterr()
+    assert "| naive | " in captured.out and "| prefopt-torch | " in captured.out
+    assert "prefopt-triton: CUDA only" in captured.out  # skipped with a clear line, not silently
+    assert "[1/4]" in captured.err and "[4/4]" in captured.err
+    data = json.loads((tmp_path / "results.json").read_text())
+    env = data["environment"]
+    for key in ("device", "device_name", "dtype", "versions", "git_commit", "date"):
+        assert key in env
+    assert env["device"] == "cpu" and env["dtype"] == "float32" and env["versions"]["torch"]
+    ok = [r for r in data["results"] if r["status"] == "ok"]
+    assert len(ok) == 4
+    for r in ok:
+        assert r["median_s"] > 0 and len(r["times_s"]) == 2 and r["peak_extra_bytes"] >= 0
+        assert r["grad_bytes"] > 0 and r["loss"] is not None and "RSS" in r["memory_method"]
+    naive = {r["shape"]["scored"]: r["loss"] for r in ok if r["impl"] == "naive"}
+    fused = {r["shape"]["scored"]: r["loss"] for r in ok if r["impl"] == "prefopt-torch"}
+    assert naive.keys() == fused.keys() == {32, 64}
+    for n in naive:
+        assert fused[n] == pytest.approx(naive[n], rel=1e-4)
+    assert (tmp_path / "results.md").read_text().startswith("## prefopt bench")
+    pytest.importorskip("matplotlib")
+    assert os.path.getsize(tmp_path / "growth_tokens.png") > 1000
