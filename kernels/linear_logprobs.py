@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from prefopt.ops.common import ForwardStats
+
 #: Whether kernels were built for the interpreter (``triton.jit`` reads the variable when decorating).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -299,20 +301,6 @@ def _fwd_kernel(
             m_ptrs = m_ptr + rows[:, None].to(tl.int64) * stride_m + (h0 + hs)[None, :]
             m_mask = row_mask[:, None] & h_mask[None, :]
             tl.store(m_ptrs, tl.load(m_ptrs, mask=m_mask, other=0.0) * inv_sum[:, None], mask=m_mask)
-
-
-@dataclass
-class ForwardStats:
-    """Per-token results of :func:`forward` ([n] each, compute dtype; ``None`` when not asked for)."""
-
-    lse: torch.Tensor
-    target_logit: torch.Tensor
-    mean_logit: Optional[torch.Tensor] = None  # E_p[z]
-    logit_sum: Optional[torch.Tensor] = None  # sum_v z_v
-    ref_lse: Optional[torch.Tensor] = None
-    ref_target_logit: Optional[torch.Tensor] = None
-    mean_ref_logit: Optional[torch.Tensor] = None  # E_p[zr]
-    moments: Optional[torch.Tensor] = None  # [n, H]: sum_v p_v f_v W_v
 
 
 def default_split(n: int, vocab: int, blocks: Blocks, device: torch.device) -> int:

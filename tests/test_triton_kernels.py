@@ -197,7 +197,7 @@ def test_frozen_shortcut_matches_recompute(seed, monkeypatch, softcap):
     h, w, b, y, _ = make(29, 131, 40, scale=2.0)
     grads = {}
     for shortcut in (True, False):
-        monkeypatch.setattr(triton_backend, "FROZEN_HEAD_SHORTCUT", shortcut)
+        monkeypatch.setattr(triton_backend.LinearLogprobsTriton, "frozen_head_shortcut", shortcut)
         calls = []
         original = K.grad_logits
         monkeypatch.setattr(K, "grad_logits", lambda *a, **k: calls.append(1) or original(*a, **k))

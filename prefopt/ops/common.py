@@ -26,7 +26,7 @@ logits is ``ds_j = dz_j * (1 - (c_j / cap)^2) / temperature``. Each backend only
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -97,3 +97,102 @@ def logit_grad_coefficients(
 def empty_stat(like: Tensor) -> Tensor:
     """Placeholder output for a statistic that was not asked for (autograd Functions return tensors)."""
     return like.new_empty(0)
+
+
+@dataclass
+class ForwardStats:
+    """What a backend's streaming forward returns per token ([n] each, compute dtype; None if not asked)."""
+
+    lse: Tensor
+    target_logit: Tensor
+    mean_logit: Optional[Tensor] = None  # E_p[z]
+    logit_sum: Optional[Tensor] = None  # sum_v z_v
+    ref_lse: Optional[Tensor] = None
+    ref_target_logit: Optional[Tensor] = None
+    mean_ref_logit: Optional[Tensor] = None  # E_p[zr]
+    moments: Optional[Tensor] = None  # [n, H]: sum_v p_v f_v W_v (frozen-head shortcut)
+
+
+def shortcut_grad_hidden(weight: Tensor, targets: Tensor, target_logit: Tensor, moments: Tensor, a: Tensor,
+                         c0: Tensor, config: OpConfig) -> Tensor:
+    """Frozen head: ``d hidden = (a f_y W_y + c0 M) / temperature``, with no pass over the vocabulary.
+
+    Only log-prob and lse gradients are live (c1 = c2 = c3 = 0), so ``sum_v ds_v W_v`` collapses to the
+    target row and the moment ``M = sum_v p_v f_v W_v`` accumulated in forward (f: softcap derivative).
+    """
+    scale_y = a
+    if config.softcap is not None:
+        tanh_y = target_logit * config.temperature / config.softcap
+        scale_y = a * (1 - tanh_y * tanh_y)
+    grad = scale_y[:, None] * weight.index_select(0, targets).to(moments.dtype) + c0[:, None] * moments
+    return grad / config.temperature
+
+
+StreamForward = Callable[..., ForwardStats]
+RecomputeGrads = Callable[..., Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]]
+
+
+def make_backend_function(name: str, stream_forward: StreamForward, recompute_grads: RecomputeGrads):
+    """A backend's autograd Function from its two passes; the contract every backend shares.
+
+    ``forward(hidden [n, H], weight [V, H], bias [V] | None, targets [n] int64, ref_hidden [n, H'] | None,
+    ref_weight [V, H'] | None, ref_bias | None, config) -> (logp, lse, entropy, ref_logp, kl, uniform_nll)``,
+    each [n] in the compute dtype or empty when not asked for. Every target is a valid index (ignored
+    tokens were removed by the caller). The backend supplies
+
+    - ``stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config, moments)
+      -> ForwardStats``: one streaming pass over the vocabulary (``moments``: also accumulate M);
+    - ``recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, ref_bias, coef, config,
+      want_hidden, want_weight, want_bias) -> (d hidden, d weight, d bias)``: the recompute backward.
+
+    Saved for backward: the inputs and per-token lse, E_p[z], E_p[zr] (the reference only when the KL
+    gradient can be live); with the frozen-head shortcut only the weight (a parameter), targets, the
+    target logits and M. Set ``frozen_head_shortcut = False`` on the class to always recompute.
+    """
+
+    class Function(torch.autograd.Function):
+        frozen_head_shortcut = True
+
+        @staticmethod
+        def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config: OpConfig):
+            head_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+            shortcut = (Function.frozen_head_shortcut and ctx.needs_input_grad[0] and not head_grad
+                        and not (config.entropy or config.kl or config.uniform_nll))
+            stats = stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config, shortcut)
+            lse = stats.lse
+            logp = stats.target_logit - lse
+            entropy = lse - stats.mean_logit if config.entropy else empty_stat(lse)
+            ref_logp = stats.ref_target_logit - stats.ref_lse if ref_hidden is not None else empty_stat(lse)
+            kl = (stats.mean_logit - stats.mean_ref_logit) - lse + stats.ref_lse if config.kl else empty_stat(lse)
+            uniform = lse - stats.logit_sum / weight.shape[0] if config.uniform_nll else empty_stat(lse)
+
+            ctx.config, ctx.shortcut, ctx.vocab, ctx.hidden_dtype = config, shortcut, weight.shape[0], hidden.dtype
+            if shortcut:
+                ctx.save_for_backward(weight, targets, stats.target_logit, stats.moments)
+            else:
+                ref = (ref_hidden, ref_weight, ref_bias) if config.kl else (None, None, None)
+                ctx.save_for_backward(hidden, weight, bias, targets, lse, stats.mean_logit, stats.mean_ref_logit, *ref)
+            ctx.mark_non_differentiable(ref_logp)
+            ctx.set_materialize_grads(False)
+            return logp, lse, entropy, ref_logp, kl, uniform
+
+        @staticmethod
+        def backward(ctx, g_logp, g_lse, g_entropy, g_ref_logp, g_kl, g_uniform):
+            config: OpConfig = ctx.config
+            if ctx.shortcut:
+                weight, targets, target_logit, moments = ctx.saved_tensors
+                coef = logit_grad_coefficients(g_logp, g_lse, None, None, None, None, None, ctx.vocab, target_logit)
+                grad = shortcut_grad_hidden(weight, targets, target_logit, moments, coef.a, coef.c0, config)
+                return (grad.to(ctx.hidden_dtype),) + (None,) * 7
+            (hidden, weight, bias, targets, lse, mean_logit, mean_ref_logit,
+             ref_hidden, ref_weight, ref_bias) = ctx.saved_tensors
+            coef = logit_grad_coefficients(
+                g_logp, g_lse, g_entropy if config.entropy else None, g_kl if config.kl else None,
+                g_uniform if config.uniform_nll else None, mean_logit, mean_ref_logit, ctx.vocab, lse,
+            )
+            grads = recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, ref_bias, coef, config,
+                                    *ctx.needs_input_grad[:3])
+            return tuple(grads) + (None,) * 5
+
+    Function.__name__ = Function.__qualname__ = name
+    return Function

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .common import OpConfig, empty_stat, logit_grad_coefficients
+from .common import ForwardStats, OpConfig, make_backend_function
 
 #: Tile sizes (tokens, vocabulary entries) per device type; the largest temporary has their product.
 CHUNK_SIZES = {"cpu": (1024, 4096), "cuda": (2048, 8192)}
@@ -56,136 +56,74 @@ def _target_columns(targets: Tensor, start: int, stop: int) -> Tuple[Tensor, Ten
     return rows, targets.index_select(0, rows) - start
 
 
-class LinearLogprobsTorch(torch.autograd.Function):
-    """Contract shared by every backend.
+def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config: OpConfig,
+                   moments: bool) -> ForwardStats:
+    """Token chunks outside, vocabulary chunks inside with an online (max, sum-exp) per token."""
+    n, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    dtype = compute_dtype(hidden.dtype)
+    chunk_t, chunk_v = chunk_sizes(hidden.device)
+    want_ref = ref_hidden is not None
 
-    forward(hidden [n, H], weight [V, H], bias [V] | None, targets [n] int64, ref_hidden [n, H'] | None,
-    ref_weight [V, H'] | None, ref_bias | None, config: OpConfig)
-    -> (logp, lse, entropy, ref_logp, kl, uniform_nll), each [n] in the compute dtype, or empty when
-    not asked for. Every target is a valid index; ignored tokens were removed by the caller.
-    """
+    def new():
+        return hidden.new_zeros(n, dtype=dtype)
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config: OpConfig):
-        n, hidden_size = hidden.shape
-        vocab = weight.shape[0]
-        dtype = compute_dtype(hidden.dtype)
-        chunk_t, chunk_v = chunk_sizes(hidden.device)
-        want_ref = ref_hidden is not None
-        head_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        shortcut = ctx.needs_input_grad[0] and not head_grad and not (config.entropy or config.kl or config.uniform_nll)
+    lse, target_logit = new(), new()
+    mean_logit = new() if config.needs_mean_logit else None
+    mean_ref_logit = new() if config.kl else None
+    logit_sum = new() if config.uniform_nll else None
+    ref_lse, ref_target_logit = (new(), new()) if want_ref else (None, None)
+    moment = hidden.new_zeros(n, hidden_size, dtype=dtype) if moments else None
 
-        def new():
-            return hidden.new_zeros(n, dtype=dtype)
-
-        lse, target_logit = new(), new()
-        mean_logit = new() if config.needs_mean_logit else None
-        mean_ref_logit = new() if config.kl else None
-        logit_sum = new() if config.uniform_nll else None
-        ref_lse, ref_target_logit = (new(), new()) if want_ref else (None, None)
-        moments = hidden.new_zeros(n, hidden_size, dtype=dtype) if shortcut else None
-
-        for t0 in range(0, n, chunk_t):
-            t1 = min(t0 + chunk_t, n)
-            h, y = hidden[t0:t1], targets[t0:t1]
-            rh = ref_hidden[t0:t1] if want_ref else None
-            run_max = torch.full((t1 - t0,), float("-inf"), dtype=dtype, device=hidden.device)
-            run_sum = torch.zeros_like(run_max)
-            ref_max, ref_sum = run_max.clone(), run_sum.clone()
-            for v0 in range(0, vocab, chunk_v):
-                v1 = min(v0 + chunk_v, vocab)
-                z, tanh = logits_tile(h, weight[v0:v1], None if bias is None else bias[v0:v1], config, dtype)
-                rows, cols = _target_columns(y, v0, v1)
-                target_logit[t0 + rows] = z[rows, cols]
-                if logit_sum is not None:
-                    logit_sum[t0:t1] += z.sum(1)
-                new_max = torch.maximum(run_max, z.amax(1))
-                scale = torch.exp(run_max - new_max)
-                run_max = new_max
-                # e = exp(z - max); z itself is only needed afterwards for E_p[z], else overwrite it.
-                e = torch.exp(z - new_max[:, None]) if mean_logit is not None else z.sub_(new_max[:, None]).exp_()
-                run_sum = run_sum * scale + e.sum(1)
-                if mean_logit is not None:
-                    mean_logit[t0:t1] = mean_logit[t0:t1] * scale + (e * z).sum(1)
-                if moments is not None:
-                    weights = e if tanh is None else e.mul_(1 - tanh * tanh)
-                    moments[t0:t1] = moments[t0:t1] * scale[:, None] + (weights.to(hidden.dtype) @ weight[v0:v1].to(hidden.dtype)).to(dtype)
-                if want_ref:
-                    rb = None if ref_bias is None else ref_bias[v0:v1]
-                    zr, _ = logits_tile(rh, ref_weight[v0:v1], rb, config, dtype)
-                    ref_target_logit[t0 + rows] = zr[rows, cols]
-                    if mean_ref_logit is not None:
-                        mean_ref_logit[t0:t1] = mean_ref_logit[t0:t1] * scale + (e * zr).sum(1)
-                    new_ref_max = torch.maximum(ref_max, zr.amax(1))
-                    ref_sum = ref_sum * torch.exp(ref_max - new_ref_max) + zr.sub_(new_ref_max[:, None]).exp_().sum(1)
-                    ref_max = new_ref_max
-            lse[t0:t1] = run_max + torch.log(run_sum)
+    for t0 in range(0, n, chunk_t):
+        t1 = min(t0 + chunk_t, n)
+        h, y = hidden[t0:t1], targets[t0:t1]
+        rh = ref_hidden[t0:t1] if want_ref else None
+        run_max = torch.full((t1 - t0,), float("-inf"), dtype=dtype, device=hidden.device)
+        run_sum = torch.zeros_like(run_max)
+        ref_max, ref_sum = run_max.clone(), run_sum.clone()
+        for v0 in range(0, vocab, chunk_v):
+            v1 = min(v0 + chunk_v, vocab)
+            z, tanh = logits_tile(h, weight[v0:v1], None if bias is None else bias[v0:v1], config, dtype)
+            rows, cols = _target_columns(y, v0, v1)
+            target_logit[t0 + rows] = z[rows, cols]
+            if logit_sum is not None:
+                logit_sum[t0:t1] += z.sum(1)
+            new_max = torch.maximum(run_max, z.amax(1))
+            scale = torch.exp(run_max - new_max)
+            run_max = new_max
+            # e = exp(z - max); z itself is only needed afterwards for E_p[z], else overwrite it.
+            e = torch.exp(z - new_max[:, None]) if mean_logit is not None else z.sub_(new_max[:, None]).exp_()
+            run_sum = run_sum * scale + e.sum(1)
             if mean_logit is not None:
-                mean_logit[t0:t1] /= run_sum
-            if mean_ref_logit is not None:
-                mean_ref_logit[t0:t1] /= run_sum
-            if moments is not None:
-                moments[t0:t1] /= run_sum[:, None]
+                mean_logit[t0:t1] = mean_logit[t0:t1] * scale + (e * z).sum(1)
+            if moment is not None:
+                weights = e if tanh is None else e.mul_(1 - tanh * tanh)
+                tile_moment = weights.to(hidden.dtype) @ weight[v0:v1].to(hidden.dtype)
+                moment[t0:t1] = moment[t0:t1] * scale[:, None] + tile_moment.to(dtype)
             if want_ref:
-                ref_lse[t0:t1] = ref_max + torch.log(ref_sum)
-
-        logp = target_logit - lse
-        entropy = lse - mean_logit if config.entropy else empty_stat(lse)
-        ref_logp = ref_target_logit - ref_lse if want_ref else empty_stat(lse)
-        kl = (mean_logit - mean_ref_logit) - lse + ref_lse if config.kl else empty_stat(lse)
-        uniform = lse - logit_sum / vocab if config.uniform_nll else empty_stat(lse)
-
-        ctx.config, ctx.shortcut, ctx.vocab, ctx.hidden_dtype = config, shortcut, vocab, hidden.dtype
-        if shortcut:
-            ctx.save_for_backward(weight, targets, target_logit, moments)
-        else:
-            ctx.save_for_backward(
-                hidden, weight, bias, targets, lse, mean_logit, mean_ref_logit,
-                ref_hidden if config.kl else None, ref_weight if config.kl else None,
-                ref_bias if config.kl else None,
-            )
-        ctx.mark_non_differentiable(ref_logp)
-        ctx.set_materialize_grads(False)
-        return logp, lse, entropy, ref_logp, kl, uniform
-
-    @staticmethod
-    def backward(ctx, g_logp, g_lse, g_entropy, g_ref_logp, g_kl, g_uniform):
-        config: OpConfig = ctx.config
-        g_entropy = g_entropy if config.entropy else None
-        g_kl = g_kl if config.kl else None
-        g_uniform = g_uniform if config.uniform_nll else None
-        want_h, want_w, want_b = ctx.needs_input_grad[:3]
-        if ctx.shortcut:
-            weight, targets, target_logit, moments = ctx.saved_tensors
-        else:
-            (hidden, weight, bias, targets, lse, mean_logit, mean_ref_logit,
-             ref_hidden, ref_weight, ref_bias) = ctx.saved_tensors
-        like = target_logit if ctx.shortcut else lse
-        coef = logit_grad_coefficients(
-            g_logp, g_lse, g_entropy, g_kl, g_uniform,
-            None if ctx.shortcut else mean_logit, None if ctx.shortcut else mean_ref_logit,
-            ctx.vocab, like,
-        )
-        if ctx.shortcut:
-            grad = _shortcut_grad_hidden(weight, targets, target_logit, moments, coef.a, coef.c0, config)
-            return (grad.to(ctx.hidden_dtype),) + (None,) * 7
-        return _recompute_grads(
-            hidden, weight, bias, targets, lse, ref_hidden, ref_weight, ref_bias, coef, config, want_h, want_w, want_b
-        ) + (None,) * 5
+                rb = None if ref_bias is None else ref_bias[v0:v1]
+                zr, _ = logits_tile(rh, ref_weight[v0:v1], rb, config, dtype)
+                ref_target_logit[t0 + rows] = zr[rows, cols]
+                if mean_ref_logit is not None:
+                    mean_ref_logit[t0:t1] = mean_ref_logit[t0:t1] * scale + (e * zr).sum(1)
+                new_ref_max = torch.maximum(ref_max, zr.amax(1))
+                ref_sum = ref_sum * torch.exp(ref_max - new_ref_max) + zr.sub_(new_ref_max[:, None]).exp_().sum(1)
+                ref_max = new_ref_max
+        lse[t0:t1] = run_max + torch.log(run_sum)
+        if mean_logit is not None:
+            mean_logit[t0:t1] /= run_sum
+        if mean_ref_logit is not None:
+            mean_ref_logit[t0:t1] /= run_sum
+        if moment is not None:
+            moment[t0:t1] /= run_sum[:, None]
+        if want_ref:
+            ref_lse[t0:t1] = ref_max + torch.log(ref_sum)
+    return ForwardStats(lse, target_logit, mean_logit, logit_sum, ref_lse, ref_target_logit, mean_ref_logit, moment)
 
 
-def _shortcut_grad_hidden(weight, targets, target_logit, moments, a, c0, config: OpConfig) -> Tensor:
-    """d hidden = (a f_y W_y + c0 M) / temperature for a frozen head."""
-    dtype = moments.dtype
-    scale_y = a
-    if config.softcap is not None:
-        tanh_y = target_logit * config.temperature / config.softcap
-        scale_y = a * (1 - tanh_y * tanh_y)
-    grad = scale_y[:, None] * weight.index_select(0, targets).to(dtype) + c0[:, None] * moments
-    return grad / config.temperature
-
-
-def _recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, ref_bias, coef, config, want_h, want_w, want_b):
+def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, ref_bias, coef, config, want_h, want_w, want_b):
+    """Vocabulary chunks outside (each weight-gradient tile finished in one go), token chunks inside."""
     n, hidden_size = hidden.shape
     vocab = weight.shape[0]
     dtype = lse.dtype
@@ -237,3 +175,6 @@ def _recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight,
         grad_weight,
         grad_bias,
     )
+
+
+LinearLogprobsTorch = make_backend_function("LinearLogprobsTorch", stream_forward, recompute_grads)

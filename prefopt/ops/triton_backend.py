@@ -10,7 +10,7 @@ Nothing of size ``[n, V]`` is written.
 Frozen head (neither weight nor bias needs a gradient) with only log-probs / lse asked for: the same
 kernel also accumulates ``M = sum_v p_v f_v W_v`` (online rescaling, ``f`` the softcap derivative),
 and backward is ``d hidden = (a f_y W_y + c0 M) / temperature``: a gather and an axpy, no pass over
-the vocabulary. :data:`FROZEN_HEAD_SHORTCUT` switches it off (backward then recomputes the logits
+the vocabulary. ``LinearLogprobsTriton.frozen_head_shortcut = False`` switches it off (backward then recomputes the logits
 like a trainable head, minus the weight gradient), for measuring one against the other.
 
 Backward otherwise: vocabulary chunk by chunk, a Triton kernel recomputes the logits tiles of the
@@ -29,18 +29,11 @@ a trainable head (recompute, d hidden, d weight), 1 forward (+ the moments produ
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from torch import Tensor
 
 from prefopt.kernels import linear_logprobs as K
 
-from .common import OpConfig, empty_stat, logit_grad_coefficients
-from .torch_backend import compute_dtype
-
-#: Use the frozen-head moments shortcut (see the module docstring).
-FROZEN_HEAD_SHORTCUT = True
+from .common import ForwardStats, OpConfig, make_backend_function
 
 #: Upper bound, in bytes, on the backward's logit-gradient chunk buffer ``[n, width]``, and on the
 #: temporary ``ds @ W[chunk]`` product (low-precision inputs) before it is added to the fp32 d hidden.
@@ -55,82 +48,19 @@ def chunk_width(n: int, vocab: int, dtype: torch.dtype, block_v: int) -> int:
     return min(width, -(-vocab // block_v) * block_v)
 
 
-class LinearLogprobsTriton(torch.autograd.Function):
-    """See :class:`prefopt.ops.torch_backend.LinearLogprobsTorch` for the contract."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config: OpConfig):
-        vocab = weight.shape[0]
-        want_ref = ref_hidden is not None
-        head_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        shortcut = (
-            FROZEN_HEAD_SHORTCUT
-            and ctx.needs_input_grad[0]
-            and not head_grad
-            and not (config.entropy or config.kl or config.uniform_nll)
-        )
-        stats = K.forward(
-            hidden, weight, bias, targets,
-            temperature=config.temperature, softcap=config.softcap,
-            ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
-            mean_logit=config.needs_mean_logit, logit_sum=config.uniform_nll, mean_ref_logit=config.kl,
-            moments=shortcut,
-        )
-        lse = stats.lse
-        logp = stats.target_logit - lse
-        entropy = lse - stats.mean_logit if config.entropy else empty_stat(lse)
-        ref_logp = stats.ref_target_logit - stats.ref_lse if want_ref else empty_stat(lse)
-        kl = (stats.mean_logit - stats.mean_ref_logit) - lse + stats.ref_lse if config.kl else empty_stat(lse)
-        uniform = lse - stats.logit_sum / vocab if config.uniform_nll else empty_stat(lse)
-
-        ctx.config, ctx.shortcut, ctx.vocab, ctx.hidden_dtype = config, shortcut, vocab, hidden.dtype
-        if shortcut:
-            ctx.save_for_backward(weight, targets, stats.target_logit, stats.moments)
-        else:
-            ctx.save_for_backward(
-                hidden, weight, bias, targets, lse, stats.mean_logit, stats.mean_ref_logit,
-                ref_hidden if config.kl else None, ref_weight if config.kl else None,
-                ref_bias if config.kl else None,
-            )
-        ctx.mark_non_differentiable(ref_logp)
-        ctx.set_materialize_grads(False)
-        return logp, lse, entropy, ref_logp, kl, uniform
-
-    @staticmethod
-    def backward(ctx, g_logp, g_lse, g_entropy, g_ref_logp, g_kl, g_uniform):
-        config: OpConfig = ctx.config
-        g_entropy = g_entropy if config.entropy else None
-        g_kl = g_kl if config.kl else None
-        g_uniform = g_uniform if config.uniform_nll else None
-        want_h, want_w, want_b = ctx.needs_input_grad[:3]
-        if ctx.shortcut:
-            weight, targets, target_logit, moments = ctx.saved_tensors
-            coef = logit_grad_coefficients(g_logp, g_lse, None, None, None, None, None, ctx.vocab, target_logit)
-            grad = _shortcut_grad_hidden(weight, targets, target_logit, moments, coef.a, coef.c0, config)
-            return (grad.to(ctx.hidden_dtype),) + (None,) * 7
-        (hidden, weight, bias, targets, lse, mean_logit, mean_ref_logit,
-         ref_hidden, ref_weight, ref_bias) = ctx.saved_tensors
-        coef = logit_grad_coefficients(
-            g_logp, g_lse, g_entropy, g_kl, g_uniform, mean_logit, mean_ref_logit, ctx.vocab, lse
-        )
-        return _recompute_grads(
-            hidden, weight, bias, targets, lse, ref_hidden, ref_weight, ref_bias, coef, config, want_h, want_w, want_b
-        ) + (None,) * 5
+def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config: OpConfig,
+                   moments: bool) -> ForwardStats:
+    """One launch of the forward kernel (see the module docstring)."""
+    return K.forward(
+        hidden, weight, bias, targets, temperature=config.temperature, softcap=config.softcap,
+        ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, mean_logit=config.needs_mean_logit,
+        logit_sum=config.uniform_nll, mean_ref_logit=config.kl, moments=moments,
+    )
 
 
-def _shortcut_grad_hidden(weight, targets, target_logit, moments, a, c0, config: OpConfig) -> Tensor:
-    """d hidden = (a f_y W_y + c0 M) / temperature for a frozen head (in the compute dtype)."""
-    dtype = moments.dtype
-    scale_y = a
-    if config.softcap is not None:
-        tanh_y = target_logit * config.temperature / config.softcap
-        scale_y = a * (1 - tanh_y * tanh_y)
-    grad = scale_y[:, None] * weight.index_select(0, targets).to(dtype) + c0[:, None] * moments
-    return grad / config.temperature
-
-
-def _recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, ref_bias, coef, config: OpConfig,
-                     want_h, want_w, want_b):
+def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, ref_bias, coef, config: OpConfig,
+                    want_h, want_w, want_b):
+    """Vocabulary chunk by chunk: the kernel writes ds, cuBLAS applies it to W and to hidden."""
     n, hidden_size = hidden.shape
     vocab = weight.shape[0]
     dtype = lse.dtype
@@ -182,3 +112,6 @@ def _recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight,
 def _product_rows(rows: int) -> int:
     """Token rows per ``ds @ W`` product: a multiple of 128 when large (tensor-core friendly)."""
     return rows // 128 * 128 if rows >= 256 else rows
+
+
+LinearLogprobsTriton = make_backend_function("LinearLogprobsTriton", stream_forward, recompute_grads)
