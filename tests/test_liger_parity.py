@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import prefopt
-from test_op import assert_close, seed  # noqa: F401  (seed is a fixture)
+from test_op import assert_close
 
 liger = pytest.importorskip("liger_kernel.chunked_loss")
 

@@ -1,6 +1,5 @@
 """The fused op against the float64 oracle, for every backend: values, gradients, edge cases."""
 import importlib.util
-import random
 
 import pytest
 import torch
@@ -16,14 +15,6 @@ BACKENDS = [
         reason="Triton backend not installed")),
 ]
 STATS = ("logp", "lse", "entropy", "ref_logp", "kl", "uniform_nll")
-
-
-@pytest.fixture
-def seed():
-    """A fresh seed per test run; it is part of every failure message."""
-    value = random.SystemRandom().randrange(2**31)
-    torch.manual_seed(value)
-    return value
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,6 @@ mask, the frozen-head moments, and that fp64 inputs really run in fp64.
 import importlib.util
 import json
 import os
-import random
 import subprocess
 import sys
 
@@ -24,13 +23,6 @@ from prefopt.kernels import linear_logprobs as K  # noqa: E402
 
 SMALL = K.Blocks(block_n=16, block_v=16, block_h=16, num_warps=1, num_stages=1, group_n=2)
 STATS = ("logp", "lse", "entropy", "ref_logp", "kl", "uniform_nll")
-
-
-@pytest.fixture
-def seed():
-    value = random.SystemRandom().randrange(2**31)
-    torch.manual_seed(value)
-    return value
 
 
 def dense_logits(h, w, b, temperature, softcap):
