@@ -220,7 +220,10 @@ def format_summary(s: dict) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run ``prefopt train`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, one line already on stderr)
+        return int(e.code or 0)
     from .loop import prepare
 
     cfg = config_from_args(args)

@@ -81,8 +81,10 @@ def _free_port() -> int:
 def _skip_deepspeed_shm_build() -> None:
     """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (about 100 s on a fresh machine)
     that only its inference all-reduce uses; training over gloo does not need it, so skip the build."""
-    try:
-        import deepspeed.comm.torch as ds_torch_comm
+    import importlib
+
+    try:  # not "import deepspeed.comm.torch as m": deepspeed.comm's attribute "torch" is torch itself
+        ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
     except ImportError:  # pragma: no cover
         return
     if hasattr(ds_torch_comm, "build_shm_op"):

@@ -22,6 +22,7 @@ import math
 import os
 import random
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -211,6 +212,8 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     if not records:
         raise ValueError(f"--data {cfg.data}: no training records")
     method_probe = build_method(cfg.method, cfg.options, total_steps=1)  # validates the method's options
+    if cfg.reference_mode(method_probe) != "none":
+        ref_mod.check_mode(cfg.reference_mode(method_probe), method_probe, lora=cfg.lora)
     modes = {s.mode for _, s in method_probe.stages}
     if "pair" in modes:
         missing = next((i for i, r in enumerate(records) if r.rejected is None), None)
@@ -225,19 +228,19 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
                                     device=state.device, seed=cfg.seed)
     collator = PreferenceCollator(processor, max_length=cfg.max_length)
     plan = DataPlan(len(records), cfg.batch_size, cfg.grad_accum, state.world_size, cfg.seed)
-    for mode in sorted(modes):  # a model whose processor cannot take this data fails here, not mid-run
-        collator([records[i] for i in plan.indices(0, 0, state.rank)], mode=mode)
-    collator(probe_records[:1], mode="pair")
+    try:  # a model whose processor cannot take this data fails here, not mid-run
+        for mode in sorted(modes):
+            collator([records[i] for i in plan.indices(0, 0, state.rank)], mode=mode)
+        collator(probe_records[:1], mode="pair")
+    except ValueError as e:
+        raise ValueError(f"--model {cfg.model} cannot take --data {cfg.data}: {e}") from None
 
     total = plan.total_steps(cfg.steps, cfg.epochs)
     head = policy.head()
     method = build_method(cfg.method, cfg.options, total_steps=total, temperature=head.temperature,
                           softcap=head.softcap, backend=cfg.op_backend)
-    mode = cfg.reference_mode(method)
-    if mode != "none":
-        ref_mod.check_mode(mode, method, lora=cfg.lora)
-    return Run(cfg, state, policy, processor, collator, records, probe_records, plan, method, mode, total,
-               resume_state)
+    return Run(cfg, state, policy, processor, collator, records, probe_records, plan, method,
+               cfg.reference_mode(method), total, resume_state)
 
 
 def _probe_records(cfg: TrainConfig, records):
@@ -275,7 +278,7 @@ class Run:
         if self.state.is_main and self.cfg.progress:
             from tqdm import tqdm
 
-            tqdm.write(message)
+            tqdm.write(message, file=sys.stderr)
 
     # ---------------------------------------------------------------------------------------- execute
 
@@ -418,14 +421,15 @@ class Run:
 
     @torch.no_grad()
     def onpolicy_negatives(self, records, fraction: float, key) -> Tuple[list, int]:
-        """Replace the rejected answer of ``round(fraction * B)`` records (chosen by ``(seed, step, micro,
-        rank)``) with an answer sampled from the current policy; a sample that is empty or equals the
-        chosen answer keeps the dataset negative. Every rank samples the same number of prompts (ZeRO-3
-        generation is collective)."""
-        k = int(round(fraction * len(records)))
+        """Replace the rejected answer of ``fraction * B`` records (rounded up or down at random, so the
+        share is right on average; which records is drawn from ``(seed, step, micro, rank)``) with an
+        answer sampled from the current policy; a sample that is empty or equals the chosen answer keeps
+        the dataset negative. Every rank samples the same number of prompts (ZeRO-3 generation is
+        collective)."""
+        k = int(fraction * len(records) + random.Random(repr((self.cfg.seed, *key))).random())
         if k == 0:
             return records, 0
-        rng = random.Random(hash((self.cfg.seed, *key, self.state.rank)))
+        rng = random.Random(repr((self.cfg.seed, *key, self.state.rank)))
         picks = sorted(rng.sample(range(len(records)), k))
         inputs = _to(self.collator.generation_inputs([records[i] for i in picks]), self.state.device)
         model = self.policy.model

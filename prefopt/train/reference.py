@@ -148,6 +148,13 @@ def merge_adapters(model: torch.nn.Module, snapshot: Dict[str, Tensor], state: D
                     delta = delta.T
                 base.add_(delta.to(base.device, base.dtype))
                 live_b.zero_()
+            if state.backend == "deepspeed":
+                # DeepSpeed's optimizer steps its own fp32 copy of every trainable weight and copies it back
+                # into the module: zero B there too, or the next step would restore it.
+                from deepspeed.utils import safe_set_full_fp32_param
+
+                shape = tuple(getattr(live_b, "ds_shape", live_b.shape))
+                safe_set_full_fp32_param(live_b, torch.zeros(shape, dtype=torch.float32, device=state.device))
 
 
 def _modify_context(state: DistState):
