@@ -38,6 +38,7 @@ class Preset:
     warmup: int = 1
     repeats: int = 5
     timeout: float = 900.0
+    rounds: int = 1
     not_run: dict = field(default_factory=dict)  # impl -> why this preset leaves it out
 
 
@@ -65,7 +66,7 @@ def make_preset(name: str, device: str) -> Preset:
     if name == "issue2":
         return Preset("issue2", "issue 2: DPO with a reference head, 2 pairs x 512 tokens, H=1024, V=32000, fp32, CPU",
                       "cpu", "float32", ["naive", "prefopt-torch", "liger", "liger-compiled", "cce"],
-                      _points(["dpo-ref"], [Shape(4, 512, 1024, 32000)], tag="issue2"), warmup=1, repeats=5,
+                      _points(["dpo-ref"], [Shape(4, 512, 1024, 32000)], tag="issue2"), warmup=1, repeats=3, rounds=2,
                       not_run={"floor": "GPU preset only", "prefopt-triton": "CUDA only"})
     if name == "gpu":
         grid = []
@@ -128,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=None,
+                   help="run every cell this many times, interleaved, to spread a shared machine's load drift (default 1)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per cell before its process is killed")
     p.add_argument("--out", default=None, help="output folder (default out/bench/PRESET-DATE)")
     p.add_argument("--no-plots", action="store_true")
@@ -194,7 +197,7 @@ def _resolve(args, parser) -> Preset:
         if not preset.points:
             parser.error(f"preset {preset.name!r} has no cell for {', '.join(workloads)}; give --tokens/--vocab for custom shapes")
     preset.dtype = args.dtype or preset.dtype
-    for attr in ("warmup", "repeats", "timeout"):
+    for attr in ("warmup", "repeats", "timeout", "rounds"):
         val = getattr(args, attr)
         if val is not None:
             if val <= 0 and not (attr == "warmup" and val == 0):
@@ -234,21 +237,25 @@ def run(preset: Preset, out: Optional[str], plots: bool = True) -> int:
     mem = f"{avail / 2**30:.1f} GiB" if avail else "unknown"
     progress(f"prefopt bench: preset {preset.name} ({preset.description}); {preset.device}, {preset.dtype}; "
              f"{len(points)} shapes x {len(preset.impls)} implementations; warm-up {preset.warmup}, "
-             f"repeats {preset.repeats}; memory available {mem}")
+             f"repeats {preset.repeats}, rounds {preset.rounds}; memory available {mem}")
     for impl, why in preset.not_run.items():
         progress(f"not run: {impl}: {why}")
     run_all(cells, device=preset.device, dtype=preset.dtype, warmup=preset.warmup, repeats=preset.repeats,
-            timeout=preset.timeout, progress=progress)
+            timeout=preset.timeout, progress=progress, rounds=preset.rounds)
 
     env = report.environment(preset.device, preset.dtype, cells)
     title = f"prefopt bench, preset {preset.name}"
-    md = report.markdown(cells, env, title)
+    load = ", ".join(f"{x:.1f}" for x in env.get("loadavg", []))
+    md = report.markdown(cells, env, title, conditions=(
+        f"Each cell in its own process: {preset.warmup} warm-up step(s), then {preset.repeats} timed repeat(s)"
+        f" x {preset.rounds} interleaved round(s). Load average at the end: {load or 'unknown'}."))
     if preset.not_run:
         md += "\nNot run in this preset: " + "; ".join(f"{k} ({v})" for k, v in preset.not_run.items()) + "\n"
     print(md)
     os.makedirs(out, exist_ok=True)
     config = {"preset": preset.name, "description": preset.description, "device": preset.device, "dtype": preset.dtype,
-              "impls": preset.impls, "warmup": preset.warmup, "repeats": preset.repeats, "timeout_s": preset.timeout,
+              "impls": preset.impls, "warmup": preset.warmup, "repeats": preset.repeats, "rounds": preset.rounds,
+              "timeout_s": preset.timeout,
               "available_bytes": avail, "not_run": preset.not_run, "argv": sys.argv}
     report.write_json(os.path.join(out, "results.json"), cells, env, config)
     with open(os.path.join(out, "results.md"), "w") as f:

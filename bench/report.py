@@ -161,7 +161,7 @@ def _md(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def markdown(cells: List[Cell], env: dict, title: str) -> str:
+def markdown(cells: List[Cell], env: dict, title: str, conditions: str = "") -> str:
     lines = [
         f"## {title}",
         "",
@@ -170,7 +170,7 @@ def markdown(cells: List[Cell], env: dict, title: str) -> str:
         f"{' (dirty)' if env.get('git_dirty') else ''}, {env['date']}",
         "",
         "Median of the timed repeats of forward+backward; peak extra memory above the inputs, gradients included "
-        "(beyond grads: minus the gradients' bytes). Ratios below 1 favour the row.",
+        "(beyond grads: minus the gradients' bytes). Ratios below 1 favour the row." + (f" {conditions}" if conditions else ""),
     ]
     from .workloads import WORKLOADS
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -152,17 +153,43 @@ def plan_cells(points: List[Point], impls: List[str], device: str, dtype, avail:
 
 
 def run_all(cells: List[Cell], *, device: str, dtype: str, warmup: int, repeats: int, timeout: float,
-            progress: Callable[[str], None]) -> None:
+            progress: Callable[[str], None], rounds: int = 1) -> None:
+    """Run every cell not already decided, ``rounds`` times in turn (all cells once, then again, ...).
+
+    On a shared machine the load drifts; interleaved rounds spread that drift over every implementation
+    instead of charging it to whichever ran during a busy spell. The figures kept are the median of
+    all timed repeats of all rounds and the largest peak memory of any round; every round's own
+    figures stay in ``result["rounds"]``. A cell that fails in any round keeps that failure.
+    """
     todo = [c for c in cells if not c.result]
     for c in cells:
         if c.result:
             progress(f"skip  {c.point.workload:<16} {c.point.shape.label():<32} {c.impl:<15} {c.result['reason']}")
-    for i, c in enumerate(todo, 1):
-        head = f"[{i}/{len(todo)}] {c.point.workload:<16} {c.point.shape.label():<32} {c.impl:<15}"
-        c.result = run_cell(c, device=device, dtype=dtype, warmup=warmup, repeats=repeats, timeout=timeout)
-        r = c.result
-        if r["status"] == "ok":
-            progress(f"{head} {r['median_s'] * 1e3:9.1f} ms  {r['peak_extra_bytes'] / 2**20:9.1f} MiB extra"
-                     f"  ({r['wall_s']:.0f} s)")
-        else:
-            progress(f"{head} {r['status']}: {r.get('reason', '')}")
+    per_cell: dict = {id(c): [] for c in todo}
+    total = len(todo) * rounds
+    k = 0
+    for rnd in range(rounds):
+        for c in todo:
+            if rnd and per_cell[id(c)][-1]["status"] != "ok":
+                continue  # a failure is final; later rounds would fail the same way
+            k += 1
+            head = f"[{k}/{total}] {c.point.workload:<16} {c.point.shape.label():<32} {c.impl:<15}"
+            r = run_cell(c, device=device, dtype=dtype, warmup=warmup, repeats=repeats, timeout=timeout)
+            per_cell[id(c)].append(r)
+            if r["status"] == "ok":
+                progress(f"{head} {r['median_s'] * 1e3:9.1f} ms  {r['peak_extra_bytes'] / 2**20:9.1f} MiB extra"
+                         f"  ({r['wall_s']:.0f} s)")
+            else:
+                progress(f"{head} {r['status']}: {r.get('reason', '')}")
+    for c in todo:
+        c.result = combine_rounds(per_cell[id(c)])
+
+
+def combine_rounds(results: List[dict]) -> dict:
+    """One row from the rounds of a cell (see :func:`run_all`)."""
+    if len(results) == 1 or results[-1]["status"] != "ok":
+        return results[-1] if len(results) == 1 else {**results[-1], "rounds": results}
+    times = [t for r in results for t in r["times_s"]]
+    worst = max(results, key=lambda r: r["peak_extra_bytes"])
+    return {**worst, "times_s": times, "median_s": statistics.median(times), "min_s": min(times),
+            "wall_s": sum(r["wall_s"] for r in results), "rounds": results}

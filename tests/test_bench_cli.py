@@ -87,3 +87,14 @@ def test_json_markdown_and_plots_on_a_tiny_shape(tmp_path, capsys):
     assert (tmp_path / "results.md").read_text().startswith("## prefopt bench")
     pytest.importorskip("matplotlib")
     assert os.path.getsize(tmp_path / "growth_tokens.png") > 1000
+
+
+def test_rounds_combine_into_one_row():
+    from prefopt.bench.runner import combine_rounds
+
+    a = {"status": "ok", "times_s": [1.0, 3.0], "median_s": 2.0, "peak_extra_bytes": 10, "wall_s": 5.0}
+    b = {"status": "ok", "times_s": [2.0, 4.0], "median_s": 3.0, "peak_extra_bytes": 30, "wall_s": 6.0}
+    r = combine_rounds([a, b])
+    assert r["median_s"] == 2.5 and r["peak_extra_bytes"] == 30 and r["wall_s"] == 11.0 and len(r["rounds"]) == 2
+    failed = {"status": "oom", "reason": "killed"}
+    assert combine_rounds([a, failed])["status"] == "oom"
