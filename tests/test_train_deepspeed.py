@@ -68,10 +68,11 @@ CASES = {
     # name: (launcher args, model, common args)
     "zero3-llava-dpo": (["--deepspeed", "zero3"], "tiny-llava",
                         ["--method", "dpo", "--reference", "model", "--data", "synthetic", "--train-size", "8"]),
-    "zero3-llama-cwdpo": (["--deepspeed", "zero3"], "tiny-llama",
+    # Two micro-batches of one record per rank and step: the accumulation against one micro-batch of 4.
+    "zero3-llama-cwdpo": (["--deepspeed", "zero3", "--grad-accum", "2"], "tiny-llama",
                           ["--method", "cw-dpo", "--reference", "model", "--sftc-fraction", "0.5",
                            "--onpolicy-fraction", "0"]),
-    "zero2-llama-lora-cwdpo": (["--deepspeed", "zero2"], "tiny-llama",
+    "zero2-llama-lora-cwdpo": (["--deepspeed", "zero2", "--grad-accum", "2"], "tiny-llama",
                                ["--method", "cw-dpo", "--lora", "--reference", "adapters", "--sftc-fraction", "0.5",
                                 "--onpolicy-fraction", "0"]),
     "ddp-llama-nsft": ([], "tiny-llama", ["--method", "nsft", "--reference", "model"]),
@@ -86,7 +87,8 @@ def test_two_processes_match_one(tmp_path, text_data, case):
     common = ["--model", model, *method_args, "--steps", "4", "--lr", "1e-2", "--probe-every", "2",
               "--probe-size", "4", "--no-progress"]
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
-    launch_two(common + launcher + ["--out", two, "--batch-size", "2"])
+    per_rank = "1" if "--grad-accum" in launcher else "2"
+    launch_two(common + launcher + ["--out", two, "--batch-size", per_rank])
     assert main(common + ["--out", one, "--batch-size", "4"]) == 0
 
     rows2, w2 = read_run(two)

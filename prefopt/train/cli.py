@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default %(default)s)")
     g.add_argument("--simpo-gamma", type=float, default=m.simpo_gamma, help="SimPO target margin "
                    "(default %(default)s)")
-    g.add_argument("--cw-floor", type=float, default=m.cw_floor, help="CW-DPO: per-token log-prob of a negative "
-                   "below which its push-down cools off (default %(default)s)")
+    g.add_argument("--cw-floor", type=float, default=None, help="CW-DPO: per-token log-prob of a negative below "
+                   "which its push-down cools off (default -3.0; -6.0 for the tiny models, whose log-probs start "
+                   "near -6.5)")
     g.add_argument("--cw-tau", type=float, default=m.cw_tau, help="CW-DPO: temperature of the cooling weight "
                    "(default %(default)s)")
     g.add_argument("--sftc-lam", type=float, default=m.sftc_lam, help="SFT-C: weight of the negative hinge "

@@ -122,9 +122,11 @@ def setup(deepspeed: Optional[str], device: str = "auto") -> DistState:
     return DistState("single", 0, 1, 0, dev)
 
 
-def teardown(state: DistState) -> None:
+def teardown(state: DistState, wait: bool = True) -> None:
+    """Leave the process group (after every rank got here, unless ``wait`` is False: an error path)."""
     if state.distributed and torch_dist.is_initialized():
-        torch_dist.barrier()
+        if wait:
+            torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 
@@ -209,7 +211,6 @@ def deepspeed_config(spec: str, *, micro_batch: int, grad_accum: int, world_size
             section["enabled"] = value["enabled"]
     if config["fp16"]["enabled"]:
         raise ValueError("--deepspeed: fp16 with loss scaling is not supported by prefopt's trainer; use bf16 or fp32")
-    config.pop("optimizer", None) if config.get("optimizer") == "auto" else None
     if "optimizer" in config or "scheduler" in config:
         raise ValueError("--deepspeed: leave 'optimizer' and 'scheduler' out of the config (the trainer brings AdamW "
                          "and its cosine schedule)")
@@ -290,7 +291,9 @@ def wrap(state: DistState, module: nn.Module, optimizer, scheduler, *, max_grad_
     if state.backend == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(module, device_ids=[state.device.index] if state.device.type == "cuda" else None)
+        # find_unused_parameters: a text-only batch leaves a VLM's vision tower without gradients.
+        ddp = DistributedDataParallel(module, device_ids=[state.device.index] if state.device.type == "cuda" else None,
+                                      find_unused_parameters=True)
         return Engine(state, module, optimizer, scheduler, max_grad_norm, wrapped=ddp)
     import deepspeed as ds
 

@@ -39,6 +39,10 @@ from .probes import LogpProbe, ProbeResult, should_stop
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 TINY_LR = 1e-3  # the embedded tiny models learn visibly in a few dozen steps at this rate
+# CW-DPO's floor for the tiny models: their per-token log-probs start near -log(640) = -6.5 and stay
+# below the -3 nats of the default (meant for real models) for the whole default run, which would cool
+# every negative off.
+TINY_CW_FLOOR = -6.0
 
 
 @dataclass
@@ -95,6 +99,14 @@ class TrainConfig:
         if self.model in TINY_MODELS:
             return TINY_LR
         return 1e-4 if self.lora else 5e-6
+
+    def method_options(self) -> MethodOptions:
+        """The method options with the model-dependent defaults filled in (CW-DPO's floor)."""
+        from .models import TINY_MODELS
+
+        if self.options.cw_floor is None and self.model in TINY_MODELS:
+            return dataclasses.replace(self.options, cw_floor=TINY_CW_FLOOR)
+        return self.options
 
     def reference_mode(self, method) -> str:
         if method.reference == "none":
@@ -178,7 +190,7 @@ def prepare(cfg: TrainConfig) -> "Run":
     try:
         return _prepare(cfg, state, resume_state)
     except Exception:
-        dist.teardown(state)
+        dist.teardown(state, wait=False)
         raise
 
 
@@ -211,7 +223,7 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     records = load_records(cfg.data, split="train", strict=cfg.strict_data, seed=cfg.seed, size=cfg.train_size)
     if not records:
         raise ValueError(f"--data {cfg.data}: no training records")
-    method_probe = build_method(cfg.method, cfg.options, total_steps=1)  # validates the method's options
+    method_probe = build_method(cfg.method, cfg.method_options(), total_steps=1)  # validates the method's options
     if cfg.reference_mode(method_probe) != "none":
         ref_mod.check_mode(cfg.reference_mode(method_probe), method_probe, lora=cfg.lora)
     modes = {s.mode for _, s in method_probe.stages}
@@ -237,8 +249,9 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
 
     total = plan.total_steps(cfg.steps, cfg.epochs)
     head = policy.head()
-    method = build_method(cfg.method, cfg.options, total_steps=total, temperature=head.temperature,
+    method = build_method(cfg.method, cfg.method_options(), total_steps=total, temperature=head.temperature,
                           softcap=head.softcap, backend=cfg.op_backend)
+    dist.barrier(state)  # every rank has checked --out before rank 0 writes to it
     return Run(cfg, state, policy, processor, collator, records, probe_records, plan, method,
                cfg.reference_mode(method), total, resume_state)
 
@@ -359,8 +372,8 @@ class Run:
                 break
         else:
             done = last_step
-            if start_step >= last_step:
-                self.save(done, probe)
+            if start_step >= last_step:  # resumed a finished run: nothing to train
+                self.checkpoint_path = self.resume_state["path"]
         bar.close()
         summary = self.summary(history, done, stopped_early, time.perf_counter() - started)
         dist.teardown(state)

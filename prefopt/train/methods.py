@@ -53,7 +53,7 @@ class MethodOptions:
     label_smoothing: float = 0.0  # dpo (cdpo/robust), sft, sft-c positives
     rpo_alpha: float = 1.0  # dpo loss_type=rpo
     simpo_gamma: float = 1.0  # simpo
-    cw_floor: float = -3.0  # cw-dpo
+    cw_floor: Optional[float] = None  # cw-dpo; None: FusedCWDPOLoss's default
     cw_tau: float = 0.5  # cw-dpo
     sftc_lam: float = 0.1  # sft-c and cw-dpo stage 1
     sftc_margin: float = 2.0  # sft-c and cw-dpo stage 1
@@ -132,7 +132,8 @@ def build_method(name: str, options: MethodOptions, *, total_steps: int, tempera
                             rpo_alpha=o.rpo_alpha, **common)
         stages = [(0, Stage("dpo", loss, "pair", "logps"))]
     elif name == "cw-dpo":
-        cw = Stage("cw-dpo", FusedCWDPOLoss(beta=beta, floor=o.cw_floor, tau=o.cw_tau, **common), "pair", "logps",
+        floor = {} if o.cw_floor is None else {"floor": o.cw_floor}
+        cw = Stage("cw-dpo", FusedCWDPOLoss(beta=beta, tau=o.cw_tau, **floor, **common), "pair", "logps",
                    o.onpolicy_fraction)
         boundary = int(round(o.sftc_fraction * total_steps))
         stages = [(0, sftc()), (boundary, cw)] if boundary > 0 else [(0, cw)]
