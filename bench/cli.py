@@ -27,6 +27,10 @@ QUICK_IMPLS = ["naive", "prefopt-torch", "liger"]
 ALL_IMPLS = list(IMPLS)
 
 
+def _cpu_impls() -> List[str]:
+    return [n for n, i in IMPLS.items() if i.default_on_cpu and not i.cuda_only]
+
+
 @dataclass
 class Preset:
     name: str
@@ -89,7 +93,7 @@ def make_preset(name: str, device: str) -> Preset:
         pts += _growth(1024, 32000, 4, (128, 256, 512, 1024), (8192, 32000, 65536, 128256), 256)
         pts += _points(["dpo-ref"], [Shape(2, 1024 + 128, 3584, 152064, prompt=1024)], tag="vlm")
         return Preset("full", "every workload, growth curves and the VLM head (Qwen2-VL-7B: H=3584, V=152064) on CPU",
-                      device, "float32", [i for i in ALL_IMPLS if IMPLS[i].default_on_cpu], pts, warmup=1, repeats=3,
+                      device, "float32", _cpu_impls(), pts, warmup=1, repeats=3,
                       timeout=1800, not_run={"floor": "GPU only by default; name it with --impl", "prefopt-triton": "CUDA only"})
     raise ValueError(name)
 
@@ -156,8 +160,9 @@ def _resolve(args, parser) -> Preset:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "custom":
         preset = Preset("custom", "custom shapes", device, "bfloat16" if device == "cuda" else "float32",
-                        [i for i in ALL_IMPLS if device == "cuda" or IMPLS[i].default_on_cpu], [],
-                        not_run={} if device == "cuda" else {"floor": "GPU only by default; name it with --impl"})
+                        ALL_IMPLS if device == "cuda" else _cpu_impls(), [],
+                        not_run={} if device == "cuda" else {"floor": "GPU only by default; name it with --impl",
+                                                             "prefopt-triton": "CUDA only"})
     else:
         preset = make_preset(name, device)
         if args.device in (None, "auto") and name in ("issue2", "gpu"):
