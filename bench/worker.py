@@ -181,6 +181,7 @@ def run(spec: dict) -> dict:
         return result
     result.update(
         status="ok",
+        loadavg_after=list(os.getloadavg()),
         times_s=times,
         median_s=statistics.median(times),
         min_s=min(times),
