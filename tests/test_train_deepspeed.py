@@ -8,7 +8,6 @@ with the one-process run's and checked to have moved from its initial value.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,28 +18,17 @@ pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
 from prefopt.train.cli import main  # noqa: E402
+from prefopt.train.distributed import _free_port as free_port  # noqa: E402
 from prefopt.train.models import build_model  # noqa: E402
 
-from test_train_loop import text_records  # noqa: E402
+from test_train_loop import write_text_data  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def text_data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ds_text")
-    for split, size in (("train", 16), ("heldout", 4)):
-        with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as f:
-            for r in text_records(split, size):
-                f.write(json.dumps({"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected,
-                                    "corrections": r.corrections}) + "\n")
-    return str(folder)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return write_text_data(tmp_path_factory.mktemp("ds_text"), train=16, heldout=4)
 
 
 def launch_two(args, timeout=240):

@@ -29,16 +29,19 @@ def text_records(split, size, seed=0):
     return [dataclasses.replace(r, images=[]) for r in make_synthetic_records(split=split, size=size, seed=seed)]
 
 
-@pytest.fixture(scope="module")
-def text_data(tmp_path_factory):
-    """A data folder (train.jsonl, heldout.jsonl) of text-only preference records."""
-    folder = tmp_path_factory.mktemp("text_data")
-    for split, size in (("train", 48), ("heldout", 8)):
+def write_text_data(folder, train=48, heldout=8):
+    """A data folder (train.jsonl, heldout.jsonl) of text-only preference records; returns its path."""
+    for split, size in (("train", train), ("heldout", heldout)):
         with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as f:
             for r in text_records(split, size):
                 f.write(json.dumps({"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected,
                                     "corrections": r.corrections}) + "\n")
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    return write_text_data(tmp_path_factory.mktemp("text_data"))
 
 
 def config(out, data, **kw):
