@@ -105,7 +105,7 @@ def test_a_short_run_of_the_default_method_prints_its_summary(tmp_path, capsys):
     """The embedded default (CW-DPO on tiny-llava, synthetic images), cut to a few steps."""
     out = tmp_path / "run"
     assert main(["--train-size", "8", "--steps", "4", "--batch-size", "2", "--probe-every", "2", "--probe-size", "4",
-                 "--max-new-tokens", "6", "--out", str(out)]) == 0
+                 "--max-new-tokens", "6", "--device", "cpu", "--out", str(out)]) == 0
     captured = capsys.readouterr()
     summary = captured.out
     for word in ("cw-dpo on tiny-llava, 4/4 steps", "loss", "reward accuracy", "probes", "peak memory",

@@ -531,9 +531,10 @@ class Run:
             os.replace(path + ".tmp", path)
 
     def summary(self, history: List[Dict[str, Any]], step: int, stopped_early: bool, wall: float) -> Dict[str, Any]:
-        """Means over the last tenth of the steps (at least 5) of loss and reward accuracy, the final
-        probes, peak memory, mean throughput and where the checkpoint is."""
-        tail = history[-max(5, len(history) // 10):] if history else []
+        """Means over the last tenth of the steps (at least 5, all in the final stage) of loss and reward
+        accuracy, the final probes, peak memory, mean throughput and where the checkpoint is."""
+        final_stage = [m for m in history if m["stage"] == history[-1]["stage"]] if history else []
+        tail = final_stage[-max(5, len(history) // 10):]
 
         def mean(key):
             values = [m[key] for m in tail if key in m]
