@@ -74,6 +74,8 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
     logit_sum = new() if config.uniform_nll else None
     ref_lse, ref_target_logit = (new(), new()) if want_ref else (None, None)
     moment = hidden.new_zeros(n, hidden_size, dtype=dtype) if moments else None
+    # The probabilities themselves weight E_p[z], E_p[zr] and the moments; otherwise only lse is needed.
+    needs_weights = mean_logit is not None or moment is not None
 
     for t0 in range(0, n, chunk_t):
         t1 = min(t0 + chunk_t, n)
@@ -81,7 +83,7 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
         rh = ref_hidden[t0:t1] if want_ref else None
         run_max = torch.full((t1 - t0,), float("-inf"), dtype=dtype, device=hidden.device)
         run_sum = torch.zeros_like(run_max)
-        ref_max, ref_sum = run_max.clone(), run_sum.clone()
+        run_lse, run_ref_lse = run_max.clone(), run_max.clone()
         for v0 in range(0, vocab, chunk_v):
             v1 = min(v0 + chunk_v, vocab)
             z, tanh = logits_tile(h, weight[v0:v1], None if bias is None else bias[v0:v1], config, dtype)
@@ -89,28 +91,30 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
             target_logit[t0 + rows] = z[rows, cols]
             if logit_sum is not None:
                 logit_sum[t0:t1] += z.sum(1)
-            new_max = torch.maximum(run_max, z.amax(1))
-            scale = torch.exp(run_max - new_max)
-            run_max = new_max
-            # e = exp(z - max); z itself is only needed afterwards for E_p[z], else overwrite it.
-            e = torch.exp(z - new_max[:, None]) if mean_logit is not None else z.sub_(new_max[:, None]).exp_()
-            run_sum = run_sum * scale + e.sum(1)
-            if mean_logit is not None:
-                mean_logit[t0:t1] = mean_logit[t0:t1] * scale + (e * z).sum(1)
-            if moment is not None:
-                weights = e if tanh is None else e.mul_(1 - tanh * tanh)
-                tile_moment = weights.to(hidden.dtype) @ weight[v0:v1].to(hidden.dtype)
-                moment[t0:t1] = moment[t0:t1] * scale[:, None] + tile_moment.to(dtype)
+            if not needs_weights:
+                # Only the log-sum-exp is needed: merge each tile's, no exp tile is kept.
+                run_lse = torch.logaddexp(run_lse, torch.logsumexp(z, 1))
+            else:
+                new_max = torch.maximum(run_max, z.amax(1))
+                scale = torch.exp(run_max - new_max)
+                run_max = new_max
+                # e = exp(z - max); z itself is only needed afterwards for E_p[z], else overwrite it.
+                e = torch.exp(z - new_max[:, None]) if mean_logit is not None else z.sub_(new_max[:, None]).exp_()
+                run_sum = run_sum * scale + e.sum(1)
+                if mean_logit is not None:
+                    mean_logit[t0:t1] = mean_logit[t0:t1] * scale + (e * z).sum(1)
+                if moment is not None:
+                    weights = e if tanh is None else e.mul_(1 - tanh * tanh)
+                    tile_moment = weights.to(hidden.dtype) @ weight[v0:v1].to(hidden.dtype)
+                    moment[t0:t1] = moment[t0:t1] * scale[:, None] + tile_moment.to(dtype)
             if want_ref:
                 rb = None if ref_bias is None else ref_bias[v0:v1]
                 zr, _ = logits_tile(rh, ref_weight[v0:v1], rb, config, dtype)
                 ref_target_logit[t0 + rows] = zr[rows, cols]
                 if mean_ref_logit is not None:
                     mean_ref_logit[t0:t1] = mean_ref_logit[t0:t1] * scale + (e * zr).sum(1)
-                new_ref_max = torch.maximum(ref_max, zr.amax(1))
-                ref_sum = ref_sum * torch.exp(ref_max - new_ref_max) + zr.sub_(new_ref_max[:, None]).exp_().sum(1)
-                ref_max = new_ref_max
-        lse[t0:t1] = run_max + torch.log(run_sum)
+                run_ref_lse = torch.logaddexp(run_ref_lse, torch.logsumexp(zr, 1))
+        lse[t0:t1] = run_lse if not needs_weights else run_max + torch.log(run_sum)
         if mean_logit is not None:
             mean_logit[t0:t1] /= run_sum
         if mean_ref_logit is not None:
@@ -118,7 +122,7 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
         if moment is not None:
             moment[t0:t1] /= run_sum[:, None]
         if want_ref:
-            ref_lse[t0:t1] = ref_max + torch.log(ref_sum)
+            ref_lse[t0:t1] = run_ref_lse
     return ForwardStats(lse, target_logit, mean_logit, logit_sum, ref_lse, ref_target_logit, mean_ref_logit, moment)
 
 
@@ -161,9 +165,15 @@ def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, 
             if config.temperature != 1.0:
                 grad.div_(config.temperature)
             if want_h:
-                grad_hidden[t0:t1] += (grad.to(h.dtype) @ w.to(h.dtype)).to(dtype)
+                if h.dtype == dtype == w.dtype:
+                    grad_hidden[t0:t1].addmm_(grad, w)
+                else:
+                    grad_hidden[t0:t1] += (grad.to(h.dtype) @ w.to(h.dtype)).to(dtype)
             if want_w:
-                tile_grad_w += (grad.T.to(h.dtype) @ h).to(dtype)
+                if h.dtype == dtype:
+                    tile_grad_w.addmm_(grad.T, h)
+                else:
+                    tile_grad_w += (grad.T.to(h.dtype) @ h).to(dtype)
             if want_b:
                 tile_grad_b += grad.sum(0)
         if want_w:
