@@ -2,8 +2,11 @@
 
     prepare(config)          everything that can fail on a user's mistake, before anything is written:
                              options, launcher, data, model, processor/data fit, resume point
-    Run.execute()            the run folder, the reference (precompute pass / frozen copy / adapters),
-                             AdamW + cosine schedule, the DDP/DeepSpeed wrap, resume, then per step:
+    Run.execute()            the run folder, AdamW + cosine schedule, the DDP/DeepSpeed wrap, resume,
+                             then per step:
+        reference            at the method's reference point (step 0; CW-DPO: the end of stage 1) the
+                             reference becomes the current policy (frozen copy / adapters off /
+                             precompute pass)
         batches              this rank's micro-batches of the step (on-policy negatives sampled here)
         item count           the size of the whole accumulated global batch in the loss's unit
         forward/backward     every micro-batch's loss is normalised by that count
