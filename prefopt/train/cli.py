@@ -211,7 +211,9 @@ def format_summary(s: dict) -> str:
         lines.append(f"  probes (Δ log p/token since start)  positives {s['probe/delta_logp_chosen']:+.4f}   "
                      f"negatives {s['probe/delta_logp_rejected']:+.4f}")
     lines += [
-        f"  peak memory        {s['peak_memory_mb']:.0f} MiB   throughput {num(s['tokens_per_second'], '.0f')} tokens/s",
+        f"  peak memory        {s['peak_memory_mb']:.0f} MiB ("
+        + ("torch's peak GPU allocation" if s["device"].startswith("cuda") else "peak resident set of the process")
+        + f")   throughput {num(s['tokens_per_second'], '.0f')} tokens/s",
         f"  checkpoint         {s['checkpoint']}",
         f"  metrics            {s['metrics']}",
     ]

@@ -559,6 +559,7 @@ class Run:
             "wall_seconds": wall,
             "checkpoint": getattr(self, "checkpoint_path", None),
             "metrics": os.path.join(self.cfg.out, METRICS_FILE),
+            "device": str(self.state.device),
             "world_size": self.state.world_size,
             "backend": self.state.backend + (f" ZeRO-{self.state.zero_stage}" if self.state.backend == "deepspeed" else ""),
         }
