@@ -64,6 +64,7 @@ def environment(device: str, dtype: str, cells: List[Cell]) -> dict:
         "git_commit": _git("rev-parse", "HEAD"),
         "git_commit_short": _git("rev-parse", "--short", "HEAD"),
         "git_dirty": bool(dirty) if dirty is not None else None,
+        "git_dirty_paths": [line.split(maxsplit=1)[-1] for line in dirty.splitlines()][:50] if dirty else [],
     }
     try:
         env["loadavg"] = list(os.getloadavg())
