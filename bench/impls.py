@@ -4,8 +4,8 @@
 (written independently of prefopt's, so the loss column cross-checks it); prefopt's drop-in modules
 and Liger's modules compute their own loss; ``floor`` runs only the matrix products
 the op cannot avoid and returns no loss. Static limits (device, workload support, package installed) are
-checked by the parent before a subprocess is spent (:func:`static_skip`); the worker may still raise
-:class:`Skip` at run time.
+checked by the parent before a subprocess is spent (:func:`static_skip`); whatever fails at run time
+becomes a ``failed`` row.
 """
 from __future__ import annotations
 
@@ -14,10 +14,6 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 from .workloads import IGNORE_INDEX, BETA, GRPO_BETA, GRPO_EPS, KAPPA, Shape, Workload, element_size, objective
-
-
-class Skip(Exception):
-    """This implementation cannot run this cell; the message says why."""
 
 
 @dataclass(frozen=True)
