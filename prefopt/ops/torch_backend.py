@@ -50,6 +50,12 @@ def logits_tile(
     return s, tanh
 
 
+def _tile_logsumexp_(z: Tensor) -> Tensor:
+    """Row log-sum-exp of a tile, overwriting the tile (no second tile-sized temporary)."""
+    row_max = z.amax(1)
+    return row_max + z.sub_(row_max[:, None]).exp_().sum(1).log()
+
+
 def _target_columns(targets: Tensor, start: int, stop: int) -> Tuple[Tensor, Tensor]:
     """Rows whose target lies in vocabulary tile [start, stop) and that target's column in the tile."""
     rows = ((targets >= start) & (targets < stop)).nonzero().squeeze(1)
@@ -92,8 +98,8 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
             if logit_sum is not None:
                 logit_sum[t0:t1] += z.sum(1)
             if not needs_weights:
-                # Only the log-sum-exp is needed: merge each tile's, no exp tile is kept.
-                run_lse = torch.logaddexp(run_lse, torch.logsumexp(z, 1))
+                # Only the log-sum-exp is needed: merge each tile's, computed in place over the tile.
+                run_lse = torch.logaddexp(run_lse, _tile_logsumexp_(z))
             else:
                 new_max = torch.maximum(run_max, z.amax(1))
                 scale = torch.exp(run_max - new_max)
@@ -113,7 +119,7 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
                 ref_target_logit[t0 + rows] = zr[rows, cols]
                 if mean_ref_logit is not None:
                     mean_ref_logit[t0:t1] = mean_ref_logit[t0:t1] * scale + (e * zr).sum(1)
-                run_ref_lse = torch.logaddexp(run_ref_lse, torch.logsumexp(zr, 1))
+                run_ref_lse = torch.logaddexp(run_ref_lse, _tile_logsumexp_(zr))
         lse[t0:t1] = run_lse if not needs_weights else run_max + torch.log(run_sum)
         if mean_logit is not None:
             mean_logit[t0:t1] /= run_sum
@@ -138,7 +144,13 @@ def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, 
     for v0 in range(0, vocab, chunk_v):
         v1 = min(v0 + chunk_v, vocab)
         w, b = weight[v0:v1], None if bias is None else bias[v0:v1]
-        tile_grad_w = hidden.new_zeros(v1 - v0, hidden_size, dtype=dtype) if want_w else None
+        tile_grad_w = None
+        if want_w:
+            # Accumulate straight into the gradient when it has the compute dtype, else in an fp32 tile.
+            if weight.dtype == dtype:
+                tile_grad_w = grad_weight[v0:v1].zero_()
+            else:
+                tile_grad_w = hidden.new_zeros(v1 - v0, hidden_size, dtype=dtype)
         tile_grad_b = hidden.new_zeros(v1 - v0, dtype=dtype) if want_b else None
         for t0 in range(0, n, chunk_t):
             t1 = min(t0 + chunk_t, n)
@@ -176,7 +188,7 @@ def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, 
                     tile_grad_w += (grad.T.to(h.dtype) @ h).to(dtype)
             if want_b:
                 tile_grad_b += grad.sum(0)
-        if want_w:
+        if want_w and weight.dtype != dtype:
             grad_weight[v0:v1] = tile_grad_w
         if want_b:
             grad_bias[v0:v1] = tile_grad_b
