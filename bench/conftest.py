@@ -3,6 +3,3 @@
 Timing only, in this process (pytest-benchmark's statistics); for memory and the peers use
 ``python -m bench``, which runs each implementation in its own subprocess.
 """
-import pytest
-
-pytest.importorskip("pytest_benchmark")

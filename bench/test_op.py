@@ -2,13 +2,15 @@
 
     pytest bench/ --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 
-Shapes are small enough for a 2-core CPU; on a CUDA machine the same tests run on the GPU (and the
-Triton backend joins when it exists). Every case first checks that both paths give the same loss.
+Shapes are small enough for a 2-core CPU; on a CUDA machine the same tests run on the GPU, with the
+Triton backend beside the torch one. Every case first checks that both paths give the same loss.
 """
 import pytest
 import torch
 
 import prefopt
+
+pytest.importorskip("pytest_benchmark")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch"] + (["triton"] if DEVICE == "cuda" and prefopt.ops.triton_available() else [])
