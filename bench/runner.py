@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
-from .impls import IMPLS, estimate_extra_bytes, static_skip
+from .impls import estimate_extra_bytes, static_skip
 from .workloads import WORKLOADS, Shape, Workload, input_bytes
 
 _PACKAGE = __package__  # "bench" from a checkout, "prefopt.bench" when installed
