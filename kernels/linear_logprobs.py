@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from prefopt.ops.common import ForwardStats
+from prefopt.ops.common import ForwardStats, compute_dtype
 
 #: Whether kernels were built for the interpreter (``triton.jit`` reads the variable when decorating).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -348,7 +348,7 @@ def forward(
     want_ref = ref_hidden is not None
     if mean_ref_logit and not want_ref:
         raise ValueError("mean_ref_logit needs the reference head")
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(hidden.dtype)
     dev = hidden.device
     blocks = blocks or forward_blocks(n, vocab, hidden_size, hidden.dtype, moments)
     tiles = triton.cdiv(vocab, blocks.block_v)

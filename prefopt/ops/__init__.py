@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .common import OpConfig
+from .common import OpConfig, compute_dtype
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -204,20 +204,11 @@ def linear_logprobs(
     outputs = _backend_function(name).apply(
         packed_hidden, weight, bias, packed_targets, packed_ref, ref_weight, ref_bias, config
     )
-    stat_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    fields = []
-    for out in outputs:
-        if out.numel() == 0 and index.numel() > 0:
-            fields.append(None)
-            continue
+    stat_dtype = compute_dtype(hidden.dtype)
+    asked = (True, True, entropy, ref_hidden is not None, kl, uniform_nll)
+
+    def unpack(packed: Tensor) -> Tensor:
         full = torch.zeros(flat_targets.shape[0], dtype=stat_dtype, device=hidden.device)
-        fields.append(full.index_copy(0, index, out.to(stat_dtype)).view(targets.shape))
-    logp, lse, ent, ref_logp, kl_out, uni = fields
-    return TokenStats(
-        logp,
-        lse,
-        ent if entropy else None,
-        ref_logp if ref_hidden is not None else None,
-        kl_out if kl else None,
-        uni if uniform_nll else None,
-    )
+        return full.index_copy(0, index, packed.to(stat_dtype)).view(targets.shape)
+
+    return TokenStats(*(unpack(out) if wanted else None for out, wanted in zip(outputs, asked)))

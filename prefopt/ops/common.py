@@ -94,6 +94,11 @@ def logit_grad_coefficients(
     return GradCoefficients(a, c0, c1, c2, c3)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are accumulated in fp32, or fp64 for fp64 inputs (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def empty_stat(like: Tensor) -> Tensor:
     """Placeholder output for a statistic that was not asked for (autograd Functions return tensors)."""
     return like.new_empty(0)

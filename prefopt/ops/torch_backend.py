@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .common import ForwardStats, OpConfig, make_backend_function
+from .common import ForwardStats, OpConfig, compute_dtype, make_backend_function
 
 #: Tile sizes (tokens, vocabulary entries) per device type; the largest temporary has their product.
 CHUNK_SIZES = {"cpu": (1024, 4096), "cuda": (2048, 8192)}
@@ -25,11 +25,6 @@ CHUNK_SIZES = {"cpu": (1024, 4096), "cuda": (2048, 8192)}
 
 def chunk_sizes(device: torch.device) -> Tuple[int, int]:
     return CHUNK_SIZES.get(device.type, CHUNK_SIZES["cuda"])
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics are accumulated in fp32, or fp64 for fp64 inputs (gradcheck)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def logits_tile(
