@@ -127,6 +127,11 @@ class PairStats:
     def rejected_avg(self) -> Tensor:
         return self.rejected_logps / self.rejected_lengths.clamp(min=1)
 
+    def reference_rewards(self, beta: float) -> Dict[str, Tensor]:
+        """TRL's reward metrics with DPO's implicit rewards ``beta * (lp - rf)``."""
+        return reward_metrics(beta * (self.chosen_logps - self.ref_chosen_logps),
+                              beta * (self.rejected_logps - self.ref_rejected_logps))
+
 
 class PairedLoss(FusedLoss):
     """Base of the losses on (chosen, rejected) pairs; subclasses implement :meth:`objective`."""
@@ -210,8 +215,7 @@ class FusedDPOLoss(PairedLoss):
             beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
             rpo_alpha=self.rpo_alpha, chosen_lengths=pairs.chosen_lengths, rejected_lengths=pairs.rejected_lengths,
         )
-        return loss, reward_metrics(self.beta * (pairs.chosen_logps - pairs.ref_chosen_logps),
-                                    self.beta * (pairs.rejected_logps - pairs.ref_rejected_logps))
+        return loss, pairs.reference_rewards(self.beta)
 
 
 class FusedCWDPOLoss(PairedLoss):
@@ -229,8 +233,7 @@ class FusedCWDPOLoss(PairedLoss):
             pairs.chosen_logps, pairs.rejected_logps, pairs.ref_chosen_logps, pairs.ref_rejected_logps,
             pairs.rejected_avg, beta=self.beta, floor=self.floor, tau=self.tau, detach_weight=self.detach_weight,
         )
-        metrics = reward_metrics(self.beta * (pairs.chosen_logps - pairs.ref_chosen_logps),
-                                 self.beta * (pairs.rejected_logps - pairs.ref_rejected_logps))
+        metrics = pairs.reference_rewards(self.beta)
         metrics["cooling_weight"] = out.weight
         return out.loss, metrics
 
