@@ -19,7 +19,9 @@ def oracle_linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-
                            softcap=None, ref_hidden=None, ref_weight=None, ref_bias=None):
     """Every statistic of :func:`prefopt.linear_logprobs`, in float64, from materialised logits."""
     z = _logits(hidden, weight, bias, temperature, softcap)
-    logq = torch.log_softmax(z, -1)
+    # z - logsumexp rather than log_softmax: with one logit at +inf the others get -inf (their limit), where
+    # log_softmax turns the whole row into NaN.
+    logq = z - torch.logsumexp(z, -1, keepdim=True)
     valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
     logp = logq.gather(-1, safe[..., None]).squeeze(-1)
@@ -40,4 +42,6 @@ def oracle_linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-
         ref_logp=ref_logp,
         kl=kl,
         uniform_nll=mask(-logq.mean(-1)),
+        mean_logit=mask(z.mean(-1)),
+        top1=mask((z.argmax(-1) == safe).double()),
     )

@@ -15,6 +15,7 @@ from torch import Tensor
 from .common import OpConfig, compute_dtype
 
 BACKENDS = ("auto", "torch", "triton")
+SIGNED_INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 class TokenStats(NamedTuple):
@@ -22,7 +23,9 @@ class TokenStats(NamedTuple):
 
     ``logp``: log pi(y_t); ``lse``: log-sum-exp of the logits; ``entropy``: H(pi_t);
     ``ref_logp``: log pi_ref(y_t) (no gradient); ``kl``: KL(pi_t || pi_ref,t) over the full vocabulary;
-    ``uniform_nll``: -(1/V) sum_v log pi_t(v), the uniform term of label smoothing.
+    ``uniform_nll``: -(1/V) sum_v log pi_t(v), the uniform term of label smoothing;
+    ``mean_logit``: (1/V) sum_v z_t(v), the mean logit over the vocabulary (differentiable);
+    ``top1``: 1.0 where y_t is the first maximum of z_t (argmax, lowest index on ties), else 0.0.
     Fields that were not asked for are ``None``.
     """
 
@@ -32,6 +35,8 @@ class TokenStats(NamedTuple):
     ref_logp: Optional[Tensor] = None
     kl: Optional[Tensor] = None
     uniform_nll: Optional[Tensor] = None
+    mean_logit: Optional[Tensor] = None
+    top1: Optional[Tensor] = None
 
 
 def _check_float(name: str, t: Optional[Tensor], required: bool = True) -> None:
@@ -108,6 +113,8 @@ def linear_logprobs(
     entropy: bool = False,
     kl: bool = False,
     uniform_nll: bool = False,
+    mean_logit: bool = False,
+    top1: bool = False,
     backend: str = "auto",
 ) -> TokenStats:
     """Per-token log-probabilities of ``targets`` under the head ``weight`` applied to ``hidden``.
@@ -117,7 +124,8 @@ def linear_logprobs(
         z = softcap(hidden @ weight.T + bias) / temperature,   softcap(s) = cap * tanh(s / cap)
         logp = z[y] - logsumexp(z),   lse = logsumexp(z)
 
-    and on request ``entropy = -sum p log p``, ``uniform_nll = -(1/V) sum log p`` and, with a reference
+    and on request ``entropy = -sum p log p``, ``uniform_nll = -(1/V) sum log p``,
+    ``mean_logit = (1/V) sum_v z_v``, ``top1 = [y == argmax_v z_v]`` (first maximum) and, with a reference
     head, ``ref_logp`` (no gradient) and ``kl = KL(pi || pi_ref)`` over the full vocabulary, streaming
     over vocabulary tiles so that no ``[tokens, V]`` tensor ever exists. Statistics are accumulated in
     float32 (float64 for float64 inputs) whatever the input dtype, and returned in that precision.
@@ -127,12 +135,13 @@ def linear_logprobs(
         weight: ``[V, H]`` output head. When it (and ``bias``) do not require grad (a frozen or LoRA
             head) no weight gradient is computed and, for log-prob-only calls, backward needs no pass
             over the vocabulary.
-        targets: integer ``[...]`` (the leading shape of ``hidden``), aligned with ``hidden``
+        targets: signed integer ``[...]`` (the leading shape of ``hidden``), aligned with ``hidden``
             (position t is scored on ``targets[t]``); values in ``[0, V)`` or ``ignore_index``.
         ref_hidden / ref_weight / ref_bias: the reference model's hidden states (same shape as
             ``hidden``) and head; ``ref_weight`` defaults to ``weight`` (shared frozen head, e.g. LoRA
             with adapters disabled). No gradient flows into the reference.
-        entropy / kl / uniform_nll: also return these statistics (``kl`` needs ``ref_hidden``).
+        entropy / kl / uniform_nll / mean_logit / top1: also return these statistics (``kl`` needs
+            ``ref_hidden``; ``top1`` has no gradient).
         backend: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"torch"`` or ``"triton"``.
 
     Returns:
@@ -146,8 +155,9 @@ def linear_logprobs(
     vocab_size = weight.shape[0]
     if not isinstance(targets, Tensor):
         raise TypeError(f"targets: expected a torch.Tensor, got {type(targets).__name__}")
-    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise TypeError(f"targets: expected an integer tensor, got dtype {targets.dtype}")
+    if targets.dtype not in SIGNED_INTEGER_DTYPES:
+        # Unsigned types would wrap ignore_index (-100 becomes 156 in uint8) into a real token id.
+        raise TypeError(f"targets: expected a signed integer tensor (int8/16/32/64), got dtype {targets.dtype}")
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(
             f"targets: expected shape {list(hidden.shape[:-1])} (the leading shape of hidden), "
@@ -200,12 +210,13 @@ def linear_logprobs(
         ref_weight = ref_weight.detach()
         ref_bias = ref_bias.detach() if ref_bias is not None else None
 
-    config = OpConfig(float(temperature), None if softcap is None else float(softcap), entropy, kl, uniform_nll)
+    config = OpConfig(float(temperature), None if softcap is None else float(softcap), entropy, kl, uniform_nll,
+                      mean_logit, top1)
     outputs = _backend_function(name).apply(
         packed_hidden, weight, bias, packed_targets, packed_ref, ref_weight, ref_bias, config
     )
     stat_dtype = compute_dtype(hidden.dtype)
-    asked = (True, True, entropy, ref_hidden is not None, kl, uniform_nll)
+    asked = (True, True, entropy, ref_hidden is not None, kl, uniform_nll, mean_logit, top1)
 
     def unpack(packed: Tensor) -> Tensor:
         full = torch.zeros(flat_targets.shape[0], dtype=stat_dtype, device=hidden.device)

@@ -14,6 +14,8 @@ The statistics and their gradients with respect to z_j:
     entropy     = lse - E_p[z]                          d/dz_j = -p_j (z_j - E_p[z])
     kl          = E_p[z - zr] - lse + lse_ref           d/dz_j = p_j ((z_j - zr_j) - E_p[z - zr])
     uniform_nll = lse - mean_v z_v                      d/dz_j = p_j - 1/V
+    mean_logit  = mean_v z_v                            d/dz_j = 1/V
+    top1        = [y is the first argmax of z]          no gradient
 
 so for incoming gradients g_* the gradient on the logits of one token is always
 
@@ -41,11 +43,18 @@ class OpConfig:
     entropy: bool = False
     kl: bool = False
     uniform_nll: bool = False
+    mean_logit: bool = False
+    top1: bool = False
 
     @property
     def needs_mean_logit(self) -> bool:
-        """Whether backward needs E_p[z] (entropy and KL gradients do)."""
+        """Whether backward needs E_p[z] (entropy and KL gradients do); not the uniform ``mean_logit``."""
         return self.entropy or self.kl
+
+    @property
+    def needs_logit_sum(self) -> bool:
+        """Whether forward needs sum_v z_v (the uniform_nll and mean_logit statistics do)."""
+        return self.uniform_nll or self.mean_logit
 
 
 class GradCoefficients(NamedTuple):
@@ -64,6 +73,7 @@ def logit_grad_coefficients(
     g_entropy: Optional[Tensor],
     g_kl: Optional[Tensor],
     g_uniform: Optional[Tensor],
+    g_mean_logit: Optional[Tensor],
     mean_logit: Optional[Tensor],
     mean_ref_logit: Optional[Tensor],
     vocab_size: int,
@@ -91,6 +101,8 @@ def logit_grad_coefficients(
     if g_uniform is not None:
         c0 = c0 + g_uniform
         c3 = -g_uniform / vocab_size
+    if g_mean_logit is not None:
+        c3 = g_mean_logit / vocab_size if c3 is None else c3 + g_mean_logit / vocab_size
     return GradCoefficients(a, c0, c1, c2, c3)
 
 
@@ -116,20 +128,24 @@ class ForwardStats:
     ref_target_logit: Optional[Tensor] = None
     mean_ref_logit: Optional[Tensor] = None  # E_p[zr]
     moments: Optional[Tensor] = None  # [n, H]: sum_v p_v f_v W_v (frozen-head shortcut)
+    argmax: Optional[Tensor] = None  # int64: first index of max_v z_v (the top1 statistic)
 
 
-def shortcut_grad_hidden(weight: Tensor, targets: Tensor, target_logit: Tensor, moments: Tensor, a: Tensor,
-                         c0: Tensor, config: OpConfig) -> Tensor:
-    """Frozen head: ``d hidden = (a f_y W_y + c0 M) / temperature``, with no pass over the vocabulary.
+def shortcut_grad_hidden(weight: Tensor, targets: Tensor, target_logit: Tensor, moments: Tensor,
+                         coef: GradCoefficients, config: OpConfig) -> Tensor:
+    """Frozen head: ``d hidden = (a f_y W_y + c0 M + c3 sum_v W_v) / temperature``, no pass over the vocabulary.
 
-    Only log-prob and lse gradients are live (c1 = c2 = c3 = 0), so ``sum_v ds_v W_v`` collapses to the
-    target row and the moment ``M = sum_v p_v f_v W_v`` accumulated in forward (f: softcap derivative).
+    Only log-prob, lse and (without softcap) the uniform terms are live (c1 = c2 = 0), so
+    ``sum_v ds_v W_v`` collapses to the target row, the moment ``M = sum_v p_v f_v W_v`` accumulated in
+    forward (f: softcap derivative) and, for the uniform terms, the column sum of W (a read, no product).
     """
-    scale_y = a
+    scale_y = coef.a
     if config.softcap is not None:
         tanh_y = target_logit * config.temperature / config.softcap
-        scale_y = a * (1 - tanh_y * tanh_y)
-    grad = scale_y[:, None] * weight.index_select(0, targets).to(moments.dtype) + c0[:, None] * moments
+        scale_y = coef.a * (1 - tanh_y * tanh_y)
+    grad = scale_y[:, None] * weight.index_select(0, targets).to(moments.dtype) + coef.c0[:, None] * moments
+    if coef.c3 is not None:
+        grad += coef.c3[:, None] * weight.sum(0, dtype=moments.dtype)
     return grad / config.temperature
 
 
@@ -141,8 +157,8 @@ def make_backend_function(name: str, stream_forward: StreamForward, recompute_gr
     """A backend's autograd Function from its two passes; the contract every backend shares.
 
     ``forward(hidden [n, H], weight [V, H], bias [V] | None, targets [n] int64, ref_hidden [n, H'] | None,
-    ref_weight [V, H'] | None, ref_bias | None, config) -> (logp, lse, entropy, ref_logp, kl, uniform_nll)``,
-    each [n] in the compute dtype or empty when not asked for. Every target is a valid index (ignored
+    ref_weight [V, H'] | None, ref_bias | None, config) -> (logp, lse, entropy, ref_logp, kl, uniform_nll,
+    mean_logit, top1)``, each [n] in the compute dtype or empty when not asked for. Every target is a valid index (ignored
     tokens were removed by the caller). The backend supplies
 
     - ``stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config, moments)
@@ -153,6 +169,7 @@ def make_backend_function(name: str, stream_forward: StreamForward, recompute_gr
     Saved for backward: the inputs and per-token lse, E_p[z], E_p[zr] (the reference only when the KL
     gradient can be live); with the frozen-head shortcut only the weight (a parameter), targets, the
     target logits and M. Set ``frozen_head_shortcut = False`` on the class to always recompute.
+    Double backward is refused: the recompute backward is not itself differentiable.
     """
 
     class Function(torch.autograd.Function):
@@ -161,8 +178,10 @@ def make_backend_function(name: str, stream_forward: StreamForward, recompute_gr
         @staticmethod
         def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config: OpConfig):
             head_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+            # The uniform terms (c3) reach the shortcut as a column sum of W, unless softcap makes them per entry.
+            uniform_terms = config.uniform_nll or config.mean_logit
             shortcut = (Function.frozen_head_shortcut and ctx.needs_input_grad[0] and not head_grad
-                        and not (config.entropy or config.kl or config.uniform_nll))
+                        and not (config.entropy or config.kl or (uniform_terms and config.softcap is not None)))
             stats = stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config, shortcut)
             lse = stats.lse
             logp = stats.target_logit - lse
@@ -170,6 +189,8 @@ def make_backend_function(name: str, stream_forward: StreamForward, recompute_gr
             ref_logp = stats.ref_target_logit - stats.ref_lse if ref_hidden is not None else empty_stat(lse)
             kl = (stats.mean_logit - stats.mean_ref_logit) - lse + stats.ref_lse if config.kl else empty_stat(lse)
             uniform = lse - stats.logit_sum / weight.shape[0] if config.uniform_nll else empty_stat(lse)
+            mean_logit = stats.logit_sum / weight.shape[0] if config.mean_logit else empty_stat(lse)
+            top1 = (stats.argmax == targets).to(lse.dtype) if config.top1 else empty_stat(lse)
 
             ctx.config, ctx.shortcut, ctx.vocab, ctx.hidden_dtype = config, shortcut, weight.shape[0], hidden.dtype
             if shortcut:
@@ -177,23 +198,31 @@ def make_backend_function(name: str, stream_forward: StreamForward, recompute_gr
             else:
                 ref = (ref_hidden, ref_weight, ref_bias) if config.kl else (None, None, None)
                 ctx.save_for_backward(hidden, weight, bias, targets, lse, stats.mean_logit, stats.mean_ref_logit, *ref)
-            ctx.mark_non_differentiable(ref_logp)
+            ctx.mark_non_differentiable(ref_logp, top1)
             ctx.set_materialize_grads(False)
-            return logp, lse, entropy, ref_logp, kl, uniform
+            return logp, lse, entropy, ref_logp, kl, uniform, mean_logit, top1
 
         @staticmethod
-        def backward(ctx, g_logp, g_lse, g_entropy, g_ref_logp, g_kl, g_uniform):
+        def backward(ctx, g_logp, g_lse, g_entropy, g_ref_logp, g_kl, g_uniform, g_mean_logit, g_top1):
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    "linear_logprobs: double backward (create_graph=True) is not supported by the fused op; "
+                    "compute second-order terms on materialised logits instead"
+                )
             config: OpConfig = ctx.config
+            g_uniform = g_uniform if config.uniform_nll else None
+            g_mean_logit = g_mean_logit if config.mean_logit else None
             if ctx.shortcut:
                 weight, targets, target_logit, moments = ctx.saved_tensors
-                coef = logit_grad_coefficients(g_logp, g_lse, None, None, None, None, None, ctx.vocab, target_logit)
-                grad = shortcut_grad_hidden(weight, targets, target_logit, moments, coef.a, coef.c0, config)
+                coef = logit_grad_coefficients(g_logp, g_lse, None, None, g_uniform, g_mean_logit, None, None,
+                                               ctx.vocab, target_logit)
+                grad = shortcut_grad_hidden(weight, targets, target_logit, moments, coef, config)
                 return (grad.to(ctx.hidden_dtype),) + (None,) * 7
             (hidden, weight, bias, targets, lse, mean_logit, mean_ref_logit,
              ref_hidden, ref_weight, ref_bias) = ctx.saved_tensors
             coef = logit_grad_coefficients(
                 g_logp, g_lse, g_entropy if config.entropy else None, g_kl if config.kl else None,
-                g_uniform if config.uniform_nll else None, mean_logit, mean_ref_logit, ctx.vocab, lse,
+                g_uniform, g_mean_logit, mean_logit, mean_ref_logit, ctx.vocab, lse,
             )
             grads = recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, ref_bias, coef, config,
                                     *ctx.needs_input_grad[:3])

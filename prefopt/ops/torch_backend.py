@@ -45,10 +45,16 @@ def logits_tile(
     return s, tanh
 
 
-def _tile_logsumexp_(z: Tensor) -> Tensor:
-    """Row log-sum-exp of a tile, overwriting the tile (no second tile-sized temporary)."""
-    row_max = z.amax(1)
-    return row_max + z.sub_(row_max[:, None]).exp_().sum(1).log()
+def _finite_or_zero(row_max: Tensor) -> Tensor:
+    """The shift of a log-sum-exp: the row max, or 0 where it is infinite (as torch.logsumexp does), so
+    that an infinite logit gives what float64 gives (lse = inf) instead of inf - inf = NaN."""
+    return torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+
+
+def _tile_logsumexp_(z: Tensor, row_max: Tensor) -> Tensor:
+    """Row log-sum-exp of a tile given its row max, overwriting the tile (no second tile-sized temporary)."""
+    shift = _finite_or_zero(row_max)
+    return shift + z.sub_(shift[:, None]).exp_().sum(1).log()
 
 
 def _target_columns(targets: Tensor, start: int, stop: int) -> Tuple[Tensor, Tensor]:
@@ -72,7 +78,8 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
     lse, target_logit = new(), new()
     mean_logit = new() if config.needs_mean_logit else None
     mean_ref_logit = new() if config.kl else None
-    logit_sum = new() if config.uniform_nll else None
+    logit_sum = new() if config.needs_logit_sum else None
+    argmax = torch.zeros(n, dtype=torch.long, device=hidden.device) if config.top1 else None
     ref_lse, ref_target_logit = (new(), new()) if want_ref else (None, None)
     moment = hidden.new_zeros(n, hidden_size, dtype=dtype) if moments else None
     # The probabilities themselves weight E_p[z], E_p[zr] and the moments; otherwise only lse is needed.
@@ -92,15 +99,24 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
             target_logit[t0 + rows] = z[rows, cols]
             if logit_sum is not None:
                 logit_sum[t0:t1] += z.sum(1)
+            tile_max, tile_argmax = z.max(1)  # the first maximum of the tile
+            if argmax is not None:
+                # Strictly greater: on a tie the earlier tile's (lower) index stays, as argmax over the row.
+                better = (tile_max > run_max) | (v0 == 0)
+                argmax[t0:t1] = torch.where(better, tile_argmax + v0, argmax[t0:t1])
             if not needs_weights:
                 # Only the log-sum-exp is needed: merge each tile's, computed in place over the tile.
-                run_lse = torch.logaddexp(run_lse, _tile_logsumexp_(z))
+                run_lse = torch.logaddexp(run_lse, _tile_logsumexp_(z, tile_max))
+                if argmax is not None:
+                    run_max = torch.maximum(run_max, tile_max)
             else:
-                new_max = torch.maximum(run_max, z.amax(1))
-                scale = torch.exp(run_max - new_max)
+                new_max = torch.maximum(run_max, tile_max)
+                # Nothing accumulated yet (run_max = -inf): scale 0, whatever the new max.
+                scale = torch.exp(_finite_or_zero(run_max) - _finite_or_zero(new_max)).masked_fill_(run_max == float("-inf"), 0)
                 run_max = new_max
+                shift = _finite_or_zero(new_max)[:, None]
                 # e = exp(z - max); z itself is only needed afterwards for E_p[z], else overwrite it.
-                e = torch.exp(z - new_max[:, None]) if mean_logit is not None else z.sub_(new_max[:, None]).exp_()
+                e = torch.exp(z - shift) if mean_logit is not None else z.sub_(shift).exp_()
                 run_sum = run_sum * scale + e.sum(1)
                 if mean_logit is not None:
                     mean_logit[t0:t1] = mean_logit[t0:t1] * scale + (e * z).sum(1)
@@ -114,8 +130,8 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
                 ref_target_logit[t0 + rows] = zr[rows, cols]
                 if mean_ref_logit is not None:
                     mean_ref_logit[t0:t1] = mean_ref_logit[t0:t1] * scale + (e * zr).sum(1)
-                run_ref_lse = torch.logaddexp(run_ref_lse, _tile_logsumexp_(zr))
-        lse[t0:t1] = run_lse if not needs_weights else run_max + torch.log(run_sum)
+                run_ref_lse = torch.logaddexp(run_ref_lse, _tile_logsumexp_(zr, zr.amax(1)))
+        lse[t0:t1] = run_lse if not needs_weights else _finite_or_zero(run_max) + torch.log(run_sum)
         if mean_logit is not None:
             mean_logit[t0:t1] /= run_sum
         if mean_ref_logit is not None:
@@ -124,7 +140,8 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
             moment[t0:t1] /= run_sum[:, None]
         if want_ref:
             ref_lse[t0:t1] = run_ref_lse
-    return ForwardStats(lse, target_logit, mean_logit, logit_sum, ref_lse, ref_target_logit, mean_ref_logit, moment)
+    return ForwardStats(lse, target_logit, mean_logit, logit_sum, ref_lse, ref_target_logit, mean_ref_logit, moment,
+                        argmax)
 
 
 def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, ref_bias, coef, config, want_h, want_w, want_b):
