@@ -147,6 +147,9 @@ class GRPOTokenLoss(NamedTuple):
     k3: Optional[Tensor]
 
 
+GRPO_POLICY_LOSSES = ("clip", "cispo", "sapo")
+
+
 def grpo_loss(
     logps: Tensor,
     old_logps: Tensor,
@@ -156,23 +159,45 @@ def grpo_loss(
     beta: float = 0.04,
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.2,
+    policy_loss: str = "clip",
+    delta: Optional[float] = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    use_bias_correction_kl: bool = False,
 ) -> GRPOTokenLoss:
-    """GRPO per token (DeepSeekMath): ``-min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A) + beta*k3``.
+    """GRPO per token (DeepSeekMath) and its per-token variants, ``rho = exp(lp - lp_old)``:
 
-    ``rho = exp(lp - lp_old)`` and ``k3 = exp(rf - lp) - (rf - lp) - 1``, the unbiased non-negative KL
-    estimator. ``advantages`` broadcasts against the per-token ``logps`` (pass ``[R, 1]`` for one
-    advantage per sequence). Returns the per-token loss, where clipping was active, and k3 (None when
-    ``ref_logps`` is None, which needs ``beta == 0``).
+    - ``clip`` (GRPO, DAPO, Dr. GRPO, BNPO): ``-min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A)``; with
+      ``delta`` (two-sided clipping) the unclipped ``rho`` is first capped at ``delta``.
+    - ``cispo`` (MiniMax-M1): ``-sg(min(rho, eps_high)) * A * lp``, sg = no gradient.
+    - ``sapo`` (Soft Adaptive Policy Optimization): ``-sig(t * (rho - 1)) * 4 / t * A``, with
+      ``t = sapo_temperature_pos`` where ``A > 0`` and ``sapo_temperature_neg`` elsewhere.
+
+    Plus ``beta * k3`` with ``k3 = exp(rf - lp) - (rf - lp) - 1``, the unbiased non-negative KL
+    estimator, multiplied by ``rho`` when ``use_bias_correction_kl``. ``advantages`` broadcasts against
+    the per-token ``logps`` (pass ``[R, 1]`` for one advantage per sequence). Returns the per-token loss,
+    where clipping was active (TRL's ``clip_ratio/region_mean``; for cispo, where ``rho > eps_high`` with
+    ``A > 0``; never for sapo), and k3 (None when ``ref_logps`` is None, which needs ``beta == 0``).
     """
+    if policy_loss not in GRPO_POLICY_LOSSES:
+        raise ValueError(f"policy_loss: expected one of {GRPO_POLICY_LOSSES}, got {policy_loss!r}")
     ratio = torch.exp(logps - old_logps)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * advantages
-    loss = -torch.minimum(unclipped, clipped)
+    if policy_loss == "clip":
+        capped = ratio if delta is None else ratio.clamp(max=delta)
+        loss = -torch.minimum(capped * advantages, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * advantages)
+        clipped = ((capped < 1 - epsilon_low) & (advantages < 0)) | ((capped > 1 + epsilon_high) & (advantages > 0))
+    elif policy_loss == "cispo":
+        loss = -ratio.clamp(max=epsilon_high).detach() * advantages * logps
+        clipped = (ratio > epsilon_high) & (advantages > 0)
+    else:
+        temperature = torch.where(advantages > 0, sapo_temperature_pos, sapo_temperature_neg)
+        loss = -torch.sigmoid(temperature * (ratio - 1)) * 4 / temperature * advantages
+        clipped = torch.zeros_like(ratio, dtype=torch.bool)
     k3 = None
     if ref_logps is not None:
-        delta = ref_logps - logps
-        k3 = torch.exp(delta) - delta - 1
-        loss = loss + beta * k3
+        diff = ref_logps - logps
+        k3 = torch.exp(diff) - diff - 1
+        loss = loss + beta * (k3 * ratio if use_bias_correction_kl else k3)
     elif beta != 0:
         raise ValueError("ref_logps: required when beta != 0 (the KL term needs the reference)")
-    return GRPOTokenLoss(loss, clipped < unclipped, k3)
+    return GRPOTokenLoss(loss, clipped.expand_as(loss), k3)

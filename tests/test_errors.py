@@ -76,6 +76,13 @@ LOSS_CASES = [
     (lambda: prefopt.FusedGRPOLoss()(*paired(), torch.zeros(3)), ValueError, "advantages"),
     (lambda: prefopt.FusedGRPOLoss()(*paired(), torch.zeros(4), old_logps=torch.zeros(4, 4)), ValueError, "old_logps"),
     (lambda: prefopt.FusedGRPOLoss(beta=0.1)(*paired(), torch.zeros(4)), ValueError, "ref_logps"),
+    (lambda: prefopt.FusedGRPOLoss(loss_type="luspo"), ValueError, "loss_type"),
+    (lambda: prefopt.FusedGRPOLoss(loss_type="vespo"), ValueError, "loss_type"),
+    (lambda: prefopt.FusedGRPOLoss(loss_type="ppo"), ValueError, "loss_type"),
+    (lambda: prefopt.FusedGRPOLoss(loss_type="dr_grpo"), ValueError, "max_completion_length"),
+    (lambda: prefopt.FusedGRPOLoss(loss_type="grpo", loss_agg="token-mean"), ValueError, "loss_agg"),
+    (lambda: prefopt.FusedGRPOLoss(beta=0.0, loss_type="bnpo")(*paired(), torch.zeros(4), num_items_in_batch=9),
+     ValueError, "num_items_in_batch"),
 ]
 
 
