@@ -138,6 +138,9 @@ class PairedLoss(FusedLoss):
 
     unit = "pairs"
     needs_reference = True
+    # What ``logps/chosen`` / ``logps/rejected`` report, as the peers report them under those names: per-row
+    # sums (TRL's DPOTrainer) or per-token averages (TRL's CPO/ORPO trainers and Liger for SimPO and ORPO).
+    average_logps = False
 
     def stat_flags(self) -> Dict[str, bool]:
         return {}
@@ -178,8 +181,10 @@ class PairedLoss(FusedLoss):
         per_pair, metrics = self.objective(pairs)
         loss = per_pair.sum() / (num_items_in_batch if num_items_in_batch is not None else half)
         metrics = {k: v.detach().float().mean() for k, v in metrics.items()}
-        metrics["logps/chosen"] = pairs.chosen_logps.detach().float().mean()
-        metrics["logps/rejected"] = pairs.rejected_logps.detach().float().mean()
+        chosen, rejected = ((pairs.chosen_avg, pairs.rejected_avg) if self.average_logps
+                            else (pairs.chosen_logps, pairs.rejected_logps))
+        metrics["logps/chosen"] = chosen.detach().float().mean()
+        metrics["logps/rejected"] = rejected.detach().float().mean()
         return LossOutput(loss, metrics)
 
     def objective(self, pairs: PairStats) -> Tuple[Tensor, Dict[str, Tensor]]:
@@ -207,6 +212,7 @@ class FusedDPOLoss(PairedLoss):
         super().__init__(**options)
         if loss_type not in objectives.DPO_LOSS_TYPES:
             raise ValueError(f"loss_type: expected one of {objectives.DPO_LOSS_TYPES}, got {loss_type!r}")
+        objectives.check_dpo_label_smoothing(loss_type, label_smoothing)
         self.beta, self.loss_type, self.label_smoothing, self.rpo_alpha = beta, loss_type, label_smoothing, rpo_alpha
 
     def objective(self, pairs: PairStats):
@@ -239,9 +245,14 @@ class FusedCWDPOLoss(PairedLoss):
 
 
 class FusedSimPOLoss(PairedLoss):
-    """SimPO (see :func:`prefopt.objectives.simpo_loss`), no reference; rewards are ``beta * avg``."""
+    """SimPO (see :func:`prefopt.objectives.simpo_loss`), no reference; rewards are ``beta * avg``.
+
+    ``logps/*`` are per-token averages (as in TRL and Liger). The defaults ``beta=2.0, gamma=1.0`` are the
+    paper's (Liger's are in :mod:`prefopt.liger`).
+    """
 
     needs_reference = False
+    average_logps = True
 
     def __init__(self, beta: float = 2.0, gamma: float = 1.0, **options):
         super().__init__(**options)
@@ -253,9 +264,13 @@ class FusedSimPOLoss(PairedLoss):
 
 
 class FusedORPOLoss(PairedLoss):
-    """ORPO (see :func:`prefopt.objectives.orpo_loss`), no reference; rewards are ``beta * avg``."""
+    """ORPO (see :func:`prefopt.objectives.orpo_loss`), no reference; rewards are ``beta * avg``.
+
+    ``logps/*`` are per-token averages (as in TRL and Liger).
+    """
 
     needs_reference = False
+    average_logps = True
 
     def __init__(self, beta: float = 0.1, **options):
         super().__init__(**options)

@@ -32,7 +32,7 @@ def dpo_loss(
 ) -> Tensor:
     """DPO and its variants, one loss per pair. With ``z = beta * (d_c - d_r)`` and ``e = label_smoothing``:
 
-    - ``sigmoid`` (Rafailov et al. 2023): ``-logsig(z)``; with ``e > 0`` it is cDPO.
+    - ``sigmoid`` (Rafailov et al. 2023): ``-logsig(z)``.
     - ``cdpo`` (conservative DPO, label smoothing): ``-(1-e) logsig(z) - e logsig(-z)``.
     - ``robust`` (Chowdhury et al. 2024): ``(-(1-e) logsig(z) + e logsig(-z)) / (1 - 2e)``, ``e < 0.5``.
     - ``hinge`` (SLiC): ``relu(1 - z)``.
@@ -40,11 +40,12 @@ def dpo_loss(
     - ``rpo`` (Pang et al. 2024): ``-logsig(z) + rpo_alpha * NLL(chosen)``, NLL = ``-lp_c / n_c``.
 
     ``ipo`` and ``rpo`` need the token counts ``chosen_lengths`` (and ``rejected_lengths`` for ipo).
+    ``label_smoothing`` belongs to cdpo, robust and rpo; the other types refuse it rather than silently
+    becoming cDPO (TRL's ``sigmoid`` ignores it).
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"loss_type: expected one of {DPO_LOSS_TYPES}, got {loss_type!r}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing: expected a value in [0, 0.5), got {label_smoothing!r}")
+    check_dpo_label_smoothing(loss_type, label_smoothing)
     chosen_margin = chosen_logps - ref_chosen_logps
     rejected_margin = rejected_logps - ref_rejected_logps
     if loss_type == "ipo":
@@ -64,6 +65,15 @@ def dpo_loss(
             raise ValueError("chosen_lengths: required for loss_type='rpo'")
         loss = loss + rpo_alpha * (-chosen_logps / chosen_lengths.clamp(min=1))
     return loss
+
+
+def check_dpo_label_smoothing(loss_type: str, label_smoothing: float) -> None:
+    """ValueError unless ``label_smoothing`` is in [0, 0.5) and, when non-zero, used by ``loss_type``."""
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing: expected a value in [0, 0.5), got {label_smoothing!r}")
+    if label_smoothing and loss_type in ("sigmoid", "hinge", "ipo"):
+        raise ValueError(f"label_smoothing: loss_type={loss_type!r} takes none (got {label_smoothing!r}); "
+                         "label-smoothed DPO is loss_type='cdpo' (or 'robust')")
 
 
 def simpo_loss(chosen_avg: Tensor, rejected_avg: Tensor, *, beta: float = 2.0, gamma: float = 1.0) -> Tensor:

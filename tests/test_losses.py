@@ -129,6 +129,18 @@ def test_dpo_metrics_use_trl_names(seed):
         assert not out.metrics[key].requires_grad
 
 
+@pytest.mark.parametrize("name", ["simpo", "orpo"])
+def test_reference_free_losses_report_average_logps(name, seed):
+    """Under TRL's and Liger's names ``logps/*`` are per-token averages for SimPO and ORPO."""
+    h, w, b, y, ref = batch()
+    module, _ = PAIRED[name]
+    module.backend = "torch"
+    out = module(w, h, y, b)
+    t = pair_terms(*(x.detach().double() for x in (h, w, b)), y, {k: v.double() for k, v in ref.items()})
+    assert_close(out.metrics["logps/chosen"], (t["lc"] / t["nc"]).mean(), 1e-5, "logps/chosen", seed)
+    assert_close(out.metrics["logps/rejected"], (t["lr"] / t["nr"]).mean(), 1e-5, "logps/rejected", seed)
+
+
 def test_cwdpo_reports_its_cooling_weight(seed):
     h, w, b, y, ref = batch()
     module, _ = PAIRED["cwdpo"]
