@@ -55,7 +55,7 @@ class TrainConfig:
     """Every option of a run (the CLI's flags, one to one)."""
 
     method: str = "cw-dpo"
-    model: str = "tiny-llava"
+    model: str = "tiny-llava-sft"
     data: str = "synthetic"
     out: str = "runs/train"
     reference: str = "auto"  # model | adapters | precompute | auto (adapters with --lora, else model)
@@ -461,7 +461,8 @@ class Run:
         if start_step >= last_step:  # resumed a finished run: nothing to train
             self.checkpoint_path = self.resume_state["path"]
         bar.close()
-        evaluation = self.evaluate(done)
+        # The held-out evaluation once the run has ended (not when it pauses with --stop-after).
+        evaluation = self.evaluate(done) if done == self.total_steps or stopped_early else None
         summary = self.summary(history, done, stopped_early, time.perf_counter() - started, evaluation)
         dist.teardown(state)
         return summary
