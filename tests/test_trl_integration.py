@@ -187,3 +187,60 @@ def test_grpo_dapo_with_kl_to_the_adapters_off_reference():
 
 def test_grpo_off_policy_with_entropy_bonus():
     grpo_pair(dict(loss_type="grpo", num_iterations=2, entropy_coef=0.01, temperature=0.9))
+
+
+def naive_sequence_logps(model, batch):
+    """Per-row summed completion log-probs from the model's full logits (float64), and token counts."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
+    labels = batch["input_ids"][:, 1:]
+    mask = batch["completion_mask"][:, 1:].bool()
+    logp = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
+    return torch.where(mask, logp, 0.0).sum(1), mask.sum(1)
+
+
+@pytest.mark.parametrize("loss_type", ["cw-dpo", "sft-c"])
+def test_prefopt_loss_types_through_the_config(loss_type):
+    policy, tokenizer = tiny()
+    reference = tiny()[0]
+    args = PrefoptDPOConfig(output_dir=tempfile.mkdtemp(), **COMMON, loss_type=loss_type, beta=0.2, cw_floor=-5.0,
+                            cw_tau=0.7, sftc_lam=0.5, sftc_margin=8.0)
+    trainer = PrefoptDPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=text_pairs(),
+                                processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+        lp, n = naive_sequence_logps(policy, batch)
+        rf, _ = naive_sequence_logps(reference, batch)
+    (lc, lr), (nc, nr), (rc, rr) = lp.chunk(2), n.chunk(2), rf.chunk(2)
+    if loss_type == "cw-dpo":
+        weight = torch.sigmoid((lr / nr + 5.0) / 0.7)
+        expected = -torch.nn.functional.logsigmoid(0.2 * ((lc - rc) - weight * (lr - rr)))
+    else:
+        expected = -lc / nc + 0.5 * torch.relu(8.0 + lr / nr)
+    assert math.isclose(float(loss), float(expected.mean()), rel_tol=1e-5)
+    logged = trainer._metrics["train"]
+    assert math.isclose(logged["logps/chosen"][-1], float(lc.mean()), rel_tol=1e-5)
+    assert {"entropy", "logits/chosen", "mean_token_accuracy"} <= set(logged)
+    assert ("cooling_weight" in logged) == (loss_type == "cw-dpo")
+    with prefopt_only():
+        history, _, _ = train(trainer)
+    assert len(history) == 3 and all(math.isfinite(entry["loss"]) for entry in history)
+
+
+@pytest.mark.parametrize("trainer_cls,config,option", [
+    (PrefoptDPOTrainer, dict(use_weighting=True), "use_weighting"),
+    (PrefoptDPOTrainer, dict(padding_free=True), "padding_free"),
+    (PrefoptGRPOTrainer, dict(use_vllm=True), "use_vllm"),
+])
+def test_unsupported_options_are_named(trainer_cls, config, option):
+    config_cls = trl.DPOConfig if trainer_cls is PrefoptDPOTrainer else trl.GRPOConfig
+    args = config_cls(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, report_to=[], **config)
+    model, tokenizer = tiny()
+    other = dict(ref_model=None) if trainer_cls is PrefoptDPOTrainer else dict(reward_funcs=reward_length)
+    with pytest.raises(ValueError, match=option):
+        trainer_cls(model=model, args=args, train_dataset=text_pairs(), processing_class=tokenizer, **other)
+
+
+def test_prefopt_loss_types_run_alone():
+    with pytest.raises(ValueError, match="loss_type"):
+        PrefoptDPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, loss_type=["cw-dpo", "sigmoid"])
