@@ -244,3 +244,25 @@ def test_unsupported_options_are_named(trainer_cls, config, option):
 def test_prefopt_loss_types_run_alone():
     with pytest.raises(ValueError, match="loss_type"):
         PrefoptDPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, loss_type=["cw-dpo", "sigmoid"])
+
+
+def test_zero3_path_gathers_and_recomputes_to_the_same_numbers(monkeypatch):
+    """Under ZeRO-3 the head goes through _GatheredHead (gather, op; in backward gather again and recompute).
+    Here without DeepSpeed (the gathers are no-ops): values and gradients equal the direct path."""
+    model, _ = tiny()
+    integration.add_prefopt_lm_head(model, outputs=integration.HEAD_OUTPUTS, temperature=0.7)
+    ids = torch.randint(5, 300, (3, 9))
+    labels = ids.masked_fill(torch.arange(9) < 3, -100)
+    results = []
+    for zero3 in (False, True):
+        monkeypatch.setattr(integration, "_zero3_enabled", lambda: zero3)
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        (out.log_probs.sum() + 0.3 * out.entropy.sum()).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        results.append((out.log_probs.detach(), out.entropy.detach(), out.mean_logits, out.is_top1, grads))
+    (lp0, h0, m0, t0, g0), (lp1, h1, m1, t1, g1) = results
+    assert torch.allclose(lp0, lp1, atol=1e-6) and torch.allclose(h0, h1, atol=1e-6)
+    assert torch.allclose(m0, m1, atol=1e-6) and torch.equal(t0, t1)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(g0, g1))
+    assert any(float(g.abs().sum()) > 0 for g in g1)

@@ -50,6 +50,50 @@ def _logit_transform(text_config) -> Tuple[Optional[float], float]:
     return (float(softcap) if softcap else None), (1.0 if scale is None else float(scale))
 
 
+def _head_stats(hidden, weight, bias, *, targets, temperature, softcap, backend, entropy, mean_logit, top1):
+    """(logp, entropy, mean_logit, top1) of the op, None for those not asked for."""
+    stats = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
+                            entropy=entropy, mean_logit=mean_logit, top1=top1, backend=backend)
+    return stats.logp, stats.entropy, stats.mean_logit, stats.top1
+
+
+def _zero3_enabled() -> bool:
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+class _GatheredHead(torch.autograd.Function):
+    """The op with a ZeRO-3-partitioned head: gathered (TRL's ``maybe_gather_lm_head_ctx``) for the forward
+    and gathered again for the backward, which recomputes the op's forward there (the op's own backward
+    reads the weight it saved, which ZeRO-3 has partitioned again by then). TRL's own head does the same
+    two gathers; the recomputation is the price of not touching the op."""
+
+    @staticmethod
+    def forward(ctx, op, hidden, weight, bias):
+        ctx.op = op
+        ctx.save_for_backward(hidden, weight, bias)
+        with maybe_gather_lm_head_ctx(weight, bias), torch.no_grad():
+            outputs = op(hidden, weight, bias)
+        if outputs[3] is not None:
+            ctx.mark_non_differentiable(outputs[3])  # top1
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        hidden, weight, bias = ctx.saved_tensors
+        inputs = [(hidden.detach().requires_grad_(ctx.needs_input_grad[1]), ctx.needs_input_grad[1]),
+                  (weight, ctx.needs_input_grad[2]), (bias, ctx.needs_input_grad[3])]
+        wanted = [t for t, need in inputs if need and t is not None]
+        with maybe_gather_lm_head_ctx(weight, bias), torch.enable_grad():
+            outputs = ctx.op(inputs[0][0], weight, bias)[:3]
+            pairs = [(out, g) for out, g in zip(outputs, grads) if out is not None and g is not None]
+            found = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True) \
+                if pairs and wanted else [None] * len(wanted)
+        found = iter(found)
+        return (None,) + tuple(next(found) if need and t is not None else None for t, need in inputs)
+
+
 def add_prefopt_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
                         outputs: Tuple[str, ...] = ("log_probs",), backend: str = "auto") -> None:
     """Give ``model`` TRL's fused-head calling convention, computed by :func:`prefopt.linear_logprobs`.
@@ -101,20 +145,24 @@ def add_prefopt_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: b
         if logit_scale != 1.0:  # softcap(s * (h W^T + b)) = softcap((s h) W^T + s b)
             hidden = hidden * logit_scale
             bias = bias * logit_scale if bias is not None else None
-        with autocast, maybe_gather_lm_head_ctx(weight, bias):
-            stats = linear_logprobs(
-                hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
-                entropy="entropy" in outputs, mean_logit="mean_logits" in outputs, top1="is_top1" in outputs,
-                backend=backend,
-            )
+        op = functools.partial(
+            _head_stats, targets=targets, temperature=temperature, softcap=softcap, backend=backend,
+            entropy="entropy" in outputs, mean_logit="mean_logits" in outputs, top1="is_top1" in outputs,
+        )
+        with autocast:
+            if _zero3_enabled():
+                stats = _GatheredHead.apply(op, hidden, weight, bias)
+            else:
+                stats = op(hidden, weight, bias)
+        stats = dict(zip(("logp", "entropy", "mean_logit", "top1"), stats))
         mask = targets != -100
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return FusedCausalLMOutput(
-            loss=-stats.logp.sum() / count,
-            log_probs=stats.logp,
-            entropy=stats.entropy,
-            mean_logits=None if stats.mean_logit is None else stats.mean_logit.detach(),
-            is_top1=None if stats.top1 is None else stats.top1.bool(),
+            loss=-stats["logp"].sum() / count,
+            log_probs=stats["logp"],
+            entropy=stats["entropy"],
+            mean_logits=None if stats["mean_logit"] is None else stats["mean_logit"].detach(),
+            is_top1=None if stats["top1"] is None else stats["top1"].bool(),
             label_mask=mask,
         )
 
