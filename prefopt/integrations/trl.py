@@ -200,12 +200,13 @@ DPO_SUPPORTED_OPTIONS = (
     "model_init_kwargs", "trust_remote_code", "disable_dropout", "dataset_num_proc", "max_length", "truncation_mode",
     "pad_to_multiple_of", "precompute_ref_log_probs", "precompute_ref_batch_size", "loss_type", "loss_weights",
     "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef", "label_smoothing", "beta", "discopop_tau",
-    "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "pad_token", "router_aux_loss_coef",
-    "activation_offloading",
+    "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "pad_token", "activation_offloading",
     # PrefoptDPOConfig's own
     "cw_floor", "cw_tau", "cw_detach_weight", "sftc_lam", "sftc_margin", "prefopt_backend",
 )
+MOE = "the MoE load-balancing loss is not computed by prefopt's head: not supported"
 DPO_UNSUPPORTED = {
+    "router_aux_loss_coef": MOE,
     "use_weighting": "WPO weights need log(sum_v p_v^2), which prefopt's op does not compute: not supported",
     "padding_free": "not tested with prefopt's head: not supported",
     "use_liger_kernel": "replaces the model's forward: not supported",
@@ -339,6 +340,7 @@ class PrefoptDPOTrainer(DPOTrainer):
 
 
 GRPO_UNSUPPORTED = {
+    "router_aux_loss_coef": MOE,
     "use_vllm": "vLLM generation is not tested with prefopt's head: not supported",
     "use_liger_kernel": "replaces the model's forward: not supported",
 }
@@ -354,8 +356,8 @@ class PrefoptGRPOTrainer(GRPOTrainer):
 
     TRL's own loss code runs on them, so every ``loss_type`` of the installed TRL (grpo, bnpo, dr_grpo,
     dapo, cispo, sapo, luspo, vespo in 1.16) and its ``num_items_in_batch`` normalisation hold as in TRL.
-    Supported options: every ``GRPOConfig`` option but ``use_vllm`` and ``use_liger_kernel``
-    (:data:`GRPO_SUPPORTED_OPTIONS`); those raise a ValueError naming them.
+    Supported options: every ``GRPOConfig`` option but ``use_vllm``, ``use_liger_kernel`` and
+    ``router_aux_loss_coef`` (:data:`GRPO_SUPPORTED_OPTIONS`); those raise a ValueError naming them.
     """
 
     def __init__(self, model, reward_funcs, args=None, *rest, **kwargs):
