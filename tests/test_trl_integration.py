@@ -11,8 +11,8 @@ Sampled parity matrix (CI budget: about a minute on 2 cores), and why it covers 
 - DPO, tiny Llama, LoRA without ref_model (reference = adapters off), sigmoid.
 - DPO, tiny Llama, precompute_ref_log_probs=True with LoRA (reference precomputed by prefopt's head), ipo.
 - DPO, tiny LLaVA with images, explicit ref_model, sigmoid (TRL refuses precompute for vision data).
-- GRPO, tiny Llama, CPU generation: dapo with a KL term (ref model), and grpo with entropy bonus; the other
-  loss types run TRL's own code on the same log-probs and entropies.
+- GRPO, tiny Llama, CPU generation: dapo with a KL term (LoRA, adapters-off reference), grpo off-policy with
+  an entropy bonus, and each other loss type of TRL 1.16 once (bnpo, dr_grpo, cispo, sapo, luspo, vespo).
 """
 import contextlib
 import math
@@ -187,6 +187,15 @@ def test_grpo_dapo_with_kl_to_the_adapters_off_reference():
 
 def test_grpo_off_policy_with_entropy_bonus():
     grpo_pair(dict(loss_type="grpo", num_iterations=2, entropy_coef=0.01, temperature=0.9))
+
+
+@pytest.mark.parametrize("options", [
+    dict(loss_type="bnpo"), dict(loss_type="dr_grpo"), dict(loss_type="cispo", epsilon_high=1.5),
+    dict(loss_type="sapo"), dict(loss_type="luspo", importance_sampling_level="sequence"), dict(loss_type="vespo"),
+], ids=lambda o: o["loss_type"])
+def test_grpo_other_loss_types(options):
+    """The rest of TRL 1.16's GRPO loss types, two iterations per generation so that the ratio is not 1."""
+    grpo_pair(dict(num_iterations=2, **options))
 
 
 def naive_sequence_logps(model, batch):
