@@ -198,21 +198,25 @@ def test_grpo_other_loss_types(options):
     grpo_pair(dict(num_iterations=2, **options))
 
 
+def naive_log_softmax(model, batch):
+    """Float64 log-probabilities over the vocabulary from the model's full logits, the completion mask."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
+    return torch.log_softmax(logits, -1), batch["completion_mask"][:, 1:].bool()
+
+
 def naive_sequence_logps(model, batch):
     """Per-row summed completion log-probs from the model's full logits (float64), and token counts."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
-    labels = batch["input_ids"][:, 1:]
-    mask = batch["completion_mask"][:, 1:].bool()
-    logp = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
+    logq, mask = naive_log_softmax(model, batch)
+    logp = logq.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
     return torch.where(mask, logp, 0.0).sum(1), mask.sum(1)
 
 
-@pytest.mark.parametrize("loss_type", ["cw-dpo", "sft-c"])
+@pytest.mark.parametrize("loss_type", ["cw-dpo", "sft-c", "nsft"])
 def test_prefopt_loss_types_through_the_config(loss_type):
     policy, tokenizer = tiny()
     reference = tiny()[0]
     args = PrefoptDPOConfig(output_dir=tempfile.mkdtemp(), **COMMON, loss_type=loss_type, beta=0.2, cw_floor=-5.0,
-                            cw_tau=0.7, sftc_lam=0.5, sftc_margin=8.0)
+                            cw_tau=0.7, sftc_lam=0.5, sftc_margin=8.0, kl_coef=0.3)
     trainer = PrefoptDPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=text_pairs(),
                                 processing_class=tokenizer)
     batch = next(iter(trainer.get_train_dataloader()))
@@ -224,13 +228,27 @@ def test_prefopt_loss_types_through_the_config(loss_type):
     if loss_type == "cw-dpo":
         weight = torch.sigmoid((lr / nr + 5.0) / 0.7)
         expected = -torch.nn.functional.logsigmoid(0.2 * ((lc - rc) - weight * (lr - rr)))
-    else:
+    elif loss_type == "sft-c":
         expected = -lc / nc + 0.5 * torch.relu(8.0 + lr / nr)
+    else:  # nsft on the chosen rows: token-mean NLL + kl_coef * token-mean KL(pi || pi_ref)
+        with torch.no_grad():
+            trained = trainer.model.get_output_embeddings().weight
+            trained.add_(0.05 * torch.randn_like(trained))  # so that policy and reference differ
+            loss = trainer.compute_loss(trainer.model, batch)
+            logq, mask = naive_log_softmax(policy, batch)
+            logr, _ = naive_log_softmax(reference, batch)
+            lp, n = naive_sequence_logps(policy, batch)
+        half = mask.shape[0] // 2
+        kl = (logq.exp() * (logq - logr)).sum(-1)[:half][mask[:half]]
+        assert float(kl.mean()) > 1e-4
+        expected = (-lp[:half].sum() + 0.3 * kl.sum()) / n[:half].sum()
     assert math.isclose(float(loss), float(expected.mean()), rel_tol=1e-5)
     logged = trainer._metrics["train"]
-    assert math.isclose(logged["logps/chosen"][-1], float(lc.mean()), rel_tol=1e-5)
-    assert {"entropy", "logits/chosen", "mean_token_accuracy"} <= set(logged)
+    if loss_type != "nsft":
+        assert math.isclose(logged["logps/chosen"][-1], float(lc.mean()), rel_tol=1e-5)
+        assert {"entropy", "logits/chosen", "mean_token_accuracy"} <= set(logged)
     assert ("cooling_weight" in logged) == (loss_type == "cw-dpo")
+    assert ("kl" in logged) == (loss_type == "nsft")
     with prefopt_only():
         history, _, _ = train(trainer)
     assert len(history) == 3 and all(math.isfinite(entry["loss"]) for entry in history)
@@ -253,6 +271,8 @@ def test_unsupported_options_are_named(trainer_cls, config, option):
 def test_prefopt_loss_types_run_alone():
     with pytest.raises(ValueError, match="loss_type"):
         PrefoptDPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, loss_type=["cw-dpo", "sigmoid"])
+    with pytest.raises(ValueError, match="precompute_ref_log_probs"):
+        PrefoptDPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, loss_type="nsft", precompute_ref_log_probs=True)
 
 
 def test_zero3_path_gathers_and_recomputes_to_the_same_numbers(monkeypatch):

@@ -27,7 +27,7 @@ from transformers import TrainingArguments
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
 from trl.trainer import dpo_trainer as dpo_trainer_module
 from trl.trainer import grpo_trainer as grpo_trainer_module
-from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
+from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx, use_adapter
 
 from .. import objectives
 from ..ops import linear_logprobs
@@ -120,7 +120,8 @@ def add_prefopt_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: b
     original_forward = model.forward
 
     @functools.wraps(type(model).forward)  # generate() checks its keyword arguments against this signature
-    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+                prefopt_ref_hidden=None, prefopt_ref_weight=None, **kwargs):
         if not fused_lm_head:
             extra = dict(labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch)
             return original_forward(*args, **kwargs, **{k: v for k, v in extra.items() if v is not None})
@@ -132,6 +133,8 @@ def add_prefopt_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: b
             hidden, targets = hidden[:, :-1], labels[:, 1:]
         else:
             targets = shift_labels
+        if fused_lm_head == "hidden":  # the scored positions' hidden states (a reference pass of nSFT)
+            return hidden
         head = self.get_output_embeddings()
         weight, bias = head.weight, head.bias
         if hasattr(weight, "full_tensor"):  # FSDP2 shards parameters as DTensors
@@ -145,6 +148,17 @@ def add_prefopt_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: b
         if logit_scale != 1.0:  # softcap(s * (h W^T + b)) = softcap((s h) W^T + s b)
             hidden = hidden * logit_scale
             bias = bias * logit_scale if bias is not None else None
+        if prefopt_ref_hidden is not None:  # nSFT: the full-vocabulary KL to the reference, in the same pass
+            if _zero3_enabled():
+                raise ValueError("loss_type='nsft' is not supported under DeepSpeed ZeRO-3")
+            stats = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
+                                    ref_hidden=prefopt_ref_hidden, ref_weight=prefopt_ref_weight, kl=True,
+                                    entropy=True, mean_logit=True, top1=True, backend=backend)
+            out = FusedCausalLMOutput(loss=None, log_probs=stats.logp, entropy=stats.entropy,
+                                      mean_logits=stats.mean_logit.detach(), is_top1=stats.top1.bool(),
+                                      label_mask=targets != -100)
+            out["kl"] = stats.kl
+            return out
         op = functools.partial(
             _head_stats, targets=targets, temperature=temperature, softcap=softcap, backend=backend,
             entropy="entropy" in outputs, mean_logit="mean_logits" in outputs, top1="is_top1" in outputs,
@@ -202,7 +216,7 @@ DPO_SUPPORTED_OPTIONS = (
     "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef", "label_smoothing", "beta", "discopop_tau",
     "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "pad_token", "activation_offloading",
     # PrefoptDPOConfig's own
-    "cw_floor", "cw_tau", "cw_detach_weight", "sftc_lam", "sftc_margin", "prefopt_backend",
+    "cw_floor", "cw_tau", "cw_detach_weight", "sftc_lam", "sftc_margin", "kl_coef", "prefopt_backend",
 )
 MOE = "the MoE load-balancing loss is not computed by prefopt's head: not supported"
 DPO_UNSUPPORTED = {
@@ -213,7 +227,7 @@ DPO_UNSUPPORTED = {
 }
 
 #: prefopt's own paired losses reachable through ``PrefoptDPOConfig(loss_type=...)``.
-PREFOPT_DPO_LOSS_TYPES = ("cw-dpo", "sft-c")
+PREFOPT_DPO_LOSS_TYPES = ("cw-dpo", "sft-c", "nsft")
 
 
 @dataclass
@@ -221,9 +235,11 @@ class PrefoptDPOConfig(DPOConfig):
     """``DPOConfig`` plus prefopt's own paired losses and the op's backend.
 
     ``loss_type="cw-dpo"`` (cooling-weighted DPO, :func:`prefopt.objectives.cwdpo_loss`, with ``beta``,
-    ``cw_floor``, ``cw_tau``, ``cw_detach_weight``) or ``"sft-c"`` (constrained SFT,
-    :func:`prefopt.objectives.sftc_loss` with ``sftc_lam`` and ``sftc_margin``; no reference), alone (not
-    mixed with TRL's loss types). The field names are those of ``prefopt train``'s options (``--cw-floor``
+    ``cw_floor``, ``cw_tau``, ``cw_detach_weight``), ``"sft-c"`` (constrained SFT,
+    :func:`prefopt.objectives.sftc_loss` with ``sftc_lam`` and ``sftc_margin``; no reference) or ``"nsft"``
+    (:func:`prefopt.objectives.nsft_loss` on the chosen answers, which are the positives: token-mean NLL plus
+    ``kl_coef`` times the full-vocabulary KL to the reference; the rejected answers are not used; not with
+    ``precompute_ref_log_probs`` or under ZeRO-3), alone (not mixed with TRL's loss types). The field names are those of ``prefopt train``'s options (``--cw-floor``
     ...), with the same defaults as prefopt's losses.
     """
 
@@ -233,6 +249,7 @@ class PrefoptDPOConfig(DPOConfig):
     cw_detach_weight: bool = field(default=True, metadata={"help": "CW-DPO: no gradient through the cooling weight."})
     sftc_lam: float = field(default=0.1, metadata={"help": "SFT-C: weight of the negative hinge."})
     sftc_margin: float = field(default=2.0, metadata={"help": "SFT-C: NLL per token a negative is pushed up to."})
+    kl_coef: float = field(default=0.1, metadata={"help": "nSFT: weight of the per-token KL to the reference."})
     prefopt_backend: str = field(default="auto", metadata={"help": "backend of prefopt's op: auto, torch or triton."})
 
     def __post_init__(self):
@@ -240,6 +257,8 @@ class PrefoptDPOConfig(DPOConfig):
         ours = [t for t in self.loss_type if t in PREFOPT_DPO_LOSS_TYPES]
         if ours and len(self.loss_type) > 1:
             raise ValueError(f"loss_type: prefopt's {ours[0]!r} runs alone, not mixed with {self.loss_type}")
+        if "nsft" in self.loss_type and self.precompute_ref_log_probs:
+            raise ValueError("precompute_ref_log_probs: loss_type='nsft' needs the reference's hidden states")
         if self.cw_tau <= 0:
             raise ValueError(f"cw_tau: expected a temperature > 0, got {self.cw_tau!r}")
 
@@ -273,7 +292,35 @@ class PrefoptDPOTrainer(DPOTrainer):
             return super()._compute_loss(model, inputs, return_outputs)
         if return_outputs:
             raise ValueError(f"return_outputs: not supported with loss_type={loss_type!r}")
+        if loss_type == "nsft":
+            return self._prefopt_nsft_loss(model, inputs)
         return self._prefopt_paired_loss(model, inputs, loss_type)
+
+    def _prefopt_nsft_loss(self, model, inputs):
+        """nSFT on the chosen rows: token-mean of ``-logp + kl_coef * KL(pi || pi_ref)``."""
+        mode = "train" if self.model.training else "eval"
+        half = inputs["input_ids"].shape[0] // 2
+        chosen = {k: v[:half] for k, v in inputs.items() if torch.is_tensor(v)}
+        model_kwargs = {k: v for k, v in chosen.items() if k != "completion_mask"}
+        labels = chosen["input_ids"].masked_fill(chosen["completion_mask"] == 0, -100)
+        with torch.no_grad():
+            if self.ref_model is None:  # peft: the policy with its adapters off
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                ref_weight = None
+                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                    ref_hidden = self.model(**model_kwargs, use_cache=False, labels=labels, fused_lm_head="hidden")
+            else:
+                ref_hidden = self.ref_model(**model_kwargs, use_cache=False, labels=labels, fused_lm_head="hidden")
+                ref_weight = self.accelerator.unwrap_model(self.ref_model).get_output_embeddings().weight
+        outputs = model(**model_kwargs, use_cache=False, labels=labels, fused_lm_head=True,
+                        prefopt_ref_hidden=ref_hidden, prefopt_ref_weight=ref_weight)
+        count = outputs.label_mask.sum().clamp(min=1)
+        nll, kl = -outputs.log_probs.sum() / count, outputs["kl"].sum() / count
+        for key, value in (("nll", nll), ("kl", kl)):
+            self._metrics[mode][key].append(self.accelerator.gather(value.detach()).float().mean().item())
+        self._metrics[mode]["logps/chosen"].append(
+            self.accelerator.gather(outputs.log_probs.sum(1).detach()).float().mean().item())
+        return objectives.nsft_loss(nll, kl, kl_coef=self.args.kl_coef)
 
     def _prefopt_paired_loss(self, model, inputs, loss_type: str):
         """prefopt's cw-dpo / sft-c on the batch ``[chosen rows, rejected rows]``, with TRL's metrics."""
