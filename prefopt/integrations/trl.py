@@ -10,7 +10,7 @@ TRL's own code, so the trainers take the same constructor, config and data as TR
     from prefopt.integrations.trl import PrefoptDPOTrainer
     trainer = PrefoptDPOTrainer(model=model, args=DPOConfig(...), train_dataset=data, processing_class=tok)
 
-:class:`PrefoptDPOConfig` adds prefopt's own paired losses (``loss_type="cw-dpo"`` or ``"sft-c"``) with
+:class:`PrefoptDPOConfig` adds prefopt's own losses (``loss_type="cw-dpo"``, ``"sft-c"`` or ``"nsft"``) with
 the fields of ``prefopt train``'s options of the same names.
 """
 from __future__ import annotations
@@ -106,9 +106,13 @@ def add_prefopt_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: b
     count); every field is 0 where the label is -100. ``shift_labels`` (already aligned labels) is taken
     as TRL takes it. Without ``fused_lm_head`` the model's own forward runs (generation is unchanged).
     Like TRL's, it wraps the model's current ``forward``: add it before accelerate or PEFT wrap the model
-    (the trainers below have TRL add it where TRL adds its own). Under DeepSpeed ZeRO-3 the head's weight is gathered
-    for the op with TRL's ``maybe_gather_lm_head_ctx``; an FSDP2 (DTensor) head with ``full_tensor()``,
-    as TRL's own head does.
+    (the trainers below have TRL add it where TRL adds its own). Under DeepSpeed ZeRO-3 the head's weight
+    is gathered for the op with TRL's ``maybe_gather_lm_head_ctx`` (forward and backward); an FSDP2
+    (DTensor) head with ``full_tensor()``, as TRL's own head does.
+
+    prefopt's own additions (nSFT): ``fused_lm_head="hidden"`` returns the scored positions' final hidden
+    states; ``prefopt_ref_hidden`` (those of the reference) with ``prefopt_ref_head`` (its ``(weight,
+    bias)``, default this model's head) adds ``output["kl"]``, the full-vocabulary KL(pi || pi_ref) per token.
     """
     unknown = [name for name in outputs if name not in HEAD_OUTPUTS]
     if unknown:
@@ -121,7 +125,7 @@ def add_prefopt_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: b
 
     @functools.wraps(type(model).forward)  # generate() checks its keyword arguments against this signature
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
-                prefopt_ref_hidden=None, prefopt_ref_weight=None, **kwargs):
+                prefopt_ref_hidden=None, prefopt_ref_head=None, **kwargs):
         if not fused_lm_head:
             extra = dict(labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch)
             return original_forward(*args, **kwargs, **{k: v for k, v in extra.items() if v is not None})
@@ -151,9 +155,15 @@ def add_prefopt_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: b
         if prefopt_ref_hidden is not None:  # nSFT: the full-vocabulary KL to the reference, in the same pass
             if _zero3_enabled():
                 raise ValueError("loss_type='nsft' is not supported under DeepSpeed ZeRO-3")
-            stats = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
-                                    ref_hidden=prefopt_ref_hidden, ref_weight=prefopt_ref_weight, kl=True,
-                                    entropy=True, mean_logit=True, top1=True, backend=backend)
+            ref_weight, ref_bias = prefopt_ref_head if prefopt_ref_head is not None else (None, None)
+            if logit_scale != 1.0:
+                prefopt_ref_hidden = prefopt_ref_hidden * logit_scale
+                ref_bias = ref_bias * logit_scale if ref_bias is not None else None
+            with autocast:
+                stats = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
+                                        ref_hidden=prefopt_ref_hidden.to(hidden.dtype), ref_weight=ref_weight,
+                                        ref_bias=ref_bias, kl=True, entropy=True, mean_logit=True, top1=True,
+                                        backend=backend)
             out = FusedCausalLMOutput(loss=None, log_probs=stats.logp, entropy=stats.entropy,
                                       mean_logits=stats.mean_logit.detach(), is_top1=stats.top1.bool(),
                                       label_mask=targets != -100)
@@ -306,14 +316,15 @@ class PrefoptDPOTrainer(DPOTrainer):
         with torch.no_grad():
             if self.ref_model is None:  # peft: the policy with its adapters off
                 unwrapped = self.accelerator.unwrap_model(self.model)
-                ref_weight = None
+                ref_head = None
                 with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
                     ref_hidden = self.model(**model_kwargs, use_cache=False, labels=labels, fused_lm_head="hidden")
             else:
                 ref_hidden = self.ref_model(**model_kwargs, use_cache=False, labels=labels, fused_lm_head="hidden")
-                ref_weight = self.accelerator.unwrap_model(self.ref_model).get_output_embeddings().weight
+                ref_head = self.accelerator.unwrap_model(self.ref_model).get_output_embeddings()
+                ref_head = (ref_head.weight, ref_head.bias)
         outputs = model(**model_kwargs, use_cache=False, labels=labels, fused_lm_head=True,
-                        prefopt_ref_hidden=ref_hidden, prefopt_ref_weight=ref_weight)
+                        prefopt_ref_hidden=ref_hidden, prefopt_ref_head=ref_head)
         count = outputs.label_mask.sum().clamp(min=1)
         nll, kl = -outputs.log_probs.sum() / count, outputs["kl"].sum() / count
         for key, value in (("nll", nll), ("kl", kl)):
