@@ -249,8 +249,9 @@ class PrefoptDPOConfig(DPOConfig):
     :func:`prefopt.objectives.sftc_loss` with ``sftc_lam`` and ``sftc_margin``; no reference) or ``"nsft"``
     (:func:`prefopt.objectives.nsft_loss` on the chosen answers, which are the positives: token-mean NLL plus
     ``kl_coef`` times the full-vocabulary KL to the reference; the rejected answers are not used; not with
-    ``precompute_ref_log_probs`` or under ZeRO-3), alone (not mixed with TRL's loss types). The field names are those of ``prefopt train``'s options (``--cw-floor``
-    ...), with the same defaults as prefopt's losses.
+    ``precompute_ref_log_probs`` or under ZeRO-3), alone (not mixed with TRL's loss types). The field
+    names are those of ``prefopt train``'s options (``--cw-floor`` ...), with the same defaults as
+    prefopt's losses.
     """
 
     cw_floor: float = field(default=-3.0, metadata={"help": "CW-DPO: per-token log-prob of a negative below which "
