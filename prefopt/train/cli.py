@@ -91,8 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "generate N; default all)")
     g.add_argument("--max-length", type=int, default=d.max_length, help="longest row in tokens, image tokens "
                    "included; longer answers are cut (default %(default)s)")
-    g.add_argument("--strict-data", action="store_true", help="a malformed JSONL record fails the run (default: it "
-                   "is skipped with a warning naming its line)")
+    g.add_argument("--strict-data", action="store_true", help="a bad record fails the run (default: it is skipped, "
+                   "reported as one line FILE:LINE: reason and counted in the summary). Checked before training: UTF-8, "
+                   "JSON, duplicate keys, fields, chosen != rejected, a rejected answer for pairwise methods, images "
+                   "(decode, regular file inside the data folder, pixel limit), literal image tokens, prompt within "
+                   "--max-length")
+    g.add_argument("--allow-outside-images", action="store_true", help="accept image paths (or symbolic links) "
+                   "that lead outside the data file's folder")
+    g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="largest image (width x height) "
+                   "accepted; larger ones are skipped as decompression bombs (default %(default)s)")
     g.add_argument("--probe-data", default=None, metavar="PATH|synthetic",
                    help="records for the Delta-log-p probes (default: the held-out split of 'synthetic' or of a "
                         "folder with heldout.jsonl, else the first training records)")
@@ -194,7 +201,8 @@ def config_from_args(args) -> "TrainConfig":
         method=args.method, model=args.model, data=args.data, out=out, reference=args.reference, lora=args.lora,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, dtype=args.dtype, device=args.device,
         gradient_checkpointing=args.gradient_checkpointing, op_backend=args.op_backend, train_size=args.train_size,
-        max_length=args.max_length, strict_data=args.strict_data, probe_data=args.probe_data,
+        max_length=args.max_length, strict_data=args.strict_data, allow_outside_images=args.allow_outside_images,
+        max_image_pixels=args.max_image_pixels, probe_data=args.probe_data,
         probe_size=args.probe_size, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm, seed=args.seed, options=options, max_new_tokens=args.max_new_tokens,
@@ -225,6 +233,7 @@ def format_summary(s: dict) -> str:
         + ("torch's peak GPU allocation" if s["device"].startswith("cuda") else "peak resident set of the process")
         + f")   throughput {num(s['tokens_per_second'], '.0f')} tokens/s",
         f"  checkpoint         {s['checkpoint']}",
+        *([f"  skipped records    {s['skipped_records']} (listed on stderr)"] if s.get("skipped_records") else []),
         f"  metrics            {s['metrics']}",
     ]
     return "\n".join(lines)
