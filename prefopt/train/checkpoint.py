@@ -38,6 +38,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -55,8 +56,10 @@ SCHEDULER_FILE = "scheduler.json"
 DEEPSPEED_DIR = "deepspeed"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
-#: Test hook: ``PREFOPT_FAULT=<file name>:<kill|enospc|erofs>`` makes the checkpoint writer SIGKILL the
-#: process, or fail with that error, just before it writes a file of that name (tests only).
+#: Test hook: ``PREFOPT_FAULT=<point>:<kind>[:<rank>]`` makes the process (of that rank only, if given)
+#: SIGKILL itself (``kill``), send itself SIGINT (``sigint``), hang (``hang``) or fail with ENOSPC/EROFS
+#: (``enospc``, ``erofs``) when it reaches ``<point>``: a checkpoint file's name, just before it is
+#: written, or ``step-<n>``, the boundary after step n. For the fault-injection tests only.
 FAULT_ENV = "PREFOPT_FAULT"
 
 
@@ -68,15 +71,24 @@ def rng_file(rank: int) -> str:
     return f"rng_state_{rank}.safetensors"
 
 
-def _fault(name: str) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec or spec.rsplit(":", 1)[0] != name:
+def fault_point(path: str) -> None:
+    """Act on :data:`FAULT_ENV` at the point ``path`` (named by its trailing components, e.g.
+    ``optimizer.json`` or ``.checkpoint-4.tmp/optimizer.json``; a no-op unless that test hook names it)."""
+    spec = os.environ.get(FAULT_ENV, "").split(":")
+    if len(spec) < 2 or not os.path.join(os.sep, path).endswith(os.sep + spec[0]) or (len(spec) > 2 and spec[2] != os.environ.get("RANK", "0")):
         return
-    kind = spec.rsplit(":", 1)[1]
+    kind = spec[1]
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    code = {"enospc": errno.ENOSPC, "erofs": errno.EROFS}[kind]
-    raise OSError(code, os.strerror(code), name)
+    elif kind == "sigint":
+        os.kill(os.getpid(), signal.SIGINT)
+    elif kind == "hang":
+        while True:
+            time.sleep(60)
+    else:
+        code = {"enospc": errno.ENOSPC, "erofs": errno.EROFS}[kind]
+        raise OSError(code, os.strerror(code), path)
+
 
 
 # --------------------------------------------------------------------------------------- safe encodings
@@ -124,7 +136,7 @@ def save_state_dict(sd: Dict[str, Any], json_path: str, tensor_path: Optional[st
     if tensors and tensor_path is None:
         raise TypeError(f"{json_path}: state holds tensors")
     if tensor_path is not None:
-        _fault(os.path.basename(tensor_path))
+        fault_point(tensor_path)
         save_file(tensors, tensor_path)
     _write_json(json_path, structure)
 
@@ -139,7 +151,7 @@ def load_state_dict(json_path: str, tensor_path: Optional[str]) -> Dict[str, Any
 
 
 def _write_json(path: str, obj: Any) -> None:
-    _fault(os.path.basename(path))
+    fault_point(path)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
 
@@ -174,7 +186,7 @@ def save_rng(path: str, s: Optional[Dict[str, Any]] = None) -> None:
         tensors[f"cuda.{i}"] = t
     metadata = {"python": json.dumps([version, list(internal), gauss]),
                 "numpy": json.dumps([name, int(pos), int(has_gauss), float(cached)])}
-    _fault(os.path.basename(path))
+    fault_point(path)
     save_file(tensors, path, metadata=metadata)
 
 
@@ -265,10 +277,10 @@ def latest_checkpoint(out_dir: str, warn: bool = False) -> Optional[str]:
     pointer = os.path.join(out_dir, LATEST)
     named = None
     if os.path.isfile(pointer):
-        with open(pointer, encoding="utf-8") as f:
-            named = f.read().strip()
+        with open(pointer, encoding="utf-8", errors="replace") as f:
+            named = f.read(200).strip()
         if not CHECKPOINT_RE.match(named) or os.path.islink(os.path.join(out_dir, named)):
-            raise CheckpointError(f"{pointer}: names {named!r}, not a checkpoint folder inside {out_dir}")
+            raise CheckpointError(f"{pointer}: names {named[:60]!r}, not a checkpoint folder inside {out_dir}")
     candidates = checkpoints(out_dir)
     if named is not None:
         step = int(CHECKPOINT_RE.match(named).group(1))
@@ -284,8 +296,15 @@ def latest_checkpoint(out_dir: str, warn: bool = False) -> Optional[str]:
 
 
 def read_trainer_state(path: str) -> Dict[str, Any]:
-    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-        return json.load(f)
+    file = os.path.join(path, STATE_FILE)
+    try:
+        with open(file, encoding="utf-8") as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no step")
+        return state
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{file}: unreadable trainer state ({str(e).splitlines()[0][:80]})") from None
 
 
 # --------------------------------------------------------------------------------------- save / load
@@ -306,6 +325,7 @@ def trainable_state(module: torch.nn.Module, state: DistState, everywhere: bool 
 def _write_text_atomic(path: str, text: str) -> None:
     tmp = path + ".tmp"
     try:
+        fault_point(tmp)
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -346,7 +366,7 @@ def save_checkpoint(out_dir: str, step: int, *, engine, trainer_state: Dict[str,
             save_state_dict(engine.scheduler.state_dict(), os.path.join(tmp, SCHEDULER_FILE), None)
         save_rng(os.path.join(tmp, rng_file(state.rank)), rng)
         if state.is_main:
-            _fault(WEIGHTS_FILE)
+            fault_point(os.path.join(tmp, WEIGHTS_FILE))
             save_file(weights, os.path.join(tmp, WEIGHTS_FILE))
             _write_json(os.path.join(tmp, STATE_FILE), {"step": step, **trainer_state})
         barrier(state)
@@ -375,7 +395,18 @@ def _prune(out_dir: str, keep: int, current: str) -> None:
 
 def load_checkpoint(path: str, *, engine, state: DistState, trust: bool = False) -> Dict[str, Any]:
     """Restore weights, optimizer, scheduler and this rank's RNG from the verified checkpoint ``path``;
-    returns the trainer state. DeepSpeed's own (pickled) state is read only with ``trust``."""
+    returns the trainer state. DeepSpeed's own (pickled) state is read only with ``trust``. A file that
+    does not parse is a ``CheckpointError`` naming it."""
+    try:
+        return _load_checkpoint(path, engine=engine, state=state, trust=trust)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors, JSON and the optimizer's own checks raise many types
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: unreadable checkpoint ({reason})") from None
+
+
+def _load_checkpoint(path: str, *, engine, state: DistState, trust: bool) -> Dict[str, Any]:
     from safetensors.torch import load_file
 
     trainer_state = read_trainer_state(path)

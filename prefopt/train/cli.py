@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deepspeed", default=None, metavar="zero2|zero3|CONFIG.json",
                    help="train under DeepSpeed (launch with deepspeed or torchrun); a JSON config may use 'auto' for "
                         "batch sizes, clipping and precision")
+    g.add_argument("--dist-timeout", type=float, default=d.dist_timeout, metavar="SECONDS",
+                   help="DDP/DeepSpeed: a collective that waits this long for another rank (hung or dead) fails with a "
+                        "one-line error on every waiting rank (default %(default)s)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--json", action="store_true", help="print the summary as JSON")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -209,7 +212,7 @@ def config_from_args(args) -> "TrainConfig":
         probe_every=args.probe_every, early_stop_chosen_drop=args.early_stop_chosen_drop, save_every=args.save_every,
         save_minutes=args.save_minutes,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, stop_after=args.stop_after,
-        deepspeed=args.deepspeed, trust_checkpoint=args.trust_checkpoint, progress=not args.no_progress,
+        deepspeed=args.deepspeed, dist_timeout=args.dist_timeout, trust_checkpoint=args.trust_checkpoint, progress=not args.no_progress,
     )
 
 
@@ -286,6 +289,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (CheckpointError, OSError, ValueError) as e:
         message = os_error_line(e, cfg.out) if isinstance(e, OSError) else str(e).strip().splitlines()[0]
         print(f"prefopt train: error: {message}", file=sys.stderr, flush=True)
+        return 1
+    except RuntimeError as e:  # a collective that failed: another rank hung (--dist-timeout) or died
+        if not run.state.distributed:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"prefopt train: error: rank {run.state.rank}: a collective failed, another rank hung past "
+              f"--dist-timeout {cfg.dist_timeout:g} s or died ({first})", file=sys.stderr, flush=True)
         return 1
     if run.state.is_main:
         print(json.dumps(summary, indent=1) if args.json else format_summary(summary), flush=True)

@@ -98,6 +98,7 @@ class TrainConfig:
     resume: bool = False
     stop_after: Optional[int] = None  # stop (with a checkpoint) after this many steps of the schedule
     deepspeed: Optional[str] = None
+    dist_timeout: float = dist.DEFAULT_TIMEOUT_S  # seconds a collective waits for a hung or dead rank
     trust_checkpoint: bool = False  # --resume under DeepSpeed unpickles DeepSpeed's own files
     progress: bool = True
 
@@ -211,6 +212,8 @@ def prepare(cfg: TrainConfig) -> "Run":
     for name in ("batch_size", "grad_accum", "probe_size", "max_length", "keep_checkpoints"):
         if getattr(cfg, name) < (0 if name == "keep_checkpoints" else 1):
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(cfg, name)}")
+    if cfg.dist_timeout <= 0:
+        raise ValueError(f"--dist-timeout: expected a positive number of seconds, got {cfg.dist_timeout}")
     if cfg.steps < 0 or cfg.epochs <= 0 or cfg.probe_every < 0 or cfg.save_every < 0 or cfg.save_minutes < 0:
         raise ValueError("--steps, --probe-every, --save-every and --save-minutes must be >= 0 and --epochs > 0")
     if not 0.0 <= cfg.warmup_ratio < 1.0:
@@ -219,7 +222,7 @@ def prepare(cfg: TrainConfig) -> "Run":
         raise ValueError(f"--deepspeed: expected zero2, zero3 or a JSON config file, got {cfg.deepspeed!r}")
     resume_state, stale = _check_out_dir(cfg)
 
-    state = dist.setup(cfg.deepspeed, cfg.device)
+    state = dist.setup(cfg.deepspeed, cfg.device, cfg.dist_timeout)
     try:
         run = _prepare(cfg, state, resume_state)
         run.stale_files = stale
@@ -253,11 +256,11 @@ def _check_out_dir(cfg: TrainConfig) -> Tuple[Optional[Dict[str, Any]], List[str
                          "a new folder")
     try:
         path = ckpt.latest_checkpoint(cfg.out, warn=main_rank)
+        if path is None:
+            raise ValueError(f"--resume: no intact checkpoint in {cfg.out}")
+        return {"path": path, **ckpt.read_trainer_state(path)}, []
     except ckpt.CheckpointError as e:
         raise ValueError(f"--resume: {e}") from None
-    if path is None:
-        raise ValueError(f"--resume: no intact checkpoint in {cfg.out}")
-    return {"path": path, **ckpt.read_trainer_state(path)}, []
 
 
 def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
@@ -664,8 +667,8 @@ class Run:
         """Drop the lines a killed run logged after its last checkpoint (they are trained again)."""
         path = os.path.join(self.cfg.out, METRICS_FILE)
         if self.state.is_main and os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
+            with open(path, encoding="utf-8", errors="replace") as f:
+                lines = [ln for ln in f if _logged_step(ln) <= step]
             with open(path + ".tmp", "w", encoding="utf-8") as f:
                 f.writelines(lines)
             os.replace(path + ".tmp", path)
@@ -701,6 +704,14 @@ class Run:
             "world_size": self.state.world_size,
             "backend": self.state.backend + (f" ZeRO-{self.state.zero_stage}" if self.state.backend == "deepspeed" else ""),
         }
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line (infinity for a line that does not parse: it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
