@@ -94,6 +94,16 @@ def test_two_processes_match_one(tmp_path, text_data, case):
             continue
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=2e-5, msg=k)
 
+    if case == "zero2-llama-lora-cwdpo":
+        # DeepSpeed's own files are pickles: --resume refuses them without --trust-checkpoint, so no file
+        # of the run folder, DeepSpeed's included, is unpickled (each replaced in turn by a crafted pickle).
+        from test_train_reliability import plant_everywhere_and_resume
+
+        assert any("deepspeed" in r for r, _, _ in os.walk(two))
+        codes = plant_everywhere_and_resume(two, common + launcher + ["--out", two, "--batch-size", per_rank,
+                                                                       "--resume"], tmp_path / "marker")
+        assert any(name.endswith(".pt") for name in codes) and set(codes.values()) == {2}
+
     if "--lora" not in method_args:  # the head is trained: its gradient reached the (partitioned) weight
         adapter, _ = build_model(model, seed=0)
         head = adapter.head().weight
