@@ -172,9 +172,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default %(default)s)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint "
                    "(same options)")
-    g.add_argument("--trust-checkpoint", action="store_true",
-                   help="--resume under --deepspeed: allow loading DeepSpeed's own optimizer files, which are pickles "
-                        "and can run code (prefopt's own checkpoint files never are); only for run folders you trust")
     g.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                    help="stop after this many steps of the schedule, with a checkpoint (continue with --resume)")
     g.add_argument("--deepspeed", default=None, metavar="zero2|zero3|CONFIG.json",
@@ -212,7 +209,7 @@ def config_from_args(args) -> "TrainConfig":
         probe_every=args.probe_every, early_stop_chosen_drop=args.early_stop_chosen_drop, save_every=args.save_every,
         save_minutes=args.save_minutes,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, stop_after=args.stop_after,
-        deepspeed=args.deepspeed, dist_timeout=args.dist_timeout, trust_checkpoint=args.trust_checkpoint, progress=not args.no_progress,
+        deepspeed=args.deepspeed, dist_timeout=args.dist_timeout, progress=not args.no_progress,
     )
 
 

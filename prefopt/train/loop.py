@@ -99,7 +99,6 @@ class TrainConfig:
     stop_after: Optional[int] = None  # stop (with a checkpoint) after this many steps of the schedule
     deepspeed: Optional[str] = None
     dist_timeout: float = dist.DEFAULT_TIMEOUT_S  # seconds a collective waits for a hung or dead rank
-    trust_checkpoint: bool = False  # --resume under DeepSpeed unpickles DeepSpeed's own files
     progress: bool = True
 
     def learning_rate(self) -> float:
@@ -238,9 +237,6 @@ def _check_out_dir(cfg: TrainConfig) -> Tuple[Optional[Dict[str, Any]], List[str
     main_rank = os.environ.get("RANK", "0") == "0"
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ValueError(f"--out {cfg.out}: exists and is not a folder")
-    if cfg.resume and cfg.deepspeed and not cfg.trust_checkpoint:
-        raise ValueError("--resume under --deepspeed loads DeepSpeed's own optimizer files, which are pickles and can "
-                         "run code; pass --trust-checkpoint if the run folder is yours")
     if not os.path.isdir(cfg.out) or not os.listdir(cfg.out):
         if cfg.resume:
             raise ValueError(f"--resume: no checkpoint in {cfg.out}")
@@ -425,7 +421,7 @@ class Run:
             point = self.method.reference_point
             if point is not None and start_step > point:
                 objective.reference = self.make_reference(point, start_step)
-            ckpt.load_checkpoint(self.resume_state["path"], engine=engine, state=state, trust=cfg.trust_checkpoint)
+            ckpt.load_checkpoint(self.resume_state["path"], engine=engine, state=state)
             saved_start = self.resume_state.get("probe_start")
             probe.start = None if saved_start is None else ProbeResult(**saved_start)
             self.truncate_metrics(start_step)
