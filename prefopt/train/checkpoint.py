@@ -77,7 +77,9 @@ def fault_point(path: str) -> None:
     """Act on :data:`FAULT_ENV` at the point ``path`` (named by its trailing components, e.g.
     ``optimizer.json`` or ``.checkpoint-4.tmp/optimizer.json``; a no-op unless that test hook names it)."""
     spec = os.environ.get(FAULT_ENV, "").split(":")
-    if len(spec) < 2 or not os.path.join(os.sep, path).endswith(os.sep + spec[0]) or (len(spec) > 2 and spec[2] != os.environ.get("RANK", "0")):
+    if len(spec) < 2 or not os.path.join(os.sep, path).endswith(os.sep + spec[0]):
+        return
+    if len(spec) > 2 and spec[2] != os.environ.get("RANK", "0"):
         return
     kind = spec[1]
     if kind == "kill":

@@ -121,7 +121,8 @@ def check_image(path: str, folder: str, *, allow_outside: bool = False, max_pixe
         raise ValueError(f"image {path} does not decode ({reason})") from None
 
 
-def _parse_record(obj: Any, folder: str, allow_outside: bool = False, max_pixels: int = MAX_IMAGE_PIXELS) -> PreferenceRecord:
+def _parse_record(obj: Any, folder: str, allow_outside: bool = False,
+                  max_pixels: int = MAX_IMAGE_PIXELS) -> PreferenceRecord:
     """Validate one decoded JSON value; raise ValueError with the reason when it is malformed."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")

@@ -10,7 +10,8 @@
         batches              this rank's micro-batches of the step (on-policy negatives sampled here)
         item count           the size of the whole accumulated global batch in the loss's unit
         forward/backward     every micro-batch's loss is normalised by that count
-        step                 clip, AdamW, schedule; metrics (TRL names), probes, checkpoints
+        step                 clip, AdamW, schedule; metrics (TRL names), probes, checkpoints (at the end,
+                             the cadence, an early stop, SIGINT/SIGTERM: see interrupts.py)
 
 The loss is always a fused prefopt module on the backbone's final hidden states and the head weight
 (:class:`~prefopt.train.methods.PolicyObjective`); the loop never computes logits. Data order is a
@@ -37,9 +38,9 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import reference as ref_mod
-from .methods import METHODS, MethodOptions, PolicyObjective, Stage, build_method
 from .data import DataProblems
 from .interrupts import Cadence, Interrupted, StopSignals, at_boundary, stale_run_files
+from .methods import METHODS, MethodOptions, PolicyObjective, Stage, build_method
 from .probes import LogpProbe, ProbeResult, should_stop
 
 METRICS_FILE = "metrics.jsonl"
@@ -456,8 +457,8 @@ class Run:
                 self.write_metrics(metrics)
                 history.append(metrics)
                 bar.update(1)
-                bar.set_postfix({k: f"{metrics[m]:.3g}" for k, m in (
-                    ("loss", "loss"), ("acc", "rewards/accuracies"), ("dlogp+", "probe/delta_logp_chosen")) if m in metrics})
+                shown = (("loss", "loss"), ("acc", "rewards/accuracies"), ("dlogp+", "probe/delta_logp_chosen"))
+                bar.set_postfix({k: f"{metrics[m]:.3g}" for k, m in shown if m in metrics})
                 done = step + 1
                 self.boundary_rng = ckpt.rng_state()
                 if stopped_early:
