@@ -247,6 +247,16 @@ def test_resume_refuses_what_changes_the_numbers(stopped, change, message):
         prepare(dataclasses.replace(stopped, **change))
 
 
+def test_resume_refuses_another_world_size():
+    from prefopt.train.loop import check_resume_identity, run_identity
+
+    cfg = TrainConfig(model="tiny-llama")
+    saved = run_identity(cfg, 2, torch.float32, "abc")
+    check_resume_identity(saved, run_identity(cfg, 2, torch.float32, "abc"), "OUT")
+    with pytest.raises(ValueError, match="the world size is 1 but the run in OUT used 2"):
+        check_resume_identity(saved, run_identity(cfg, 1, torch.float32, "abc"), "OUT")
+
+
 def test_resume_refuses_changed_data_and_notes_longer_steps(stopped, capsys):
     path = os.path.join(stopped.data, "train.jsonl")
     original = open(path, encoding="utf-8").read()

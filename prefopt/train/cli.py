@@ -278,6 +278,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         summary = run.execute()
+    except KeyboardInterrupt:  # outside the steps (where SIGINT only asks for a checkpoint and a stop)
+        print("prefopt train: interrupted outside the training steps; the run folder keeps its last checkpoint",
+              file=sys.stderr)
+        return 130
     except Interrupted as e:
         if run.state.is_main:
             print(f"prefopt train: stopped by {signal.Signals(e.signum).name} at step {e.step}/{e.total}; checkpoint "
