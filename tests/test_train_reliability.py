@@ -202,6 +202,24 @@ def test_disk_full_or_read_only_is_one_line_and_leaves_no_tmp(tmp_path, text_dat
     assert not [n for n in os.listdir(tmp_path / "run") if n.endswith(".tmp")]
 
 
+def test_a_read_only_run_folder_is_one_line(tmp_path, text_data, monkeypatch, capsys):
+    """EROFS on the first file the run writes (injected: CI runs as root, where chmod does not bite)."""
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    def read_only(path, mode="r", *a, **k):
+        if "w" in mode and str(path).startswith(str(tmp_path / "run")):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", read_only)
+    assert main(cli_args(text_data, tmp_path / "run", "--method", "sft", "--steps", "1", "--probe-every", "0")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"prefopt train: error: {tmp_path / 'run' / 'config.json'}: Read-only file system (EROFS)"], err
+
+
 def test_a_folder_without_a_checkpoint_can_be_started_again(tmp_path, text_data, capsys):
     """What a run killed before its first checkpoint leaves: the same command (or --resume) starts again."""
     out = tmp_path / "run"
