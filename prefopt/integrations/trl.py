@@ -242,7 +242,7 @@ PREFOPT_DPO_LOSS_TYPES = ("cw-dpo", "sft-c", "nsft")
 
 @dataclass
 class PrefoptDPOConfig(DPOConfig):
-    """``DPOConfig`` plus prefopt's own paired losses and the op's backend.
+    """``DPOConfig`` plus prefopt's own losses and the op's backend.
 
     ``loss_type="cw-dpo"`` (cooling-weighted DPO, :func:`prefopt.objectives.cwdpo_loss`, with ``beta``,
     ``cw_floor``, ``cw_tau``, ``cw_detach_weight``), ``"sft-c"`` (constrained SFT,
@@ -280,7 +280,7 @@ class PrefoptDPOTrainer(DPOTrainer):
 
     Supported ``DPOConfig`` options: every ``TrainingArguments`` option except ``use_liger_kernel``, and
     :data:`DPO_SUPPORTED_OPTIONS`; any other option set away from its default raises a ValueError naming it.
-    With a :class:`PrefoptDPOConfig`, also prefopt's ``cw-dpo`` and ``sft-c`` loss types.
+    With a :class:`PrefoptDPOConfig`, also prefopt's ``cw-dpo``, ``sft-c`` and ``nsft`` loss types.
     """
 
     def __init__(self, model, ref_model=None, args=None, *rest, **kwargs):
@@ -308,7 +308,8 @@ class PrefoptDPOTrainer(DPOTrainer):
         return self._prefopt_paired_loss(model, inputs, loss_type)
 
     def _prefopt_nsft_loss(self, model, inputs):
-        """nSFT on the chosen rows: token-mean of ``-logp + kl_coef * KL(pi || pi_ref)``."""
+        """nSFT on the chosen rows: token-mean of ``-logp + kl_coef * KL(pi || pi_ref)``. The batch's tensors
+        are cut at half their first dimension: image inputs must have one entry per row (LLaVA's do)."""
         mode = "train" if self.model.training else "eval"
         half = inputs["input_ids"].shape[0] // 2
         chosen = {k: v[:half] for k, v in inputs.items() if torch.is_tensor(v)}
