@@ -48,10 +48,32 @@ import torch
 import triton
 import triton.language as tl
 
-from prefopt.ops.common import ForwardStats, compute_dtype
-
 #: Whether kernels were built for the interpreter (``triton.jit`` reads the variable when decorating).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass
+class StreamStats:
+    """What :func:`forward` returns per token ([n] each, fp32 or fp64; None where not asked for).
+
+    The field names are those of the op's ``ForwardStats`` (the backend copies them over); this module
+    imports nothing from the library above it.
+    """
+
+    lse: torch.Tensor
+    target_logit: torch.Tensor
+    mean_logit: Optional[torch.Tensor] = None  # E_p[z]
+    logit_sum: Optional[torch.Tensor] = None  # sum_v z_v
+    ref_lse: Optional[torch.Tensor] = None
+    ref_target_logit: Optional[torch.Tensor] = None
+    mean_ref_logit: Optional[torch.Tensor] = None  # E_p[zr]
+    moments: Optional[torch.Tensor] = None  # [n, H]
+    argmax: Optional[torch.Tensor] = None  # int64: first index of max_v z_v
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are accumulated in fp32, or fp64 for fp64 inputs (the op's rule)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -331,7 +353,7 @@ def forward(
     moments: bool = False,
     split: Optional[int] = None,
     blocks: Optional[Blocks] = None,
-) -> ForwardStats:
+) -> StreamStats:
     """Launch the forward kernel and merge its vocabulary splits.
 
     ``hidden [n, H]``, ``weight [V, H]``, ``targets [n]`` (valid indices), optional ``bias [V]`` and
@@ -395,7 +417,7 @@ def forward(
     gmax = pmax.amax(0)
     w = torch.exp(pmax - gmax)
     total = (psum * w).sum(0)
-    stats = ForwardStats(lse=gmax + torch.log(total), target_logit=ptgt.sum(0))
+    stats = StreamStats(lse=gmax + torch.log(total), target_logit=ptgt.sum(0))
     if pez is not None:
         ez = (pez * w).sum(0) / total
         stats.mean_logit = ez if mean_logit else None

@@ -278,3 +278,17 @@ def test_no_tokens_by_vocab_tensor(monkeypatch):
         (out.logp.sum() + out.kl.sum() + out.entropy.sum()).backward()
     assert 0 < Watch.largest <= max(n * 32, n * hidden, vocab * hidden) < n * vocab // 4
     assert h.grad is not None and w.grad is not None
+
+
+def test_kernels_import_nothing_from_prefopt():
+    # kernels/ is the bottom layer: the library imports it, never the other way round
+    import ast
+    import pathlib
+
+    root = pathlib.Path(K.__file__).parent
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] if node.level == 0 else []
+            assert not any(name.split(".")[0] == "prefopt" for name in names), f"{path} imports {names}"

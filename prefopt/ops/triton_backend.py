@@ -29,6 +29,8 @@ a trainable head (recompute, d hidden, d weight), 1 forward (+ the moments produ
 """
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 
 from prefopt.kernels import linear_logprobs as K
@@ -53,11 +55,12 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
     """One launch of the forward kernel (see the module docstring)."""
     if config.top1:
         raise ValueError("top1: not computed by the triton backend yet; use backend='torch'")
-    return K.forward(
+    stats = K.forward(
         hidden, weight, bias, targets, temperature=config.temperature, softcap=config.softcap,
         ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, mean_logit=config.needs_mean_logit,
         logit_sum=config.needs_logit_sum, mean_ref_logit=config.kl, moments=moments,
     )
+    return ForwardStats(**{f.name: getattr(stats, f.name) for f in fields(stats)})
 
 
 def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, ref_bias, coef, config: OpConfig,
