@@ -9,7 +9,8 @@ Forward, :func:`forward` / ``_fwd_kernel``
     ``tl.dot(hidden_block, weight_tile^T)`` over ``BLOCK_H`` slices of H with an fp32 accumulator
     (fp64 for fp64 inputs), then bias, softcap and ``1/temperature`` are applied in registers, padded
     columns are set to -inf, and an online (max, sum-exp) is updated. On request the same loop
-    accumulates ``sum e*z`` (entropy, KL), ``sum z`` (uniform NLL), the reference logits of the same
+    accumulates ``sum e*z`` (entropy, KL), ``sum z`` (uniform NLL, mean logit), the first argmax (a
+    running max and its lowest column; splits merged by (max, lowest split)), the reference logits of the same
     tile from the reference hidden block (online reference lse, reference target logit, ``sum e*zr``
     for KL) and the target logit. Each program writes one partial per statistic to ``[SPLIT_V, n]``
     buffers; :func:`forward` merges the splits (a log-sum-exp over ``SPLIT_V`` entries per token). The
@@ -211,12 +212,12 @@ def _logits_tile(
 @triton.jit
 def _fwd_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, rh_ptr, rw_ptr, rb_ptr,
-    max_ptr, sum_ptr, tgt_ptr, ez_ptr, zsum_ptr, rmax_ptr, rsum_ptr, rtgt_ptr, ezr_ptr, m_ptr,
+    max_ptr, sum_ptr, tgt_ptr, ez_ptr, zsum_ptr, arg_ptr, rmax_ptr, rsum_ptr, rtgt_ptr, ezr_ptr, m_ptr,
     n, V, K, KR, stride_h, stride_w, stride_rh, stride_rw, stride_m, tiles_per_split,
     inv_temp, softcap, inv_softcap,
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-    WANT_EZ: tl.constexpr, WANT_ZSUM: tl.constexpr, WANT_REF: tl.constexpr, WANT_EZR: tl.constexpr,
-    MOMENTS: tl.constexpr, ACC: tl.constexpr, DOT_DTYPE: tl.constexpr, REF_DOT_DTYPE: tl.constexpr,
+    WANT_EZ: tl.constexpr, WANT_ZSUM: tl.constexpr, WANT_ARGMAX: tl.constexpr, WANT_REF: tl.constexpr,
+    WANT_EZR: tl.constexpr, MOMENTS: tl.constexpr, ACC: tl.constexpr, DOT_DTYPE: tl.constexpr, REF_DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -239,6 +240,7 @@ def _fwd_kernel(
 
     v_begin = pid_s * tiles_per_split * BLOCK_V
     v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
+    arg = tl.zeros([BLOCK_N], dtype=tl.int32) + v_begin
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
@@ -249,7 +251,12 @@ def _fwd_kernel(
         )
         z_fin = tl.where(col_mask[None, :], z, 0.0)
         z = tl.where(col_mask[None, :], z, ninf)
-        new_max = tl.maximum(run_max, tl.max(z, 1))
+        tile_max = tl.max(z, 1)
+        if WANT_ARGMAX:
+            # first maximum: the lowest column of the tile at its max; a later tile wins only if strictly larger
+            tile_arg = tl.min(tl.where(z == tile_max[:, None], cols[None, :], V), 1)
+            arg = tl.where(tile_max > run_max, tile_arg, arg)
+        new_max = tl.maximum(run_max, tile_max)
         scale = tl.exp(run_max - new_max)
         e = tl.exp(z - new_max[:, None])
         run_sum = run_sum * scale + tl.sum(e, 1)
@@ -308,6 +315,8 @@ def _fwd_kernel(
         tl.store(ez_ptr + out, ez, mask=row_mask)
     if WANT_ZSUM:
         tl.store(zsum_ptr + out, zsum, mask=row_mask)
+    if WANT_ARGMAX:
+        tl.store(arg_ptr + out, arg, mask=row_mask)
     if WANT_REF:
         tl.store(rmax_ptr + out, ref_max, mask=row_mask)
         tl.store(rsum_ptr + out, ref_sum, mask=row_mask)
@@ -350,6 +359,7 @@ def forward(
     mean_logit: bool = False,
     logit_sum: bool = False,
     mean_ref_logit: bool = False,
+    argmax: bool = False,
     moments: bool = False,
     split: Optional[int] = None,
     blocks: Optional[Blocks] = None,
@@ -385,6 +395,7 @@ def forward(
     pmax, psum, ptgt = part(), part(), part()
     pez = part() if (mean_logit or mean_ref_logit) else None
     pzsum = part() if logit_sum else None
+    parg = torch.empty(split, n, dtype=torch.int32, device=dev) if argmax else None
     prmax, prsum, prtgt = (part(), part(), part()) if want_ref else (None, None, None)
     pezr = part() if mean_ref_logit else None
     m = torch.zeros(n, hidden_size, dtype=dtype, device=dev) if moments else None
@@ -397,6 +408,7 @@ def forward(
             ref_hidden if want_ref else dummy, ref_weight if want_ref else dummy,
             ref_bias if ref_bias is not None else dummy,
             pmax, psum, ptgt, pez if pez is not None else dummy, pzsum if pzsum is not None else dummy,
+            parg if argmax else dummy,
             prmax if want_ref else dummy, prsum if want_ref else dummy, prtgt if want_ref else dummy,
             pezr if pezr is not None else dummy, m if moments else dummy,
             n, vocab, hidden_size, ref_hidden.shape[1] if want_ref else 0,
@@ -405,7 +417,7 @@ def forward(
             hidden_size if moments else 0, tiles_per_split,
             1.0 / temperature, float(softcap or 1.0), 1.0 / float(softcap or 1.0),
             HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, SOFTCAP=softcap is not None,
-            WANT_EZ=pez is not None, WANT_ZSUM=logit_sum, WANT_REF=want_ref, WANT_EZR=mean_ref_logit,
+            WANT_EZ=pez is not None, WANT_ZSUM=logit_sum, WANT_ARGMAX=argmax, WANT_REF=want_ref, WANT_EZR=mean_ref_logit,
             MOMENTS=moments, ACC=_acc_dtype(hidden.dtype), DOT_DTYPE=_dot_dtype(hidden, weight),
             REF_DOT_DTYPE=_dot_dtype(ref_hidden, ref_weight) if want_ref else None,
             PRECISION=_dot_precision(hidden.dtype),
@@ -423,6 +435,10 @@ def forward(
         stats.mean_logit = ez if mean_logit else None
     if pzsum is not None:
         stats.logit_sum = pzsum.sum(0)
+    if argmax:
+        # the first split (lowest columns) whose maximum is the global one holds the first maximum
+        first = (pmax == gmax).to(torch.int8).argmax(0, keepdim=True)
+        stats.argmax = parg.gather(0, first).squeeze(0).long()
     if want_ref:
         rmax = prmax.amax(0)
         stats.ref_lse = rmax + torch.log((prsum * torch.exp(prmax - rmax)).sum(0))

@@ -48,10 +48,6 @@ def test_gradcheck_mean_logit_and_uniform_nll(backend, seed, frozen):
 
 
 def _top1(backend, h, w, y):
-    if backend == "triton":
-        with pytest.raises(ValueError, match="top1"):
-            linear_logprobs(h, w, y, top1=True, backend=backend)
-        pytest.skip("top1 is not computed by the triton backend yet (it refuses, tested above)")
     return linear_logprobs(h, w, y, top1=True, backend=backend).top1
 
 

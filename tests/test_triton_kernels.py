@@ -292,3 +292,21 @@ def test_kernels_import_nothing_from_prefopt():
             if isinstance(node, ast.ImportFrom):
                 names = [node.module or ""] if node.level == 0 else []
             assert not any(name.split(".")[0] == "prefopt" for name in names), f"{path} imports {names}"
+
+
+@pytest.mark.parametrize("split", [1, 4])
+def test_argmax_first_maximum_across_tiles_and_splits(seed, split):
+    # Rows 5, 40 and 100 of the head are equal and dominate for tokens 0-7: the tie spans 16-wide tiles
+    # and (split=4: 3 tiles per split) splits, and the first maximum (5) must win; other tokens get the
+    # float64 argmax. Token 8's maximum sits in the last, ragged tile.
+    n, vocab, hidden = 23, 131, 24
+    h, w, b, y, _ = make(n, vocab, hidden, bias=False)
+    w[5] = w[40] = w[100] = 1.0
+    h[:8] = h[:8].abs() + 1.0
+    w[130] = -3.0
+    h[8] = -1.0
+    stats = K.forward(h, w, None, y, argmax=True, split=split, blocks=SMALL)
+    z, _ = dense_logits(h, w, None, 1.0, None)
+    assert stats.argmax.dtype == torch.int64
+    assert stats.argmax[:8].tolist() == [5] * 8 and stats.argmax[8] == 130, f"seed {seed}"
+    assert torch.equal(stats.argmax, z.argmax(-1)), f"seed {seed}"

@@ -53,12 +53,11 @@ def chunk_width(n: int, vocab: int, dtype: torch.dtype, block_v: int) -> int:
 def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config: OpConfig,
                    moments: bool) -> ForwardStats:
     """One launch of the forward kernel (see the module docstring)."""
-    if config.top1:
-        raise ValueError("top1: not computed by the triton backend yet; use backend='torch'")
     stats = K.forward(
         hidden, weight, bias, targets, temperature=config.temperature, softcap=config.softcap,
         ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, mean_logit=config.needs_mean_logit,
-        logit_sum=config.needs_logit_sum, mean_ref_logit=config.kl, moments=moments,
+        logit_sum=config.needs_logit_sum, mean_ref_logit=config.kl, argmax=config.top1,
+        moments=moments,
     )
     return ForwardStats(**{f.name: getattr(stats, f.name) for f in fields(stats)})
 
