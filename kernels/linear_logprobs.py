@@ -17,12 +17,13 @@ Forward, :func:`forward` / ``_fwd_kernel``
     split axis is the fastest grid axis so that the programs of one token block run together and share
     its hidden block in L2, and ``SPLIT_V`` fills the GPU when ``n`` is small.
 
-    Frozen-head moments (``MOMENTS``; one split): the loop also accumulates
-    ``M = sum_v p_v f_v W_v`` (``f`` the softcap derivative) with flash-attention style rescaling. An
-    ``[BLOCK_N, H]`` accumulator does not fit in registers for real H, so ``M`` lives in its fp32
-    output buffer: each vocabulary tile does ``M[rows] = M[rows] * scale + (e f) @ W_tile`` slice by
-    slice of H (read-modify-write of the program's own rows, no atomics), and the final division by
-    the sum-exp happens in the same kernel.
+    Frozen-head moments (``WRITE_E``, :func:`frozen_moments`): launched chunk by chunk with one
+    vocabulary tile per program, the kernel also writes ``exp(z - tile max) * f`` (``f`` the softcap
+    derivative, the target column zeroed) into an ``[n, width]`` buffer in the product dtype; the
+    launcher rescales the tiles to each token's running max and cuBLAS accumulates
+    ``M <- M * exp(m_old - m_new) + E @ W_chunk`` in fp32. An earlier version kept ``M`` in the kernel
+    (read-modify-write of an fp32 ``[BLOCK_N, H]`` slab per vocabulary tile): at N=16384, H=4096 that is
+    about 640 GB of traffic per call, 3.5x the frozen floor on an H100, and forced one split.
 
 Backward, :func:`grad_logits` / ``_bwd_dlogits_kernel``
     For a chunk of vocabulary columns ``[v0, v0 + width)``, grid over ``(token block, vocab tile)``
@@ -69,6 +70,7 @@ class StreamStats:
     ref_target_logit: Optional[torch.Tensor] = None
     mean_ref_logit: Optional[torch.Tensor] = None  # E_p[zr]
     moments: Optional[torch.Tensor] = None  # [n, H]
+    rest_mass: Optional[torch.Tensor] = None  # 1 - p_y, summed without the target (with moments)
     argmax: Optional[torch.Tensor] = None  # int64: first index of max_v z_v
 
 
@@ -93,7 +95,7 @@ def _pow2(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
 
 
-def forward_blocks(n: int, vocab: int, hidden_size: int, dtype: torch.dtype, moments: bool = False) -> Blocks:
+def forward_blocks(n: int, vocab: int, hidden_size: int, dtype: torch.dtype) -> Blocks:
     """Tile sizes for the forward kernel: H100-sized on GPU, large (fast) tiles under the interpreter."""
     if INTERPRET:
         return Blocks(_pow2(n, 16, 64), _pow2(vocab, 16, 256), _pow2(hidden_size, 16, 128), 1, 1)
@@ -101,9 +103,6 @@ def forward_blocks(n: int, vocab: int, hidden_size: int, dtype: torch.dtype, mom
         return Blocks(32, 64, 32, 4, 2)
     if dtype == torch.float32:
         return Blocks(64, 128, 32, 8, 3)
-    if moments:
-        # the moments loop also streams W_tile slices against an fp32 [BLOCK_N, BLOCK_H] tile
-        return Blocks(64, 128, 64, 8, 3)
     return Blocks(64, 128, 64, 8, 4)
 
 
@@ -212,13 +211,13 @@ def _logits_tile(
 @triton.jit
 def _fwd_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, rh_ptr, rw_ptr, rb_ptr,
-    max_ptr, sum_ptr, tgt_ptr, ez_ptr, zsum_ptr, arg_ptr, rmax_ptr, rsum_ptr, rtgt_ptr, ezr_ptr, m_ptr,
-    n, V, K, KR, stride_h, stride_w, stride_rh, stride_rw, stride_m, tiles_per_split,
+    max_ptr, sum_ptr, tgt_ptr, ez_ptr, zsum_ptr, arg_ptr, rest_ptr, rmax_ptr, rsum_ptr, rtgt_ptr, ezr_ptr, e_ptr,
+    n, v_base, v_stop, K, KR, stride_h, stride_w, stride_rh, stride_rw, stride_e, tiles_per_split,
     inv_temp, softcap, inv_softcap,
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
     WANT_EZ: tl.constexpr, WANT_ZSUM: tl.constexpr, WANT_ARGMAX: tl.constexpr, WANT_REF: tl.constexpr,
-    WANT_EZR: tl.constexpr, MOMENTS: tl.constexpr, ACC: tl.constexpr, DOT_DTYPE: tl.constexpr, REF_DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    WANT_EZR: tl.constexpr, WRITE_E: tl.constexpr, ACC: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    REF_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
@@ -233,17 +232,18 @@ def _fwd_kernel(
     tgt_logit = tl.zeros([BLOCK_N], dtype=ACC)
     ez = tl.zeros([BLOCK_N], dtype=ACC)
     zsum = tl.zeros([BLOCK_N], dtype=ACC)
+    rest = tl.zeros([BLOCK_N], dtype=ACC)
     ref_max = tl.full([BLOCK_N], ninf, dtype=ACC)
     ref_sum = tl.zeros([BLOCK_N], dtype=ACC)
     ref_tgt = tl.zeros([BLOCK_N], dtype=ACC)
     ezr = tl.zeros([BLOCK_N], dtype=ACC)
 
-    v_begin = pid_s * tiles_per_split * BLOCK_V
-    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
+    v_begin = v_base + pid_s * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, v_stop)
     arg = tl.zeros([BLOCK_N], dtype=tl.int32) + v_begin
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
+        col_mask = cols < v_stop
         z, th = _logits_tile(
             h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, K, stride_h, stride_w,
             inv_temp, softcap, inv_softcap, HAS_BIAS, SOFTCAP, ACC, DOT_DTYPE, PRECISION,
@@ -254,7 +254,7 @@ def _fwd_kernel(
         tile_max = tl.max(z, 1)
         if WANT_ARGMAX:
             # first maximum: the lowest column of the tile at its max; a later tile wins only if strictly larger
-            tile_arg = tl.min(tl.where(z == tile_max[:, None], cols[None, :], V), 1)
+            tile_arg = tl.min(tl.where(z == tile_max[:, None], cols[None, :], v_stop), 1)
             arg = tl.where(tile_max > run_max, tile_arg, arg)
         new_max = tl.maximum(run_max, tile_max)
         scale = tl.exp(run_max - new_max)
@@ -266,31 +266,18 @@ def _fwd_kernel(
             ez = ez * scale + tl.sum(e * z_fin, 1)
         if WANT_ZSUM:
             zsum += tl.sum(z_fin, 1)
-        if MOMENTS:
+        if WRITE_E:
+            # frozen head: the tile of exp(z - tile max) * f for the moments product, the target column
+            # left out (the backend adds p_y f_y W_y in fp32, so W_y - M does not cancel when p_y ~ 1)
             pf = e
             if SOFTCAP:
                 pf = e * (1.0 - th * th)
-            # p f rounded to the head's dtype, as the matrix product of the torch backend does
-            pf = pf.to(w_ptr.dtype.element_ty)
-            if DOT_DTYPE is not None:
-                pf = pf.to(DOT_DTYPE)
-            hs = tl.arange(0, BLOCK_H)
-            for h0 in range(0, K, BLOCK_H):
-                h_mask = (h0 + hs) < K
-                w = tl.load(
-                    w_ptr + cols[:, None].to(tl.int64) * stride_w + (h0 + hs)[None, :],
-                    mask=col_mask[:, None] & h_mask[None, :], other=0.0,
-                )
-                if DOT_DTYPE is not None:
-                    w = w.to(DOT_DTYPE)
-                m_ptrs = m_ptr + rows[:, None].to(tl.int64) * stride_m + (h0 + hs)[None, :]
-                m_mask = row_mask[:, None] & h_mask[None, :]
-                acc = tl.load(m_ptrs, mask=m_mask, other=0.0) * scale[:, None]
-                if DOT_DTYPE == tl.float64:
-                    acc += tl.dot(pf, w, input_precision=PRECISION, out_dtype=tl.float64).to(ACC)
-                else:
-                    acc = tl.dot(pf, w, acc, input_precision=PRECISION, out_dtype=ACC)
-                tl.store(m_ptrs, acc, mask=m_mask)
+            pf = tl.where(hit, 0.0, pf)
+            # sum_{v != y} e_v, summed without the target: 1 - p_y = rest / sum with no cancellation
+            rest = rest * scale + tl.sum(tl.where(hit, 0.0, e), 1)
+            local = cols - v_base
+            e_ptrs = e_ptr + rows[:, None].to(tl.int64) * stride_e + local[None, :]
+            tl.store(e_ptrs, pf.to(e_ptr.dtype.element_ty), mask=row_mask[:, None])
         if WANT_REF:
             zr, _ = _logits_tile(
                 rh_ptr, rw_ptr, rb_ptr, rows, cols, row_mask, col_mask, KR, stride_rh, stride_rw,
@@ -317,32 +304,153 @@ def _fwd_kernel(
         tl.store(zsum_ptr + out, zsum, mask=row_mask)
     if WANT_ARGMAX:
         tl.store(arg_ptr + out, arg, mask=row_mask)
+    if WRITE_E:
+        tl.store(rest_ptr + out, rest, mask=row_mask)
     if WANT_REF:
         tl.store(rmax_ptr + out, ref_max, mask=row_mask)
         tl.store(rsum_ptr + out, ref_sum, mask=row_mask)
         tl.store(rtgt_ptr + out, ref_tgt, mask=row_mask)
     if WANT_EZR:
         tl.store(ezr_ptr + out, ezr, mask=row_mask)
-    if MOMENTS:
-        # the kernel owns every column of its rows (one split): finish M = sum p f W here
-        inv_sum = 1.0 / run_sum
-        hs = tl.arange(0, BLOCK_H)
-        for h0 in range(0, K, BLOCK_H):
-            h_mask = (h0 + hs) < K
-            m_ptrs = m_ptr + rows[:, None].to(tl.int64) * stride_m + (h0 + hs)[None, :]
-            m_mask = row_mask[:, None] & h_mask[None, :]
-            tl.store(m_ptrs, tl.load(m_ptrs, mask=m_mask, other=0.0) * inv_sum[:, None], mask=m_mask)
 
 
 def default_split(n: int, vocab: int, blocks: Blocks, device: torch.device) -> int:
     """Vocabulary splits: enough programs to fill the GPU, and co-scheduled programs sharing hidden rows."""
-    tiles = triton.cdiv(vocab, blocks.block_v)
     if INTERPRET or device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return split_for(n, vocab, blocks, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def split_for(n: int, vocab: int, blocks: Blocks, sms: int) -> int:
+    """:func:`default_split` for a GPU with ``sms`` multiprocessors (also what the IO model calls)."""
+    tiles = triton.cdiv(vocab, blocks.block_v)
     token_blocks = triton.cdiv(max(n, 1), blocks.block_n)
     want = max(8, triton.cdiv(2 * sms, token_blocks))
     return max(1, min(want, tiles // 4 if tiles >= 4 else 1))
+
+
+#: Lower bound, in bytes, on the frozen head's probability chunk ``[n, width]`` (and on the backward's
+#: logit-gradient chunk); see :func:`chunk_width` for the other bound.
+CHUNK_BYTES = 32 * 2**20
+#: Chunks are at least this many times H columns wide: each chunk costs one fp32 read+write of the
+#: ``[n, H]`` accumulator (``d hidden`` or the moments), so with width >= 2H that traffic stays below
+#: half of the chunk buffer's own (``n * width`` low-precision values written once and read once).
+WIDTH_PER_HIDDEN = 2
+
+
+def chunk_width(n: int, vocab: int, hidden_size: int, item: int, block_v: int) -> int:
+    """Vocabulary columns per chunk: ``max(CHUNK_BYTES / (n * item), WIDTH_PER_HIDDEN * H)``, a multiple of
+    the tile, at most the (tile-rounded) vocabulary. The buffer is then at most ``WIDTH_PER_HIDDEN`` times
+    the size of hidden (or :data:`CHUNK_BYTES`)."""
+    width = max(CHUNK_BYTES // max(1, n * item), WIDTH_PER_HIDDEN * hidden_size)
+    width = max(block_v, width // block_v * block_v)
+    return min(width, triton.cdiv(vocab, block_v) * block_v)
+
+
+def _has_addmm_out_dtype() -> bool:
+    return "dtype_out" in torch.ops.aten.addmm.overloads()
+
+
+#: ``torch.addmm(..., out_dtype=torch.float32)``: a low-precision product accumulated straight into an
+#: fp32 tensor by cuBLAS (CUDA only; torch 2.11 has it, CPU kernels of it do not exist).
+ADDMM_OUT_DTYPE = _has_addmm_out_dtype()
+
+
+def accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows_per_product: int) -> None:
+    """``acc += a @ b`` with ``acc`` fp32/fp64 and ``a``, ``b`` of one dtype, accumulating in ``acc``'s dtype.
+
+    Same dtypes: ``addmm_``. bf16/fp16 operands on CUDA: cuBLAS writes the fp32 sum itself
+    (``out_dtype``), no temporary and no low-precision rounding of the partial product. Elsewhere: the
+    product in the operands' dtype, ``rows_per_product`` rows at a time (a bounded temporary), then added.
+    """
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda and ADDMM_OUT_DTYPE and acc.dtype == torch.float32:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return
+    for t0 in range(0, a.shape[0], rows_per_product):
+        t1 = min(t0 + rows_per_product, a.shape[0])
+        acc[t0:t1] += a[t0:t1] @ b
+
+
+def product_rows(budget_bytes: int, width: int, item: int) -> int:
+    """Rows per fallback product of :func:`accumulate_product` within ``budget_bytes``: a multiple of 128
+    when large (tensor-core friendly)."""
+    rows = max(1, budget_bytes // max(1, width * item))
+    return rows // 128 * 128 if rows >= 256 else rows
+
+
+def _launch(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, parts, v_base, v_stop, split,
+            tiles_per_split, blocks, temperature, softcap, e=None):
+    """One launch of ``_fwd_kernel`` over vocabulary ``[v_base, v_stop)`` writing ``split`` partials."""
+    n, hidden_size = hidden.shape
+    want_ref = ref_hidden is not None
+    dummy = parts["sum"]
+
+    def ptr(name):
+        return parts[name] if parts.get(name) is not None else dummy
+
+    _fwd_kernel[(split, triton.cdiv(n, blocks.block_n))](
+        hidden, weight, bias if bias is not None else dummy, targets,
+        ref_hidden if want_ref else dummy, ref_weight if want_ref else dummy,
+        ref_bias if ref_bias is not None else dummy,
+        ptr("max"), ptr("sum"), ptr("tgt"), ptr("ez"), ptr("zsum"), ptr("arg"), ptr("rest"), ptr("rmax"), ptr("rsum"),
+        ptr("rtgt"), ptr("ezr"), e if e is not None else dummy,
+        n, v_base, v_stop, hidden_size, ref_hidden.shape[1] if want_ref else 0,
+        hidden.stride(0), weight.stride(0),
+        ref_hidden.stride(0) if want_ref else 0, ref_weight.stride(0) if want_ref else 0,
+        e.stride(0) if e is not None else 0, tiles_per_split,
+        1.0 / temperature, float(softcap or 1.0), 1.0 / float(softcap or 1.0),
+        HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, SOFTCAP=softcap is not None,
+        WANT_EZ="ez" in parts, WANT_ZSUM="zsum" in parts, WANT_ARGMAX="arg" in parts, WANT_REF=want_ref,
+        WANT_EZR="ezr" in parts, WRITE_E=e is not None, ACC=_acc_dtype(hidden.dtype),
+        DOT_DTYPE=_dot_dtype(hidden, weight),
+        REF_DOT_DTYPE=_dot_dtype(ref_hidden, ref_weight) if want_ref else None,
+        PRECISION=_dot_precision(hidden.dtype),
+        BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )
+
+
+def _reduce(parts: dict) -> dict:
+    """Merge ``[S, n]`` partials (each relative to its own max) into ``[1, n]`` partials of the same form."""
+    gmax = parts["max"].amax(0, keepdim=True)
+    w = torch.exp(parts["max"] - gmax)
+    out = {"max": gmax, "sum": (parts["sum"] * w).sum(0, keepdim=True), "tgt": parts["tgt"].sum(0, keepdim=True)}
+    for name in ("ez", "ezr", "rest"):
+        if name in parts:
+            out[name] = (parts[name] * w).sum(0, keepdim=True)
+    if "zsum" in parts:
+        out["zsum"] = parts["zsum"].sum(0, keepdim=True)
+    if "arg" in parts:
+        # the first split (lowest columns) whose maximum is the global one holds the first maximum
+        first = (parts["max"] == gmax).to(torch.int8).argmax(0, keepdim=True)
+        out["arg"] = parts["arg"].gather(0, first)
+    if "rmax" in parts:
+        rmax = parts["rmax"].amax(0, keepdim=True)
+        out["rmax"] = rmax
+        out["rsum"] = (parts["rsum"] * torch.exp(parts["rmax"] - rmax)).sum(0, keepdim=True)
+        out["rtgt"] = parts["rtgt"].sum(0, keepdim=True)
+    return out
+
+
+def _finish(parts: dict, mean_logit: bool) -> StreamStats:
+    p = {k: v.squeeze(0) for k, v in _reduce(parts).items()}
+    stats = StreamStats(lse=p["max"] + torch.log(p["sum"]), target_logit=p["tgt"])
+    if mean_logit:
+        stats.mean_logit = p["ez"] / p["sum"]
+    stats.logit_sum = p.get("zsum")
+    if "arg" in p:
+        stats.argmax = p["arg"].long()
+    if "rest" in p:
+        stats.rest_mass = p["rest"] / p["sum"]
+    if "rmax" in p:
+        stats.ref_lse = p["rmax"] + torch.log(p["rsum"])
+        stats.ref_target_logit = p["rtgt"]
+    if "ezr" in p:
+        stats.mean_ref_logit = p["ezr"] / p["sum"]
+    return stats
 
 
 def forward(
@@ -368,7 +476,10 @@ def forward(
 
     ``hidden [n, H]``, ``weight [V, H]``, ``targets [n]`` (valid indices), optional ``bias [V]`` and
     reference head (``ref_hidden [n, H']``, ``ref_weight [V, H']``, ``ref_bias``). Statistics are fp32,
-    or fp64 for fp64 ``hidden``. ``moments`` (frozen head) forces a single split.
+    or fp64 for fp64 ``hidden``; ``argmax`` is the first index of the largest logit.
+
+    ``moments`` (frozen head): also ``M' = sum_{v != y} p_v f_v W_v`` (the target's own term left out,
+    see :func:`frozen_moments`); ``split`` is then ignored.
     """
     _check_device(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias)
     hidden, weight, ref_hidden, ref_weight = _rows(hidden), _rows(weight), _rows(ref_hidden), _rows(ref_weight)
@@ -382,70 +493,93 @@ def forward(
         raise ValueError("mean_ref_logit needs the reference head")
     dtype = compute_dtype(hidden.dtype)
     dev = hidden.device
-    blocks = blocks or forward_blocks(n, vocab, hidden_size, hidden.dtype, moments)
+    blocks = blocks or forward_blocks(n, vocab, hidden_size, hidden.dtype)
+
+    def new_parts(count):
+        def part():
+            return torch.empty(count, n, dtype=dtype, device=dev)
+
+        parts = {"max": part(), "sum": part(), "tgt": part()}
+        if mean_logit or mean_ref_logit:
+            parts["ez"] = part()
+        if logit_sum:
+            parts["zsum"] = part()
+        if argmax:
+            parts["arg"] = torch.empty(count, n, dtype=torch.int32, device=dev)
+        if want_ref:
+            parts.update(rmax=part(), rsum=part(), rtgt=part())
+        if mean_ref_logit:
+            parts["ezr"] = part()
+        return parts
+
+    args = (hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias)
+    if moments:
+        return frozen_moments(*args, new_parts, blocks, temperature, softcap, mean_logit)
+
     tiles = triton.cdiv(vocab, blocks.block_v)
-    split = 1 if moments else (split or default_split(n, vocab, blocks, dev))
-    split = max(1, min(split, tiles))
+    split = max(1, min(split or default_split(n, vocab, blocks, dev), tiles))
     tiles_per_split = triton.cdiv(tiles, split)
     split = triton.cdiv(tiles, tiles_per_split)  # every split owns at least one tile
-
-    def part():
-        return torch.empty(split, n, dtype=dtype, device=dev)
-
-    pmax, psum, ptgt = part(), part(), part()
-    pez = part() if (mean_logit or mean_ref_logit) else None
-    pzsum = part() if logit_sum else None
-    parg = torch.empty(split, n, dtype=torch.int32, device=dev) if argmax else None
-    prmax, prsum, prtgt = (part(), part(), part()) if want_ref else (None, None, None)
-    pezr = part() if mean_ref_logit else None
-    m = torch.zeros(n, hidden_size, dtype=dtype, device=dev) if moments else None
-
+    parts = new_parts(split)
     if n > 0:
-        dummy = psum
-        grid = (split, triton.cdiv(n, blocks.block_n))
-        _fwd_kernel[grid](
-            hidden, weight, bias if bias is not None else dummy, targets,
-            ref_hidden if want_ref else dummy, ref_weight if want_ref else dummy,
-            ref_bias if ref_bias is not None else dummy,
-            pmax, psum, ptgt, pez if pez is not None else dummy, pzsum if pzsum is not None else dummy,
-            parg if argmax else dummy,
-            prmax if want_ref else dummy, prsum if want_ref else dummy, prtgt if want_ref else dummy,
-            pezr if pezr is not None else dummy, m if moments else dummy,
-            n, vocab, hidden_size, ref_hidden.shape[1] if want_ref else 0,
-            hidden.stride(0), weight.stride(0),
-            ref_hidden.stride(0) if want_ref else 0, ref_weight.stride(0) if want_ref else 0,
-            hidden_size if moments else 0, tiles_per_split,
-            1.0 / temperature, float(softcap or 1.0), 1.0 / float(softcap or 1.0),
-            HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, SOFTCAP=softcap is not None,
-            WANT_EZ=pez is not None, WANT_ZSUM=logit_sum, WANT_ARGMAX=argmax, WANT_REF=want_ref, WANT_EZR=mean_ref_logit,
-            MOMENTS=moments, ACC=_acc_dtype(hidden.dtype), DOT_DTYPE=_dot_dtype(hidden, weight),
-            REF_DOT_DTYPE=_dot_dtype(ref_hidden, ref_weight) if want_ref else None,
-            PRECISION=_dot_precision(hidden.dtype),
-            BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h,
-            num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-        )
+        _launch(*args, parts, 0, vocab, split, tiles_per_split, blocks, temperature, softcap)
+    return _finish(parts, mean_logit)
 
-    # merge the splits: log-sum-exp of (max, sum) pairs; sums of exp-weighted moments rescaled alike
-    gmax = pmax.amax(0)
-    w = torch.exp(pmax - gmax)
-    total = (psum * w).sum(0)
-    stats = StreamStats(lse=gmax + torch.log(total), target_logit=ptgt.sum(0))
-    if pez is not None:
-        ez = (pez * w).sum(0) / total
-        stats.mean_logit = ez if mean_logit else None
-    if pzsum is not None:
-        stats.logit_sum = pzsum.sum(0)
-    if argmax:
-        # the first split (lowest columns) whose maximum is the global one holds the first maximum
-        first = (pmax == gmax).to(torch.int8).argmax(0, keepdim=True)
-        stats.argmax = parg.gather(0, first).squeeze(0).long()
-    if want_ref:
-        rmax = prmax.amax(0)
-        stats.ref_lse = rmax + torch.log((prsum * torch.exp(prmax - rmax)).sum(0))
-        stats.ref_target_logit = prtgt.sum(0)
-    if pezr is not None:
-        stats.mean_ref_logit = (pezr * w).sum(0) / total
-    stats.moments = m
+
+def frozen_moments(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, new_parts, blocks, temperature,
+                   softcap, mean_logit) -> StreamStats:
+    """Frozen head: the forward statistics and ``M' = sum_{v != y} p_v f_v W_v``, two products in all.
+
+    Vocabulary chunk by chunk (:func:`chunk_width`): the kernel, one program per (token block, tile),
+    computes the logits tile, its partial statistics and ``E = exp(z - tile max) * f`` (target column
+    zeroed) into an ``[n, width]`` buffer in the product dtype. Each tile is rescaled to the running
+    maximum of its token (an elementwise pass over the buffer), and cuBLAS accumulates
+    ``M <- M * exp(m_old - m_new) + E @ W_chunk`` into an fp32 ``[n, H]`` tensor. Traffic per call: the
+    buffer written, rescaled and read (about ``4 n V`` element accesses), plus one fp32 read+write of
+    ``M`` per chunk; no per-tile read-modify-write of ``M``, and no split limit on the parallelism.
+    """
+    n, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    dtype = compute_dtype(hidden.dtype)
+    dev = hidden.device
+    # the product runs in the dtype of hidden, like the torch backend's (the head is cast chunk by chunk)
+    mm_dtype = hidden.dtype
+    item = torch.empty((), dtype=mm_dtype).element_size()
+    width = chunk_width(n, vocab, hidden_size, item, blocks.block_v)
+    tiles = width // blocks.block_v
+    moment = torch.zeros(n, hidden_size, dtype=dtype, device=dev)
+    ref_max = torch.full((n,), float("-inf"), dtype=dtype, device=dev)
+    chunks = []
+    if n > 0:
+        buffer = torch.empty(n, width, dtype=mm_dtype, device=dev)
+        rows = product_rows(CHUNK_BYTES, hidden_size, 4)
+        for v0 in range(0, vocab, width):
+            v1 = min(v0 + width, vocab)
+            count = triton.cdiv(v1 - v0, blocks.block_v)
+            parts = new_parts(count)
+            parts["rest"] = torch.empty_like(parts["sum"])
+            e = buffer[:, : count * blocks.block_v]
+            _launch(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, parts, v0, v1, count, 1, blocks,
+                    temperature, softcap, e)
+            new_max = torch.maximum(ref_max, parts["max"].amax(0))
+            # tile t of E is relative to its own max; bring every tile to the token's running max
+            factor = torch.exp(parts["max"] - new_max)
+            e.view(n, count, blocks.block_v).mul_(factor.T.unsqueeze(-1))
+            moment.mul_(torch.exp(ref_max - new_max).unsqueeze(1))
+            accumulate_product(moment, e[:, : v1 - v0], weight[v0:v1].to(mm_dtype), rows)
+            ref_max = new_max
+            chunks.append(_reduce(parts))
+    parts = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]} if chunks else new_parts(1)
+    if not chunks:
+        parts["rest"] = torch.empty_like(parts["sum"])
+        for k in ("sum", "tgt", "rest"):
+            parts[k].zero_()
+        parts["max"].fill_(float("-inf"))
+    stats = _finish(parts, mean_logit)
+    # M was accumulated relative to ref_max = the global max; the sum-exp relative to the same max:
+    if n > 0:
+        moment.div_(torch.exp(stats.lse - ref_max).unsqueeze(1))
+    stats.moments = moment
     return stats
 
 

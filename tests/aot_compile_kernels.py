@@ -23,7 +23,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from prefopt.kernels import linear_logprobs as K  # noqa: E402
 
-DIVISIBLE = {"K", "KR", "V", "stride_h", "stride_w", "stride_rh", "stride_rw", "stride_m", "stride_ds", "width", "v_begin"}
+DIVISIBLE = {"K", "KR", "V", "v_base", "v_stop", "stride_h", "stride_w", "stride_rh", "stride_rw", "stride_e", "stride_ds",
+             "width", "v_begin"}
 FLOATS = {"inv_temp", "softcap", "inv_softcap"}
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 SHAPE = (16384, 152064, 4096)  # tokens, vocabulary, hidden size (the largest)
@@ -49,13 +50,14 @@ def compile_kernel(fn, pointers, constexprs, blocks, arch=90):
                           options=dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages))
 
 
-def forward_variant(dtype, *, moments=False, ref=True, softcap=True, stats=True):
-    blocks = K.forward_blocks(*SHAPE, dtype, moments)
+def forward_variant(dtype, *, moments=False, ref=True, softcap=True, stats=True, blocks=None):
+    blocks = blocks or K.forward_blocks(*SHAPE, dtype)
     p, s = "*" + TYPES[dtype], "*" + ("fp64" if dtype == torch.float64 else "fp32")
     pointers = dict(h_ptr=p, w_ptr=p, b_ptr=p, t_ptr="*i64", rh_ptr=p, rw_ptr=p, rb_ptr=p, max_ptr=s, sum_ptr=s,
-                    tgt_ptr=s, ez_ptr=s, zsum_ptr=s, rmax_ptr=s, rsum_ptr=s, rtgt_ptr=s, ezr_ptr=s, m_ptr=s)
+                    tgt_ptr=s, ez_ptr=s, zsum_ptr=s, arg_ptr="*i32", rest_ptr=s, rmax_ptr=s, rsum_ptr=s, rtgt_ptr=s,
+                    ezr_ptr=s, e_ptr=p)
     constexprs = dict(HAS_BIAS=True, HAS_REF_BIAS=ref, SOFTCAP=softcap, WANT_EZ=stats, WANT_ZSUM=stats,
-                      WANT_REF=ref, WANT_EZR=ref and stats, MOMENTS=moments, ACC=K._acc_dtype(dtype),
+                      WANT_ARGMAX=stats, WANT_REF=ref, WANT_EZR=ref and stats, WRITE_E=moments, ACC=K._acc_dtype(dtype),
                       DOT_DTYPE=None, REF_DOT_DTYPE=None, PRECISION="ieee",
                       BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h)
     return compile_kernel(K._fwd_kernel, pointers, constexprs, blocks)

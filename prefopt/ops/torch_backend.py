@@ -7,8 +7,8 @@ finished before the next one starts (no ``[V, H]`` fp32 buffer), while ``d hidde
 fp32 ``[n, H]`` buffer.
 
 Frozen head (neither weight nor bias needs a gradient) with only log-probs asked for: forward also
-accumulates ``M = sum_v p_v f_v W_v`` per token (f is the softcap derivative), and backward is
-``d hidden = (a f_y W_y + c0 M) / temperature`` with no pass over the vocabulary.
+accumulates ``M' = sum_{v != y} p_v f_v W_v`` per token (f is the softcap derivative), and backward is
+``d hidden = (f_y W_y (a (1 - p_y) + g p_y) + c0 M') / temperature`` with no pass over the vocabulary.
 """
 from __future__ import annotations
 
@@ -82,6 +82,7 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
     argmax = torch.zeros(n, dtype=torch.long, device=hidden.device) if config.top1 else None
     ref_lse, ref_target_logit = (new(), new()) if want_ref else (None, None)
     moment = hidden.new_zeros(n, hidden_size, dtype=dtype) if moments else None
+    rest_mass = new() if moments else None
     # The probabilities themselves weight E_p[z], E_p[zr] and the moments; otherwise only lse is needed.
     needs_weights = mean_logit is not None or moment is not None
 
@@ -121,6 +122,9 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
                 if mean_logit is not None:
                     mean_logit[t0:t1] = mean_logit[t0:t1] * scale + (e * z).sum(1)
                 if moment is not None:
+                    # M' and 1 - p_y leave the target out (see common.shortcut_grad_hidden)
+                    e[rows, cols] = 0
+                    rest_mass[t0:t1] = rest_mass[t0:t1] * scale + e.sum(1)
                     weights = e if tanh is None else e.mul_(1 - tanh * tanh)
                     tile_moment = weights.to(hidden.dtype) @ weight[v0:v1].to(hidden.dtype)
                     moment[t0:t1] = moment[t0:t1] * scale[:, None] + tile_moment.to(dtype)
@@ -138,10 +142,11 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
             mean_ref_logit[t0:t1] /= run_sum
         if moment is not None:
             moment[t0:t1] /= run_sum[:, None]
+            rest_mass[t0:t1] /= run_sum
         if want_ref:
             ref_lse[t0:t1] = run_ref_lse
     return ForwardStats(lse, target_logit, mean_logit, logit_sum, ref_lse, ref_target_logit, mean_ref_logit, moment,
-                        argmax)
+                        argmax, rest_mass)
 
 
 def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, ref_bias, coef, config, want_h, want_w, want_b):
