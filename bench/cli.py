@@ -23,7 +23,7 @@ from typing import List, Optional
 from .impls import IMPLS
 from .workloads import WORKLOADS, Shape
 
-QUICK_IMPLS = ["naive", "prefopt-torch", "liger"]
+QUICK_IMPLS = ["naive", "prefopt-torch", "liger", "trl"]
 ALL_IMPLS = list(IMPLS)
 
 
@@ -69,7 +69,7 @@ def make_preset(name: str, device: str) -> Preset:
                                "prefopt-triton": "CUDA only"})
     if name == "issue2":
         return Preset("issue2", "issue 2: DPO with a reference head, 2 pairs x 512 tokens, H=1024, V=32000, fp32, CPU",
-                      "cpu", "float32", ["naive", "prefopt-torch", "liger", "liger-compiled", "cce"],
+                      "cpu", "float32", ["naive", "prefopt-torch", "liger", "liger-compiled", "cce", "trl"],
                       _points(["dpo-ref"], [Shape(4, 512, 1024, 32000)], tag="issue2"), warmup=1, repeats=3, rounds=2,
                       not_run={"floor": "GPU preset only", "prefopt-triton": "CUDA only"})
     if name == "gpu":
@@ -80,7 +80,7 @@ def make_preset(name: str, device: str) -> Preset:
                 grid += _points(["dpo-ref"], [Shape(8, n // 8, 4096, v)], sweeps, "issue3")
         grid += _points(["dpo-frozen"], [Shape(8, 1024, 4096, 152064)], tag="issue3-frozen")
         return Preset("gpu", "issue 3: N=4096/8192/16384, H=4096, V=32000/128256/152064, bf16, with the floor",
-                      "cuda", "bfloat16", ["naive", "prefopt-triton", "prefopt-torch", "liger", "liger-compiled", "cce", "floor"],
+                      "cuda", "bfloat16", ["naive", "prefopt-triton", "prefopt-torch", "liger", "liger-compiled", "cce", "trl", "floor"],
                       grid, warmup=2, repeats=10, timeout=600)
     if name == "full":
         if device == "cuda":
