@@ -9,6 +9,7 @@ Examples::
     python -m bench --quick                        # < 3 min on 2 CPU cores
     python -m bench --preset issue2                # issue 2's CPU comparison (DPO with a reference head)
     python -m bench --preset gpu                   # issue 3's GPU grid, incl. the matrix-product floor
+    python -m bench --preset gpu --io-model        # the H100 IO/FLOP model of that grid (no GPU needed)
     python -m bench --workload grpo,nsft-kl --tokens 1024,2048 --vocab 32000 --impl naive,prefopt-torch
 """
 from __future__ import annotations
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default out/bench/PRESET-DATE)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--list", action="store_true", help="list implementations, workloads and presets, then exit")
+    p.add_argument("--io-model", action="store_true",
+                   help="print the H100 IO and FLOP model of the cells (bench/io_model.py); without a GPU, "
+                        "only the model is printed, with one the measured table follows it")
     return p
 
 
@@ -168,7 +172,7 @@ def _resolve(args, parser) -> Preset:
         if args.device in (None, "auto") and name in ("issue2", "gpu"):
             device = preset.device
     preset.device = device
-    if device == "cuda" and not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available() and not args.io_model:
         parser.error("--device cuda: no CUDA device is visible to torch (torch.cuda.is_available() is False)")
 
     impls = [i for a in args.impl for i in _csv(a)]
@@ -221,6 +225,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         preset = _resolve(args, parser)
     except SystemExit as exc:  # argparse's errors: usage + message on stderr, exit code 2
         return int(exc.code or 0)
+    if args.io_model:
+        import torch
+
+        from .io_model import model_table
+        from .runner import merge_points
+
+        print(model_table(merge_points(preset.points), getattr(torch, preset.dtype)))
+        if preset.device != "cuda" or not torch.cuda.is_available():
+            print("(model only: no CUDA device here, nothing measured)", file=sys.stderr)
+            return 0
     return run(preset, args.out, plots=not args.no_plots)
 
 

@@ -95,9 +95,11 @@ def _pow2(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
 
 
-def forward_blocks(n: int, vocab: int, hidden_size: int, dtype: torch.dtype) -> Blocks:
-    """Tile sizes for the forward kernel: H100-sized on GPU, large (fast) tiles under the interpreter."""
-    if INTERPRET:
+def forward_blocks(n: int, vocab: int, hidden_size: int, dtype: torch.dtype,
+                   interpret: Optional[bool] = None) -> Blocks:
+    """Tile sizes for the forward kernel: H100-sized on GPU, large (fast) tiles under the interpreter
+    (``interpret`` defaults to whether this process interprets; the IO model asks for the GPU's)."""
+    if INTERPRET if interpret is None else interpret:
         return Blocks(_pow2(n, 16, 64), _pow2(vocab, 16, 256), _pow2(hidden_size, 16, 128), 1, 1)
     if dtype == torch.float64:
         return Blocks(32, 64, 32, 4, 2)
@@ -106,9 +108,10 @@ def forward_blocks(n: int, vocab: int, hidden_size: int, dtype: torch.dtype) -> 
     return Blocks(64, 128, 64, 8, 4)
 
 
-def backward_blocks(n: int, vocab: int, hidden_size: int, dtype: torch.dtype) -> Blocks:
+def backward_blocks(n: int, vocab: int, hidden_size: int, dtype: torch.dtype,
+                    interpret: Optional[bool] = None) -> Blocks:
     """Tile sizes for the logit-gradient kernel (a matrix product with an elementwise epilogue)."""
-    if INTERPRET:
+    if INTERPRET if interpret is None else interpret:
         return Blocks(_pow2(n, 16, 64), _pow2(vocab, 16, 256), _pow2(hidden_size, 16, 128), 1, 1, 8)
     if dtype == torch.float64:
         return Blocks(32, 64, 32, 4, 2, 8)
@@ -212,16 +215,28 @@ def _logits_tile(
 def _fwd_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, rh_ptr, rw_ptr, rb_ptr,
     max_ptr, sum_ptr, tgt_ptr, ez_ptr, zsum_ptr, arg_ptr, rest_ptr, rmax_ptr, rsum_ptr, rtgt_ptr, ezr_ptr, e_ptr,
-    n, v_base, v_stop, K, KR, stride_h, stride_w, stride_rh, stride_rw, stride_e, tiles_per_split,
+    n, v_base, v_stop, K, KR, stride_h, stride_w, stride_rh, stride_rw, stride_e, tiles_per_split, num_splits,
     inv_temp, softcap, inv_softcap,
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
     WANT_EZ: tl.constexpr, WANT_ZSUM: tl.constexpr, WANT_ARGMAX: tl.constexpr, WANT_REF: tl.constexpr,
     WANT_EZR: tl.constexpr, WRITE_E: tl.constexpr, ACC: tl.constexpr, DOT_DTYPE: tl.constexpr,
     REF_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    pid_s = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    if GROUP_N > 0:
+        # 1-D grid in grouped order (one tile per program, the frozen launch): GROUP_N token blocks sweep
+        # the chunk's tiles together, so a wave of programs shares both its hidden blocks and its W tiles in L2
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(n, BLOCK_N)
+        per_group = GROUP_N * num_splits
+        first_n = (pid // per_group) * GROUP_N
+        group_size = tl.minimum(num_n - first_n, GROUP_N)
+        pid_n = first_n + (pid % per_group) % group_size
+        pid_s = (pid % per_group) // group_size
+    else:
+        # split fastest: the programs of one token block run together and share its hidden block in L2
+        pid_s = tl.program_id(0)
+        pid_n = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n
     tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1)
@@ -381,17 +396,25 @@ def product_rows(budget_bytes: int, width: int, item: int) -> int:
     return rows // 128 * 128 if rows >= 256 else rows
 
 
+def forward_grid(n: int, split: int, blocks: Blocks, grouped: bool):
+    """The forward kernel's grid: ``(split, token blocks)``, or 1-D in grouped order (``grouped``)."""
+    token_blocks = triton.cdiv(n, blocks.block_n)
+    return (split * token_blocks,) if grouped else (split, token_blocks)
+
+
 def _launch(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, parts, v_base, v_stop, split,
             tiles_per_split, blocks, temperature, softcap, e=None):
-    """One launch of ``_fwd_kernel`` over vocabulary ``[v_base, v_stop)`` writing ``split`` partials."""
+    """One launch of ``_fwd_kernel`` over vocabulary ``[v_base, v_stop)`` writing ``split`` partials
+    (grouped order when it writes the probability tiles ``e``: one tile per program)."""
     n, hidden_size = hidden.shape
     want_ref = ref_hidden is not None
     dummy = parts["sum"]
+    grouped = e is not None
 
     def ptr(name):
         return parts[name] if parts.get(name) is not None else dummy
 
-    _fwd_kernel[(split, triton.cdiv(n, blocks.block_n))](
+    _fwd_kernel[forward_grid(n, split, blocks, grouped)](
         hidden, weight, bias if bias is not None else dummy, targets,
         ref_hidden if want_ref else dummy, ref_weight if want_ref else dummy,
         ref_bias if ref_bias is not None else dummy,
@@ -400,7 +423,7 @@ def _launch(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, par
         n, v_base, v_stop, hidden_size, ref_hidden.shape[1] if want_ref else 0,
         hidden.stride(0), weight.stride(0),
         ref_hidden.stride(0) if want_ref else 0, ref_weight.stride(0) if want_ref else 0,
-        e.stride(0) if e is not None else 0, tiles_per_split,
+        e.stride(0) if e is not None else 0, tiles_per_split, split,
         1.0 / temperature, float(softcap or 1.0), 1.0 / float(softcap or 1.0),
         HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, SOFTCAP=softcap is not None,
         WANT_EZ="ez" in parts, WANT_ZSUM="zsum" in parts, WANT_ARGMAX="arg" in parts, WANT_REF=want_ref,
@@ -409,7 +432,7 @@ def _launch(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, par
         REF_DOT_DTYPE=_dot_dtype(ref_hidden, ref_weight) if want_ref else None,
         PRECISION=_dot_precision(hidden.dtype),
         BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+        GROUP_N=blocks.group_n if grouped else 0, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
 
 

@@ -6,11 +6,16 @@ This script runs the whole compiler down to a cubin with the ptxas bundled in th
 the configurations the launchers pick on an H100, with 16-divisible pointers and sizes (what the
 launcher specialises on for real shapes, and what enables the async-copy pipeline). It prints one
 JSON object per configuration: shared memory, wgmma / mma / cp.async counts in the PTX, local-memory
-(register spill) loads. It must run without TRITON_INTERPRET.
+loads in the PTX, and ptxas's own report on the PTX (``ptxas -v``: registers per thread, spill stores and
+loads in bytes). ``python tests/aot_compile_kernels.py NAME...`` compiles only the named variants. It must
+run without TRITON_INTERPRET.
 """
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("run without TRITON_INTERPRET=1: the kernels must be built for the compiler")
@@ -50,6 +55,25 @@ def compile_kernel(fn, pointers, constexprs, blocks, arch=90):
                           options=dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages))
 
 
+def ptxas_report(ptx: str, arch: str = "sm_90a") -> dict:
+    """Registers and spills as ptxas reports them (the ptxas bundled with triton)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(90).path  # the ptxas triton itself assembled this PTX with
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        done = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", path, "-o", os.path.join(tmp, "k.cubin")],
+                              capture_output=True, text=True, check=True)
+    text = done.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return dict(registers=int(regs.group(1)) if regs else None,
+                spill_stores=int(spills.group(1)) if spills else None,
+                spill_loads=int(spills.group(2)) if spills else None)
+
+
 def forward_variant(dtype, *, moments=False, ref=True, softcap=True, stats=True, blocks=None):
     blocks = blocks or K.forward_blocks(*SHAPE, dtype)
     p, s = "*" + TYPES[dtype], "*" + ("fp64" if dtype == torch.float64 else "fp32")
@@ -59,7 +83,8 @@ def forward_variant(dtype, *, moments=False, ref=True, softcap=True, stats=True,
     constexprs = dict(HAS_BIAS=True, HAS_REF_BIAS=ref, SOFTCAP=softcap, WANT_EZ=stats, WANT_ZSUM=stats,
                       WANT_ARGMAX=stats, WANT_REF=ref, WANT_EZR=ref and stats, WRITE_E=moments, ACC=K._acc_dtype(dtype),
                       DOT_DTYPE=None, REF_DOT_DTYPE=None, PRECISION="ieee",
-                      BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h)
+                      BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h,
+                      GROUP_N=blocks.group_n if moments else 0)
     return compile_kernel(K._fwd_kernel, pointers, constexprs, blocks)
 
 
@@ -74,8 +99,16 @@ def backward_variant(dtype, *, ref=True):
     return compile_kernel(K._bwd_dlogits_kernel, pointers, constexprs, blocks)
 
 
+TILE_128 = K.Blocks(128, 128, 64, 8, 3)
+
 VARIANTS = {
     "fwd-bf16-all": lambda: forward_variant(torch.bfloat16),
+    "fwd-bf16-plain": lambda: forward_variant(torch.bfloat16, ref=False, softcap=False, stats=False),
+    "fwd-bf16-plain-128x128": lambda: forward_variant(torch.bfloat16, ref=False, softcap=False, stats=False,
+                                                      blocks=TILE_128),
+    "fwd-bf16-all-128x128": lambda: forward_variant(torch.bfloat16, blocks=TILE_128),
+    "fwd-bf16-moments-128x128": lambda: forward_variant(torch.bfloat16, moments=True, ref=False, stats=False,
+                                                        blocks=TILE_128),
     "fwd-bf16-moments": lambda: forward_variant(torch.bfloat16, moments=True, ref=False, stats=False),
     "bwd-bf16-kl": lambda: backward_variant(torch.bfloat16),
     "fwd-fp32-plain": lambda: forward_variant(torch.float32, ref=False, softcap=False, stats=False),
@@ -91,6 +124,7 @@ def main(names):
         print(json.dumps(dict(
             name=name, shared=kernel.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
             mma=ptx.count("mma.sync"), cp_async=ptx.count("cp.async"), local_loads=ptx.count("ld.local"),
+            **ptxas_report(ptx),
         )), flush=True)
 
 
