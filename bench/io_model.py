@@ -110,6 +110,12 @@ def _cublas(name: str, m: int, n: int, k: int, nbytes: float, count: int = 1) ->
     return Launch(name, 2.0 * m * n * k, nbytes, programs, 2.0 * tm * tn * k, count)
 
 
+def _chunks(vocab: int, width: int):
+    """(columns, how many chunks of that width): the full chunks and the ragged last one."""
+    full, rest = divmod(vocab, width)
+    return [(w, c) for w, c in ((width, full), (rest, 1 if rest else 0)) if c]
+
+
 def _op_config(workload: Workload):
     """(reference head in the pass, KL gradient live, frozen head) of the op call the workload makes."""
     return workload.ref_head, workload.kl, workload.frozen
@@ -128,22 +134,24 @@ def triton_model(workload: Workload, shape: Shape, dtype: torch.dtype, shortcut:
     fb = K.forward_blocks(n, v, h, dtype, interpret=False)
     heads = 2 if ref else 1
     if shortcut:
-        width = K.chunk_width(n, v, h, e, fb.block_v)
-        chunks = math.ceil(v / width)
-        count = width // fb.block_v
-        programs = K.forward_grid(n, count, fb, grouped=True)[0]
+        full_width = K.chunk_width(n, v, h, e, fb.block_v)
+        chunks = math.ceil(v / full_width)
         token_blocks = math.ceil(n / fb.block_n)
         w_reads = math.ceil(token_blocks / fb.group_n)
-        fwd_bytes = heads * (n * h * e + width * h * e * w_reads) + n * width * e
-        model.launches.append(Launch("forward kernel + probability tiles (per chunk)", heads * 2.0 * n * width * h,
-                                     fwd_bytes, programs, heads * 2.0 * fb.block_n * fb.block_v * h, chunks))
-        model.launches.append(Launch("rescale tiles to the running max (per chunk)", 0.0, 2.0 * n * width * e,
-                                     count=chunks))
-        model.launches.append(Launch("rescale M (per chunk)", 0.0, 8.0 * n * h, count=chunks))
-        model.launches.append(_cublas("M += E @ W_chunk (cuBLAS, fp32 out, per chunk)", n, h, width,
-                                      n * width * e + width * h * e + 8.0 * n * h, chunks))
+        for width, times in _chunks(v, full_width):
+            count = math.ceil(width / fb.block_v)
+            programs = K.forward_grid(n, count, fb, grouped=True)[0]
+            fwd_bytes = heads * (n * h * e + width * h * e * w_reads) + n * count * fb.block_v * e
+            model.launches.append(Launch(f"forward kernel + probability tiles ({width} columns)",
+                                         heads * 2.0 * n * width * h, fwd_bytes, programs,
+                                         heads * 2.0 * fb.block_n * fb.block_v * h, times))
+            model.launches.append(Launch(f"rescale tiles to the running max ({width} columns)", 0.0,
+                                         2.0 * n * count * fb.block_v * e, count=times))
+            model.launches.append(Launch("rescale M", 0.0, 8.0 * n * h, count=times))
+            model.launches.append(_cublas(f"M += E @ W_chunk (cuBLAS, fp32 out, {width} columns)", n, h, width,
+                                          n * width * e + width * h * e + 8.0 * n * h, times))
         model.launches.append(Launch("backward: gather W[y], axpy with M", 0.0, n * h * (e + 4 + 4 + e)))
-        model.note = f"frozen-head shortcut, {chunks} chunks of {width} columns"
+        model.note = f"frozen-head shortcut, {chunks} chunks of {full_width} columns"
         return model
 
     split = K.split_for(n, v, fb, SMS)
@@ -159,20 +167,22 @@ def triton_model(workload: Workload, shape: Shape, dtype: torch.dtype, shortcut:
                                  heads * tiles_per_split * 2.0 * fb.block_n * fb.block_v * h))
 
     bb = K.backward_blocks(n, v, h, dtype, interpret=False)
-    width = K.chunk_width(n, v, h, e, bb.block_v)
-    chunks = math.ceil(v / width)
-    count = math.ceil(width / bb.block_v)
+    full_width = K.chunk_width(n, v, h, e, bb.block_v)
+    chunks = math.ceil(v / full_width)
     token_blocks = math.ceil(n / bb.block_n)
     w_reads = math.ceil(token_blocks / bb.group_n)
     rheads = 2 if kl else 1  # the KL gradient recomputes the reference tile too
-    model.launches.append(Launch("logit-gradient kernel (per chunk)", rheads * 2.0 * n * width * h,
-                                 rheads * (n * h * e + width * h * e * w_reads) + n * width * e,
-                                 token_blocks * count, rheads * 2.0 * bb.block_n * bb.block_v * h, chunks))
-    model.launches.append(_cublas("d hidden += ds @ W_chunk (cuBLAS, fp32 out, per chunk)", n, h, width,
-                                  n * width * e + width * h * e + 8.0 * n * h, chunks))
-    if not frozen:
-        model.launches.append(_cublas("d W_chunk = ds^T @ hidden (cuBLAS, per chunk)", width, h, n,
-                                      n * width * e + n * h * e + width * h * e, chunks))
+    for width, times in _chunks(v, full_width):
+        count = math.ceil(width / bb.block_v)
+        model.launches.append(Launch(f"logit-gradient kernel ({width} columns)", rheads * 2.0 * n * width * h,
+                                     rheads * (n * h * e + width * h * e * w_reads) + n * width * e,
+                                     token_blocks * count, rheads * 2.0 * bb.block_n * bb.block_v * h, times))
+        model.launches.append(_cublas(f"d hidden += ds @ W_chunk (cuBLAS, fp32 out, {width} columns)", n, h, width,
+                                      n * width * e + width * h * e + 8.0 * n * h, times))
+        if not frozen:
+            model.launches.append(_cublas(f"d W_chunk = ds^T @ hidden (cuBLAS, {width} columns)", width, h, n,
+                                          n * width * e + n * h * e + width * h * e, times))
+    width = full_width
     model.launches.append(Launch("d hidden: zero, cast to the input dtype", 0.0, n * h * (4 + 4 + e)))
     model.note = f"split {split}, backward {chunks} chunks of {width} columns"
     return model
