@@ -131,7 +131,7 @@ def triton_model(workload: Workload, shape: Shape, dtype: torch.dtype, shortcut:
     if shortcut is None:
         shortcut = frozen and not kl
     model = CallModel("prefopt-triton", workload.name, shape, dtype)
-    fb = K.forward_blocks(n, v, h, dtype, interpret=False)
+    fb = K.forward_blocks(n, v, h, dtype, ref=ref, extras=kl, write_e=shortcut, interpret=False)
     heads = 2 if ref else 1
     if shortcut:
         full_width = K.chunk_width(n, v, h, e, fb.block_v)

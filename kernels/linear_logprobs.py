@@ -95,17 +95,26 @@ def _pow2(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
 
 
-def forward_blocks(n: int, vocab: int, hidden_size: int, dtype: torch.dtype,
-                   interpret: Optional[bool] = None) -> Blocks:
-    """Tile sizes for the forward kernel: H100-sized on GPU, large (fast) tiles under the interpreter
-    (``interpret`` defaults to whether this process interprets; the IO model asks for the GPU's)."""
+def forward_blocks(n: int, vocab: int, hidden_size: int, dtype: torch.dtype, *, ref: bool = False,
+                   extras: bool = False, write_e: bool = False, interpret: Optional[bool] = None) -> Blocks:
+    """Tile sizes for the forward kernel variant: H100-sized on GPU, large (fast) tiles under the
+    interpreter (``interpret`` defaults to whether this process interprets; the IO model asks for the
+    GPU's). ``ref``: the reference head runs in the same pass; ``extras``: softcap or any statistic
+    beyond lse and the target logit; ``write_e``: the frozen head's probability tiles.
+
+    From ``tests/aot_compile_kernels.py`` (sm_90, ptxas registers / spill bytes, 8 warps): bf16 128 x 128
+    compiles without spills for the plain variant (222 registers), with statistics (255) and with the
+    reference head (255), but spills with both (388 B) and with the probability tiles (220 B), which keep
+    64 x 128 (254 and 190 registers); fp64 32 x 64 spills (1256 B), 32 x 32 does not."""
     if INTERPRET if interpret is None else interpret:
         return Blocks(_pow2(n, 16, 64), _pow2(vocab, 16, 256), _pow2(hidden_size, 16, 128), 1, 1)
     if dtype == torch.float64:
-        return Blocks(32, 64, 32, 4, 2)
+        return Blocks(32, 32, 32, 4, 2)
     if dtype == torch.float32:
         return Blocks(64, 128, 32, 8, 3)
-    return Blocks(64, 128, 64, 8, 4)
+    if write_e or (ref and extras):
+        return Blocks(64, 128, 64, 8, 4)
+    return Blocks(128, 128, 64, 8, 3)
 
 
 def backward_blocks(n: int, vocab: int, hidden_size: int, dtype: torch.dtype,
@@ -120,22 +129,36 @@ def backward_blocks(n: int, vocab: int, hidden_size: int, dtype: torch.dtype,
     return Blocks(128, 128, 64, 8, 3, 8)
 
 
+def tf32_allowed() -> bool:
+    """Whether torch lets fp32 matmuls use TF32, read through the API that cannot raise.
+
+    torch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision`` ("tf32", "ieee", or "none": defer to
+    ``torch.backends.fp32_precision``); once it has been set, reading the legacy ``allow_tf32`` raises a
+    RuntimeError. Older torch has only ``allow_tf32``.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return precision == "tf32"
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 operands: exact fp32 products ("ieee") unless torch itself allows TF32 for matmuls."""
-    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not INTERPRET and tf32_allowed():
         return "tf32"
     return "ieee"
 
 
 def _dot_dtype(x: torch.Tensor, w: torch.Tensor):
-    """What ``tl.dot`` operands are cast to: nothing when both sides share a dtype the hardware
-    multiplies (bf16/fp16 on tensor cores with fp32 accumulation, fp32, fp64); the wider of the two
-    for mixed inputs; fp32 for bf16/fp16 under the interpreter, whose low-precision dot is unreliable."""
-    wide = {torch.float64: tl.float64, torch.float32: tl.float32}
-    if x.dtype == w.dtype and (x.dtype in wide or not INTERPRET):
+    """What ``tl.dot`` operands are cast to after the head tile is cast to hidden's dtype (the torch
+    backend's rule, so a bf16 hidden with an fp32 head runs on bf16 tensor cores): nothing on a GPU;
+    fp32 for bf16/fp16 under the interpreter, whose low-precision dot is unreliable (values rounded to
+    the low precision first, so the interpreter computes what the GPU does up to accumulation order)."""
+    if x.dtype in (torch.float32, torch.float64) or not INTERPRET:
         return None
-    if torch.float64 in (x.dtype, w.dtype):
-        return tl.float64
     return tl.float32
 
 
@@ -156,13 +179,6 @@ def _check_device(*tensors: Optional[torch.Tensor]) -> None:
             raise ValueError(f"backend 'triton': unsupported device {t.device}")
 
 
-def _rows(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """2-D with unit stride along the last dim (what the kernels index)."""
-    if t is None:
-        return None
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 # --------------------------------------------------------------------------------------------------
 # shared tile helper
 # --------------------------------------------------------------------------------------------------
@@ -170,29 +186,30 @@ def _rows(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 @triton.jit
 def _logits_tile(
-    x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, K, stride_x, stride_w,
+    x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, K, stride_x, stride_xk, stride_w, stride_wk,
     inv_temp, softcap, inv_softcap,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, ACC: tl.constexpr, DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """z = softcap(x[rows] @ w[cols]^T + b[cols]) * inv_temp, and tanh(s / cap) (or s) for f = 1 - tanh^2."""
-    # fp64 operands (mixed-dtype inputs with one fp64 side) need an fp64 accumulator
-    TILE_ACC: tl.constexpr = tl.float64 if DOT_DTYPE == tl.float64 else ACC
-    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=TILE_ACC)
+    """z = softcap(x[rows] @ w[cols]^T + b[cols]) * inv_temp, and tanh(s / cap) (or s) for f = 1 - tanh^2.
+
+    Both operands are read through their strides (a transposed or sliced head is never copied); the head
+    tile is cast to x's dtype, as the torch backend multiplies."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=ACC)
     ks = tl.arange(0, BLOCK_H)
-    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_x + ks[None, :]
-    w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_w + ks[:, None]
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_x + ks[None, :] * stride_xk
+    w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_w + ks[:, None] * stride_wk
     for k0 in range(0, K, BLOCK_H):
         k_mask = (k0 + ks) < K
         x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0).to(x.dtype)
         if DOT_DTYPE is not None:
             x = x.to(DOT_DTYPE)
             w = w.to(DOT_DTYPE)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION, out_dtype=TILE_ACC)
-        x_ptrs += BLOCK_H
-        w_ptrs += BLOCK_H
-    s = acc.to(ACC)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION, out_dtype=ACC)
+        x_ptrs += BLOCK_H * stride_xk
+        w_ptrs += BLOCK_H * stride_wk
+    s = acc
     if HAS_BIAS:
         s += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
     th = s
@@ -215,7 +232,8 @@ def _logits_tile(
 def _fwd_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, rh_ptr, rw_ptr, rb_ptr,
     max_ptr, sum_ptr, tgt_ptr, ez_ptr, zsum_ptr, arg_ptr, rest_ptr, rmax_ptr, rsum_ptr, rtgt_ptr, ezr_ptr, e_ptr,
-    n, v_base, v_stop, K, KR, stride_h, stride_w, stride_rh, stride_rw, stride_e, tiles_per_split, num_splits,
+    n, v_base, v_stop, K, KR, stride_h, stride_hk, stride_w, stride_wk, stride_rh, stride_rhk, stride_rw, stride_rwk,
+    stride_e, tiles_per_split, num_splits,
     inv_temp, softcap, inv_softcap,
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
     WANT_EZ: tl.constexpr, WANT_ZSUM: tl.constexpr, WANT_ARGMAX: tl.constexpr, WANT_REF: tl.constexpr,
@@ -260,7 +278,7 @@ def _fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_stop
         z, th = _logits_tile(
-            h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, K, stride_h, stride_w,
+            h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, K, stride_h, stride_hk, stride_w, stride_wk,
             inv_temp, softcap, inv_softcap, HAS_BIAS, SOFTCAP, ACC, DOT_DTYPE, PRECISION,
             BLOCK_N, BLOCK_V, BLOCK_H,
         )
@@ -295,8 +313,8 @@ def _fwd_kernel(
             tl.store(e_ptrs, pf.to(e_ptr.dtype.element_ty), mask=row_mask[:, None])
         if WANT_REF:
             zr, _ = _logits_tile(
-                rh_ptr, rw_ptr, rb_ptr, rows, cols, row_mask, col_mask, KR, stride_rh, stride_rw,
-                inv_temp, softcap, inv_softcap, HAS_REF_BIAS, SOFTCAP, ACC, REF_DOT_DTYPE, PRECISION,
+                rh_ptr, rw_ptr, rb_ptr, rows, cols, row_mask, col_mask, KR, stride_rh, stride_rhk, stride_rw,
+                stride_rwk, inv_temp, softcap, inv_softcap, HAS_REF_BIAS, SOFTCAP, ACC, REF_DOT_DTYPE, PRECISION,
                 BLOCK_N, BLOCK_V, BLOCK_H,
             )
             zr_fin = tl.where(col_mask[None, :], zr, 0.0)
@@ -421,8 +439,8 @@ def _launch(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, par
         ptr("max"), ptr("sum"), ptr("tgt"), ptr("ez"), ptr("zsum"), ptr("arg"), ptr("rest"), ptr("rmax"), ptr("rsum"),
         ptr("rtgt"), ptr("ezr"), e if e is not None else dummy,
         n, v_base, v_stop, hidden_size, ref_hidden.shape[1] if want_ref else 0,
-        hidden.stride(0), weight.stride(0),
-        ref_hidden.stride(0) if want_ref else 0, ref_weight.stride(0) if want_ref else 0,
+        *hidden.stride(), *weight.stride(),
+        *(ref_hidden.stride() if want_ref else (0, 0)), *(ref_weight.stride() if want_ref else (0, 0)),
         e.stride(0) if e is not None else 0, tiles_per_split, split,
         1.0 / temperature, float(softcap or 1.0), 1.0 / float(softcap or 1.0),
         HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, SOFTCAP=softcap is not None,
@@ -505,7 +523,6 @@ def forward(
     see :func:`frozen_moments`); ``split`` is then ignored.
     """
     _check_device(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias)
-    hidden, weight, ref_hidden, ref_weight = _rows(hidden), _rows(weight), _rows(ref_hidden), _rows(ref_weight)
     targets = targets.contiguous()
     bias = None if bias is None else bias.contiguous()
     ref_bias = None if ref_bias is None else ref_bias.contiguous()
@@ -516,7 +533,9 @@ def forward(
         raise ValueError("mean_ref_logit needs the reference head")
     dtype = compute_dtype(hidden.dtype)
     dev = hidden.device
-    blocks = blocks or forward_blocks(n, vocab, hidden_size, hidden.dtype)
+    extras = softcap is not None or mean_logit or logit_sum or argmax or mean_ref_logit
+    blocks = blocks or forward_blocks(n, vocab, hidden_size, hidden.dtype, ref=want_ref, extras=extras,
+                                      write_e=moments)
 
     def new_parts(count):
         def part():
@@ -615,7 +634,8 @@ def frozen_moments(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
 def _bwd_dlogits_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, rh_ptr, rw_ptr, rb_ptr,
     lse_ptr, a_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, ds_ptr,
-    n, V, K, KR, v_begin, width, stride_h, stride_w, stride_rh, stride_rw, stride_ds,
+    n, V, K, KR, v_begin, width, stride_h, stride_hk, stride_w, stride_wk, stride_rh, stride_rhk, stride_rw,
+    stride_rwk, stride_ds,
     inv_temp, softcap, inv_softcap,
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_C1: tl.constexpr, HAS_C2: tl.constexpr, HAS_C3: tl.constexpr,
@@ -639,7 +659,7 @@ def _bwd_dlogits_kernel(
     col_mask = (local < width) & (cols < V)
 
     z, th = _logits_tile(
-        h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, K, stride_h, stride_w,
+        h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, K, stride_h, stride_hk, stride_w, stride_wk,
         inv_temp, softcap, inv_softcap, HAS_BIAS, SOFTCAP, ACC, DOT_DTYPE, PRECISION,
         BLOCK_N, BLOCK_V, BLOCK_H,
     )
@@ -649,8 +669,8 @@ def _bwd_dlogits_kernel(
         inner += tl.load(c1_ptr + rows, mask=row_mask, other=0.0)[:, None] * z
     if HAS_C2:
         zr, _ = _logits_tile(
-            rh_ptr, rw_ptr, rb_ptr, rows, cols, row_mask, col_mask, KR, stride_rh, stride_rw,
-            inv_temp, softcap, inv_softcap, HAS_REF_BIAS, SOFTCAP, ACC, REF_DOT_DTYPE, PRECISION,
+            rh_ptr, rw_ptr, rb_ptr, rows, cols, row_mask, col_mask, KR, stride_rh, stride_rhk, stride_rw,
+            stride_rwk, inv_temp, softcap, inv_softcap, HAS_REF_BIAS, SOFTCAP, ACC, REF_DOT_DTYPE, PRECISION,
             BLOCK_N, BLOCK_V, BLOCK_H,
         )
         inner += tl.load(c2_ptr + rows, mask=row_mask, other=0.0)[:, None] * zr
@@ -695,7 +715,6 @@ def grad_logits(
     :func:`prefopt.ops.common.logit_grad_coefficients`); ``c2`` needs the reference head.
     """
     _check_device(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, out)
-    hidden, weight, ref_hidden, ref_weight = _rows(hidden), _rows(weight), _rows(ref_hidden), _rows(ref_weight)
     if out.stride(1) != 1:
         raise ValueError("grad_logits: out needs unit stride along its columns")
     if c2 is not None and ref_hidden is None:
@@ -716,8 +735,8 @@ def grad_logits(
         c1.contiguous() if c1 is not None else dummy, c2.contiguous() if c2 is not None else dummy,
         c3.contiguous() if c3 is not None else dummy, out,
         n, weight.shape[0], hidden_size, ref_hidden.shape[1] if want_ref else 0, v_begin, width,
-        hidden.stride(0), weight.stride(0),
-        ref_hidden.stride(0) if want_ref else 0, ref_weight.stride(0) if want_ref else 0, out.stride(0),
+        *hidden.stride(), *weight.stride(),
+        *(ref_hidden.stride() if want_ref else (0, 0)), *(ref_weight.stride() if want_ref else (0, 0)), out.stride(0),
         1.0 / temperature, float(softcap or 1.0), 1.0 / float(softcap or 1.0),
         HAS_BIAS=bias is not None, HAS_REF_BIAS=want_ref and ref_bias is not None, SOFTCAP=softcap is not None,
         HAS_C1=c1 is not None, HAS_C2=want_ref, HAS_C3=c3 is not None,

@@ -84,7 +84,7 @@ def test_traffic_is_bounded_by_the_shapes(shape):
     # trainable head: the same for ds, and d hidden's fp32 accumulator 2 passes per chunk.
     e = 2
     n, h, v = shape.scored, shape.hidden, shape.vocab
-    fb = K.forward_blocks(n, v, h, torch.bfloat16, interpret=False)
+    fb = K.forward_blocks(n, v, h, torch.bfloat16, ref=True, write_e=True, interpret=False)
     chunks = math.ceil(v / K.chunk_width(n, v, h, e, fb.block_v))
     assert chunks <= v // (2 * h) + 1 or chunks == 1
     heads = 2
@@ -95,6 +95,7 @@ def test_traffic_is_bounded_by_the_shapes(shape):
     # the old in-kernel moments: an fp32 [BLOCK_N, H] read-modify-write per vocabulary tile
     assert frozen.bytes < 8 * n * h * (v / fb.block_v) / 2
     trainable = io_model.triton_model(WORKLOADS["dpo-precomputed"], shape, torch.bfloat16)
+    fb = K.forward_blocks(n, v, h, torch.bfloat16, interpret=False)
     bb = K.backward_blocks(n, v, h, torch.bfloat16, interpret=False)
     tchunks = math.ceil(v / K.chunk_width(n, v, h, e, bb.block_v))
     split_waves = math.ceil(K.split_for(n, v, fb, io_model.SMS) * math.ceil(n / fb.block_n) / io_model.SMS)

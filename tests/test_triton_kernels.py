@@ -256,7 +256,9 @@ def test_block_choices_are_valid():
             K.INTERPRET = interpret
             for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
                 for n, vocab, hidden in ((1, 1, 1), (37, 131, 40), (16384, 152064, 4096)):
-                    for blocks in (K.forward_blocks(n, vocab, hidden, dtype), K.backward_blocks(n, vocab, hidden, dtype)):
+                    for blocks in (K.forward_blocks(n, vocab, hidden, dtype), K.backward_blocks(n, vocab, hidden, dtype),
+                                   K.forward_blocks(n, vocab, hidden, dtype, ref=True, extras=True),
+                                   K.forward_blocks(n, vocab, hidden, dtype, write_e=True)):
                         for size in (blocks.block_n, blocks.block_v, blocks.block_h):
                             assert size >= 16 and size & (size - 1) == 0
         finally:
@@ -268,20 +270,21 @@ def test_block_choices_are_valid():
 
 @pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None, reason="triton without its NVIDIA backend")
 def test_kernels_compile_for_h100():
-    # The real compiler, down to a cubin for sm_90, in a process without the interpreter: bf16 tiles on
-    # wgmma tensor cores and fp64 on DMMA, loads pipelined with cp.async, no register spills on the bf16
-    # paths, shared memory within the H100's 227 KiB.
+    # The real compiler, down to a cubin for sm_90, in a process without the interpreter, for every
+    # variant the launchers pick: bf16 tiles on wgmma tensor cores (fp32 too, as TF32), fp64 on DMMA,
+    # loads pipelined with cp.async, no register spills (ptxas -v), shared memory within 227 KiB.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(__file__), "aot_compile_kernels.py")
     done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = {r["name"]: r for r in (json.loads(line) for line in done.stdout.splitlines() if line.startswith("{"))}
-    assert len(results) == 6, done.stdout
+    assert len(results) == 9, done.stdout
     for name, r in results.items():
         assert r["shared"] <= 227 * 1024, r
         assert r["cp_async"] > 0, r
-        if "bf16" in name:
-            assert r["wgmma"] > 0 and r["local_loads"] == 0, r
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["local_loads"] == 0, r
+        if "bf16" in name or "tf32" in name:
+            assert r["wgmma"] > 0, r
         if "fp64" in name:
             assert r["mma"] > 0, r
 
