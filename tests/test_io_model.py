@@ -111,3 +111,18 @@ def test_cli_prints_the_model_without_a_gpu(capsys):
     assert "IO and FLOP model" in out.out and "| prefopt-triton | 5.0" in out.out
     assert "recompute" in out.out  # the plain-words reason for the fused path's extra product
     assert "nothing measured" in out.err
+
+
+@pytest.mark.parametrize("hidden,expect", [(256, False), (1024, True), (4096, True)])
+def test_frozen_auto_choice_agrees_with_the_model(hidden, expect):
+    # On CUDA, frozen_head_shortcut="auto" takes the shortcut where the model predicts it is faster than
+    # recomputing: not at H=256 (its extra traffic outweighs the saved product), yes at H >= 1024.
+    from prefopt.ops.triton_backend import LinearLogprobsTriton, shortcut_pays_on_h100
+
+    assert LinearLogprobsTriton.frozen_head_shortcut == "auto"
+    shape = Shape(8, 1024, hidden, 128256)
+    wl = WORKLOADS["dpo-precomputed"]
+    frozen = type(wl)(**{**wl.__dict__, "frozen": True})
+    on = io_model.triton_model(frozen, shape, torch.bfloat16, shortcut=True).time()
+    off = io_model.triton_model(frozen, shape, torch.bfloat16, shortcut=False).time()
+    assert (on < off) == expect == shortcut_pays_on_h100(shape.scored, shape.vocab, hidden, torch.bfloat16)

@@ -159,7 +159,8 @@ StreamForward = Callable[..., ForwardStats]
 RecomputeGrads = Callable[..., Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]]
 
 
-def make_backend_function(name: str, stream_forward: StreamForward, recompute_grads: RecomputeGrads):
+def make_backend_function(name: str, stream_forward: StreamForward, recompute_grads: RecomputeGrads,
+                          shortcut_pays: Optional[Callable[[Tensor, Tensor], bool]] = None):
     """A backend's autograd Function from its two passes; the contract every backend shares.
 
     ``forward(hidden [n, H], weight [V, H], bias [V] | None, targets [n] int64, ref_hidden [n, H'] | None,
@@ -174,12 +175,14 @@ def make_backend_function(name: str, stream_forward: StreamForward, recompute_gr
 
     Saved for backward: the inputs and per-token lse, E_p[z], E_p[zr] (the reference only when the KL
     gradient can be live); with the frozen-head shortcut only the weight (a parameter), targets, the
-    target logits, 1 - p_y and M'. Set ``frozen_head_shortcut = False`` on the class to always recompute.
+    target logits, 1 - p_y and M'. ``frozen_head_shortcut`` on the class: ``True`` always takes the
+    shortcut where it applies, ``False`` always recomputes, ``"auto"`` (the default when the backend gives
+    ``shortcut_pays(hidden, weight)``) asks that function.
     Double backward is refused: the recompute backward is not itself differentiable.
     """
 
     class Function(torch.autograd.Function):
-        frozen_head_shortcut = True
+        frozen_head_shortcut = "auto" if shortcut_pays is not None else True
 
         @staticmethod
         def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config: OpConfig):
@@ -188,6 +191,8 @@ def make_backend_function(name: str, stream_forward: StreamForward, recompute_gr
             uniform_terms = config.uniform_nll or config.mean_logit
             shortcut = (Function.frozen_head_shortcut and ctx.needs_input_grad[0] and not head_grad
                         and not (config.entropy or config.kl or (uniform_terms and config.softcap is not None)))
+            if shortcut and Function.frozen_head_shortcut == "auto":
+                shortcut = shortcut_pays(hidden, weight)
             stats = stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config, shortcut)
             lse = stats.lse
             logp = stats.target_logit - lse

@@ -14,7 +14,7 @@ head in fp32; :func:`prefopt.kernels.linear_logprobs.frozen_moments`), and backw
 axpy (:func:`prefopt.ops.common.shortcut_grad_hidden`), no pass over the vocabulary: 2 products in all
 instead of 3. ``LinearLogprobsTriton.frozen_head_shortcut = False`` switches it off (backward then
 recomputes the logits like a trainable head, minus the weight gradient), for measuring one against the
-other.
+other; the default ``"auto"`` asks :func:`shortcut_pays`.
 
 Backward otherwise: vocabulary chunk by chunk, a Triton kernel recomputes the logits tiles of the
 chunk (and the reference tiles when the KL gradient is live) and writes the logit gradient ``ds`` of
@@ -32,6 +32,7 @@ a trainable head (recompute, d hidden, d weight), 1 forward (+ the moments produ
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import fields
 
 import torch
@@ -97,4 +98,30 @@ def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, 
     return (grad_hidden.to(hidden.dtype) if want_h else None, grad_weight, grad_bias)
 
 
-LinearLogprobsTriton = make_backend_function("LinearLogprobsTriton", stream_forward, recompute_grads)
+def shortcut_pays(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Frozen head on CUDA: the moments shortcut or a recompute backward, whichever the IO model
+    (:mod:`prefopt.bench.io_model`, H100 peaks) predicts is faster, until a GPU has measured both;
+    elsewhere, the interpreter included, always the shortcut.
+
+    The shortcut saves the recompute product and pays for the probability tiles (written, rescaled,
+    read) and two fp32 passes over ``M`` per chunk: at bf16 it pays from H of about 1000 up.
+    """
+    if hidden.device.type != "cuda":
+        return True
+    return shortcut_pays_on_h100(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def shortcut_pays_on_h100(n: int, vocab: int, hidden_size: int, dtype: torch.dtype) -> bool:
+    """:func:`shortcut_pays` from the shapes."""
+    from prefopt.bench.io_model import triton_model
+    from prefopt.bench.workloads import Shape, Workload
+
+    frozen = Workload("frozen", "frozen head, log-probs only", False, False, False, True, False)
+    shape = Shape(1, n, hidden_size, vocab)
+    dtype = dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+    return triton_model(frozen, shape, dtype, shortcut=True).time() < triton_model(frozen, shape, dtype,
+                                                                                     shortcut=False).time()
+
+
+LinearLogprobsTriton = make_backend_function("LinearLogprobsTriton", stream_forward, recompute_grads, shortcut_pays)
