@@ -348,3 +348,64 @@ def test_argmax_first_maximum_across_tiles_and_splits(seed, split):
     assert stats.argmax.dtype == torch.int64
     assert stats.argmax[:8].tolist() == [5] * 8 and stats.argmax[8] == 130, f"seed {seed}"
     assert torch.equal(stats.argmax, z.argmax(-1)), f"seed {seed}"
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+def test_transposed_fp32_head_with_bf16_hidden(seed, monkeypatch, frozen):
+    # An fp32 head stored transposed ([H, V] memory, as a tied or autocast head can be) with bf16 hidden
+    # states: the kernels read the head through its strides and cast each tile to bf16 (the torch
+    # backend's rule); nothing the size of the head is created besides its gradient.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(K, "CHUNK_BYTES", 24 * 32 * 2)
+    monkeypatch.setattr(K, "WIDTH_PER_HIDDEN", 0)
+    monkeypatch.setattr(K, "forward_blocks", lambda *a, **k: SMALL)
+    monkeypatch.setattr(K, "backward_blocks", lambda *a, **k: SMALL)
+    n, vocab, hidden = 24, 131, 40
+    h = torch.randn(n, hidden).bfloat16().requires_grad_()
+    w = (torch.randn(hidden, vocab) / hidden**0.5).T.requires_grad_(not frozen)
+    assert not w.is_contiguous()
+    y = torch.randint(0, vocab, (n,))
+
+    class Watch(TorchDispatchMode):
+        sizes = []  # new storages made by the op (views excluded; the interpreter's own copies inside a launch too)
+        launching = False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and not t._is_view() and not Watch.launching:
+                    Watch.sizes.append(t.numel())
+            return out
+
+    class Launches:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                Watch.launching = True
+                try:
+                    return self.kernel[grid](*args, **kwargs)
+                finally:
+                    Watch.launching = False
+
+            return launch
+
+    for name in ("_fwd_kernel", "_bwd_dlogits_kernel"):
+        monkeypatch.setattr(K, name, Launches(getattr(K, name)))
+
+    with Watch():
+        out = linear_logprobs(h, w, y, backend="triton", entropy=not frozen)
+        loss = out.logp.sum() + (out.entropy.sum() if not frozen else 0)
+        grads = torch.autograd.grad(loss, [h] if frozen else [h, w])
+    head_sized = [size for size in Watch.sizes if size > max(n * 32, 32 * hidden, n * hidden)]
+    assert head_sized == ([] if frozen else [vocab * hidden]), head_sized  # only d weight itself
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_(not frozen)
+    want = oracle_linear_logprobs(h64, w64, y)
+    close(out.logp, want.logp, 3e-2, "logp", seed)
+    (want.logp.sum() + (want.entropy.sum() if not frozen else 0)).backward()
+    close(grads[0], h64.grad, 3e-2, "d hidden", seed)
+    if not frozen:
+        assert grads[1].dtype == torch.float32
+        close(grads[1], w64.grad, 3e-2, "d weight", seed)
