@@ -10,6 +10,7 @@ Examples::
     python -m bench --preset issue2                # issue 2's CPU comparison (DPO with a reference head)
     python -m bench --preset gpu                   # issue 3's GPU grid, incl. the matrix-product floor
     python -m bench --preset gpu --io-model        # the H100 IO/FLOP model of that grid (no GPU needed)
+    python -m bench --preset gpu-first-contact     # first run on a GPU: correctness, kernels, profile (<= 10 min)
     python -m bench --workload grpo,nsft-kl --tokens 1024,2048 --vocab 32000 --impl naive,prefopt-torch
 """
 from __future__ import annotations
@@ -83,6 +84,10 @@ def make_preset(name: str, device: str) -> Preset:
         return Preset("gpu", "issue 3: N=4096/8192/16384, H=4096, V=32000/128256/152064, bf16, with the floor",
                       "cuda", "bfloat16", ["naive", "prefopt-triton", "prefopt-torch", "liger", "liger-compiled", "cce", "trl", "floor"],
                       grid, warmup=2, repeats=10, timeout=600)
+    if name == "gpu-first-contact":
+        return Preset("gpu-first-contact", "first run on a GPU: every variant against float64, each kernel alone, a "
+                      "profile, the frozen shortcut on/off, end to end against the peers (bench/first_contact.py); "
+                      "without CUDA a dry run", device, "bfloat16", [], [])
     if name == "full":
         if device == "cuda":
             pts = make_preset("gpu", device).points
@@ -99,7 +104,7 @@ def make_preset(name: str, device: str) -> Preset:
     raise ValueError(name)
 
 
-PRESETS = ("quick", "issue2", "gpu", "full")
+PRESETS = ("quick", "issue2", "gpu", "gpu-first-contact", "full")
 
 
 def _csv(text: str) -> List[str]:
@@ -119,7 +124,7 @@ def _ints(text: str) -> List[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prefopt bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=PRESETS, help="quick | issue2 | gpu | full (default: full)")
+    p.add_argument("--preset", choices=PRESETS, help=" | ".join(PRESETS) + " (default: full)")
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
     p.add_argument("--impl", action="append", default=[], metavar="LIST",
                    help=f"implementations, comma-separated (repeatable): {', '.join(IMPLS)}")
@@ -225,6 +230,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         preset = _resolve(args, parser)
     except SystemExit as exc:  # argparse's errors: usage + message on stderr, exit code 2
         return int(exc.code or 0)
+    if preset.name == "gpu-first-contact":
+        from . import first_contact
+
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        return first_contact.run(args.out or os.path.join("out", "bench", f"first-contact-{stamp}"), preset.device)
     if args.io_model:
         import torch
 
