@@ -23,8 +23,15 @@ from .common import ForwardStats, OpConfig, compute_dtype, make_backend_function
 CHUNK_SIZES = {"cpu": (1024, 4096), "cuda": (2048, 8192)}
 
 
-def chunk_sizes(device: torch.device) -> Tuple[int, int]:
-    return CHUNK_SIZES.get(device.type, CHUNK_SIZES["cuda"])
+def chunk_sizes(device: torch.device, n: int = 0) -> Tuple[int, int]:
+    """Tile (tokens, vocabulary entries) for ``n`` tokens: with fewer tokens than a tile holds, the tile
+    grows along the vocabulary instead (same size), so a small batch makes fewer, larger tile operations:
+    on CPU each is a parallel region whose start and join cost more than the work at small shapes (and
+    much more on a loaded machine)."""
+    chunk_t, chunk_v = CHUNK_SIZES.get(device.type, CHUNK_SIZES["cuda"])
+    if 0 < n < chunk_t:
+        chunk_v *= chunk_t // n
+    return chunk_t, chunk_v
 
 
 def logits_tile(
@@ -69,7 +76,7 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
     n, hidden_size = hidden.shape
     vocab = weight.shape[0]
     dtype = compute_dtype(hidden.dtype)
-    chunk_t, chunk_v = chunk_sizes(hidden.device)
+    chunk_t, chunk_v = chunk_sizes(hidden.device, n)
     want_ref = ref_hidden is not None
 
     def new():
@@ -154,7 +161,7 @@ def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, 
     n, hidden_size = hidden.shape
     vocab = weight.shape[0]
     dtype = lse.dtype
-    chunk_t, chunk_v = chunk_sizes(hidden.device)
+    chunk_t, chunk_v = chunk_sizes(hidden.device, n)
     grad_hidden = hidden.new_zeros(n, hidden_size, dtype=dtype) if want_h else None
     grad_weight = torch.empty_like(weight) if want_w else None
     grad_bias = torch.empty_like(bias) if want_b else None
