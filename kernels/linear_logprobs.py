@@ -588,9 +588,8 @@ def frozen_moments(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
     mm_dtype = hidden.dtype
     item = torch.empty((), dtype=mm_dtype).element_size()
     width = chunk_width(n, vocab, hidden_size, item, blocks.block_v)
-    tiles = width // blocks.block_v
     moment = torch.zeros(n, hidden_size, dtype=dtype, device=dev)
-    ref_max = torch.full((n,), float("-inf"), dtype=dtype, device=dev)
+    run_max = torch.full((n,), float("-inf"), dtype=dtype, device=dev)
     chunks = []
     if n > 0:
         buffer = torch.empty(n, width, dtype=mm_dtype, device=dev)
@@ -603,13 +602,13 @@ def frozen_moments(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
             e = buffer[:, : count * blocks.block_v]
             _launch(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, parts, v0, v1, count, 1, blocks,
                     temperature, softcap, e)
-            new_max = torch.maximum(ref_max, parts["max"].amax(0))
+            new_max = torch.maximum(run_max, parts["max"].amax(0))
             # tile t of E is relative to its own max; bring every tile to the token's running max
             factor = torch.exp(parts["max"] - new_max)
             e.view(n, count, blocks.block_v).mul_(factor.T.unsqueeze(-1))
-            moment.mul_(torch.exp(ref_max - new_max).unsqueeze(1))
+            moment.mul_(torch.exp(run_max - new_max).unsqueeze(1))
             accumulate_product(moment, e[:, : v1 - v0], weight[v0:v1].to(mm_dtype), rows)
-            ref_max = new_max
+            run_max = new_max
             chunks.append(_reduce(parts))
     parts = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]} if chunks else new_parts(1)
     if not chunks:
@@ -618,9 +617,9 @@ def frozen_moments(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
             parts[k].zero_()
         parts["max"].fill_(float("-inf"))
     stats = _finish(parts, mean_logit)
-    # M was accumulated relative to ref_max = the global max; the sum-exp relative to the same max:
+    # M was accumulated relative to run_max = the global max; the sum-exp relative to the same max:
     if n > 0:
-        moment.div_(torch.exp(stats.lse - ref_max).unsqueeze(1))
+        moment.div_(torch.exp(stats.lse - run_max).unsqueeze(1))
     stats.moments = moment
     return stats
 
