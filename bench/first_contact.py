@@ -156,8 +156,8 @@ def _variant(name, device, dtype, tol, size, *, frozen=False, softcap=None, temp
 
 
 def _rel(actual, expected) -> float:
-    expected = expected.double()
-    return float((actual.double() - expected).abs().max() / (expected.abs().max() + 1.0))
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).abs().max() / (expected.abs().max() + 1.0))
 
 
 def _get_tf32():
