@@ -105,11 +105,12 @@ def forward_blocks(n: int, vocab: int, hidden_size: int, dtype: torch.dtype, *, 
     From ``tests/aot_compile_kernels.py`` (sm_90, ptxas registers / spill bytes, 8 warps): bf16 128 x 128
     compiles without spills for the plain variant (222 registers), with statistics (255) and with the
     reference head (255), but spills with both (388 B) and with the probability tiles (220 B), which keep
-    64 x 128 (254 and 190 registers); fp64 32 x 64 spills (1256 B), 32 x 32 does not."""
+    64 x 128 (254 and 192 registers); fp64 32 x 64 spills (1256 B), 32 x 32 too (36 B) since the
+    infinite-max guards, 16 x 32 does not."""
     if INTERPRET if interpret is None else interpret:
         return Blocks(_pow2(n, 16, 64), _pow2(vocab, 16, 256), _pow2(hidden_size, 16, 128), 1, 1)
     if dtype == torch.float64:
-        return Blocks(32, 32, 32, 4, 2)
+        return Blocks(16, 32, 32, 4, 2)
     if dtype == torch.float32:
         return Blocks(64, 128, 32, 8, 3)
     if write_e or (ref and extras):
@@ -290,8 +291,12 @@ def _fwd_kernel(
             tile_arg = tl.min(tl.where(z == tile_max[:, None], cols[None, :], v_stop), 1)
             arg = tl.where(tile_max > run_max, tile_arg, arg)
         new_max = tl.maximum(run_max, tile_max)
-        scale = tl.exp(run_max - new_max)
-        e = tl.exp(z - new_max[:, None])
+        # shift by the max, or by 0 where it is infinite (as torch.logsumexp): +inf logits give lse = +inf,
+        # as in float64, instead of inf - inf = NaN
+        shift = tl.where(tl.abs(new_max) == float("inf"), 0.0, new_max)
+        old_shift = tl.where(tl.abs(run_max) == float("inf"), 0.0, run_max)
+        scale = tl.where(run_max == ninf, 0.0, tl.exp(old_shift - shift))
+        e = tl.exp(z - shift[:, None])
         run_sum = run_sum * scale + tl.sum(e, 1)
         hit = cols[None, :] == tgt[:, None]
         tgt_logit += tl.sum(tl.where(hit, z_fin, 0.0), 1)
@@ -320,7 +325,10 @@ def _fwd_kernel(
             zr_fin = tl.where(col_mask[None, :], zr, 0.0)
             zr = tl.where(col_mask[None, :], zr, ninf)
             new_ref_max = tl.maximum(ref_max, tl.max(zr, 1))
-            ref_sum = ref_sum * tl.exp(ref_max - new_ref_max) + tl.sum(tl.exp(zr - new_ref_max[:, None]), 1)
+            ref_shift = tl.where(tl.abs(new_ref_max) == float("inf"), 0.0, new_ref_max)
+            old_ref_shift = tl.where(tl.abs(ref_max) == float("inf"), 0.0, ref_max)
+            ref_scale = tl.where(ref_max == ninf, 0.0, tl.exp(old_ref_shift - ref_shift))
+            ref_sum = ref_sum * ref_scale + tl.sum(tl.exp(zr - ref_shift[:, None]), 1)
             ref_max = new_ref_max
             ref_tgt += tl.sum(tl.where(hit, zr_fin, 0.0), 1)
             if WANT_EZR:
@@ -454,10 +462,21 @@ def _launch(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, par
     )
 
 
+def _shift(row_max: torch.Tensor) -> torch.Tensor:
+    """What sums of exponentials are relative to: the max, or 0 where it is infinite (the kernel's rule)."""
+    return torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+
+
+def _rescale(old_max: torch.Tensor, new_max: torch.Tensor) -> torch.Tensor:
+    """Factor taking a sum relative to ``_shift(old_max)`` to one relative to ``_shift(new_max)``."""
+    factor = torch.exp(_shift(old_max) - _shift(new_max))
+    return torch.where(old_max == float("-inf"), torch.zeros_like(factor), factor)
+
+
 def _reduce(parts: dict) -> dict:
     """Merge ``[S, n]`` partials (each relative to its own max) into ``[1, n]`` partials of the same form."""
     gmax = parts["max"].amax(0, keepdim=True)
-    w = torch.exp(parts["max"] - gmax)
+    w = _rescale(parts["max"], gmax)
     out = {"max": gmax, "sum": (parts["sum"] * w).sum(0, keepdim=True), "tgt": parts["tgt"].sum(0, keepdim=True)}
     for name in ("ez", "ezr", "rest"):
         if name in parts:
@@ -471,14 +490,14 @@ def _reduce(parts: dict) -> dict:
     if "rmax" in parts:
         rmax = parts["rmax"].amax(0, keepdim=True)
         out["rmax"] = rmax
-        out["rsum"] = (parts["rsum"] * torch.exp(parts["rmax"] - rmax)).sum(0, keepdim=True)
+        out["rsum"] = (parts["rsum"] * _rescale(parts["rmax"], rmax)).sum(0, keepdim=True)
         out["rtgt"] = parts["rtgt"].sum(0, keepdim=True)
     return out
 
 
 def _finish(parts: dict, mean_logit: bool) -> StreamStats:
     p = {k: v.squeeze(0) for k, v in _reduce(parts).items()}
-    stats = StreamStats(lse=p["max"] + torch.log(p["sum"]), target_logit=p["tgt"])
+    stats = StreamStats(lse=_shift(p["max"]) + torch.log(p["sum"]), target_logit=p["tgt"])
     if mean_logit:
         stats.mean_logit = p["ez"] / p["sum"]
     stats.logit_sum = p.get("zsum")
@@ -487,7 +506,7 @@ def _finish(parts: dict, mean_logit: bool) -> StreamStats:
     if "rest" in p:
         stats.rest_mass = p["rest"] / p["sum"]
     if "rmax" in p:
-        stats.ref_lse = p["rmax"] + torch.log(p["rsum"])
+        stats.ref_lse = _shift(p["rmax"]) + torch.log(p["rsum"])
         stats.ref_target_logit = p["rtgt"]
     if "ezr" in p:
         stats.mean_ref_logit = p["ezr"] / p["sum"]
@@ -604,9 +623,9 @@ def frozen_moments(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
                     temperature, softcap, e)
             new_max = torch.maximum(run_max, parts["max"].amax(0))
             # tile t of E is relative to its own max; bring every tile to the token's running max
-            factor = torch.exp(parts["max"] - new_max)
+            factor = _rescale(parts["max"], new_max)
             e.view(n, count, blocks.block_v).mul_(factor.T.unsqueeze(-1))
-            moment.mul_(torch.exp(run_max - new_max).unsqueeze(1))
+            moment.mul_(_rescale(run_max, new_max).unsqueeze(1))
             accumulate_product(moment, e[:, : v1 - v0], weight[v0:v1].to(mm_dtype), rows)
             run_max = new_max
             chunks.append(_reduce(parts))
@@ -619,7 +638,7 @@ def frozen_moments(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
     stats = _finish(parts, mean_logit)
     # M was accumulated relative to run_max = the global max; the sum-exp relative to the same max:
     if n > 0:
-        moment.div_(torch.exp(stats.lse - run_max).unsqueeze(1))
+        moment.div_(torch.exp(stats.lse - _shift(run_max)).unsqueeze(1))
     stats.moments = moment
     return stats
 

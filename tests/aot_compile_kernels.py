@@ -129,6 +129,7 @@ ALTERNATIVES = {
                                                         blocks=TILE_128),
     "fwd-fp32-ieee": lambda: forward_variant(torch.float32, ref=False, softcap=False, stats=False),
     "fwd-fp64-all-32x64": lambda: forward_variant(torch.float64, blocks=K.Blocks(32, 64, 32, 4, 2)),
+    "fwd-fp64-all-32x32": lambda: forward_variant(torch.float64, blocks=K.Blocks(32, 32, 32, 4, 2)),
 }
 
 

@@ -100,11 +100,7 @@ def test_double_backward_is_refused(backend, frozen):
         torch.autograd.grad(loss, h, create_graph=True)
 
 
-@pytest.mark.parametrize("backend", [
-    "torch",
-    pytest.param("triton", marks=pytest.mark.xfail(
-        strict=True, reason="the Triton kernel's online max does not yet shift by 0 at an infinite max")),
-])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("entropy", [False, True], ids=["logp", "entropy"])
 def test_infinite_weight_gives_what_float64_gives(backend, seed, entropy):
     # One head entry is +inf, so logit 7 is +inf where hidden[0] > 0 (lse = +inf, logp = -inf, NaN for
