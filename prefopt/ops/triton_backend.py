@@ -113,9 +113,12 @@ def shortcut_pays(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
 
 @functools.lru_cache(maxsize=256)
 def shortcut_pays_on_h100(n: int, vocab: int, hidden_size: int, dtype: torch.dtype) -> bool:
-    """:func:`shortcut_pays` from the shapes."""
-    from prefopt.bench.io_model import triton_model
-    from prefopt.bench.workloads import Shape, Workload
+    """:func:`shortcut_pays` from the shapes (the shortcut when the model is not installed with prefopt)."""
+    try:
+        from prefopt.bench.io_model import triton_model
+        from prefopt.bench.workloads import Shape, Workload
+    except ImportError:  # a source tree used without installing (prefopt.bench is bench/ once installed)
+        return True
 
     frozen = Workload("frozen", "frozen head, log-probs only", False, False, False, True, False)
     shape = Shape(1, n, hidden_size, vocab)
