@@ -145,8 +145,11 @@ def test_dpo_function_and_functional_positional(dtype_name, seed):
              lambda x, w, b: ours.LigerFusedLinearDPOFunction.apply(x, w, target, b, ref_input, ref_weight,
                                                                     ref_bias, *tail),
              (hidden, weight, bias), dtype, seed, "DPO Function.apply")
-    run_both(lambda x, w, b: liger_functional.liger_fused_linear_dpo(x, w, target, b, ref_input, ref_weight, ref_bias),
-             lambda x, w, b: ours_functional.liger_fused_linear_dpo(x, w, target, b, ref_input, ref_weight, ref_bias),
+    tail = (-100, 0.1, False, False)  # ..., compute_nll_loss, compiled=False (eager Liger on CPU)
+    run_both(lambda x, w, b: liger_functional.liger_fused_linear_dpo(x, w, target, b, ref_input, ref_weight, ref_bias,
+                                                                     *tail),
+             lambda x, w, b: ours_functional.liger_fused_linear_dpo(x, w, target, b, ref_input, ref_weight, ref_bias,
+                                                                    *tail),
              (hidden, weight, bias), dtype, seed, "liger_fused_linear_dpo")
 
 
@@ -216,8 +219,9 @@ def test_reference_free_functional(name, seed):
     target = targets(2 * pairs, length, vocab, -100)
     theirs_fn = getattr(liger_functional, f"liger_fused_linear_{name}")
     ours_fn = getattr(ours_functional, f"liger_fused_linear_{name}")
-    # Positional through ignore_index, beta and the next option (compute_nll_loss for ORPO, alpha otherwise).
-    tail = (-100, 0.2, True) if name == "orpo" else (-100, 0.2, 0.5)
+    # Positional through compiled=False: (ignore_index, beta, compute_nll_loss, nll_target, compiled) for ORPO,
+    # (ignore_index, beta, alpha, label_smoothing, compute_nll_loss, compiled) for SimPO and CPO.
+    tail = (-100, 0.2, True, None, False) if name == "orpo" else (-100, 0.2, 0.5, 0.1, True, False)
     run_both(lambda x, w, b: theirs_fn(x, w, target, b, *tail), lambda x, w, b: ours_fn(x, w, target, b, *tail),
              (hidden, weight, bias), torch.float32, seed, f"liger_fused_linear_{name}")
 
@@ -267,7 +271,7 @@ def test_kto_functional_positional(seed):
     ref_input = torch.randn(rows, length, hidden_size)
     target = targets(rows, length, vocab, -100)
     labels = torch.tensor([True, False, True, False])
-    tail = (labels, None, ref_input, weight, None, torch.tensor(0.3), -100, 0.5)
+    tail = (labels, None, ref_input, weight, None, torch.tensor(0.3), -100, 0.5, False)
     run_both(lambda x, w, b: liger_functional.liger_fused_linear_kto(x, w, target, *tail),
              lambda x, w, b: ours_functional.liger_fused_linear_kto(x, w, target, *tail),
              (hidden, weight, None), torch.float32, seed, "liger_fused_linear_kto")
@@ -348,7 +352,7 @@ def test_grpo_module(loss_type, dtype_name, options, seed):
 def test_grpo_functional_positional(seed):
     hidden, weight, bias, ids, mask, advantages, logps = grpo_inputs(torch.float32, True)
     ref_input = hidden + torch.randn_like(hidden) * 0.1
-    tail = (None, logps + 0.1, ref_input, weight, bias, 0.04, 0.2, 0.25, "grpo", None, "token", 1.0, 1.05, 0.9)
+    tail = (None, logps + 0.1, ref_input, weight, bias, 0.04, 0.2, 0.25, "grpo", None, "token", 1.0, 1.05, 0.9, False)
     run_both(lambda x, w, b: liger_functional.liger_fused_linear_grpo(x, w, ids, mask, advantages, b, *tail),
              lambda x, w, b: ours_functional.liger_fused_linear_grpo(x, w, ids, mask, advantages, b, *tail),
              (hidden, weight, bias), torch.float32, seed, "liger_fused_linear_grpo")
