@@ -33,7 +33,7 @@ def dpo_loss(
 ) -> Tensor:
     """DPO and its variants, one loss per pair. With ``z = beta * (d_c - d_r)`` and ``e = label_smoothing``:
 
-    - ``sigmoid`` (Rafailov et al. 2023): ``-logsig(z)``; with ``e > 0`` it is cDPO.
+    - ``sigmoid`` (Rafailov et al. 2023): ``-logsig(z)``.
     - ``cdpo`` (conservative DPO, label smoothing): ``-(1-e) logsig(z) - e logsig(-z)``.
     - ``robust`` (Chowdhury et al. 2024): ``(-(1-e) logsig(z) + e logsig(-z)) / (1 - 2e)``, ``e < 0.5``.
     - ``hinge`` (SLiC): ``relu(1 - z)``.
@@ -41,11 +41,12 @@ def dpo_loss(
     - ``rpo`` (Pang et al. 2024): ``-logsig(z) + rpo_alpha * NLL(chosen)``, NLL = ``-lp_c / n_c``.
 
     ``ipo`` and ``rpo`` need the token counts ``chosen_lengths`` (and ``rejected_lengths`` for ipo).
+    ``label_smoothing`` belongs to cdpo, robust and rpo; the other types refuse it rather than silently
+    becoming cDPO (TRL's ``sigmoid`` ignores it).
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"loss_type: expected one of {DPO_LOSS_TYPES}, got {loss_type!r}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing: expected a value in [0, 0.5), got {label_smoothing!r}")
+    check_dpo_label_smoothing(loss_type, label_smoothing)
     chosen_margin = chosen_logps - ref_chosen_logps
     rejected_margin = rejected_logps - ref_rejected_logps
     if loss_type == "ipo":
@@ -65,6 +66,15 @@ def dpo_loss(
             raise ValueError("chosen_lengths: required for loss_type='rpo'")
         loss = loss + rpo_alpha * (-chosen_logps / chosen_lengths.clamp(min=1))
     return loss
+
+
+def check_dpo_label_smoothing(loss_type: str, label_smoothing: float) -> None:
+    """ValueError unless ``label_smoothing`` is in [0, 0.5) and, when non-zero, used by ``loss_type``."""
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing: expected a value in [0, 0.5), got {label_smoothing!r}")
+    if label_smoothing and loss_type in ("sigmoid", "hinge", "ipo"):
+        raise ValueError(f"label_smoothing: loss_type={loss_type!r} takes none (got {label_smoothing!r}); "
+                         "label-smoothed DPO is loss_type='cdpo' (or 'robust')")
 
 
 def simpo_loss(chosen_avg: Tensor, rejected_avg: Tensor, *, beta: float = 2.0, gamma: float = 1.0) -> Tensor:
@@ -148,6 +158,9 @@ class GRPOTokenLoss(NamedTuple):
     k3: Optional[Tensor]
 
 
+GRPO_POLICY_LOSSES = ("clip", "cispo", "sapo")
+
+
 def grpo_loss(
     logps: Tensor,
     old_logps: Tensor,
@@ -157,26 +170,48 @@ def grpo_loss(
     beta: float = 0.04,
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.2,
+    policy_loss: str = "clip",
+    delta: Optional[float] = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    use_bias_correction_kl: bool = False,
 ) -> GRPOTokenLoss:
-    """GRPO per token (DeepSeekMath): ``-min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A) + beta*k3``.
+    """GRPO per token (DeepSeekMath) and its per-token variants, ``rho = exp(lp - lp_old)``:
 
-    ``rho = exp(lp - lp_old)`` and ``k3 = exp(rf - lp) - (rf - lp) - 1``, the unbiased non-negative KL
-    estimator. ``advantages`` broadcasts against the per-token ``logps`` (pass ``[R, 1]`` for one
-    advantage per sequence). Returns the per-token loss, where clipping was active, and k3 (None when
-    ``ref_logps`` is None, which needs ``beta == 0``).
+    - ``clip`` (GRPO, DAPO, Dr. GRPO, BNPO): ``-min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A)``; with
+      ``delta`` (two-sided clipping) the unclipped ``rho`` is first capped at ``delta``.
+    - ``cispo`` (MiniMax-M1): ``-sg(min(rho, eps_high)) * A * lp``, sg = no gradient.
+    - ``sapo`` (Soft Adaptive Policy Optimization): ``-sig(t * (rho - 1)) * 4 / t * A``, with
+      ``t = sapo_temperature_pos`` where ``A > 0`` and ``sapo_temperature_neg`` elsewhere.
+
+    Plus ``beta * k3`` with ``k3 = exp(rf - lp) - (rf - lp) - 1``, the unbiased non-negative KL
+    estimator, multiplied by ``rho`` when ``use_bias_correction_kl``. ``advantages`` broadcasts against
+    the per-token ``logps`` (pass ``[R, 1]`` for one advantage per sequence). Returns the per-token loss,
+    where clipping was active (TRL's ``clip_ratio/region_mean``; for cispo, where ``rho > eps_high`` with
+    ``A > 0``; never for sapo), and k3 (None when ``ref_logps`` is None, which needs ``beta == 0``).
     """
+    if policy_loss not in GRPO_POLICY_LOSSES:
+        raise ValueError(f"policy_loss: expected one of {GRPO_POLICY_LOSSES}, got {policy_loss!r}")
     ratio = torch.exp(logps - old_logps)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * advantages
-    loss = -torch.minimum(unclipped, clipped)
+    if policy_loss == "clip":
+        capped = ratio if delta is None else ratio.clamp(max=delta)
+        loss = -torch.minimum(capped * advantages, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * advantages)
+        clipped = ((capped < 1 - epsilon_low) & (advantages < 0)) | ((capped > 1 + epsilon_high) & (advantages > 0))
+    elif policy_loss == "cispo":
+        loss = -ratio.clamp(max=epsilon_high).detach() * advantages * logps
+        clipped = (ratio > epsilon_high) & (advantages > 0)
+    else:
+        temperature = torch.where(advantages > 0, sapo_temperature_pos, sapo_temperature_neg)
+        loss = -torch.sigmoid(temperature * (ratio - 1)) * 4 / temperature * advantages
+        clipped = torch.zeros_like(ratio, dtype=torch.bool)
     k3 = None
     if ref_logps is not None:
-        delta = ref_logps - logps
-        k3 = torch.exp(delta) - delta - 1
-        loss = loss + beta * k3
+        diff = ref_logps - logps
+        k3 = torch.exp(diff) - diff - 1
+        loss = loss + beta * (k3 * ratio if use_bias_correction_kl else k3)
     elif beta != 0:
         raise ValueError("ref_logps: required when beta != 0 (the KL term needs the reference)")
-    return GRPOTokenLoss(loss, clipped < unclipped, k3)
+    return GRPOTokenLoss(loss, clipped.expand_as(loss), k3)
 
 
 # Objectives of the Liger-Kernel chunked losses (prefopt.liger) that prefopt's own API does not have.
@@ -297,21 +332,20 @@ def policy_gradient_loss(
     """Per-token policy-gradient loss of the GRPO family (TRL's / Liger's ``loss_type``), before any KL term.
 
     ``log w = lp - lp_old`` per token, or its masked mean over the sequence for
-    ``importance_sampling_level="sequence"`` (GSPO); ``rho = exp(log w)``, ``A`` the advantage per row
-    (``advantages [B]``, logps ``[B, T]``):
+    ``importance_sampling_level="sequence"`` (GSPO, then ``log w`` is ``[B, 1]``); ``rho = exp(log w)``,
+    ``A`` the advantage per row (``advantages [B]``, logps ``[B, T]``):
 
-    - grpo, bnpo, dr_grpo, dapo, luspo: ``-min(min(rho, delta) * A, clip(rho, 1-eps_low, 1+eps_high) * A)``
-      (``delta`` None: no upper clamp; INTELLECT-2's two-sided clipping otherwise).
-    - cispo: ``-sg(min(rho, eps_high)) * A * lp`` (sg: no gradient).
-    - sapo: ``-A * 4/t * sig(t * (rho - 1))`` with ``t = sapo_temperature_pos`` where ``A > 0`` and
-      ``sapo_temperature_neg`` elsewhere.
+    - grpo, bnpo, dr_grpo, dapo, luspo: :func:`grpo_loss`'s ``clip`` on ``rho`` (with ``delta``);
+      cispo and sapo: :func:`grpo_loss`'s ``cispo`` and ``sapo``.
     - vespo: ``-sg(phi) * A * lp`` with the sequence weight ``phi(w) = exp(lam + k log w - lam w)``,
       ``log w = clamp(sum_t mask * clamp(lp - lp_old, -20, 20) + sum_t clamp(log is_ratio, log 1e-8, 20),
-      log 1e-8, 20)``, ``(k, lam)`` = ``(k_pos, lambda_pos)`` for ``A >= 0`` else the negative pair.
+      log 1e-8, 20)``, ``(k, lam)`` = ``(k_pos, lambda_pos)`` for ``A >= 0`` else the negative pair
+      (sg: no gradient).
 
     Every type but vespo is then multiplied by ``vllm_is_ratio`` (``[B, T]`` or ``[B, 1]``) when given.
-    ``clipped`` marks where the clip is active (``rho`` below ``1-eps_low`` with ``A < 0`` or above
-    ``1+eps_high`` (cispo: ``eps_high``) with ``A > 0``; never for sapo and vespo), shaped like ``mask``.
+    ``clipped`` (shaped like ``mask``) marks ``rho < 1-eps_low`` with ``A < 0`` or ``rho > 1+eps_high``
+    with ``A > 0`` on ``rho`` before the ``delta`` cap (Liger's count; TRL counts after it); for cispo
+    ``rho > eps_high`` with ``A > 0``; never for sapo and vespo.
     """
     if loss_type not in POLICY_LOSS_TYPES:
         raise ValueError(f"loss_type: expected one of {POLICY_LOSS_TYPES}, got {loss_type!r}")
@@ -321,6 +355,9 @@ def policy_gradient_loss(
         )
     if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):
         raise ValueError(f"importance_sampling_level: 'sequence' is not defined for loss_type={loss_type!r}")
+    if loss_type == "sapo" and not (sapo_temperature_pos > 0 and sapo_temperature_neg > 0):
+        raise ValueError(f"sapo_temperature_pos/sapo_temperature_neg: expected > 0, got "
+                         f"{sapo_temperature_pos!r}, {sapo_temperature_neg!r}")
     mask = mask.to(logps.dtype)
     advantage = advantages.to(logps.dtype).unsqueeze(-1)
     log_ratio = logps - old_logps
@@ -328,20 +365,7 @@ def policy_gradient_loss(
         log_weights = log_ratio
     else:
         log_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-    rho = torch.exp(log_weights)
-    no_clip = torch.zeros_like(rho, dtype=torch.bool)
-    if loss_type == "cispo":
-        loss = -rho.clamp(max=epsilon_high).detach() * advantage * logps
-        low, high = no_clip, rho > epsilon_high
-    elif loss_type == "sapo":
-        for t in (sapo_temperature_pos, sapo_temperature_neg):
-            if t <= 0:
-                raise ValueError(f"sapo_temperature_pos/sapo_temperature_neg: expected > 0, got {t!r}")
-        gate = torch.where(advantage > 0, torch.sigmoid(sapo_temperature_pos * (rho - 1)) * 4 / sapo_temperature_pos,
-                           torch.sigmoid(sapo_temperature_neg * (rho - 1)) * 4 / sapo_temperature_neg)
-        loss = -gate * advantage
-        low = high = no_clip
-    elif loss_type == "vespo":
+    if loss_type == "vespo":
         with torch.no_grad():
             floor = math.log(1e-8)
             seq_log_w = (log_ratio.clamp(-20.0, 20.0) * mask).sum(-1, keepdim=True)
@@ -352,17 +376,20 @@ def policy_gradient_loss(
             k = torch.where(nonneg, vespo_k_pos, vespo_k_neg)
             lam = torch.where(nonneg, vespo_lambda_pos, vespo_lambda_neg).clamp(min=1e-4)
             phi = torch.exp(lam + k * seq_log_w - lam * torch.exp(seq_log_w)).nan_to_num(0.0, 0.0, 0.0)
-        loss = -phi * advantage * logps
-        low = high = no_clip
-    else:
-        clipped_rho = rho.clamp(1 - epsilon_low, 1 + epsilon_high)
-        capped = rho if delta is None else rho.clamp(max=delta)
-        loss = -torch.minimum(capped * advantage, clipped_rho * advantage)
-        low, high = rho < 1 - epsilon_low, rho > 1 + epsilon_high
-    if vllm_is_ratio is not None and loss_type != "vespo":
-        loss = loss * vllm_is_ratio
-    clipped = ((low & (advantage < 0)) | (high & (advantage > 0))).expand_as(mask)
-    return PolicyTokenLoss(loss, log_weights, clipped)
+        no_clip = torch.zeros_like(mask, dtype=torch.bool)
+        return PolicyTokenLoss(-phi * advantage * logps, log_weights, no_clip)
+    policy_loss = loss_type if loss_type in ("cispo", "sapo") else "clip"
+    # grpo_loss's ratio is exp(lp - lp_old): hand it log w (and 0) so that sequence-level weights work too.
+    token = grpo_loss(logps if policy_loss == "cispo" else log_weights,
+                      old_logps if policy_loss == "cispo" else torch.zeros_like(log_weights), advantage,
+                      beta=0.0, epsilon_low=epsilon_low, epsilon_high=epsilon_high, policy_loss=policy_loss,
+                      delta=delta, sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
+    clipped = token.clipped
+    if policy_loss == "clip":
+        rho = torch.exp(log_weights)
+        clipped = ((rho < 1 - epsilon_low) & (advantage < 0)) | ((rho > 1 + epsilon_high) & (advantage > 0))
+    loss = token.loss if vllm_is_ratio is None else token.loss * vllm_is_ratio
+    return PolicyTokenLoss(loss, log_weights, clipped.expand_as(mask))
 
 
 def aggregate_policy_loss(
