@@ -42,23 +42,27 @@ def assert_all_close(ours_out, theirs_out, dtype, what, seed):
                                msg=lambda m: f"{what} (seed {seed}): {m}")
 
 
-def leaves(tensors):
-    return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+def leaves(tensors, frozen_weight=False):
+    """Fresh leaves; with ``frozen_weight`` the head (second tensor) takes no gradient, as under LoRA."""
+    return [None if t is None else t.detach().clone().requires_grad_(not (frozen_weight and i == 1))
+            for i, t in enumerate(tensors)]
 
 
 def grads(tensors):
     return [None if t is None else t.grad for t in tensors]
 
 
-def run_both(call_liger, call_ours, trainable, dtype, seed, what):
+def run_both(call_liger, call_ours, trainable, dtype, seed, what, frozen_weight=False):
     """``call_*(input, weight, bias)`` -> (loss, aux); compares outputs, then gradients of the trainable leaves."""
-    theirs_leaves, ours_leaves = leaves(trainable), leaves(trainable)
+    theirs_leaves, ours_leaves = leaves(trainable, frozen_weight), leaves(trainable, frozen_weight)
     theirs = call_liger(*theirs_leaves)
     mine = call_ours(*ours_leaves)
     assert_all_close(mine, theirs, dtype, f"{what} outputs", seed)
     theirs[0].backward()
     mine[0].backward()
     for name, a, b in zip(("d input", "d weight", "d bias"), grads(ours_leaves), grads(theirs_leaves)):
+        if frozen_weight and name == "d weight":
+            assert a is None and b is None, f"{what}: a frozen head got a gradient (seed {seed})"
         if b is not None:
             assert a is not None, f"{what}: no {name} (seed {seed})"
             assert a.dtype == b.dtype, f"{what}: {name} dtype {a.dtype} vs Liger {b.dtype}"
@@ -87,8 +91,10 @@ DPO_CASES = [
     ("sigmoid", "fp32", dict(bias=True)),
     ("sigmoid", "bf16", dict(compute_nll_loss=True, alpha=0.7)),
     ("sigmoid", "fp32", dict(use_ref_model=False, average_log_prob=True, label_smoothing=0.2)),
+    ("sigmoid", "fp32", dict(chunk_size=2, frozen=True, bias=True)),
+    ("sigmoid", "bf16", dict(frozen=True, compute_nll_loss=True)),
     ("hinge", "fp32", dict(average_log_prob=True, ignore_index=42)),
-    ("hinge", "bf16", dict(bias=True)),
+    ("hinge", "bf16", dict(bias=True, chunk_size=3)),
     ("robust", "fp32", dict(label_smoothing=0.1, compute_nll_loss=True)),
     ("robust", "bf16", dict(label_smoothing=0.2, bias=True)),
     ("exo_pair", "fp32", dict(label_smoothing=1e-3, bias=True)),
@@ -114,6 +120,7 @@ def test_dpo_module(loss_type, dtype_name, options, seed):
     dtype = DTYPES[dtype_name]
     options = dict(options)
     with_bias = options.pop("bias", False)
+    frozen = options.pop("frozen", False)
     ignore_index = options.get("ignore_index", -100)
     pairs, length, hidden_size, vocab = 3, 9, 16, 67
     hidden = torch.randn(2 * pairs, length, hidden_size).to(dtype)
@@ -126,7 +133,7 @@ def test_dpo_module(loss_type, dtype_name, options, seed):
     ours_fn = ours.LigerFusedLinearDPOLoss(**kwargs)
     run_both(lambda x, w, b: theirs_fn(w, x, target, b, ref_input, ref_weight, ref_bias),
              lambda x, w, b: ours_fn(w, x, target, b, ref_input, ref_weight, ref_bias),
-             (hidden, weight, bias), dtype, seed, f"DPO {loss_type}")
+             (hidden, weight, bias), dtype, seed, f"DPO {loss_type}", frozen)
 
 
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
@@ -180,6 +187,8 @@ PAIRED_CASES = [
     ("SimPO", "bf16", dict(label_smoothing=0.1, gamma=0.8)),
     ("SimPO", "fp32", dict(compute_nll_loss=False, label_smoothing=0.2, beta=2.0, gamma=1.0)),
     ("SimPO", "fp32", dict(alpha=0.3, ignore_index=42, bias=True)),
+    ("SimPO", "fp32", dict(chunk_size=2, frozen=True, bias=True)),
+    ("ORPO", "fp32", dict(chunk_size=3, frozen=True)),
     ("CPO", "fp32", dict(bias=True)),
     ("CPO", "bf16", dict(label_smoothing=0.1)),
     ("CPO", "fp32", dict(average_log_prob=True, alpha=0.5, label_smoothing=0.3)),
@@ -194,6 +203,7 @@ def test_reference_free_paired_modules(name, dtype_name, options, seed):
     options = dict(options)
     with_bias = options.pop("bias", False)
     with_nll_target = options.pop("nll_target", False)
+    frozen = options.pop("frozen", False)
     ignore_index = options.get("ignore_index", -100)
     pairs, length, hidden_size, vocab = 3, 8, 16, 53
     hidden = torch.randn(2 * pairs, length, hidden_size).to(dtype)
@@ -208,7 +218,7 @@ def test_reference_free_paired_modules(name, dtype_name, options, seed):
     theirs_fn = getattr(liger_chunked, f"LigerFusedLinear{name}Loss")(compiled=False, **options)
     ours_fn = getattr(ours, f"LigerFusedLinear{name}Loss")(**options)
     run_both(lambda x, w, b: theirs_fn(w, x, target, b, *extra), lambda x, w, b: ours_fn(w, x, target, b, *extra),
-             (hidden, weight, bias), dtype, seed, name)
+             (hidden, weight, bias), dtype, seed, name, frozen)
 
 
 @pytest.mark.parametrize("name", ["orpo", "simpo", "cpo"])
@@ -234,6 +244,7 @@ KTO_CASES = [
     ("bf16", dict(use_ref_model=False, average_log_prob=True, bias=True)),
     ("fp32", dict(use_ref_model=True, average_log_prob=True, ignore_index=42)),
     ("fp32", dict(use_ref_model=True, kl="per-row", bias=True)),
+    ("fp32", dict(use_ref_model=True, kl="scalar", chunk_size=4, frozen=True)),
 ]
 
 
@@ -243,6 +254,7 @@ def test_kto_module(dtype_name, options, seed):
     options = dict(options)
     with_bias = options.pop("bias", False)
     kl_kind = options.pop("kl", None)
+    frozen = options.pop("frozen", False)
     ignore_index = options.get("ignore_index", -100)
     rows, length, hidden_size, vocab = 6, 8, 16, 53
     hidden = torch.randn(rows, length, hidden_size).to(dtype)
@@ -256,12 +268,13 @@ def test_kto_module(dtype_name, options, seed):
     # Liger applies kl inside each row chunk: a per-row kl [B] broadcasts against a chunk of 1 row and
     # sums B losses per row (a Liger bug). One chunk of all rows (chunk_size=B) gives the documented
     # meaning, one reference point per row, which is what prefopt computes for any chunk_size.
-    chunk_size = rows if kl_kind == "per-row" else 1
-    theirs_fn = liger_chunked.LigerFusedLinearKTOLoss(compiled=False, chunk_size=chunk_size, **options)
+    if kl_kind == "per-row":
+        options["chunk_size"] = rows
+    theirs_fn = liger_chunked.LigerFusedLinearKTOLoss(compiled=False, **options)
     ours_fn = ours.LigerFusedLinearKTOLoss(**options)
     run_both(lambda x, w, b: theirs_fn(x, w, target, b, labels, ref_input, ref_weight, ref_bias, kl),
              lambda x, w, b: ours_fn(x, w, target, b, labels, ref_input, ref_weight, ref_bias, kl),
-             (hidden, weight, bias), dtype, seed, "KTO")
+             (hidden, weight, bias), dtype, seed, "KTO", frozen)
 
 
 def test_kto_functional_positional(seed):
@@ -302,6 +315,8 @@ GRPO_CASES = [
     ("vespo", "bf16", dict(ref="logps", old=True, bias=True)),
     ("dapo", "fp32", dict(ref="hidden", importance_sampling_level="sequence", use_bias_correction_kl=True,
                           old=True, temperature=1.3)),
+    ("dapo", "fp32", dict(ref="hidden", old=True, chunk_size=3, frozen=True, bias=True)),
+    ("grpo", "bf16", dict(ref="logps", old=True, chunk_size=2, frozen=True, delta=1.5)),
 ]
 
 
@@ -330,6 +345,7 @@ def test_grpo_module(loss_type, dtype_name, options, seed):
     with_old = options.pop("old", False)
     vllm_kind = options.pop("vllm", None)
     num_items = options.pop("num_items_in_batch", None)
+    frozen = options.pop("frozen", False)
     hidden, weight, bias, ids, mask, advantages, logps = grpo_inputs(dtype, with_bias)
     rows, length = ids.shape
     # Old and reference log-probs near the policy's, so that some ratios clip and some do not.
@@ -346,7 +362,7 @@ def test_grpo_module(loss_type, dtype_name, options, seed):
     tail = (ref_logps, old, ref_input, ref_weight, None, vllm, num_items)
     run_both(lambda x, w, b: theirs_fn(x, w, ids, mask, advantages, b, *tail),
              lambda x, w, b: ours_fn(x, w, ids, mask, advantages, b, *tail),
-             (hidden, weight, bias), dtype, seed, f"GRPO {loss_type}")
+             (hidden, weight, bias), dtype, seed, f"GRPO {loss_type}", frozen)
 
 
 def test_grpo_functional_positional(seed):
