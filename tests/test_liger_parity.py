@@ -413,3 +413,45 @@ def test_grpo_padding_never_reaches_the_loss(loss_type, level, seed):
     assert_close(dirty, clean, 1e-6, "loss with garbage at padded positions", seed)
     assert_close(x2.grad, x1.grad, 1e-6, "d input with garbage at padded positions", seed)
     assert float(x2.grad[padded].abs().max()) == 0.0, f"padded positions got a gradient (seed {seed})"
+
+
+# ---------------------------------------------------------------------------------------------- float64 oracle
+def test_paired_statistics_against_float64_oracle(seed):
+    """In float64 the shim's statistics equal materialised logits to 1e-10: per-row log-prob sums and the
+    logits means over every position (prefopt: the op's mean logit at scored positions, one product with
+    the mean head row at the others), the chosen NLL over nll_target, the loss and its input gradient."""
+    pairs, length, hidden_size, vocab = 2, 7, 10, 23
+    hidden = torch.randn(2 * pairs, length, hidden_size, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, dtype=torch.float64)
+    bias = torch.randn(vocab, dtype=torch.float64)
+    ref_input = torch.randn(2 * pairs, length, hidden_size, dtype=torch.float64)
+    target = targets(2 * pairs, length, vocab, -100)
+    nll_target = torch.randint(0, vocab, (2 * pairs, length))
+    nll_target[:, :2] = -100
+    loss, (chosen, rejected, chosen_mean, rejected_mean, nll, *_) = ours.LigerFusedLinearDPOFunction.apply(
+        hidden, weight, target, bias, ref_input, weight, bias, -100, 0.3, True, False, True, False, 1, "sigmoid",
+        0.0, 0.05, 0.7)
+    orpo_nll = ours.LigerFusedLinearORPOLoss()(weight, hidden, target, bias, nll_target)[1][4]
+
+    logits = hidden @ weight.T + bias
+    logq = torch.log_softmax(logits, -1)
+    valid = target != -100
+    token = torch.where(valid, logq.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1), 0.0)
+    ref_logq = torch.log_softmax(ref_input @ weight.T + bias, -1)
+    ref_token = torch.where(valid, ref_logq.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1), 0.0)
+    logps, ref_logps = token.sum(-1), ref_token.sum(-1)
+    expected_nll = -token[:pairs].sum() / valid[:pairs].sum()
+    z = 0.3 * ((logps[:pairs] - ref_logps[:pairs]) - (logps[pairs:] - ref_logps[pairs:]))
+    expected_loss = 0.7 * expected_nll - torch.nn.functional.logsigmoid(z).mean()
+    nll_valid = nll_target[:pairs] != -100
+    orpo_expected = -torch.where(nll_valid, logq[:pairs].gather(-1, nll_target[:pairs].clamp(min=0)[..., None])
+                                 .squeeze(-1), 0.0).sum() / nll_valid.sum()
+    for got, want, what in ((chosen, logps[:pairs], "chosen_logps"), (rejected, logps[pairs:], "rejected_logps"),
+                            (chosen_mean, logits[:pairs].mean(), "chosen_logits_mean"),
+                            (rejected_mean, logits[pairs:].mean(), "rejected_logits_mean"),
+                            (nll, expected_nll, "nll_loss"), (orpo_nll, orpo_expected, "ORPO nll_target"),
+                            (loss, expected_loss, "loss")):
+        assert_close(got, want.detach(), 1e-10, what, seed)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    (expected_grad,) = torch.autograd.grad(expected_loss, hidden)
+    assert_close(grad, expected_grad, 1e-10, "d input", seed)
