@@ -26,10 +26,6 @@ class LigerFunction:
     ``forward`` takes exactly the arguments of ``apply``.
     """
 
-    @staticmethod
-    def forward(*args, **kwargs):
-        raise NotImplementedError
-
     @classmethod
     def apply(cls, *args, **kwargs):
         return cls.forward(*args, **kwargs)

@@ -51,7 +51,7 @@ def _token_normalizer(attention_mask, num_items_in_batch):
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if distributed else 1
     if num_items_in_batch is not None:
-        tokens = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=attention_mask.device).float()
+        tokens = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=attention_mask.device)
     else:
         tokens = attention_mask.float().sum()
         if distributed:

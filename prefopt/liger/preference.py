@@ -111,7 +111,10 @@ class LigerFusedLinearDPOFunction(LigerFunction):
     """DPO and its variants (``loss_type``, see :data:`DPO_LOSS_TYPES`) with Liger's positional order.
 
     Aux outputs: ``chosen_rewards, rejected_rewards`` (``beta * (lp - rf)``, ``[B]``). Without a reference
-    model (``use_ref_model=False``) the reference log-probs are 0.
+    model (``use_ref_model=False``) the reference log-probs are 0. ``ref_weight=None`` with a reference
+    model uses the policy head for the reference too (a frozen shared head, e.g. LoRA), where Liger
+    needs it given. ``loss_type="ipo"`` raises Liger's ``NotImplementedError`` (also a ``ValueError``):
+    prefopt's own :class:`prefopt.FusedDPOLoss` has IPO.
     """
 
     @staticmethod
@@ -134,7 +137,7 @@ class LigerFusedLinearDPOLoss(nn.Module):
                  chunk_size: int = 1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  discopop_tau: float = 0.05):
         super().__init__()
-        if loss_type == "ipo" or loss_type not in DPO_LOSS_TYPES:
+        if loss_type not in DPO_LOSS_TYPES:  # the module refuses "ipo" with a ValueError, as Liger's does
             raise ValueError(f"loss_type: expected one of {DPO_LOSS_TYPES}, got {loss_type!r}")
         _check_dpo_options(loss_type, label_smoothing)
         self.ignore_index, self.beta, self.alpha = ignore_index, beta, alpha
