@@ -49,14 +49,13 @@ def head_mean_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], val
 
 
 class RowLogps(NamedTuple):
-    """Per-row statistics of a batch ``[R, T]``: log-prob sums (or means), their reference, mean logits."""
+    """Statistics of a batch ``[R, T]``: per-row log-prob sums (or means) and the reference's, the
+    per-position mean logits ``[R, T]`` and log-probs ``[R, T]`` (0 where not scored)."""
 
     logps: Tensor
     ref_logps: Optional[Tensor]
-    lengths: Tensor
     mean_logits: Tensor
     token_logps: Tensor
-    valid: Tensor
 
 
 def row_logps(_input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], *, ignore_index: int,
@@ -84,4 +83,4 @@ def row_logps(_input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Ten
         logps = logps / lengths
         ref_logps = ref_logps / lengths if ref_logps is not None else None
     mean_logits = head_mean_logits(_input, weight, bias, valid, stats.mean_logit)
-    return RowLogps(logps, ref_logps, lengths, mean_logits, stats.logp, valid)
+    return RowLogps(logps, ref_logps, mean_logits, stats.logp)
