@@ -249,12 +249,15 @@ def dpo_variant_loss(
     chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
     if loss_type == "exo_pair":
         if not 0.0 < label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing: expected a value in (0, 1) for loss_type='exo_pair', got {label_smoothing!r}")
+            raise ValueError(
+                f"label_smoothing: expected a value in (0, 1) for loss_type='exo_pair', got {label_smoothing!r}"
+            )
         e = torch.tensor(label_smoothing, dtype=z.dtype, device=z.device)
         return (torch.sigmoid(z) * (F.logsigmoid(z) - torch.log1p(-e))
                 + torch.sigmoid(-z) * (F.logsigmoid(-z) - torch.log(e)))
     if loss_type == "nca_pair":
-        return -F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards) - 0.5 * F.logsigmoid(-rejected_rewards)
+        return (-F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards)
+                - 0.5 * F.logsigmoid(-rejected_rewards))
     if loss_type == "bco_pair":
         return -F.logsigmoid(chosen_rewards) - F.logsigmoid(-rejected_rewards)
     if loss_type == "sppo_hard":

@@ -16,7 +16,8 @@ LOSSES = {"DPO": "dpo_loss", "ORPO": "orpo_loss", "SimPO": "simpo_loss", "CPO": 
 
 
 def liger_function(name):
-    return getattr(importlib.import_module(f"liger_kernel.chunked_loss.{LOSSES[name]}"), f"LigerFusedLinear{name}Function")
+    module = importlib.import_module(f"liger_kernel.chunked_loss.{LOSSES[name]}")
+    return getattr(module, f"LigerFusedLinear{name}Function")
 
 
 def parameters(fn, drop=("self", "ctx", "cls")):

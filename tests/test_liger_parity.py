@@ -33,11 +33,11 @@ def assert_all_close(ours_out, theirs_out, dtype, what, seed):
     atol, rtol = TOLERANCES[dtype]
     if isinstance(theirs_out, (tuple, list)):
         assert isinstance(ours_out, (tuple, list)), f"{what}: expected a tuple, got {type(ours_out)} (seed {seed})"
-        assert len(ours_out) == len(theirs_out), f"{what}: {len(ours_out)} outputs, Liger has {len(theirs_out)} (seed {seed})"
+        assert len(ours_out) == len(theirs_out), f"{what}: {len(ours_out)} outputs, Liger {len(theirs_out)} ({seed})"
         for i, (a, b) in enumerate(zip(ours_out, theirs_out)):
             assert_all_close(a, b, dtype, f"{what}[{i}]", seed)
         return
-    assert ours_out.shape == theirs_out.shape, f"{what}: shape {ours_out.shape} vs Liger {theirs_out.shape} (seed {seed})"
+    assert ours_out.shape == theirs_out.shape, f"{what}: shape {ours_out.shape}, Liger {theirs_out.shape} ({seed})"
     torch.testing.assert_close(ours_out.float(), theirs_out.float(), atol=atol, rtol=rtol,
                                msg=lambda m: f"{what} (seed {seed}): {m}")
 

@@ -87,7 +87,8 @@ class LigerFusedLinearGRPOFunction(LigerFunction):
         if loss_type == "dr_grpo" and max_completion_length is None:
             raise ArgumentAssertionError("max_completion_length: required for loss_type='dr_grpo'")
         if attention_mask.shape != selected_token_ids.shape:
-            raise ValueError(f"attention_mask: expected shape {list(selected_token_ids.shape)} like selected_token_ids, "
+            raise ValueError(f"attention_mask: expected shape {list(selected_token_ids.shape)} "
+                             f"like selected_token_ids, "
                              f"got {list(attention_mask.shape)}")
         if advantages.shape != attention_mask.shape[:1]:
             raise ValueError(f"advantages: expected shape [{attention_mask.shape[0]}], got {list(advantages.shape)}")

@@ -85,7 +85,8 @@ def _check_dpo_options(loss_type, label_smoothing):
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"loss_type: expected one of {DPO_LOSS_TYPES}, got {loss_type!r}")
     if loss_type == "exo_pair" and not label_smoothing > 0:
-        raise ValueError(f"label_smoothing: loss_type='exo_pair' needs a value > 0 (EXO uses 1e-3), got {label_smoothing!r}")
+        raise ValueError(f"label_smoothing: loss_type='exo_pair' needs a value > 0 (EXO uses 1e-3), "
+                         f"got {label_smoothing!r}")
     if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing: loss_type='robust' needs a value in [0, 0.5), got {label_smoothing!r}")
 
@@ -122,7 +123,8 @@ class LigerFusedLinearDPOFunction(LigerFunction):
                 beta=0.1, compute_nll_loss=False, compiled=True, use_ref_model=True, average_log_prob=False,
                 chunk_size=1, loss_type="sigmoid", label_smoothing=0.0, discopop_tau=0.05, alpha=1.0):
         _check_dpo_options(loss_type, label_smoothing)
-        return paired_loss(_input, weight, target, bias, _dpo_preference(beta, loss_type, label_smoothing, discopop_tau),
+        preference = _dpo_preference(beta, loss_type, label_smoothing, discopop_tau)
+        return paired_loss(_input, weight, target, bias, preference,
                            ignore_index=ignore_index, alpha=alpha, compute_nll_loss=compute_nll_loss,
                            use_ref_model=use_ref_model, ref_input=ref_input, ref_weight=ref_weight, ref_bias=ref_bias,
                            average_log_prob=average_log_prob)
@@ -220,7 +222,8 @@ class LigerFusedLinearSimPOLoss(nn.Module):
                  compute_nll_loss: bool = True, compiled: bool = True, gamma: float = 0.5, chunk_size: int = 1):
         super().__init__()
         self.ignore_index, self.beta, self.alpha, self.label_smoothing = ignore_index, beta, alpha, label_smoothing
-        self.compute_nll_loss, self.compiled, self.gamma, self.chunk_size = compute_nll_loss, compiled, gamma, chunk_size
+        self.compute_nll_loss, self.compiled = compute_nll_loss, compiled
+        self.gamma, self.chunk_size = gamma, chunk_size
 
     def forward(self, lin_weight, _input, target, bias=None):
         return LigerFusedLinearSimPOFunction.apply(
