@@ -168,3 +168,34 @@ def test_errors_where_liger_has_no_check():
         ours.LigerFusedLinearKTOLoss()(hidden, weight, target, None, torch.ones(4))
     with pytest.raises(ValueError, match="targets"):
         ours.LigerFusedLinearCPOLoss()(weight, hidden, target + 20)
+
+
+def test_one_fused_pass_per_call(monkeypatch):
+    """The shims are thin: one call of prefopt's op scores the policy and the reference together
+    (ORPO's nll_target adds one pass over the positions whose NLL label differs, and only those)."""
+    import prefopt.liger._common as common
+    import prefopt.liger.grpo as grpo
+    import prefopt.liger.preference as preference
+
+    calls = []
+    real = common.linear_logprobs
+
+    def counting(hidden, weight, targets, **kwargs):
+        calls.append((int((targets != kwargs.get("ignore_index", -100)).sum()), kwargs.get("ref_hidden") is not None))
+        return real(hidden, weight, targets, **kwargs)
+
+    for module in (common, grpo, preference):
+        monkeypatch.setattr(module, "linear_logprobs", counting)
+    hidden, weight, target = _tiny_pair_batch()
+    ours.LigerFusedLinearDPOLoss()(weight, hidden, target, None, hidden + 1, weight)
+    assert calls == [(20, True)]
+    calls.clear()
+    nll_target = target.clone()
+    nll_target[0, :2] = (target[0, :2] + 1) % 11
+    ours.LigerFusedLinearORPOLoss()(weight, hidden, target, None, nll_target)
+    assert calls == [(20, False), (2, False)]
+    calls.clear()
+    mask = torch.ones(4, 5)
+    mask[:, 3:] = 0
+    ours.LigerFusedLinearGRPOLoss()(hidden, weight, target, mask, torch.randn(4), None, None, None, hidden, weight)
+    assert calls == [(12, True)], "padded positions must not be scored"
