@@ -169,7 +169,8 @@ class LigerFusedLinearORPOFunction(LigerFunction):
     """ORPO on per-token mean log-probs with Liger's positional order: ``loss = nll - beta * mean logsig(log odds
     ratio)``. Aux outputs: ``chosen_rewards, rejected_rewards`` (``beta * avg``), ``log_odds_ratio`` (mean
     ``logsig``) and ``log_odds_chosen`` (mean log odds ratio). ``nll_target [2B, T]`` replaces the NLL targets
-    of the chosen rows."""
+    of the chosen rows. The loss term is :func:`prefopt.objectives.orpo_loss`, which keeps a per-token mean
+    log-prob of 0 (probability 1) finite where Liger's ``log(1 - exp(0))`` gives an infinite loss."""
 
     @staticmethod
     def forward(_input, weight, target, bias=None, ignore_index=-100, beta=0.1, compute_nll_loss=True,
