@@ -458,3 +458,29 @@ def test_paired_statistics_against_float64_oracle(seed):
     (grad,) = torch.autograd.grad(loss, hidden)
     (expected_grad,) = torch.autograd.grad(expected_loss, hidden)
     assert_close(grad, expected_grad, 1e-10, "d input", seed)
+
+
+# ---------------------------------------------------------------------------------------------- prefopt's own API
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_prefopt_fused_dpo_matches_liger(with_bias, seed):
+    """prefopt's own FusedDPOLoss (positional order of Liger's module, its own return type) gives Liger's DPO."""
+    import prefopt
+
+    pairs, length, hidden_size, vocab = 2, 9, 16, 67
+    hidden = torch.randn(2 * pairs, length, hidden_size)
+    weight, bias = head(vocab, hidden_size, torch.float32, with_bias)
+    ref_input = torch.randn(2 * pairs, length, hidden_size)
+    ref_weight, ref_bias = head(vocab, hidden_size, torch.float32, with_bias)
+    target = targets(2 * pairs, length, vocab, -100)
+    theirs_fn = liger_chunked.LigerFusedLinearDPOLoss(beta=0.3, compiled=False)
+    ours_fn = prefopt.FusedDPOLoss(beta=0.3)
+
+    def ours_as_liger(x, w, b):
+        out = ours_fn(w, x, target, b, ref_input, ref_weight, ref_bias)
+        return out.loss, (out.metrics["rewards/chosen"], out.metrics["rewards/rejected"])
+
+    def liger_rewards(x, w, b):
+        loss, aux = theirs_fn(w, x, target, b, ref_input, ref_weight, ref_bias)
+        return loss, (aux[5].mean(), aux[6].mean())
+
+    run_both(liger_rewards, ours_as_liger, (hidden, weight, bias), torch.float32, seed, "FusedDPOLoss")
