@@ -36,9 +36,13 @@ def test_module_signatures_match_liger(name):
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_function_apply_order_matches_liger(name):
-    """Liger's ``Function.forward(ctx, ...)`` fixes the positional order of ``.apply``; ours takes the same."""
-    assert parameters(getattr(ours, f"LigerFusedLinear{name}Function").forward) == parameters(
-        liger_function(name).forward)
+    """Liger's ``Function.forward(ctx, ...)`` fixes the positional order of ``.apply``; ours takes the same,
+    and lives at the same submodule path (``prefopt.liger.dpo_loss`` for ``liger_kernel.chunked_loss.dpo_loss``)."""
+    mine = getattr(ours, f"LigerFusedLinear{name}Function")
+    submodule = importlib.import_module(f"prefopt.liger.{LOSSES[name]}")
+    assert getattr(submodule, f"LigerFusedLinear{name}Function") is mine
+    assert getattr(submodule, f"LigerFusedLinear{name}Loss") is getattr(ours, f"LigerFusedLinear{name}Loss")
+    assert parameters(mine.forward) == parameters(liger_function(name).forward)
 
 
 def test_functional_names_match_liger():
@@ -174,8 +178,8 @@ def test_one_fused_pass_per_call(monkeypatch):
     """The shims are thin: one call of prefopt's op scores the policy and the reference together
     (ORPO's nll_target adds one pass over the positions whose NLL label differs, and only those)."""
     import prefopt.liger._common as common
-    import prefopt.liger.grpo as grpo
-    import prefopt.liger.preference as preference
+    import prefopt.liger._paired as paired
+    import prefopt.liger.grpo_loss as grpo
 
     calls = []
     real = common.linear_logprobs
@@ -184,7 +188,7 @@ def test_one_fused_pass_per_call(monkeypatch):
         calls.append((int((targets != kwargs.get("ignore_index", -100)).sum()), kwargs.get("ref_hidden") is not None))
         return real(hidden, weight, targets, **kwargs)
 
-    for module in (common, grpo, preference):
+    for module in (common, grpo, paired):
         monkeypatch.setattr(module, "linear_logprobs", counting)
     hidden, weight, target = _tiny_pair_batch()
     ours.LigerFusedLinearDPOLoss()(weight, hidden, target, None, hidden + 1, weight)

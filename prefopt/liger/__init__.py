@@ -6,6 +6,7 @@
 shims translate arguments, call :func:`prefopt.linear_logprobs` once (never a ``[tokens, vocab]`` tensor)
 and apply the objective from :mod:`prefopt.objectives`. The ``...Function`` classes expose Liger's
 ``.apply`` but are not ``torch.autograd.Function`` subclasses: autograd flows through prefopt's op.
+Submodules carry Liger's names too (``prefopt.liger.dpo_loss.LigerFusedLinearDPOFunction``, ...).
 ``compiled`` and ``chunk_size`` are accepted and have no effect: the op streams over the vocabulary and
 needs neither row chunks nor ``torch.compile``.
 
@@ -14,18 +15,12 @@ of GRPO never reach the loss (Liger's ``luspo`` counts them at token level), and
 is applied row by row (Liger broadcasts it against each chunk).
 """
 from . import functional
-from .grpo import LigerFusedLinearGRPOFunction, LigerFusedLinearGRPOLoss
-from .kto import LigerFusedLinearKTOFunction, LigerFusedLinearKTOLoss
-from .preference import (
-    LigerFusedLinearCPOFunction,
-    LigerFusedLinearCPOLoss,
-    LigerFusedLinearDPOFunction,
-    LigerFusedLinearDPOLoss,
-    LigerFusedLinearORPOFunction,
-    LigerFusedLinearORPOLoss,
-    LigerFusedLinearSimPOFunction,
-    LigerFusedLinearSimPOLoss,
-)
+from .cpo_loss import LigerFusedLinearCPOFunction, LigerFusedLinearCPOLoss
+from .dpo_loss import LigerFusedLinearDPOFunction, LigerFusedLinearDPOLoss
+from .grpo_loss import LigerFusedLinearGRPOFunction, LigerFusedLinearGRPOLoss
+from .kto_loss import LigerFusedLinearKTOFunction, LigerFusedLinearKTOLoss
+from .orpo_loss import LigerFusedLinearORPOFunction, LigerFusedLinearORPOLoss
+from .simpo_loss import LigerFusedLinearSimPOFunction, LigerFusedLinearSimPOLoss
 
 __all__ = [
     "LigerFusedLinearDPOLoss", "LigerFusedLinearORPOLoss", "LigerFusedLinearSimPOLoss", "LigerFusedLinearCPOLoss",

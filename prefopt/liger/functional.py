@@ -1,12 +1,10 @@
 """Functional forms, as in ``liger_kernel.chunked_loss.functional``: each is the Function's ``apply``."""
-from .grpo import LigerFusedLinearGRPOFunction
-from .kto import LigerFusedLinearKTOFunction
-from .preference import (
-    LigerFusedLinearCPOFunction,
-    LigerFusedLinearDPOFunction,
-    LigerFusedLinearORPOFunction,
-    LigerFusedLinearSimPOFunction,
-)
+from .cpo_loss import LigerFusedLinearCPOFunction
+from .dpo_loss import LigerFusedLinearDPOFunction
+from .grpo_loss import LigerFusedLinearGRPOFunction
+from .kto_loss import LigerFusedLinearKTOFunction
+from .orpo_loss import LigerFusedLinearORPOFunction
+from .simpo_loss import LigerFusedLinearSimPOFunction
 
 liger_fused_linear_orpo = LigerFusedLinearORPOFunction.apply
 liger_fused_linear_dpo = LigerFusedLinearDPOFunction.apply
