@@ -73,7 +73,7 @@ def test_two_processes_match_one(tmp_path, text_data, case):
     if "--data" not in method_args:
         method_args = method_args + ["--data", text_data]
     common = ["--model", model, *method_args, "--steps", "4", "--lr", "1e-2", "--probe-every", "2",
-              "--probe-size", "4", "--eval-size", "0", "--no-progress", "--device", "cpu"]
+              "--probe-size", "4", "--eval-size", "4", "--no-progress", "--device", "cpu"]
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
     per_rank = "1" if "--grad-accum" in launcher else "2"
     if case == "zero3-llama-cwdpo":
@@ -91,7 +91,8 @@ def test_two_processes_match_one(tmp_path, text_data, case):
     rows1, w1 = read_run(one)
     assert [r["step"] for r in rows2] == [r["step"] for r in rows1]
     for r2, r1 in zip(rows2, rows1):
-        for key in ("loss", "grad_norm", "probe/logp_chosen", "probe/logp_rejected", "rewards/margins", "kl"):
+        for key in ("loss", "grad_norm", "probe/logp_chosen", "probe/logp_rejected", "rewards/margins", "kl",
+                    "eval_pair_accuracy", "eval_logp_gap", "eval_tv_shift", "eval_kl_shift", "eval_entropy"):
             if key in r1:
                 assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-5), (key, r2["step"])
     assert w2.keys() == w1.keys()

@@ -211,7 +211,7 @@ def _type_of(record) -> str:
 def evaluate(model, *, processor=None, reference=None, data: str = "synthetic", records=None,
              size: Optional[int] = None, seed: int = 0, shuffle_images: bool = False, batch_size: int = 16,
              max_new_tokens: int = 16, max_length: int = 512, device=None, dtype=None, backend: str = "auto",
-             synced_gpus: bool = False, progress: bool = False) -> Dict[str, Any]:
+             synced_gpus: bool = False, gather=None, progress: bool = False) -> Dict[str, Any]:
     """Evaluate ``model`` on held-out preference records; returns the metrics dict (see the module docstring).
 
     ``model``: a :class:`~prefopt.train.models.ModelAdapter` (then ``processor`` is required) or a folder: a
@@ -221,6 +221,8 @@ def evaluate(model, *, processor=None, reference=None, data: str = "synthetic", 
     ``data``: ``"synthetic"`` (its held-out split, ``size`` records from ``seed``) or a JSONL file / folder
     with ``heldout.jsonl``; ``records`` overrides it. Generation metrics only for the synthetic set's
     verifiable questions. ``shuffle_images``: the grounding control. The model is left in the mode it was in.
+    ``synced_gpus`` and ``gather`` (``gather(params)``: a context in which partitioned ``params`` hold their
+    full data, entered around the fused op only) are for ZeRO-3, where every rank must take part.
     """
     start = None
     if not hasattr(model, "hidden_states"):
@@ -244,7 +246,7 @@ def evaluate(model, *, processor=None, reference=None, data: str = "synthetic", 
     for m in modules:
         m.eval()
     try:
-        pairs = _pairwise(model, reference, collator, records, batch_size, device, backend, progress)
+        pairs = _pairwise(model, reference, collator, records, batch_size, device, backend, gather, progress)
         gens = _generate(model, collator, records, batch_size, max_new_tokens, device, synced_gpus, progress)
     finally:
         for m, mode in zip(modules, modes):
@@ -252,8 +254,10 @@ def evaluate(model, *, processor=None, reference=None, data: str = "synthetic", 
     return _aggregate(records, types, pairs, gens, shuffle_images, reference is not None)
 
 
-def _pairwise(model, reference, collator, records, batch_size, device, backend, progress):
+def _pairwise(model, reference, collator, records, batch_size, device, backend, gather, progress):
     """Per-pair (sum_c, sum_r, n_c, n_r) and per-token (top1, confidence, entropy, kl, tv) on chosen answers."""
+    import contextlib
+
     from tqdm import tqdm
 
     head = model.head()
@@ -265,26 +269,29 @@ def _pairwise(model, reference, collator, records, batch_size, device, backend, 
         hidden = model.hidden_states(**batch)[:, :-1]
         targets = batch["labels"][:, 1:]
         ref_hidden = reference.hidden_states(**batch)[:, :-1] if reference is not None else None
-        common = dict(temperature=head.temperature, softcap=head.softcap, backend=backend)
-        stats = linear_logprobs(hidden, head.weight, targets, bias=head.bias, entropy=True, top1=True,
-                                kl=ref_hidden is not None, ref_hidden=ref_hidden,
-                                ref_weight=None if ref_head is None else ref_head.weight,
-                                ref_bias=None if ref_head is None else ref_head.bias, **common)
-        mask = targets != collator.ignore_index
-        sums, counts = (stats.logp.double() * mask).sum(1), mask.sum(1)
-        b = len(part)
-        per_pair += list(zip(sums[:b].tolist(), sums[b:].tolist(), counts[:b].tolist(), counts[b:].tolist()))
-        keep = mask.clone()
-        keep[b:] = False  # token metrics on the chosen answers
-        h = hidden[keep]
-        ref_lse, rh = None, None
-        if ref_hidden is not None:
-            rh = ref_hidden[keep]
-            ref_lse = linear_logprobs(rh, ref_head.weight, targets[keep], bias=ref_head.bias, **common).lse
-        conf, tv = shift_and_confidence(h, head.weight, stats.lse[keep], bias=head.bias, ref_hidden=rh,
-                                        ref_weight=None if ref_head is None else ref_head.weight,
-                                        ref_bias=None if ref_head is None else ref_head.bias, ref_lse=ref_lse,
-                                        temperature=head.temperature, softcap=head.softcap)
+        # The head's full weight only around the op (a tied head is also the embedding, which the
+        # backbone's ZeRO-3 hooks gather and release on their own).
+        with (gather or (lambda params: contextlib.nullcontext()))([head.weight, head.bias]):
+            common = dict(temperature=head.temperature, softcap=head.softcap, backend=backend)
+            stats = linear_logprobs(hidden, head.weight, targets, bias=head.bias, entropy=True, top1=True,
+                                    kl=ref_hidden is not None, ref_hidden=ref_hidden,
+                                    ref_weight=None if ref_head is None else ref_head.weight,
+                                    ref_bias=None if ref_head is None else ref_head.bias, **common)
+            mask = targets != collator.ignore_index
+            sums, counts = (stats.logp.double() * mask).sum(1), mask.sum(1)
+            b = len(part)
+            per_pair += list(zip(sums[:b].tolist(), sums[b:].tolist(), counts[:b].tolist(), counts[b:].tolist()))
+            keep = mask.clone()
+            keep[b:] = False  # token metrics on the chosen answers
+            h = hidden[keep]
+            ref_lse, rh = None, None
+            if ref_hidden is not None:
+                rh = ref_hidden[keep]
+                ref_lse = linear_logprobs(rh, ref_head.weight, targets[keep], bias=ref_head.bias, **common).lse
+            conf, tv = shift_and_confidence(h, head.weight, stats.lse[keep], bias=head.bias, ref_hidden=rh,
+                                            ref_weight=None if ref_head is None else ref_head.weight,
+                                            ref_bias=None if ref_head is None else ref_head.bias, ref_lse=ref_lse,
+                                            temperature=head.temperature, softcap=head.softcap)
         tokens["top1"] += stats.top1[keep].tolist()
         tokens["confidence"] += conf.tolist()
         tokens["entropy"] += stats.entropy[keep].tolist()

@@ -537,12 +537,10 @@ class Run:
         cfg, state = self.cfg, self.state
         start, _ = build_model(cfg.model, dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                device=state.device, seed=cfg.seed)
-        head = self.policy.head()
-        with dist.gathered([head.weight, head.bias], state):
-            result = evaluate(self.policy, processor=self.processor, reference=start, records=self.eval_records,
-                              batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
-                              backend=cfg.op_backend, synced_gpus=state.zero_stage == 3,
-                              progress=cfg.progress and state.is_main)
+        result = evaluate(self.policy, processor=self.processor, reference=start, records=self.eval_records,
+                          batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
+                          backend=cfg.op_backend, synced_gpus=state.zero_stage == 3,
+                          gather=lambda params: dist.gathered(params, state), progress=cfg.progress and state.is_main)
         del start
         line = {"step": step, **{f"eval_{k}": result[k] for k in EVAL_KEYS}}
         for t, row in result["per_type"].items():
