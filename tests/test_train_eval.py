@@ -204,3 +204,14 @@ def test_eval_cli_json_on_saved_folder_and_run(tmp_path):
     assert code == 0 and result["tv_shift"] == pytest.approx(summary["eval_tv_shift"], rel=1e-4)
     code, _ = _run_cli(["eval", "--model", str(tmp_path / "missing")])
     assert code == 2
+
+
+def test_user_data_gets_pairwise_metrics_only(tiny_text):
+    """Prompts that are not the synthetic set's verifiable questions: no generation, type 'other'."""
+    policy, reference, tok = tiny_text
+    recs = [PreferenceRecord("Which answer is better?", "This one.", "That one."),
+            PreferenceRecord("Say something.", "Something.", "Nothing at all.")]
+    out = ev.evaluate(policy, processor=tok, reference=reference, records=recs)
+    assert set(out["per_type"]) == {"other"} and out["per_type"]["other"]["n"] == 2
+    assert out["generation_accuracy"] is None and out["hallucination_rate"] is None and out["n_generated"] == 0
+    assert out["pair_accuracy"] in (0.0, 0.5, 1.0) and out["kl_shift"] >= 0
