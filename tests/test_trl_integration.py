@@ -121,7 +121,9 @@ def assert_same_run(stock, ours):
     assert total > 1e-3, "the weights did not move: nothing compared"
     assert math.sqrt(sum(float((g ** 2).sum()) for g in gap.values())) <= 1e-5 * total
     for k in update:
-        assert float(gap[k].norm()) <= 1e-4 * float(update[k].norm()) + 1e-9, k
+        # A tensor that barely moved may differ by the float32 rounding of its values (a few ulps).
+        rounding = 4 * torch.finfo(torch.float32).eps * float(stock_w[k].double().abs().max()) * stock_w[k].numel() ** 0.5
+        assert float(gap[k].norm()) <= 1e-4 * float(update[k].norm()) + 1e-9 + rounding, k
 
 
 def dpo_pair(config_options, *, model="tiny-llama", data=text_pairs, ref_model=True, peft_config=None,
