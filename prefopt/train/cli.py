@@ -37,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .loop import TrainConfig
-    from .methods import METHODS, MethodOptions
+    from .methods import GRPO_LOSS_TYPES, METHODS, MethodOptions
     from .models import TINY_MODELS
     from .reference import MODES
 
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="prefopt train",
         description="Preference-train a Hugging Face causal LM or VLM with prefopt's fused losses (logits are "
-                    "never materialised): SFT, SFT-C, DPO (every loss type), CW-DPO, nSFT, SimPO, ORPO; one "
+                    "never materialised): SFT, SFT-C, DPO (every loss type), CW-DPO, nSFT, SimPO, ORPO, GRPO; one "
                     "process, DDP, or DeepSpeed ZeRO-2/3.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training method (default %(default)s): sft = NLL of the chosen answers; sft-c = NLL(y+) + "
                         "lam*relu(C - NLL(y-)); dpo = DPO with --loss-type; cw-dpo = SFT-C for --sftc-fraction of the "
                         "steps, then cooling-weighted DPO with on-policy negatives; nsft = NLL of chosen and "
-                        "corrections + per-token KL to the reference; simpo, orpo = reference-free")
+                        "corrections + per-token KL to the reference; simpo, orpo = reference-free; grpo = group-relative "
+                        "policy optimisation on answers sampled per prompt with an exact-answer reward")
     g.add_argument("--model", default=d.model, metavar="PATH|" + "|".join(TINY_MODELS),
                    help="a local Hugging Face model folder (LLaVA, Qwen2-VL, Qwen2.5-VL or a causal LM; nothing is "
                         "downloaded) or an embedded tiny model with random weights (default %(default)s)")
@@ -145,7 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="length limit of sampled negatives "
                    "(default %(default)s)")
     g.add_argument("--kl-coef", type=float, default=m.kl_coef, help="nSFT: weight of the per-token KL to the "
-                   "reference (default %(default)s)")
+                   "reference; 0 builds no reference (one model in memory) (default %(default)s)")
+    g.add_argument("--num-generations", type=int, default=m.num_generations, help="GRPO: answers sampled per prompt "
+                   "(at most --max-new-tokens tokens each), rewarded 1 when exactly the record's chosen answer "
+                   "(default %(default)s)")
+    g.add_argument("--grpo-loss-type", default=m.grpo_loss_type, choices=GRPO_LOSS_TYPES,
+                   help="GRPO: TRL's loss type, i.e. how the per-token losses are averaged (default %(default)s, as TRL)")
+    g.add_argument("--grpo-beta", type=float, default=m.grpo_beta, help="GRPO: weight of the per-token k3 KL to the "
+                   "reference; 0 builds no reference (default %(default)s, as TRL)")
 
     g = p.add_argument_group("probes, checkpoints, launch")
     g.add_argument("--probe-every", type=int, default=d.probe_every, help="score the probe set every K steps, 0 for "
@@ -178,7 +186,8 @@ def config_from_args(args) -> "TrainConfig":
         beta=args.beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing, rpo_alpha=args.rpo_alpha,
         simpo_gamma=args.simpo_gamma, cw_floor=args.cw_floor, cw_tau=args.cw_tau, sftc_lam=args.sftc_lam,
         sftc_margin=args.sftc_margin, sftc_fraction=args.sftc_fraction, onpolicy_fraction=args.onpolicy_fraction,
-        kl_coef=args.kl_coef,
+        kl_coef=args.kl_coef, num_generations=args.num_generations, grpo_loss_type=args.grpo_loss_type,
+        grpo_beta=args.grpo_beta,
     )
     out = args.out or time.strftime("runs/train-%Y%m%d-%H%M%S")
     return TrainConfig(
@@ -195,6 +204,10 @@ def config_from_args(args) -> "TrainConfig":
     )
 
 
+REFERENCE_WORDS = {"none": "none, one model", "model": "a frozen copy, two models", "adapters": "adapters off, one model",
+                   "precompute": "precomputed log-probs, one model"}
+
+
 def format_summary(s: dict) -> str:
     def num(v, fmt):
         return "n/a" if v is None else format(v, fmt)
@@ -205,15 +218,18 @@ def format_summary(s: dict) -> str:
         + f" in {s['wall_seconds']:.0f} s ({s['backend']}, {s['world_size']} process"
         + ("es" if s["world_size"] > 1 else "") + ")",
         f"  loss               {num(s['loss'], '.4f')}   (mean of the last steps)",
-        f"  reward accuracy    {num(s['reward_accuracy'], '.3f')}   reward margin {num(s['reward_margin'], '.4f')}",
     ]
+    if s.get("reward") is not None:
+        lines.append(f"  GRPO reward        {s['reward']:.3f}   (share of sampled answers that are exactly right)")
+    else:
+        lines.append(f"  reward accuracy    {num(s['reward_accuracy'], '.3f')}   reward margin {num(s['reward_margin'], '.4f')}")
     if "probe/delta_logp_chosen" in s:
         lines.append(f"  probes (Δ log p/token since start)  positives {s['probe/delta_logp_chosen']:+.4f}   "
                      f"negatives {s['probe/delta_logp_rejected']:+.4f}")
     lines += [
         f"  peak memory        {s['peak_memory_mb']:.0f} MiB ("
         + ("torch's peak GPU allocation" if s["device"].startswith("cuda") else "peak resident set of the process")
-        + f")   throughput {num(s['tokens_per_second'], '.0f')} tokens/s",
+        + f"; reference: {REFERENCE_WORDS[s['reference']]})   throughput {num(s['tokens_per_second'], '.0f')} tokens/s",
         f"  checkpoint         {s['checkpoint']}",
         f"  metrics            {s['metrics']}",
     ]

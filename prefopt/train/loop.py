@@ -7,7 +7,8 @@
         reference            at the method's reference point (step 0; CW-DPO: the end of stage 1) the
                              reference becomes the current policy (frozen copy / adapters off /
                              precompute pass)
-        batches              this rank's micro-batches of the step (on-policy negatives sampled here)
+        batches              this rank's micro-batches of the step (on-policy negatives and GRPO's rollouts are
+                             sampled here)
         item count           the size of the whole accumulated global batch in the loss's unit
         forward/backward     every micro-batch's loss is normalised by that count
         step                 clip, AdamW, schedule; metrics (TRL names), probes, checkpoints
@@ -104,12 +105,14 @@ class TrainConfig:
         return 1e-4 if self.lora else 5e-6
 
     def method_options(self) -> MethodOptions:
-        """The method options with the model-dependent defaults filled in (CW-DPO's floor)."""
+        """The method options with the run-dependent defaults filled in (CW-DPO's floor for the tiny
+        models; GRPO's completion length is the sampling limit)."""
         from .models import TINY_MODELS
 
-        if self.options.cw_floor is None and self.model in TINY_MODELS:
-            return dataclasses.replace(self.options, cw_floor=TINY_CW_FLOOR)
-        return self.options
+        options = dataclasses.replace(self.options, max_completion_length=self.max_new_tokens)
+        if options.cw_floor is None and self.model in TINY_MODELS:
+            options = dataclasses.replace(options, cw_floor=TINY_CW_FLOOR)
+        return options
 
     def reference_mode(self, method) -> str:
         if method.reference == "none":
@@ -158,6 +161,14 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rollout_metrics(counters: Dict[str, float]) -> Dict[str, float]:
+    """GRPO's step metrics under TRL's names from the summed rollout counters: mean reward, mean
+    within-group reward standard deviation, share of groups whose rewards are all equal (no signal)."""
+    groups, completions = max(counters["groups"], 1), max(counters["completions"], 1)
+    return {"reward": counters["reward"] / completions, "reward_std": counters["reward_std"] / groups,
+            "frac_reward_zero_std": counters["frac_reward_zero_std"] / groups}
 
 
 def seed_everything(seed: int) -> None:
@@ -245,7 +256,7 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     plan = DataPlan(len(records), cfg.batch_size, cfg.grad_accum, state.world_size, cfg.seed)
     try:  # a model whose processor cannot take this data fails here, not mid-run
         for mode in sorted(modes):
-            collator([records[i] for i in plan.indices(0, 0, state.rank)], mode=mode)
+            collator([records[i] for i in plan.indices(0, 0, state.rank)], mode="sft" if mode == "grpo" else mode)
         collator(probe_records[:1], mode="pair")
     except ValueError as e:
         raise ValueError(f"--model {cfg.model} cannot take --data {cfg.data}: {e}") from None
@@ -426,14 +437,54 @@ class Run:
         copy.model = dist.wrap_frozen(state, copy.model, self.policy.head().weight.dtype)
         return reference
 
-    def micro_batch(self, step: int, micro: int, stage: Stage) -> Tuple[List[int], Dict[str, torch.Tensor], int]:
-        """(record indices, collated batch on the device, number of on-policy negatives) of one micro-batch."""
+    def micro_batch(self, step: int, micro: int, stage: Stage) -> Tuple[List[int], Dict[str, torch.Tensor], Dict[str, float]]:
+        """(record indices, collated batch on the device, counters of what was sampled) of one micro-batch."""
         idx = self.plan.indices(step, micro, self.state.rank)
         records = [self.records[i] for i in idx]
-        sampled = 0
+        if stage.mode == "grpo":
+            batch, counters = self.rollouts(records, stage.num_generations)
+            return idx, _to(batch, self.state.device), counters
+        counters = {}
         if stage.onpolicy_fraction > 0:
             records, sampled = self.onpolicy_negatives(records, stage.onpolicy_fraction, (step, micro))
-        return idx, _to(self.collator(records, mode=stage.mode), self.state.device), sampled
+            counters["onpolicy/negatives"] = sampled
+        return idx, _to(self.collator(records, mode=stage.mode), self.state.device), counters
+
+    @torch.no_grad()
+    def sample_answers(self, records, num: int) -> List[str]:
+        """``num`` answers sampled from the current policy for each record's prompt (record by record, the
+        ``num`` answers of a record consecutive); every rank samples the same number (ZeRO-3 generation is
+        collective)."""
+        inputs = _to(self.collator.generation_inputs(records), self.state.device)
+        model = self.policy.model
+        was_training = model.training
+        model.eval()
+        out = model.generate(**inputs, do_sample=True, num_return_sequences=num, max_new_tokens=self.cfg.max_new_tokens,
+                             use_cache=True, pad_token_id=self.collator.pad_token_id,
+                             synced_gpus=self.state.zero_stage == 3)
+        model.train(was_training)
+        texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [t.strip() for t in texts]
+
+    def rollouts(self, records, num_generations: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
+        """GRPO's batch: ``num_generations`` answers sampled per prompt, each rewarded 1.0 when it is the
+        record's chosen answer exactly (:func:`~prefopt.train.methods.exact_answer_reward`); the answers as
+        SFT rows with their group advantages, and the reward counters (TRL's metric names)."""
+        from .methods import exact_answer_reward, group_advantages
+
+        answers = self.sample_answers(records, num_generations)
+        owners = [r for r in records for _ in range(num_generations)]
+        rewards = torch.tensor([exact_answer_reward(a, r.chosen) for a, r in zip(answers, owners)])
+        # An empty sample still needs a scored token: it is the end of turn alone.
+        rows = [dataclasses.replace(r, chosen=a or " ", rejected=None) for a, r in zip(answers, owners)]
+        batch = self.collator(rows, mode="sft")
+        batch["advantages"] = group_advantages(rewards, num_generations)
+        groups = rewards.view(-1, num_generations)
+        std = groups.std(-1)
+        counters = {"reward": float(rewards.sum()), "reward_std": float(std.sum()),
+                    "frac_reward_zero_std": float((std == 0).sum()), "groups": len(records),
+                    "completions": len(rows)}
+        return batch, counters
 
     @torch.no_grad()
     def onpolicy_negatives(self, records, fraction: float, key) -> Tuple[list, int]:
@@ -447,17 +498,9 @@ class Run:
             return records, 0
         rng = random.Random(repr((self.cfg.seed, *key, self.state.rank)))
         picks = sorted(rng.sample(range(len(records)), k))
-        inputs = _to(self.collator.generation_inputs([records[i] for i in picks]), self.state.device)
-        model = self.policy.model
-        was_training = model.training
-        model.eval()
-        out = model.generate(**inputs, do_sample=True, max_new_tokens=self.cfg.max_new_tokens, use_cache=True,
-                             pad_token_id=self.collator.pad_token_id, synced_gpus=self.state.zero_stage == 3)
-        model.train(was_training)
-        texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = self.sample_answers([records[i] for i in picks], 1)
         records, sampled = list(records), 0
         for i, text in zip(picks, texts):
-            text = text.strip()
             if text and text != records[i].chosen.strip():
                 records[i] = dataclasses.replace(records[i], rejected=text)
                 sampled += 1
@@ -473,26 +516,33 @@ class Run:
         local_items = [stage.loss.count_items(batch["labels"]) for _, batch, _ in micro]
         (global_items,) = dist.all_reduce([sum(local_items)], state)
         global_items = max(1, int(global_items))
+        # TRL's GRPO loss types other than dapo normalise each micro-batch by its own count instead.
+        per_micro = getattr(stage.loss, "per_micro_batch", False)
         lr = engine.learning_rate
-        loss_sum, tokens, sampled = 0.0, 0, 0
+        loss_sum, tokens = 0.0, 0
         weighted: Dict[str, float] = {}
-        for a, (idx, batch, n_sampled) in enumerate(micro):
+        counters: Dict[str, float] = {}
+        for a, (idx, batch, drawn) in enumerate(micro):
             last = a == len(micro) - 1
+            num_items = max(1, local_items[a]) * len(micro) * state.world_size if per_micro else global_items
             with contextlib.nullcontext() if last else engine.no_sync():
-                out = engine(batch, stage=stage, num_items=global_items, indices=idx)
+                out = engine(batch, stage=stage, num_items=num_items, indices=idx)
                 # DDP and DeepSpeed average gradients over ranks; the count is already global.
                 engine.backward(out.loss * state.world_size)
             if not last:
                 engine.micro_step()
             loss_sum += float(out.loss.detach())
             tokens += int(batch["attention_mask"].sum())
-            sampled += n_sampled
+            for k, v in drawn.items():
+                counters[k] = counters.get(k, 0.0) + v
             for k, v in out.metrics.items():
                 weighted[k] = weighted.get(k, 0.0) + float(v) * local_items[a]
         grad_norm = engine.step()
-        keys = sorted(weighted)
-        totals = dist.all_reduce([loss_sum, tokens, sampled, sum(local_items)] + [weighted[k] for k in keys], state)
-        loss, tokens, sampled, items = totals[:4]
+        keys, counter_keys = sorted(weighted), sorted(counters)
+        totals = dist.all_reduce([loss_sum, tokens, sum(local_items)] + [weighted[k] for k in keys]
+                                 + [counters[k] for k in counter_keys], state)
+        loss, tokens, items = totals[:3]
+        counters = dict(zip(counter_keys, totals[3 + len(keys):]))
         elapsed = time.perf_counter() - t0
         (peak,) = dist.all_reduce([peak_memory_mb(state.device)], state, op="max")
         metrics: Dict[str, Any] = {
@@ -500,14 +550,16 @@ class Run:
             "epoch": round(self.plan.epoch(step + 1), 4),
             "stage": stage.name,
             "loss": loss,
-            **{k: v / max(items, 1) for k, v in zip(keys, totals[4:])},
+            **{k: v / max(items, 1) for k, v in zip(keys, totals[3:3 + len(keys)])},
             "learning_rate": lr,
             "grad_norm": grad_norm,
             "tokens_per_second": tokens / max(elapsed, 1e-9),
             "peak_memory_mb": peak,
         }
         if stage.onpolicy_fraction:
-            metrics["onpolicy/negatives"] = int(sampled)
+            metrics["onpolicy/negatives"] = int(counters["onpolicy/negatives"])
+        if stage.mode == "grpo":
+            metrics.update(rollout_metrics(counters))
         return metrics
 
     def save(self, step: int, probe: LogpProbe) -> None:
@@ -553,6 +605,8 @@ class Run:
             "loss": mean("loss"),
             "reward_accuracy": mean("rewards/accuracies"),
             "reward_margin": mean("rewards/margins"),
+            "reward": mean("reward"),
+            "reference": self.ref_mode,
             **{k: v for k, v in probes.items() if k.startswith("probe/")},
             "peak_memory_mb": max((m["peak_memory_mb"] for m in history), default=peak_memory_mb(self.state.device)),
             "tokens_per_second": mean("tokens_per_second"),
