@@ -3,6 +3,10 @@ the message of ``prefopt train`` without the train extra.
 
 The loop tests run the real loop on the embedded tiny text model (``tiny-llama``) for a few steps.
 """
+import os
+import subprocess
+import sys
+import textwrap
 import types
 
 import pytest
@@ -207,3 +211,26 @@ def test_nsft_lora_kl_uses_the_policy_with_adapters_off(tmp_path, text_data, mon
     kls = [m["kl"] for m in metrics(tmp_path / "run") if "kl" in m]
     assert built == [] and summary["reference"] == "adapters"
     assert kls[0] == 0.0 and kls[-1] > 0, "adapters start at B = 0 (the reference itself), then move away"
+
+
+# ---------------------------------------------------------------------------------------------- extra
+
+
+def test_train_without_the_train_extra_says_which_extra(tmp_path):
+    """transformers hidden by a meta-path blocker: one line naming the extra, exit 2."""
+    script = textwrap.dedent("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "transformers":
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        sys.meta_path.insert(0, Block())
+        from prefopt.cli import main
+        sys.exit(main(["train", "--steps", "1", "--out", sys.argv[1]]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'prefopt[train]'" in lines[0] and "transformers" in lines[0], proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -9,6 +9,7 @@ nothing written to ``--out``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -236,8 +237,27 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+#: Modules of the ``train`` extra that every run imports (deepspeed only with --deepspeed).
+TRAIN_EXTRA_MODULES = ("transformers", "tokenizers", "safetensors", "peft", "PIL")
+
+
+def missing_train_extra() -> Optional[str]:
+    """The first module of the train extra that cannot be imported, or None."""
+    for module in TRAIN_EXTRA_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return module
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run ``prefopt train`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    missing = missing_train_extra()
+    if missing is not None:
+        print(f"prefopt train: error: the trainer needs the train extra (no module {missing!r}): "
+              "pip install 'prefopt[train]'", file=sys.stderr)
+        return 2
     parser = build_parser()
     try:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
