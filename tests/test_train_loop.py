@@ -236,7 +236,9 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path, text_data):
     assert not [n for n in names if n.endswith(".tmp")]
     assert ckpt.latest_checkpoint(str(tmp_path)) == s["checkpoint"]
     files = set(os.listdir(s["checkpoint"]))
-    assert {ckpt.WEIGHTS_FILE, ckpt.STATE_FILE, "optimizer.pt", "scheduler.pt", "rng_state_0.pt"} <= files
+    assert files == {ckpt.WEIGHTS_FILE, ckpt.STATE_FILE, ckpt.OPTIMIZER_TENSORS, ckpt.OPTIMIZER_JSON,
+                     ckpt.SCHEDULER_FILE, ckpt.rng_file(0), ckpt.MANIFEST_FILE}
+    assert ckpt.verify(s["checkpoint"]) is None
 
 
 def test_data_plan_shards_like_one_big_batch():

@@ -1,25 +1,44 @@
-"""Checkpoints: written atomically, resumed to the same numbers as an uninterrupted run.
+"""Checkpoints: no pickle, verified before use, resumed to the same numbers as an uninterrupted run.
 
-A checkpoint is a folder ``checkpoint-<step>`` in the run folder:
+A run folder ``OUT`` holds ``config.json``, ``metrics.jsonl``, the reference files of the methods that
+need them (``reference-<step>.safetensors``, ``reference_logps-<step>.safetensors``), the checkpoints
+``checkpoint-<step>/`` and ``latest`` (a text file naming the newest complete checkpoint, a bare folder
+name inside ``OUT``). A checkpoint folder holds:
 
-* ``trainable.safetensors``: the trainable parameters (all of them for full fine-tuning, the LoRA
-  weights with ``--lora``) by name, gathered whole under ZeRO-3;
-* ``optimizer.pt``, ``scheduler.pt`` (one process and DDP) or ``deepspeed/`` (DeepSpeed's own
-  partitioned optimizer and scheduler states, written by every rank);
-* ``rng_state_<rank>.pt``: Python, NumPy, torch CPU and CUDA generator states of every rank;
-* ``trainer_state.json``: the step, the probe start values, the options the run was started with.
+* ``trainable.safetensors``: the trainable parameters (all of them for full fine-tuning, the LoRA weights
+  with ``--lora``) by name as ``model.named_parameters()`` gives them, fp32 or the run's dtype, gathered
+  whole under ZeRO-3 (written by rank 0);
+* ``optimizer.safetensors`` + ``optimizer.json`` (one process and DDP): the optimizer's ``state_dict()``;
+  its tensors in the safetensors file under the keys the JSON names (``{"__tensor__": key}``), everything
+  else (param groups, hyper-parameters; tuples as ``{"__tuple__": [...]}``) in the JSON;
+* ``scheduler.json``: the learning-rate scheduler's ``state_dict()``;
+* ``rng_state_<rank>.safetensors``: every rank's generators: tensors ``torch`` (CPU generator),
+  ``cuda.<i>`` and ``numpy`` (the MT19937 key), metadata ``python`` and ``numpy`` (JSON);
+* ``trainer_state.json``: ``step``, ``total_steps``, ``probe_start``, ``config`` (every option of the
+  run), ``identity`` (what a resumed run must match: the options that change the numbers, world size,
+  parameter dtype and the data fingerprint);
+* ``deepspeed/`` (only under ``--deepspeed``): DeepSpeed's own partitioned optimizer and scheduler state.
+  DeepSpeed writes it with pickle, so resuming from it needs ``--trust-checkpoint``;
+* ``manifest.json``, written last: ``{"files": {relative path: sha256}}`` of every other file.
 
-It is written under a temporary name (``.checkpoint-<step>.tmp``) and renamed when complete; the file
-``latest`` (itself replaced atomically) names the newest complete checkpoint. A run killed while
-writing leaves the previous checkpoint intact. Older checkpoints beyond ``keep`` are deleted.
+A checkpoint is written under a temporary name (``.checkpoint-<step>.tmp``) and renamed when complete;
+``latest`` is replaced atomically. On resume the checkpoint ``latest`` names is verified against its
+manifest (every file present, a regular file, with its hash; nothing else loaded); a corrupt or
+incomplete one is skipped, with a one-line warning, for the newest intact older one. Nothing is ever
+unpickled: ``safetensors`` and JSON only (DeepSpeed's files with ``--trust-checkpoint`` excepted).
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
-from typing import Any, Dict, Optional
+import signal
+import sys
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -29,6 +48,103 @@ from .distributed import DistState, barrier, gathered
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "trainable.safetensors"
+MANIFEST_FILE = "manifest.json"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_JSON = "optimizer.json"
+SCHEDULER_FILE = "scheduler.json"
+DEEPSPEED_DIR = "deepspeed"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+#: Test hook: ``PREFOPT_FAULT=<file name>:<kill|enospc|erofs>`` makes the checkpoint writer SIGKILL the
+#: process, or fail with that error, just before it writes a file of that name (tests only).
+FAULT_ENV = "PREFOPT_FAULT"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or used; the message is one line naming the path."""
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_state_{rank}.safetensors"
+
+
+def _fault(name: str) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or spec.rsplit(":", 1)[0] != name:
+        return
+    kind = spec.rsplit(":", 1)[1]
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    code = {"enospc": errno.ENOSPC, "erofs": errno.EROFS}[kind]
+    raise OSError(code, os.strerror(code), name)
+
+
+# --------------------------------------------------------------------------------------- safe encodings
+
+
+def to_safe(obj: Any) -> Tuple[Any, Dict[str, torch.Tensor]]:
+    """(JSON-able structure, tensors by key) of a nest of dicts, lists, tuples, tensors and scalars."""
+    tensors: Dict[str, torch.Tensor] = {}
+
+    def enc(x):
+        if isinstance(x, torch.Tensor):
+            key = str(len(tensors))
+            tensors[key] = x.detach().to("cpu").contiguous()
+            return {"__tensor__": key}
+        if isinstance(x, dict):
+            return {"__dict__": [[enc(k), enc(v)] for k, v in x.items()]}
+        if isinstance(x, tuple):
+            return {"__tuple__": [enc(v) for v in x]}
+        if isinstance(x, list):
+            return [enc(v) for v in x]
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise TypeError(f"cannot save a {type(x).__name__} without pickle")
+
+    return enc(obj), tensors
+
+
+def from_safe(obj: Any, tensors: Dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`to_safe`."""
+    if isinstance(obj, list):
+        return [from_safe(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(from_safe(v, tensors) for v in obj["__tuple__"])
+        return {from_safe(k, tensors): from_safe(v, tensors) for k, v in obj["__dict__"]}
+    return obj
+
+
+def save_state_dict(sd: Dict[str, Any], json_path: str, tensor_path: Optional[str]) -> None:
+    from safetensors.torch import save_file
+
+    structure, tensors = to_safe(sd)
+    if tensors and tensor_path is None:
+        raise TypeError(f"{json_path}: state holds tensors")
+    if tensor_path is not None:
+        _fault(os.path.basename(tensor_path))
+        save_file(tensors, tensor_path)
+    _write_json(json_path, structure)
+
+
+def load_state_dict(json_path: str, tensor_path: Optional[str]) -> Dict[str, Any]:
+    from safetensors.torch import load_file
+
+    with open(json_path, encoding="utf-8") as f:
+        structure = json.load(f)
+    tensors = load_file(tensor_path) if tensor_path is not None else {}
+    return from_safe(structure, tensors)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    _fault(os.path.basename(path))
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+
+
+# --------------------------------------------------------------------------------------- RNG
 
 
 def rng_state() -> Dict[str, Any]:
@@ -46,6 +162,134 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def save_rng(path: str) -> None:
+    from safetensors.torch import save_file
+
+    s = rng_state()
+    version, internal, gauss = s["python"]
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    tensors = {"torch": s["torch"], "numpy": torch.from_numpy(keys.astype(np.int64))}
+    for i, t in enumerate(s.get("cuda", [])):
+        tensors[f"cuda.{i}"] = t
+    metadata = {"python": json.dumps([version, list(internal), gauss]),
+                "numpy": json.dumps([name, int(pos), int(has_gauss), float(cached)])}
+    _fault(os.path.basename(path))
+    save_file(tensors, path, metadata=metadata)
+
+
+def load_rng(path: str) -> None:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    version, internal, gauss = json.loads(meta["python"])
+    name, pos, has_gauss, cached = json.loads(meta["numpy"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in tensors))]
+    set_rng_state({
+        "python": (version, tuple(internal), gauss),
+        "numpy": (name, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached),
+        "torch": tensors["torch"],
+        **({"cuda": cuda} if cuda else {}),
+    })
+
+
+# --------------------------------------------------------------------------------------- manifest
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: str) -> List[str]:
+    out = []
+    for root, _, names in os.walk(folder):
+        for n in names:
+            out.append(os.path.relpath(os.path.join(root, n), folder))
+    return sorted(out)
+
+
+def write_manifest(folder: str) -> None:
+    files = {rel: _sha256(os.path.join(folder, rel)) for rel in _files(folder) if rel != MANIFEST_FILE}
+    _write_json(os.path.join(folder, MANIFEST_FILE), {"files": files})
+
+
+def verify(folder: str) -> Optional[str]:
+    """None when ``folder`` is an intact checkpoint, else the reason it is not (one line)."""
+    manifest = os.path.join(folder, MANIFEST_FILE)
+    if not os.path.isfile(manifest) or os.path.islink(manifest):
+        return "no manifest (incomplete)"
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            files = json.load(f)["files"]
+    except (ValueError, KeyError, TypeError):
+        return "unreadable manifest"
+    for rel in (STATE_FILE, WEIGHTS_FILE):
+        if rel not in files:
+            return f"{rel} missing from the manifest"
+    for rel, digest in files.items():
+        path = os.path.normpath(os.path.join(folder, rel))
+        if os.path.isabs(rel) or rel.startswith("..") or not path.startswith(os.path.normpath(folder) + os.sep):
+            return f"manifest names {rel!r}, outside the checkpoint"
+        if os.path.islink(path) or not os.path.isfile(path):
+            return f"{rel} is missing or not a regular file"
+        if _sha256(path) != digest:
+            return f"{rel} does not match its sha256 in the manifest"
+    return None
+
+
+# --------------------------------------------------------------------------------------- finding
+
+
+def _warn(message: str) -> None:
+    print(f"prefopt train: warning: {message}", file=sys.stderr, flush=True)
+
+
+def checkpoints(out_dir: str) -> List[str]:
+    """Names of the checkpoint folders in ``out_dir``, newest first."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = [d for d in os.listdir(out_dir) if CHECKPOINT_RE.match(d) and os.path.isdir(os.path.join(out_dir, d))]
+    return sorted(names, key=lambda d: int(CHECKPOINT_RE.match(d).group(1)), reverse=True)
+
+
+def latest_checkpoint(out_dir: str, warn: bool = False) -> Optional[str]:
+    """Path of the newest intact checkpoint in ``out_dir`` (the one ``latest`` names, or an older one
+    with a warning when that is corrupt or incomplete), or None when there is none.
+    ``CheckpointError`` when ``latest`` names anything but a checkpoint folder inside ``out_dir``."""
+    pointer = os.path.join(out_dir, LATEST)
+    named = None
+    if os.path.isfile(pointer):
+        with open(pointer, encoding="utf-8") as f:
+            named = f.read().strip()
+        if not CHECKPOINT_RE.match(named) or os.path.islink(os.path.join(out_dir, named)):
+            raise CheckpointError(f"{pointer}: names {named!r}, not a checkpoint folder inside {out_dir}")
+    candidates = checkpoints(out_dir)
+    if named is not None:
+        step = int(CHECKPOINT_RE.match(named).group(1))
+        candidates = [named] + [c for c in candidates if int(CHECKPOINT_RE.match(c).group(1)) < step]
+    for i, name in enumerate(candidates):
+        path = os.path.join(out_dir, name)
+        problem = verify(path)
+        if problem is None:
+            return path
+        if warn:
+            _warn(f"{path}: {problem}; skipped" + (f" for {candidates[i + 1]}" if i + 1 < len(candidates) else ""))
+    return None
+
+
+def read_trainer_state(path: str) -> Dict[str, Any]:
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------------------------------- save / load
+
+
 def trainable_state(module: torch.nn.Module, state: DistState, everywhere: bool = False) -> Dict[str, torch.Tensor]:
     """Whole CPU copies of the trainable parameters by name, on rank 0 (empty elsewhere unless
     ``everywhere``); under ZeRO-3 every rank takes part in gathering them one by one."""
@@ -58,55 +302,63 @@ def trainable_state(module: torch.nn.Module, state: DistState, everywhere: bool 
     return out
 
 
-def latest_checkpoint(out_dir: str) -> Optional[str]:
-    """Path of the newest complete checkpoint in ``out_dir``, or None."""
-    pointer = os.path.join(out_dir, LATEST)
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer, encoding="utf-8") as f:
-        name = f.read().strip()
-    path = os.path.join(out_dir, name)
-    return path if os.path.isfile(os.path.join(path, STATE_FILE)) else None
-
-
 def _write_text_atomic(path: str, text: str) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def os_error_line(e: OSError, fallback: str) -> str:
+    """``PATH: cause`` of an OSError (the errno's name and text)."""
+    where = e.filename if e.filename else fallback
+    cause = e.strerror or str(e)
+    name = errno.errorcode.get(e.errno or 0)
+    return f"{where}: {cause}" + (f" ({name})" if name else "")
 
 
 def save_checkpoint(out_dir: str, step: int, *, engine, trainer_state: Dict[str, Any], state: DistState,
                     keep: int = 2) -> str:
-    """Write ``checkpoint-<step>`` atomically on every rank's behalf; returns its path."""
+    """Write ``checkpoint-<step>`` (every rank takes part); returns its path. ``CheckpointError`` (one
+    line: path and cause) when the folder cannot be written; nothing temporary is left behind."""
     from safetensors.torch import save_file
 
     name = f"checkpoint-{step}"
     final = os.path.join(out_dir, name)
     tmp = os.path.join(out_dir, f".{name}.tmp")
-    if state.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier(state)
-    module = engine.module
-    weights = trainable_state(module, state)  # collective under ZeRO-3
-    if state.backend == "deepspeed":
-        engine.wrapped.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="state", save_latest=False)
-    elif state.is_main:
-        torch.save(engine.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        torch.save(engine.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-    torch.save(rng_state(), os.path.join(tmp, f"rng_state_{state.rank}.pt"))
-    if state.is_main:
-        save_file(weights, os.path.join(tmp, WEIGHTS_FILE))
-        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump({"step": step, **trainer_state}, f, indent=1)
-    barrier(state)
-    if state.is_main:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_text_atomic(os.path.join(out_dir, LATEST), name)
-        _prune(out_dir, keep, current=name)
+    try:
+        if state.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier(state)
+        weights = trainable_state(engine.module, state)  # collective under ZeRO-3
+        if state.backend == "deepspeed":
+            engine.wrapped.save_checkpoint(os.path.join(tmp, DEEPSPEED_DIR), tag="state", save_latest=False)
+        elif state.is_main:
+            save_state_dict(engine.optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_JSON),
+                            os.path.join(tmp, OPTIMIZER_TENSORS))
+            save_state_dict(engine.scheduler.state_dict(), os.path.join(tmp, SCHEDULER_FILE), None)
+        save_rng(os.path.join(tmp, rng_file(state.rank)))
+        if state.is_main:
+            _fault(WEIGHTS_FILE)
+            save_file(weights, os.path.join(tmp, WEIGHTS_FILE))
+            _write_json(os.path.join(tmp, STATE_FILE), {"step": step, **trainer_state})
+        barrier(state)
+        if state.is_main:
+            write_manifest(tmp)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_text_atomic(os.path.join(out_dir, LATEST), name)
+            _prune(out_dir, keep, current=name)
+    except OSError as e:
+        if state.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final}: {os_error_line(e, tmp)}") from None
     barrier(state)
     return final
 
@@ -114,44 +366,48 @@ def save_checkpoint(out_dir: str, step: int, *, engine, trainer_state: Dict[str,
 def _prune(out_dir: str, keep: int, current: str) -> None:
     if keep <= 0:
         return
-    steps = sorted(
-        int(d.split("-", 1)[1]) for d in os.listdir(out_dir)
-        if d.startswith("checkpoint-") and d.split("-", 1)[1].isdigit()
-    )
-    for s in steps[:-keep]:
-        if f"checkpoint-{s}" != current:
-            shutil.rmtree(os.path.join(out_dir, f"checkpoint-{s}"), ignore_errors=True)
+    for name in checkpoints(out_dir)[keep:]:
+        if name != current:
+            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
 
 
-def load_checkpoint(path: str, *, engine, state: DistState) -> Dict[str, Any]:
-    """Restore weights, optimizer, scheduler and this rank's RNG from ``path``; returns the trainer state."""
+def load_checkpoint(path: str, *, engine, state: DistState, trust: bool = False) -> Dict[str, Any]:
+    """Restore weights, optimizer, scheduler and this rank's RNG from the verified checkpoint ``path``;
+    returns the trainer state. DeepSpeed's own (pickled) state is read only with ``trust``."""
     from safetensors.torch import load_file
 
-    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-        trainer_state = json.load(f)
+    trainer_state = read_trainer_state(path)
+    rng = os.path.join(path, rng_file(state.rank))
+    if not os.path.isfile(rng):
+        raise CheckpointError(f"{path}: no RNG state for rank {state.rank} ({rng_file(state.rank)} is missing)")
     if state.backend == "deepspeed":
-        load_path, _ = engine.wrapped.load_checkpoint(os.path.join(path, "deepspeed"), tag="state",
+        if not os.path.isdir(os.path.join(path, DEEPSPEED_DIR)):
+            raise CheckpointError(f"{path}: no DeepSpeed state in this checkpoint (saved without --deepspeed?)")
+        if not trust:
+            raise CheckpointError(f"{path}: resuming under DeepSpeed loads DeepSpeed's own pickled optimizer state "
+                                  "(deepspeed/), which can run code; pass --trust-checkpoint if this folder is yours")
+        load_path, _ = engine.wrapped.load_checkpoint(os.path.join(path, DEEPSPEED_DIR), tag="state",
                                                       load_module_strict=False)
         if load_path is None:
-            raise ValueError(f"{path}: no DeepSpeed state in this checkpoint (saved without --deepspeed?)")
+            raise CheckpointError(f"{path}: DeepSpeed could not load deepspeed/")
     else:
         weights = load_file(os.path.join(path, WEIGHTS_FILE))
         params = dict(engine.module.named_parameters())
         missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
         if missing:
-            raise ValueError(f"{path}: checkpoint lacks trainable parameter {missing[0]} (another model or --lora?)")
+            raise CheckpointError(f"{path}: checkpoint lacks trainable parameter {missing[0]} (another model or --lora?)")
         with torch.no_grad():
             for n, t in weights.items():
                 if n not in params:
-                    raise ValueError(f"{path}: checkpoint parameter {n} is not in the model")
+                    raise CheckpointError(f"{path}: checkpoint parameter {n} is not in the model")
                 params[n].copy_(t)
-        engine.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=state.device))
-        engine.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))
-    rng_file = os.path.join(path, f"rng_state_{state.rank}.pt")
-    if os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        # On the CPU: the optimizer moves each state tensor to its parameter's device itself.
+        engine.optimizer.load_state_dict(load_state_dict(os.path.join(path, OPTIMIZER_JSON),
+                                                         os.path.join(path, OPTIMIZER_TENSORS)))
+        engine.scheduler.load_state_dict(load_state_dict(os.path.join(path, SCHEDULER_FILE), None))
+    load_rng(rng)
     return trainer_state
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "trainable_state", "rng_state",
-           "set_rng_state"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoints", "verify", "read_trainer_state",
+           "trainable_state", "rng_state", "set_rng_state", "CheckpointError"]

@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default %(default)s)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint "
                    "(same options)")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="--resume under --deepspeed: allow loading DeepSpeed's own optimizer files, which are pickles "
+                        "and can run code (prefopt's own checkpoint files never are); only for run folders you trust")
     g.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                    help="stop after this many steps of the schedule, with a checkpoint (continue with --resume)")
     g.add_argument("--deepspeed", default=None, metavar="zero2|zero3|CONFIG.json",
@@ -201,7 +204,7 @@ def config_from_args(args) -> "TrainConfig":
         max_grad_norm=args.max_grad_norm, seed=args.seed, options=options, max_new_tokens=args.max_new_tokens,
         probe_every=args.probe_every, early_stop_chosen_drop=args.early_stop_chosen_drop, save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, stop_after=args.stop_after,
-        deepspeed=args.deepspeed, progress=not args.no_progress,
+        deepspeed=args.deepspeed, trust_checkpoint=args.trust_checkpoint, progress=not args.no_progress,
     )
 
 

@@ -93,6 +93,7 @@ class TrainConfig:
     resume: bool = False
     stop_after: Optional[int] = None  # stop (with a checkpoint) after this many steps of the schedule
     deepspeed: Optional[str] = None
+    trust_checkpoint: bool = False  # --resume under DeepSpeed unpickles DeepSpeed's own files
     progress: bool = True
 
     def learning_rate(self) -> float:
@@ -211,16 +212,21 @@ def prepare(cfg: TrainConfig) -> "Run":
 def _check_out_dir(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ValueError(f"--out {cfg.out}: exists and is not a folder")
+    if cfg.resume and cfg.deepspeed and not cfg.trust_checkpoint:
+        raise ValueError("--resume under --deepspeed loads DeepSpeed's own optimizer files, which are pickles and can "
+                         "run code; pass --trust-checkpoint if the run folder is yours")
     if not cfg.resume:
         if os.path.isdir(cfg.out) and os.listdir(cfg.out):
             raise ValueError(f"--out {cfg.out}: already holds files; pass --resume to continue that run or choose "
                              "a new folder")
         return None
-    path = ckpt.latest_checkpoint(cfg.out) if os.path.isdir(cfg.out) else None
+    try:
+        path = ckpt.latest_checkpoint(cfg.out, warn=True) if os.path.isdir(cfg.out) else None
+    except ckpt.CheckpointError as e:
+        raise ValueError(f"--resume: {e}") from None
     if path is None:
-        raise ValueError(f"--resume: no checkpoint in {cfg.out}")
-    with open(os.path.join(path, ckpt.STATE_FILE), encoding="utf-8") as f:
-        saved = json.load(f)
+        raise ValueError(f"--resume: no intact checkpoint in {cfg.out}")
+    saved = ckpt.read_trainer_state(path)
     now = asdict(cfg)
     for key in RESUME_KEYS:
         if saved["config"].get(key) != now[key]:
@@ -343,7 +349,7 @@ class Run:
             point = self.method.reference_point
             if point is not None and start_step > point:
                 objective.reference = self.make_reference(point, start_step)
-            ckpt.load_checkpoint(self.resume_state["path"], engine=engine, state=state)
+            ckpt.load_checkpoint(self.resume_state["path"], engine=engine, state=state, trust=cfg.trust_checkpoint)
             saved_start = self.resume_state.get("probe_start")
             probe.start = None if saved_start is None else ProbeResult(**saved_start)
             self.truncate_metrics(start_step)
