@@ -23,10 +23,13 @@ examples:
   torchrun --nproc_per_node 8 -m prefopt.train.cli --method cw-dpo --model /models/Qwen2-VL-7B-Instruct \\
       --data prefs.jsonl --out runs/cw --deepspeed zero3 --gradient-checkpointing
   prefopt train --out runs/cw --resume             # continue a run from its latest checkpoint
+  prefopt train --method sft --out runs/sft && prefopt train --method dpo --init-from runs/sft --out runs/dpo
+  prefopt train --method grpo --num-generations 8 --grpo-loss-type dr_grpo --init-from runs/sft --out runs/grpo
 
 Data: JSONL records {"images": [paths], "prompt": ..., "chosen": ..., "rejected": ..., "corrections": [...]}
 (images relative to the file's folder), a folder with train.jsonl (and heldout.jsonl for the probes), or
-"synthetic". Metrics (TRL names, peak memory, tokens/s) go to OUT/metrics.jsonl, one line per step."""
+"synthetic". Metrics (TRL names, peak memory, tokens/s) go to OUT/metrics.jsonl, one line per step; the
+trained model to OUT/model/, a Hugging Face folder (prefopt export CHECKPOINT OUT writes one from any checkpoint)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,9 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "steps, then cooling-weighted DPO with on-policy negatives; nsft = NLL of chosen and "
                         "corrections + per-token KL to the reference; simpo, orpo = reference-free; grpo = group-relative "
                         "policy optimisation on answers sampled per prompt with an exact-answer reward")
-    g.add_argument("--model", default=d.model, metavar="PATH|" + "|".join(TINY_MODELS),
+    g.add_argument("--model", default=None, metavar="PATH|" + "|".join(TINY_MODELS),
                    help="a local Hugging Face model folder (LLaVA, Qwen2-VL, Qwen2.5-VL or a causal LM; nothing is "
-                        "downloaded) or an embedded tiny model with random weights (default %(default)s)")
+                        f"downloaded) or an embedded tiny model with random weights (default {d.model})")
+    g.add_argument("--init-from", default=None, metavar="FOLDER|RUN",
+                   help="start from a model folder (e.g. an earlier run's RUN/model), a run folder (its newest intact "
+                        "checkpoint) or a checkpoint folder, with the defaults of the model family it came from "
+                        "(instead of --model)")
     g.add_argument("--data", default=d.data, metavar="PATH|synthetic",
                    help="preference data: a JSONL file, a folder with train.jsonl, or 'synthetic' (the built-in "
                         "visual set; default %(default)s)")
@@ -166,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the end)")
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="checkpoints kept, 0 for all "
                    "(default %(default)s)")
+    g.add_argument("--keep-adapter", action="store_true", help="with --lora: OUT/model/ keeps the adapters as a peft "
+                   "adapter beside the base weights (default: merged into the weights)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint "
                    "(same options)")
     g.add_argument("--trust-checkpoint", action="store_true",
@@ -195,7 +204,8 @@ def config_from_args(args) -> "TrainConfig":
     )
     out = args.out or time.strftime("runs/train-%Y%m%d-%H%M%S")
     return TrainConfig(
-        method=args.method, model=args.model, data=args.data, out=out, reference=args.reference, lora=args.lora,
+        method=args.method, model=args.model or args.init_from or TrainConfig.model, init_from=args.init_from,
+        keep_adapter=args.keep_adapter, data=args.data, out=out, reference=args.reference, lora=args.lora,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, dtype=args.dtype, device=args.device,
         gradient_checkpointing=args.gradient_checkpointing, op_backend=args.op_backend, train_size=args.train_size,
         max_length=args.max_length, strict_data=args.strict_data, probe_data=args.probe_data,
@@ -235,6 +245,7 @@ def format_summary(s: dict) -> str:
         + ("torch's peak GPU allocation" if s["device"].startswith("cuda") else "peak resident set of the process")
         + f"; reference: {REFERENCE_WORDS[s['reference']]})   throughput {num(s['tokens_per_second'], '.0f')} tokens/s",
         f"  checkpoint         {s['checkpoint']}",
+        f"  model folder       {s['model_folder']}   (Hugging Face from_pretrained)",
         f"  metrics            {s['metrics']}",
     ]
     return "\n".join(lines)
@@ -268,6 +279,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(e.code or 0)
     from .loop import prepare
 
+    if args.model is not None and args.init_from is not None:
+        print("prefopt train: error: give --model or --init-from, not both", file=sys.stderr)
+        return 2
     cfg = config_from_args(args)
     try:
         run = prepare(cfg)

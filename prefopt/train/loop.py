@@ -26,6 +26,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,6 +43,7 @@ from .probes import LogpProbe, ProbeResult, should_stop
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
+MODEL_DIR = "model"  # the Hugging Face folder every run ends with
 TINY_LR = 1e-3  # the embedded tiny models learn visibly in a few dozen steps at this rate
 # CW-DPO's floor for the tiny models: their per-token log-probs start near -log(640) = -6.5 and stay
 # below the -3 nats of the default (meant for real models) for the whole default run, which would cool
@@ -55,6 +57,7 @@ class TrainConfig:
 
     method: str = "cw-dpo"
     model: str = "tiny-llava"
+    init_from: Optional[str] = None  # a model folder, run folder or checkpoint to start from (replaces model)
     data: str = "synthetic"
     out: str = "runs/train"
     reference: str = "auto"  # model | adapters | precompute | auto (adapters with --lora, else model)
@@ -93,25 +96,29 @@ class TrainConfig:
     resume: bool = False
     stop_after: Optional[int] = None  # stop (with a checkpoint) after this many steps of the schedule
     deepspeed: Optional[str] = None
+    keep_adapter: bool = False  # OUT/model/ keeps LoRA as a peft adapter instead of merging it
     trust_checkpoint: bool = False  # --resume under DeepSpeed unpickles DeepSpeed's own files
     progress: bool = True
+
+    def family(self) -> str:
+        """The model family the defaults are keyed on: "tiny" (the embedded models and models trained from
+        them, recorded in an export's prefopt.json) or "hf"."""
+        from .export import model_family
+
+        return model_family(self.model, self.init_from)
 
     def learning_rate(self) -> float:
         if self.lr is not None:
             return self.lr
-        from .models import TINY_MODELS
-
-        if self.model in TINY_MODELS:
+        if self.family() == "tiny":
             return TINY_LR
         return 1e-4 if self.lora else 5e-6
 
     def method_options(self) -> MethodOptions:
         """The method options with the run-dependent defaults filled in (CW-DPO's floor for the tiny
         models; GRPO's completion length is the sampling limit)."""
-        from .models import TINY_MODELS
-
         options = dataclasses.replace(self.options, max_completion_length=self.max_new_tokens)
-        if options.cw_floor is None and self.model in TINY_MODELS:
+        if options.cw_floor is None and self.family() == "tiny":
             options = dataclasses.replace(options, cw_floor=TINY_CW_FLOOR)
         return options
 
@@ -124,7 +131,8 @@ class TrainConfig:
 
 
 #: Options a resumed run must share with the run it continues.
-RESUME_KEYS = ("method", "model", "data", "reference", "lora", "lora_r", "lora_alpha", "train_size", "steps",
+RESUME_KEYS = ("method", "model", "init_from", "data", "reference", "lora", "lora_r", "lora_alpha", "train_size",
+               "steps",
                "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "seed", "options")
 
 
@@ -255,7 +263,8 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
         raise ValueError(f"--data {cfg.data}: no record has corrections, which nsft trains on")
     probe_records = _probe_records(cfg, records)
 
-    policy, processor = build_model(cfg.model, dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r,
+    source = model_source(cfg)
+    policy, processor = build_model(source, dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r,
                                     lora_alpha=cfg.lora_alpha, gradient_checkpointing=cfg.gradient_checkpointing,
                                     device=state.device, seed=cfg.seed)
     collator = PreferenceCollator(processor, max_length=cfg.max_length)
@@ -274,6 +283,14 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     dist.barrier(state)  # every rank has checked --out before rank 0 writes to it
     return Run(cfg, state, policy, processor, collator, records, probe_records, plan, method,
                cfg.reference_mode(method), total, resume_state)
+
+
+def model_source(cfg: TrainConfig) -> str:
+    """What ``build_model`` builds the run's model from: ``--model``, or the model folder of
+    ``--init-from`` (a checkpoint exported once per process)."""
+    from .export import model_source as init_source
+
+    return init_source(cfg.init_from) if cfg.init_from else cfg.model
 
 
 def _probe_records(cfg: TrainConfig, records):
@@ -395,6 +412,7 @@ class Run:
             if start_step >= last_step:  # resumed a finished run: nothing to train
                 self.checkpoint_path = self.resume_state["path"]
         bar.close()
+        self.model_folder = self.export_model()
         summary = self.summary(history, done, stopped_early, time.perf_counter() - started)
         dist.teardown(state)
         return summary
@@ -437,7 +455,7 @@ class Run:
             return ref_mod.AdapterReference(self.policy, state, snapshot)
         from .models import build_model
 
-        copy, _ = build_model(cfg.model, dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+        copy, _ = build_model(model_source(cfg), dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                               device=state.device, seed=cfg.seed)
         reference = ref_mod.ModelReference(copy, state, snapshot)
         copy.model = dist.wrap_frozen(state, copy.model, self.policy.head().weight.dtype)
@@ -576,6 +594,22 @@ class Run:
                                                    "config": asdict(self.cfg)})
         self.checkpoint_path = path
 
+    def export_model(self) -> Optional[str]:
+        """Rank 0 writes the final checkpoint's model as a Hugging Face folder ``OUT/model/`` (replacing
+        one a finished run had written); returns its path."""
+        from .export import export_checkpoint
+
+        path = getattr(self, "checkpoint_path", None)
+        if path is None:
+            return None
+        out = os.path.join(self.cfg.out, MODEL_DIR)
+        if self.state.is_main:
+            shutil.rmtree(out, ignore_errors=True)
+            export_checkpoint(path, out, keep_adapter=self.cfg.keep_adapter)
+            self.log(f"model folder {out} (from {path})")
+        dist.barrier(self.state)
+        return out
+
     def write_metrics(self, metrics: Dict[str, Any]) -> None:
         if self.state.is_main:
             with open(os.path.join(self.cfg.out, METRICS_FILE), "a", encoding="utf-8") as f:
@@ -618,6 +652,7 @@ class Run:
             "tokens_per_second": mean("tokens_per_second"),
             "wall_seconds": wall,
             "checkpoint": getattr(self, "checkpoint_path", None),
+            "model_folder": getattr(self, "model_folder", None),
             "metrics": os.path.join(self.cfg.out, METRICS_FILE),
             "device": str(self.state.device),
             "world_size": self.state.world_size,
