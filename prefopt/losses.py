@@ -138,6 +138,9 @@ class PairedLoss(FusedLoss):
 
     unit = "pairs"
     needs_reference = True
+    # What ``logps/chosen`` / ``logps/rejected`` report, as the peers report them under those names: per-row
+    # sums (TRL's DPOTrainer) or per-token averages (TRL's CPO/ORPO trainers and Liger for SimPO and ORPO).
+    average_logps = False
 
     def stat_flags(self) -> Dict[str, bool]:
         return {}
@@ -178,8 +181,10 @@ class PairedLoss(FusedLoss):
         per_pair, metrics = self.objective(pairs)
         loss = per_pair.sum() / (num_items_in_batch if num_items_in_batch is not None else half)
         metrics = {k: v.detach().float().mean() for k, v in metrics.items()}
-        metrics["logps/chosen"] = pairs.chosen_logps.detach().float().mean()
-        metrics["logps/rejected"] = pairs.rejected_logps.detach().float().mean()
+        chosen, rejected = ((pairs.chosen_avg, pairs.rejected_avg) if self.average_logps
+                            else (pairs.chosen_logps, pairs.rejected_logps))
+        metrics["logps/chosen"] = chosen.detach().float().mean()
+        metrics["logps/rejected"] = rejected.detach().float().mean()
         return LossOutput(loss, metrics)
 
     def objective(self, pairs: PairStats) -> Tuple[Tensor, Dict[str, Tensor]]:
@@ -207,6 +212,7 @@ class FusedDPOLoss(PairedLoss):
         super().__init__(**options)
         if loss_type not in objectives.DPO_LOSS_TYPES:
             raise ValueError(f"loss_type: expected one of {objectives.DPO_LOSS_TYPES}, got {loss_type!r}")
+        objectives.check_dpo_label_smoothing(loss_type, label_smoothing)
         self.beta, self.loss_type, self.label_smoothing, self.rpo_alpha = beta, loss_type, label_smoothing, rpo_alpha
 
     def objective(self, pairs: PairStats):
@@ -239,9 +245,14 @@ class FusedCWDPOLoss(PairedLoss):
 
 
 class FusedSimPOLoss(PairedLoss):
-    """SimPO (see :func:`prefopt.objectives.simpo_loss`), no reference; rewards are ``beta * avg``."""
+    """SimPO (see :func:`prefopt.objectives.simpo_loss`), no reference; rewards are ``beta * avg``.
+
+    ``logps/*`` are per-token averages (as in TRL and Liger). The defaults ``beta=2.0, gamma=1.0`` are the
+    paper's (Liger's are in :mod:`prefopt.liger`).
+    """
 
     needs_reference = False
+    average_logps = True
 
     def __init__(self, beta: float = 2.0, gamma: float = 1.0, **options):
         super().__init__(**options)
@@ -253,9 +264,13 @@ class FusedSimPOLoss(PairedLoss):
 
 
 class FusedORPOLoss(PairedLoss):
-    """ORPO (see :func:`prefopt.objectives.orpo_loss`), no reference; rewards are ``beta * avg``."""
+    """ORPO (see :func:`prefopt.objectives.orpo_loss`), no reference; rewards are ``beta * avg``.
+
+    ``logps/*`` are per-token averages (as in TRL and Liger).
+    """
 
     needs_reference = False
+    average_logps = True
 
     def __init__(self, beta: float = 0.1, **options):
         super().__init__(**options)
@@ -341,25 +356,72 @@ class FusedNSFTLoss(FusedLoss):
 
 
 class FusedGRPOLoss(FusedLoss):
-    """GRPO per token (see :func:`prefopt.objectives.grpo_loss`) on the fused op.
+    """GRPO per token (see :func:`prefopt.objectives.grpo_loss`) on the fused op, with TRL's loss types.
 
-    ``loss_agg="token-mean"`` averages over every scored token of the batch (unit ``tokens``),
-    ``"sequence-mean"`` averages each sequence's tokens, then the sequences (unit ``sequences``).
+    ``loss_type`` takes the names of TRL's ``GRPOConfig.loss_type`` and means what TRL means; with ``L_t``
+    the per-token loss, ``m`` the mask of scored tokens and ``R`` the number of rows (sequences):
+
+    - ``"grpo"``: ``(1/R) sum_i (sum_t m L / sum_t m)``, each sequence's token mean, then the mean.
+    - ``"bnpo"``: ``sum m L / sum m`` over this call's tokens.
+    - ``"dr_grpo"``: ``sum m L / (R * max_completion_length)`` (Dr. GRPO; needs ``max_completion_length``).
+    - ``"dapo"`` (default, TRL's too): ``sum m L / num_items_in_batch``, the number of scored tokens in
+      the whole accumulated batch (this call's when not given).
+    - ``"cispo"``: cispo's per-token loss, aggregated like ``dapo``.
+    - ``"sapo"``: sapo's per-token loss, aggregated like ``grpo``.
+
+    TRL's ``luspo`` and ``vespo`` need sequence-level importance weights and raise a ValueError here
+    (``PrefoptGRPOTrainer`` has every TRL loss type). ``num_items_in_batch`` is the accumulated batch's
+    size in the loss's ``unit`` (see :meth:`count_items`): tokens for dapo and cispo, rows for grpo,
+    sapo and dr_grpo (``R`` above becomes it); bnpo normalises within the call by definition and
+    refuses it (use ``"dapo"`` for a token mean over an accumulated batch).
+
     ``old_logps`` / ``ref_logps`` are per-position tensors shaped like ``targets`` (shifted with them when
-    ``shift=True``); without ``old_logps`` the step is on-policy (``rho = 1`` with its gradient).
+    ``shift=True``); their values at ignored positions never reach the loss or its gradient (padding may
+    carry ``-inf`` there). Without ``old_logps`` the step is on-policy (``rho = 1`` with its gradient).
     The reference comes as ``ref_logps`` or as hidden states (``ref_hidden``, same fused pass).
-    Metrics: ``kl`` (mean k3), ``clip_fraction``, ``ratio``.
+    Metrics: ``kl`` (mean k3), ``clip_fraction`` (TRL's ``clip_ratio/region_mean``), ``ratio``.
+
+    ``loss_agg`` is prefopt's older name for two of these: ``"token-mean"`` is ``"dapo"`` and
+    ``"sequence-mean"`` is ``"grpo"``.
     """
 
-    AGGREGATIONS = ("token-mean", "sequence-mean")
+    LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+    UNSUPPORTED = {"luspo": "sequence-level importance sampling", "vespo": "sequence-level gamma weights"}
+    AGGREGATIONS = {"token-mean": "dapo", "sequence-mean": "grpo"}
 
     def __init__(self, beta: float = 0.04, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
-                 loss_agg: str = "token-mean", **options):
+                 loss_type: Optional[str] = None, loss_agg: Optional[str] = None,
+                 max_completion_length: Optional[int] = None, delta: Optional[float] = None,
+                 sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
+                 use_bias_correction_kl: bool = False, **options):
         super().__init__(**options)
-        if loss_agg not in self.AGGREGATIONS:
-            raise ValueError(f"loss_agg: expected one of {self.AGGREGATIONS}, got {loss_agg!r}")
-        self.beta, self.epsilon_low, self.epsilon_high, self.loss_agg = beta, epsilon_low, epsilon_high, loss_agg
-        self.unit = "tokens" if loss_agg == "token-mean" else "sequences"
+        if loss_agg is not None:
+            if loss_agg not in self.AGGREGATIONS:
+                raise ValueError(f"loss_agg: expected one of {tuple(self.AGGREGATIONS)}, got {loss_agg!r}")
+            if loss_type is not None:
+                raise ValueError("loss_agg: give either loss_type or loss_agg (its older name), not both")
+            loss_type = self.AGGREGATIONS[loss_agg]
+        loss_type = "dapo" if loss_type is None else loss_type
+        if loss_type in self.UNSUPPORTED:
+            raise ValueError(f"loss_type: {loss_type!r} needs {self.UNSUPPORTED[loss_type]}, which FusedGRPOLoss does "
+                             f"not have; use one of {self.LOSS_TYPES} or prefopt.integrations.trl.PrefoptGRPOTrainer")
+        if loss_type not in self.LOSS_TYPES:
+            raise ValueError(f"loss_type: expected one of {self.LOSS_TYPES}, got {loss_type!r}")
+        if loss_type == "dr_grpo" and not (isinstance(max_completion_length, int) and max_completion_length > 0):
+            raise ValueError(f"max_completion_length: loss_type='dr_grpo' needs a positive int, got {max_completion_length!r}")
+        self.beta, self.epsilon_low, self.epsilon_high = beta, epsilon_low, epsilon_high
+        self.loss_type, self.max_completion_length, self.delta = loss_type, max_completion_length, delta
+        self.sapo_temperature_pos, self.sapo_temperature_neg = sapo_temperature_pos, sapo_temperature_neg
+        self.use_bias_correction_kl = use_bias_correction_kl
+        self.unit = {"dapo": "tokens", "cispo": "tokens", "bnpo": None}.get(loss_type, "rows")
+
+    def count_items(self, targets: Tensor) -> int:
+        if self.unit is None:
+            raise ValueError("num_items_in_batch: loss_type='bnpo' normalises within each call; use loss_type='dapo' "
+                             "for a token mean over an accumulated batch")
+        if self.unit == "rows":
+            return targets.shape[:-1].numel()
+        return super().count_items(targets)
 
     def forward(self, weight: Tensor, hidden: Tensor, targets: Tensor, advantages: Tensor,
                 bias: Optional[Tensor] = None, old_logps: Optional[Tensor] = None,
@@ -374,28 +436,41 @@ class FusedGRPOLoss(FusedLoss):
                 raise ValueError(f"{name}: expected shape {list(targets.shape)} like targets, got {list(per_token.shape)}")
         if ref_logps is not None and ref_hidden is not None:
             raise ValueError("ref_logps: give either ref_logps or ref_hidden, not both")
+        if num_items_in_batch is not None:
+            self.count_items(targets)  # refuses it for bnpo
         stats, mask = self.token_stats(weight, hidden, targets, bias, ref_hidden, ref_weight, ref_bias)
         logps = stats.logp
-        old = logps.detach() if old_logps is None else self.align(old_logps, 0).to(logps.dtype)
-        ref = stats.ref_logp if ref_logps is None else self.align(ref_logps, 0).to(logps.dtype)
-        token = objectives.grpo_loss(logps, old, advantages.to(logps.dtype)[..., None], ref, beta=self.beta,
-                                     epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high)
+        zero = logps.new_zeros(())
+        # Padding may carry -inf or huge old/reference log-probs: replace them before any exp, where the
+        # policy's log-prob is 0 too, so that ignored positions give rho = 1 and k3 = 0 exactly.
+        old = logps.detach() if old_logps is None else torch.where(mask, self.align(old_logps, 0).to(logps.dtype), zero)
+        ref = stats.ref_logp
+        if ref_logps is not None:
+            ref = torch.where(mask, self.align(ref_logps, 0).to(logps.dtype), zero)
+        policy_loss = {"cispo": "cispo", "sapo": "sapo"}.get(self.loss_type, "clip")
+        token = objectives.grpo_loss(
+            logps, old, advantages.to(logps.dtype)[..., None], ref, beta=self.beta, epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high, policy_loss=policy_loss, delta=self.delta,
+            sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
+            use_bias_correction_kl=self.use_bias_correction_kl,
+        )
+        per_token = torch.where(mask, token.loss, zero)
         weights = mask.to(logps.dtype)
-        per_seq_count = weights.sum(-1)
-        if self.loss_agg == "token-mean":
-            total = (token.loss * weights).sum()
-            default = per_seq_count.sum().clamp(min=1)
-        else:
-            total = ((token.loss * weights).sum(-1) / per_seq_count.clamp(min=1)).sum()
-            default = (per_seq_count > 0).sum().clamp(min=1)
-        loss = total / (num_items_in_batch if num_items_in_batch is not None else default)
+        tokens_per_row = weights.sum(-1)
+        given = num_items_in_batch
+        if self.loss_type in ("grpo", "sapo"):
+            loss = (per_token.sum(-1) / tokens_per_row.clamp(min=1)).sum() / (rows.numel() if given is None else given)
+        elif self.loss_type == "dr_grpo":
+            loss = per_token.sum() / ((rows.numel() if given is None else given) * self.max_completion_length)
+        else:  # bnpo (never given), dapo, cispo
+            loss = per_token.sum() / (tokens_per_row.sum().clamp(min=1) if given is None else given)
         count = weights.sum().clamp(min=1)
         metrics = {
             "clip_fraction": ((token.clipped.to(weights.dtype) * weights).sum() / count).detach(),
-            "ratio": ((torch.exp(logps - old) * weights).sum() / count).detach(),
+            "ratio": (torch.where(mask, torch.exp(logps - old), zero).sum() / count).detach(),
         }
         if token.k3 is not None:
-            metrics["kl"] = ((token.k3 * weights).sum() / count).detach()
+            metrics["kl"] = (torch.where(mask, token.k3, zero).sum() / count).detach()
         return LossOutput(loss, metrics)
 
 

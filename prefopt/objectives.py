@@ -32,7 +32,7 @@ def dpo_loss(
 ) -> Tensor:
     """DPO and its variants, one loss per pair. With ``z = beta * (d_c - d_r)`` and ``e = label_smoothing``:
 
-    - ``sigmoid`` (Rafailov et al. 2023): ``-logsig(z)``; with ``e > 0`` it is cDPO.
+    - ``sigmoid`` (Rafailov et al. 2023): ``-logsig(z)``.
     - ``cdpo`` (conservative DPO, label smoothing): ``-(1-e) logsig(z) - e logsig(-z)``.
     - ``robust`` (Chowdhury et al. 2024): ``(-(1-e) logsig(z) + e logsig(-z)) / (1 - 2e)``, ``e < 0.5``.
     - ``hinge`` (SLiC): ``relu(1 - z)``.
@@ -40,11 +40,12 @@ def dpo_loss(
     - ``rpo`` (Pang et al. 2024): ``-logsig(z) + rpo_alpha * NLL(chosen)``, NLL = ``-lp_c / n_c``.
 
     ``ipo`` and ``rpo`` need the token counts ``chosen_lengths`` (and ``rejected_lengths`` for ipo).
+    ``label_smoothing`` belongs to cdpo, robust and rpo; the other types refuse it rather than silently
+    becoming cDPO (TRL's ``sigmoid`` ignores it).
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"loss_type: expected one of {DPO_LOSS_TYPES}, got {loss_type!r}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing: expected a value in [0, 0.5), got {label_smoothing!r}")
+    check_dpo_label_smoothing(loss_type, label_smoothing)
     chosen_margin = chosen_logps - ref_chosen_logps
     rejected_margin = rejected_logps - ref_rejected_logps
     if loss_type == "ipo":
@@ -64,6 +65,15 @@ def dpo_loss(
             raise ValueError("chosen_lengths: required for loss_type='rpo'")
         loss = loss + rpo_alpha * (-chosen_logps / chosen_lengths.clamp(min=1))
     return loss
+
+
+def check_dpo_label_smoothing(loss_type: str, label_smoothing: float) -> None:
+    """ValueError unless ``label_smoothing`` is in [0, 0.5) and, when non-zero, used by ``loss_type``."""
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing: expected a value in [0, 0.5), got {label_smoothing!r}")
+    if label_smoothing and loss_type in ("sigmoid", "hinge", "ipo"):
+        raise ValueError(f"label_smoothing: loss_type={loss_type!r} takes none (got {label_smoothing!r}); "
+                         "label-smoothed DPO is loss_type='cdpo' (or 'robust')")
 
 
 def simpo_loss(chosen_avg: Tensor, rejected_avg: Tensor, *, beta: float = 2.0, gamma: float = 1.0) -> Tensor:
@@ -147,6 +157,9 @@ class GRPOTokenLoss(NamedTuple):
     k3: Optional[Tensor]
 
 
+GRPO_POLICY_LOSSES = ("clip", "cispo", "sapo")
+
+
 def grpo_loss(
     logps: Tensor,
     old_logps: Tensor,
@@ -156,23 +169,45 @@ def grpo_loss(
     beta: float = 0.04,
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.2,
+    policy_loss: str = "clip",
+    delta: Optional[float] = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    use_bias_correction_kl: bool = False,
 ) -> GRPOTokenLoss:
-    """GRPO per token (DeepSeekMath): ``-min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A) + beta*k3``.
+    """GRPO per token (DeepSeekMath) and its per-token variants, ``rho = exp(lp - lp_old)``:
 
-    ``rho = exp(lp - lp_old)`` and ``k3 = exp(rf - lp) - (rf - lp) - 1``, the unbiased non-negative KL
-    estimator. ``advantages`` broadcasts against the per-token ``logps`` (pass ``[R, 1]`` for one
-    advantage per sequence). Returns the per-token loss, where clipping was active, and k3 (None when
-    ``ref_logps`` is None, which needs ``beta == 0``).
+    - ``clip`` (GRPO, DAPO, Dr. GRPO, BNPO): ``-min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A)``; with
+      ``delta`` (two-sided clipping) the unclipped ``rho`` is first capped at ``delta``.
+    - ``cispo`` (MiniMax-M1): ``-sg(min(rho, eps_high)) * A * lp``, sg = no gradient.
+    - ``sapo`` (Soft Adaptive Policy Optimization): ``-sig(t * (rho - 1)) * 4 / t * A``, with
+      ``t = sapo_temperature_pos`` where ``A > 0`` and ``sapo_temperature_neg`` elsewhere.
+
+    Plus ``beta * k3`` with ``k3 = exp(rf - lp) - (rf - lp) - 1``, the unbiased non-negative KL
+    estimator, multiplied by ``rho`` when ``use_bias_correction_kl``. ``advantages`` broadcasts against
+    the per-token ``logps`` (pass ``[R, 1]`` for one advantage per sequence). Returns the per-token loss,
+    where clipping was active (TRL's ``clip_ratio/region_mean``; for cispo, where ``rho > eps_high`` with
+    ``A > 0``; never for sapo), and k3 (None when ``ref_logps`` is None, which needs ``beta == 0``).
     """
+    if policy_loss not in GRPO_POLICY_LOSSES:
+        raise ValueError(f"policy_loss: expected one of {GRPO_POLICY_LOSSES}, got {policy_loss!r}")
     ratio = torch.exp(logps - old_logps)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * advantages
-    loss = -torch.minimum(unclipped, clipped)
+    if policy_loss == "clip":
+        capped = ratio if delta is None else ratio.clamp(max=delta)
+        loss = -torch.minimum(capped * advantages, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * advantages)
+        clipped = ((capped < 1 - epsilon_low) & (advantages < 0)) | ((capped > 1 + epsilon_high) & (advantages > 0))
+    elif policy_loss == "cispo":
+        loss = -ratio.clamp(max=epsilon_high).detach() * advantages * logps
+        clipped = (ratio > epsilon_high) & (advantages > 0)
+    else:
+        temperature = torch.where(advantages > 0, sapo_temperature_pos, sapo_temperature_neg)
+        loss = -torch.sigmoid(temperature * (ratio - 1)) * 4 / temperature * advantages
+        clipped = torch.zeros_like(ratio, dtype=torch.bool)
     k3 = None
     if ref_logps is not None:
-        delta = ref_logps - logps
-        k3 = torch.exp(delta) - delta - 1
-        loss = loss + beta * k3
+        diff = ref_logps - logps
+        k3 = torch.exp(diff) - diff - 1
+        loss = loss + beta * (k3 * ratio if use_bias_correction_kl else k3)
     elif beta != 0:
         raise ValueError("ref_logps: required when beta != 0 (the KL term needs the reference)")
-    return GRPOTokenLoss(loss, clipped < unclipped, k3)
+    return GRPOTokenLoss(loss, clipped.expand_as(loss), k3)

@@ -63,6 +63,9 @@ LOSS_CASES = [
     (lambda: prefopt.FusedDPOLoss(loss_type="kto"), ValueError, "loss_type"),
     (lambda: prefopt.FusedDPOLoss(loss_type="robust", label_smoothing=0.5)(*paired(), ref_hidden=torch.randn(4, 5, H)),
      ValueError, "label_smoothing"),
+    (lambda: prefopt.FusedDPOLoss(label_smoothing=0.1), ValueError, "label_smoothing.*cdpo"),
+    (lambda: prefopt.FusedDPOLoss(loss_type="hinge", label_smoothing=0.1), ValueError, "label_smoothing"),
+    (lambda: prefopt.objectives.dpo_loss(*torch.zeros(4, 2), label_smoothing=0.1), ValueError, "label_smoothing"),
     (lambda: prefopt.FusedCWDPOLoss(tau=0.0), ValueError, "tau"),
     (lambda: prefopt.FusedSFTLoss(label_smoothing=1.0), ValueError, "label_smoothing"),
     (lambda: prefopt.FusedGRPOLoss(loss_agg="sum"), ValueError, "loss_agg"),
@@ -76,6 +79,13 @@ LOSS_CASES = [
     (lambda: prefopt.FusedGRPOLoss()(*paired(), torch.zeros(3)), ValueError, "advantages"),
     (lambda: prefopt.FusedGRPOLoss()(*paired(), torch.zeros(4), old_logps=torch.zeros(4, 4)), ValueError, "old_logps"),
     (lambda: prefopt.FusedGRPOLoss(beta=0.1)(*paired(), torch.zeros(4)), ValueError, "ref_logps"),
+    (lambda: prefopt.FusedGRPOLoss(loss_type="luspo"), ValueError, "loss_type"),
+    (lambda: prefopt.FusedGRPOLoss(loss_type="vespo"), ValueError, "loss_type"),
+    (lambda: prefopt.FusedGRPOLoss(loss_type="ppo"), ValueError, "loss_type"),
+    (lambda: prefopt.FusedGRPOLoss(loss_type="dr_grpo"), ValueError, "max_completion_length"),
+    (lambda: prefopt.FusedGRPOLoss(loss_type="grpo", loss_agg="token-mean"), ValueError, "loss_agg"),
+    (lambda: prefopt.FusedGRPOLoss(beta=0.0, loss_type="bnpo")(*paired(), torch.zeros(4), num_items_in_batch=9),
+     ValueError, "num_items_in_batch"),
 ]
 
 

@@ -129,6 +129,18 @@ def test_dpo_metrics_use_trl_names(seed):
         assert not out.metrics[key].requires_grad
 
 
+@pytest.mark.parametrize("name", ["simpo", "orpo"])
+def test_reference_free_losses_report_average_logps(name, seed):
+    """Under TRL's and Liger's names ``logps/*`` are per-token averages for SimPO and ORPO."""
+    h, w, b, y, ref = batch()
+    module, _ = PAIRED[name]
+    module.backend = "torch"
+    out = module(w, h, y, b)
+    t = pair_terms(*(x.detach().double() for x in (h, w, b)), y, {k: v.double() for k, v in ref.items()})
+    assert_close(out.metrics["logps/chosen"], (t["lc"] / t["nc"]).mean(), 1e-5, "logps/chosen", seed)
+    assert_close(out.metrics["logps/rejected"], (t["lr"] / t["nr"]).mean(), 1e-5, "logps/rejected", seed)
+
+
 def test_cwdpo_reports_its_cooling_weight(seed):
     h, w, b, y, ref = batch()
     module, _ = PAIRED["cwdpo"]
@@ -168,36 +180,113 @@ def test_nsft_loss(backend, seed):
     assert_close(w.grad, w64.grad, 2e-5, "d weight", seed)
 
 
-def grpo_reference(logp, old, ref, adv, mask, beta, lo, hi, agg):
+def grpo_reference(logp, old, ref, adv, mask, beta, lo, hi, loss_type, max_len=None, delta=None, bias_kl=False,
+                   num_items=None):
+    """TRL 1.16's GRPOTrainer._compute_loss formulas, written out in float64 (token-level sampling)."""
     ratio = torch.exp(logp - old)
-    per_token = -torch.minimum(ratio * adv[:, None], ratio.clamp(1 - lo, 1 + hi) * adv[:, None])
-    per_token = per_token + beta * (torch.exp(ref - logp) - (ref - logp) - 1)
+    a = adv[:, None]
+    if loss_type == "cispo":
+        per_token = -ratio.clamp(max=hi).detach() * a * logp
+    elif loss_type == "sapo":
+        t = torch.where(a > 0, 1.0, 1.05)
+        per_token = -torch.sigmoid(t * (ratio - 1)) * 4 / t * a
+    else:
+        capped = ratio if delta is None else ratio.clamp(max=delta)
+        per_token = -torch.minimum(capped * a, ratio.clamp(1 - lo, 1 + hi) * a)
+    k3 = torch.exp(ref - logp) - (ref - logp) - 1
+    per_token = per_token + beta * (k3 * ratio if bias_kl else k3)
     per_token = per_token * mask
-    if agg == "token-mean":
+    if loss_type in ("grpo", "sapo"):
+        return (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    if loss_type == "bnpo":
         return per_token.sum() / mask.sum()
-    return (per_token.sum(-1) / mask.sum(-1)).mean()
+    if loss_type == "dr_grpo":
+        return per_token.sum() / (mask.shape[0] * max_len)
+    return per_token.sum() / (mask.sum() if num_items is None else num_items)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss_agg", ["token-mean", "sequence-mean"])
-def test_grpo_loss(backend, loss_agg, seed):
+GRPO_CASES = {  # loss_type: extra options; the default grpo/dapo cases also run on the Triton backend
+    "grpo": {}, "dapo": {}, "bnpo": {}, "dr_grpo": dict(max_completion_length=9),
+    "cispo": dict(epsilon_high=1.2), "sapo": {}, "dapo-delta-biaskl": dict(delta=1.1, use_bias_correction_kl=True),
+}
+
+
+def grpo_inputs(padding_old=None, padding_ref=None):
     h, w, b, y, ref = batch()
     mask = (y != -100).double()
     old = oracle_linear_logprobs(h.detach(), w.detach(), y, bias=b.detach()).logp + 0.3 * torch.randn(y.shape)
+    ref_logps = oracle_linear_logprobs(ref["ref_hidden"], ref["ref_weight"], y).logp
+    if padding_old is not None:  # what Liger and TRL pass at padded positions
+        old = torch.where(y == -100, torch.tensor(padding_old, dtype=old.dtype), old)
+        ref_logps = torch.where(y == -100, torch.tensor(padding_ref, dtype=old.dtype), ref_logps)
+    return h, w, b, y, ref, mask, old, ref_logps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(GRPO_CASES))
+def test_grpo_loss_types(backend, case, seed):
+    if backend != "torch" and case not in ("grpo", "dapo"):
+        pytest.skip("the Triton backend runs the two aggregations; the formulas are backend-independent")
+    options = GRPO_CASES[case]
+    loss_type = case.split("-")[0]
+    h, w, b, y, ref, mask, old, _ = grpo_inputs()
     advantages = torch.randn(ROWS)
-    module = prefopt.FusedGRPOLoss(beta=0.1, epsilon_low=0.2, epsilon_high=0.28, loss_agg=loss_agg, backend=backend)
+    module = prefopt.FusedGRPOLoss(beta=0.1, epsilon_low=0.2, epsilon_high=options.pop("epsilon_high", 0.28),
+                                   loss_type=loss_type, backend=backend, **options)
     out = module(w, h, y, advantages, b, old_logps=old.float(), **ref)
     out.loss.backward()
     h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, w, b))
     s = oracle_linear_logprobs(h64, w64, y, bias=b64, **{k: v.double() for k, v in ref.items()})
-    expected = grpo_reference(s.logp, old.double(), s.ref_logp, advantages.double(), mask, 0.1, 0.2, 0.28, loss_agg)
+    expected = grpo_reference(s.logp, old.double(), s.ref_logp, advantages.double(), mask, 0.1, 0.2,
+                              module.epsilon_high, loss_type, max_len=9, delta=module.delta,
+                              bias_kl=module.use_bias_correction_kl)
+    expected.backward()
+    assert_close(out.loss, expected, 2e-5, f"{case} loss", seed)
+    assert_close(h.grad, h64.grad, 2e-5, f"{case} d hidden", seed)
+    assert_close(w.grad, w64.grad, 2e-5, f"{case} d weight", seed)
+    if case in ("grpo", "dapo"):
+        ratio = torch.exp(s.logp.detach() - old.double())
+        clipped = ((ratio < 0.8) & (advantages[:, None] < 0)) | ((ratio > 1.28) & (advantages[:, None] > 0))
+        assert_close(out.metrics["clip_fraction"], (clipped.double() * mask).sum() / mask.sum(), 1e-6, "clip", seed)
+
+
+@pytest.mark.parametrize("padding", [float("-inf"), -1e4])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_grpo_padding_never_reaches_the_loss(padding, loss_type, seed):
+    """Old and reference log-probs of -inf or -1e4 at ignored positions: finite loss and gradients, the
+    oracle's values (which never reads those positions)."""
+    h, w, b, y, ref, mask, old, ref_logps = grpo_inputs(padding, padding)
+    advantages = torch.randn(ROWS)
+    out = prefopt.FusedGRPOLoss(beta=0.1, loss_type=loss_type)(w, h, y, advantages, b, old_logps=old.float(),
+                                                                ref_logps=ref_logps.float())
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(torch.isfinite(v) for v in out.metrics.values()), f"seed {seed}"
+    assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all() and torch.isfinite(b.grad).all()
+    assert torch.equal(h.grad[y == -100], torch.zeros_like(h.grad[y == -100])), "gradient at padding"
+    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, w, b))
+    s = oracle_linear_logprobs(h64, w64, y, bias=b64)
+    valid = y != -100
+    zero = torch.zeros((), dtype=torch.float64)
+    expected = grpo_reference(s.logp, torch.where(valid, old.double(), zero), torch.where(valid, ref_logps, zero),
+                              advantages.double(), mask, 0.1, 0.2, 0.2, loss_type)
     expected.backward()
     assert_close(out.loss, expected, 2e-5, "loss", seed)
     assert_close(h.grad, h64.grad, 2e-5, "d hidden", seed)
     assert_close(w.grad, w64.grad, 2e-5, "d weight", seed)
-    ratio = torch.exp(s.logp.detach() - old.double())
-    clipped = ((ratio < 0.8) & (advantages[:, None] < 0)) | ((ratio > 1.28) & (advantages[:, None] > 0))
-    assert_close(out.metrics["clip_fraction"], (clipped.double() * mask).sum() / mask.sum(), 1e-6, "clip", seed)
+
+
+def test_grpo_accumulation_matches_the_whole_batch(seed):
+    h, w, b, y, ref, mask, old, ref_logps = grpo_inputs(float("-inf"), float("-inf"))
+    advantages = torch.randn(ROWS)
+    for loss_type in ("dapo", "grpo", "cispo"):
+        module = prefopt.FusedGRPOLoss(beta=0.1, loss_type=loss_type, epsilon_high=1.3)
+        kwargs = lambda rows: dict(old_logps=old[rows].float(), ref_logps=ref_logps[rows].float())  # noqa: E731
+        full = module(w, h, y, advantages, b, **kwargs(slice(None))).loss
+        parts = [slice(0, 1), slice(1, ROWS)]
+        total = sum(module.count_items(y[p]) for p in parts)
+        accumulated = sum(module(w, h[p], y[p], advantages[p], b, num_items_in_batch=total, **kwargs(p)).loss
+                          for p in parts)
+        assert_close(accumulated, full, 1e-6, f"{loss_type} loss", seed)
 
 
 def test_grpo_gradcheck(seed):
@@ -255,5 +344,5 @@ def test_functional_forms_equal_modules(seed):
     module = prefopt.FusedCWDPOLoss(beta=0.2, floor=-1.0)(w, h, y, b, **ref)
     functional = prefopt.fused_cwdpo_loss(w, h, y, b, beta=0.2, floor=-1.0, **ref)
     assert torch.equal(module.loss, functional.loss)
-    grpo = prefopt.fused_grpo_loss(w, h, y, torch.ones(ROWS), beta=0.0)
+    grpo = prefopt.fused_grpo_loss(w, h, y, torch.ones(ROWS), beta=0.0, loss_type="bnpo")
     assert torch.isfinite(grpo.loss)

@@ -115,4 +115,5 @@ def test_a_short_run_of_the_default_method_prints_its_summary(tmp_path, capsys):
     rows = [json.loads(line) for line in open(out / "metrics.jsonl", encoding="utf-8")]
     assert [r["stage"] for r in rows[1:]] == ["sft-c", "cw-dpo", "cw-dpo", "cw-dpo"]
     assert sum(r.get("onpolicy/negatives", 0) for r in rows) > 0
-    assert sorted(os.listdir(out)) == ["checkpoint-4", "config.json", "latest", "metrics.jsonl", "reference-1.safetensors"]
+    assert sorted(os.listdir(out)) == ["checkpoint-4", "config.json", "latest", "metrics.jsonl", "model",
+                                       "reference-1.safetensors"]

@@ -20,14 +20,14 @@ from prefopt.train import loop as loop_mod  # noqa: E402
 from prefopt.train import reference as ref_mod  # noqa: E402
 from prefopt.train.data import PreferenceCollator  # noqa: E402
 from prefopt.train.methods import (  # noqa: E402
-    GRPO_LOSS_TYPES,
     MethodOptions,
     PolicyObjective,
-    TrainerGRPOLoss,
     build_method,
     exact_answer_reward,
     group_advantages,
 )
+from prefopt import FusedGRPOLoss  # noqa: E402
+from prefopt.train.loop import count_items  # noqa: E402
 from prefopt.train.models import build_model  # noqa: E402
 from test_train_loop import config, metrics, text_data, text_records  # noqa: E402,F401
 
@@ -75,27 +75,29 @@ def _trl_loss(loss_type, per_token_logps, mask, advantages, *, accum, num_items,
     return GRPOTrainer._compute_loss(fake, None, inputs)
 
 
-@pytest.mark.parametrize("loss_type", GRPO_LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", ("grpo", "bnpo", "dr_grpo", "dapo"))
 def test_grpo_loss_types_match_trl(loss_type, seed):
-    """Two accumulated micro-batches of different lengths: the trainer's normalisation of each loss type
-    (as the loop passes ``num_items``) gives TRL's accumulated loss and gradient."""
+    """Two accumulated micro-batches of different token counts: the loop's accumulation of each loss type
+    (the global item count, or for bnpo each micro-batch's own mean averaged, as ``train_step`` does)
+    gives TRL's accumulated loss and gradient."""
     g = torch.Generator().manual_seed(seed)
     V, H, T, max_len = 11, 8, 6, 9
     weight = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
     micro = []
-    for B in (3, 4):
+    for B in (4, 4):  # the loop's micro-batches all hold batch_size * num_generations rows
         hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
         targets = torch.randint(0, V, (B, T), generator=g)
         lengths = torch.randint(1, T + 1, (B,), generator=g)
         mask = torch.arange(T)[None, :] < lengths[:, None]
         targets[~mask] = -100
         micro.append((hidden, targets, mask, torch.randn(B, generator=g, dtype=torch.float64)))
-    loss = TrainerGRPOLoss(loss_type, max_completion_length=max_len, beta=0.0, backend="torch")
-    local = [loss.count_items(t) for _, t, _, _ in micro]
+    loss = FusedGRPOLoss(loss_type=loss_type, max_completion_length=max_len, beta=0.0, backend="torch")
+    per_call = loss.unit is None
+    total_items = sum(count_items(loss, t) for _, t, _, _ in micro)
     ours = 0
-    for (hidden, targets, _, adv), n in zip(micro, local):
-        num_items = n * len(micro) if loss.per_micro_batch else sum(local)
-        ours = ours + loss(weight, hidden, targets, adv, num_items_in_batch=num_items).loss
+    for hidden, targets, _, adv in micro:
+        out = loss(weight, hidden, targets, adv, num_items_in_batch=None if per_call else total_items).loss
+        ours = ours + (out / len(micro) if per_call else out)
     (ours_grad,) = torch.autograd.grad(ours, weight)
     theirs = 0
     total_tokens = sum(int(m.sum()) for _, _, m, _ in micro)
@@ -172,7 +174,7 @@ def test_grpo_samples_groups_from_the_policy(tmp_path, text_data):  # noqa: F811
 
 def test_grpo_options_are_checked():
     with pytest.raises(ValueError, match="--grpo-loss-type"):
-        build_method("grpo", MethodOptions(grpo_loss_type="sapo"), total_steps=1)
+        build_method("grpo", MethodOptions(grpo_loss_type="luspo"), total_steps=1)
     with pytest.raises(ValueError, match="--num-generations"):
         build_method("grpo", MethodOptions(num_generations=1), total_steps=1)
     with pytest.raises(ValueError, match="precompute cannot serve grpo"):

@@ -162,10 +162,11 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_rng(path: str) -> None:
+def save_rng(path: str, s: Optional[Dict[str, Any]] = None) -> None:
+    """Write the generators' state ``s`` (default: now)."""
     from safetensors.torch import save_file
 
-    s = rng_state()
+    s = rng_state() if s is None else s
     version, internal, gauss = s["python"]
     name, keys, pos, has_gauss, cached = s["numpy"]
     tensors = {"torch": s["torch"], "numpy": torch.from_numpy(keys.astype(np.int64))}
@@ -322,8 +323,9 @@ def os_error_line(e: OSError, fallback: str) -> str:
 
 
 def save_checkpoint(out_dir: str, step: int, *, engine, trainer_state: Dict[str, Any], state: DistState,
-                    keep: int = 2) -> str:
-    """Write ``checkpoint-<step>`` (every rank takes part); returns its path. ``CheckpointError`` (one
+                    keep: int = 2, rng: Optional[Dict[str, Any]] = None) -> str:
+    """Write ``checkpoint-<step>`` (every rank takes part; ``rng``: the generators' state to save, default
+    now); returns its path. ``CheckpointError`` (one
     line: path and cause) when the folder cannot be written; nothing temporary is left behind."""
     from safetensors.torch import save_file
 
@@ -342,7 +344,7 @@ def save_checkpoint(out_dir: str, step: int, *, engine, trainer_state: Dict[str,
             save_state_dict(engine.optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_JSON),
                             os.path.join(tmp, OPTIMIZER_TENSORS))
             save_state_dict(engine.scheduler.state_dict(), os.path.join(tmp, SCHEDULER_FILE), None)
-        save_rng(os.path.join(tmp, rng_file(state.rank)))
+        save_rng(os.path.join(tmp, rng_file(state.rank)), rng)
         if state.is_main:
             _fault(WEIGHTS_FILE)
             save_file(weights, os.path.join(tmp, WEIGHTS_FILE))

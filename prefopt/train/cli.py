@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shlex
+import signal
 import sys
 import time
 from typing import List, Optional
@@ -169,8 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--early-stop-chosen-drop", type=float, default=None, metavar="NATS",
                    help="stop once the probe positives' mean per-token log-prob has fallen this far below its start "
                         "(default: never)")
-    g.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (default: only at "
-                   "the end)")
+    g.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (default 0: by "
+                   "--save-minutes and at the end)")
+    g.add_argument("--save-minutes", type=float, default=d.save_minutes, help="checkpoint at the first step boundary "
+                   "this many minutes after the last checkpoint, so a failure loses at most that much training; 0 for "
+                   "never by time (default %(default)s). SIGINT/SIGTERM checkpoint at the next step boundary and stop "
+                   "(a second signal stops at once)")
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="checkpoints kept, 0 for all "
                    "(default %(default)s)")
     g.add_argument("--keep-adapter", action="store_true", help="with --lora: OUT/model/ keeps the adapters as a peft "
@@ -213,6 +219,7 @@ def config_from_args(args) -> "TrainConfig":
         grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm, seed=args.seed, options=options, max_new_tokens=args.max_new_tokens,
         probe_every=args.probe_every, early_stop_chosen_drop=args.early_stop_chosen_drop, save_every=args.save_every,
+        save_minutes=args.save_minutes,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, stop_after=args.stop_after,
         deepspeed=args.deepspeed, trust_checkpoint=args.trust_checkpoint, progress=not args.no_progress,
     )
@@ -265,6 +272,21 @@ def missing_train_extra() -> Optional[str]:
     return None
 
 
+def resume_command(argv: List[str], out: str) -> str:
+    """The command line that continues this run: its arguments (with its --out) and --resume."""
+    args, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--stop-after"):
+            skip = a == "--stop-after"
+            continue
+        args.append(a)
+    if "--out" not in args and not any(a.startswith("--out=") for a in args):
+        args += ["--out", out]
+    if "--resume" not in args:
+        args.append("--resume")
+    return "prefopt train " + shlex.join(args)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run ``prefopt train`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     missing = missing_train_extra()
@@ -277,19 +299,35 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as e:  # --help (0) or a usage error (2, one line already on stderr)
         return int(e.code or 0)
+    from .checkpoint import CheckpointError, os_error_line
+    from .interrupts import Interrupted
     from .loop import prepare
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     if args.model is not None and args.init_from is not None:
         print("prefopt train: error: give --model or --init-from, not both", file=sys.stderr)
         return 2
     cfg = config_from_args(args)
     try:
         run = prepare(cfg)
+    except KeyboardInterrupt:
+        print("prefopt train: interrupted before training started; nothing was written", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"prefopt train: error: {message}", file=sys.stderr)
         return 2
-    summary = run.execute()
+    try:
+        summary = run.execute()
+    except Interrupted as e:
+        if run.state.is_main:
+            print(f"prefopt train: stopped by {signal.Signals(e.signum).name} at step {e.step}/{e.total}; checkpoint "
+                  f"{e.checkpoint}; resume with: {resume_command(argv, cfg.out)}", file=sys.stderr, flush=True)
+        return 128 + e.signum
+    except (CheckpointError, OSError, ValueError) as e:
+        message = os_error_line(e, cfg.out) if isinstance(e, OSError) else str(e).strip().splitlines()[0]
+        print(f"prefopt train: error: {message}", file=sys.stderr, flush=True)
+        return 1
     if run.state.is_main:
         print(json.dumps(summary, indent=1) if args.json else format_summary(summary), flush=True)
     return 0

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["PreferenceRecord", "load_records", "PreferenceCollator", "EXTRA_BATCH_KEYS", "model_inputs"]
+__all__ = ["PreferenceRecord", "load_records", "data_fingerprint", "PreferenceCollator", "EXTRA_BATCH_KEYS", "model_inputs"]
 
 # Keys the collator adds that are not model inputs; ModelAdapter.hidden_states drops them.
 EXTRA_BATCH_KEYS = ("labels", "num_images", "correction_rows", "row_record")
@@ -131,6 +131,25 @@ def load_records(
             if size is not None and len(records) >= size:
                 break
     return records
+
+
+def data_fingerprint(source: str, records: Sequence[PreferenceRecord], split: str = "train") -> str:
+    """A cheap fingerprint of the training data: sha256 of the JSONL file's bytes and of each record's
+    images' sizes in bytes (``"synthetic"`` for the built-in set, whose options fix it)."""
+    import hashlib
+
+    if source == "synthetic":
+        return "synthetic"
+    path = os.path.join(source, f"{split}.jsonl") if os.path.isdir(source) else source
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    for r in records:
+        for img in r.images:
+            if isinstance(img, (str, os.PathLike)):
+                h.update(f"{os.path.getsize(img)}\n".encode())
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- collation

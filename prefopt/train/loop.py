@@ -39,6 +39,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from . import reference as ref_mod
 from .methods import METHODS, MethodOptions, PolicyObjective, Stage, build_method
+from .interrupts import Cadence, Interrupted, StopSignals, at_boundary, stale_run_files
 from .probes import LogpProbe, ProbeResult, should_stop
 
 METRICS_FILE = "metrics.jsonl"
@@ -91,7 +92,8 @@ class TrainConfig:
     # probes, checkpoints, launch
     probe_every: int = 10
     early_stop_chosen_drop: Optional[float] = None
-    save_every: int = 0  # 0: only at the end
+    save_every: int = 0  # 0: by time only (save_minutes) and at the end
+    save_minutes: float = 30.0  # a checkpoint once this long has passed since the last; 0: never by time
     keep_checkpoints: int = 2
     resume: bool = False
     stop_after: Optional[int] = None  # stop (with a checkpoint) after this many steps of the schedule
@@ -130,10 +132,32 @@ class TrainConfig:
         return self.reference
 
 
-#: Options a resumed run must share with the run it continues.
-RESUME_KEYS = ("method", "model", "init_from", "data", "reference", "lora", "lora_r", "lora_alpha", "train_size",
-               "steps",
-               "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "seed", "options")
+#: Options that change a run's numbers: a resumed run must share them with the run it continues (``steps``
+#: and ``epochs`` may grow: the run is extended, with a note).
+RESUME_KEYS = ("method", "model", "init_from", "reference", "lora", "lora_r", "lora_alpha", "train_size", "max_length",
+               "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "seed", "options",
+               "max_new_tokens", "deepspeed")
+
+
+def run_identity(cfg: TrainConfig, world_size: int, dtype: torch.dtype, data_fingerprint: str) -> Dict[str, Any]:
+    """What a resumed run must match (saved in every checkpoint): the options that change the numbers,
+    with their defaults resolved, the world size, the parameter dtype and the data's fingerprint."""
+    options = asdict(cfg)
+    identity = {k: options[k] for k in RESUME_KEYS}
+    identity.update(lr=cfg.learning_rate(), options=asdict(cfg.method_options()), world_size=world_size,
+                    dtype=str(dtype).replace("torch.", ""), data_fingerprint=data_fingerprint)
+    return identity
+
+
+def check_resume_identity(saved: Dict[str, Any], now: Dict[str, Any], out: str) -> None:
+    """``ValueError`` naming the first difference between the saved run's identity and this run's."""
+    names = {"world_size": "the world size", "dtype": "the parameter dtype (--dtype)",
+             "data_fingerprint": "the data content (JSONL bytes or image sizes)"}
+    flat_saved = {**saved, **(saved.get("options") or {})}
+    for key, value in {**now, **now["options"]}.items():
+        if key != "options" and flat_saved.get(key) != value:
+            what = names.get(key, f"--{key.replace('_', '-')}")
+            raise ValueError(f"--resume: {what} is {value!r} but the run in {out} used {flat_saved.get(key)!r}")
 
 
 class DataPlan:
@@ -172,6 +196,14 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def count_items(loss, labels: torch.Tensor) -> int:
+    """The micro-batch's size in ``loss``'s unit (see :meth:`~prefopt.FusedLoss.count_items`); its scored
+    tokens for a loss that normalises within each call (unit None: GRPO's bnpo)."""
+    if loss.unit is None:
+        return int((loss.align(labels, loss.ignore_index) != loss.ignore_index).sum())
+    return loss.count_items(labels)
+
+
 def rollout_metrics(counters: Dict[str, float]) -> Dict[str, float]:
     """GRPO's step metrics under TRL's names from the summed rollout counters: mean reward, mean
     within-group reward standard deviation, share of groups whose rewards are all equal (no signal)."""
@@ -201,50 +233,57 @@ def prepare(cfg: TrainConfig) -> "Run":
     for name in ("batch_size", "grad_accum", "probe_size", "max_length", "keep_checkpoints"):
         if getattr(cfg, name) < (0 if name == "keep_checkpoints" else 1):
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(cfg, name)}")
-    if cfg.steps < 0 or cfg.epochs <= 0 or cfg.probe_every < 0 or cfg.save_every < 0:
-        raise ValueError("--steps, --probe-every and --save-every must be >= 0 and --epochs > 0")
+    if cfg.steps < 0 or cfg.epochs <= 0 or cfg.probe_every < 0 or cfg.save_every < 0 or cfg.save_minutes < 0:
+        raise ValueError("--steps, --probe-every, --save-every and --save-minutes must be >= 0 and --epochs > 0")
     if not 0.0 <= cfg.warmup_ratio < 1.0:
         raise ValueError(f"--warmup-ratio: expected a fraction in [0, 1), got {cfg.warmup_ratio}")
     if cfg.deepspeed is not None and cfg.deepspeed not in dist.ZERO_PRESETS and not os.path.isfile(cfg.deepspeed):
         raise ValueError(f"--deepspeed: expected zero2, zero3 or a JSON config file, got {cfg.deepspeed!r}")
-    resume_state = _check_out_dir(cfg)
+    resume_state, stale = _check_out_dir(cfg)
 
     state = dist.setup(cfg.deepspeed, cfg.device)
     try:
-        return _prepare(cfg, state, resume_state)
+        run = _prepare(cfg, state, resume_state)
+        run.stale_files = stale
+        return run
     except Exception:
         dist.teardown(state, wait=False)
         raise
 
 
-def _check_out_dir(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
+def _check_out_dir(cfg: TrainConfig) -> Tuple[Optional[Dict[str, Any]], List[str]]:
+    """(the checkpoint to resume from or None, files of an earlier run that stopped before its first
+    checkpoint: the run starts again and removes them)."""
+    main_rank = os.environ.get("RANK", "0") == "0"
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ValueError(f"--out {cfg.out}: exists and is not a folder")
     if cfg.resume and cfg.deepspeed and not cfg.trust_checkpoint:
         raise ValueError("--resume under --deepspeed loads DeepSpeed's own optimizer files, which are pickles and can "
                          "run code; pass --trust-checkpoint if the run folder is yours")
+    if not os.path.isdir(cfg.out) or not os.listdir(cfg.out):
+        if cfg.resume:
+            raise ValueError(f"--resume: no checkpoint in {cfg.out}")
+        return None, []
+    stale = stale_run_files(cfg.out)
+    if stale is not None:  # an earlier run stopped before its first checkpoint: nothing to lose
+        if main_rank:
+            print(f"prefopt train: note: {cfg.out} holds no checkpoint yet (the run stopped before its first): "
+                  "starting it again", file=sys.stderr, flush=True)
+        return None, stale
     if not cfg.resume:
-        if os.path.isdir(cfg.out) and os.listdir(cfg.out):
-            raise ValueError(f"--out {cfg.out}: already holds files; pass --resume to continue that run or choose "
-                             "a new folder")
-        return None
+        raise ValueError(f"--out {cfg.out}: already holds files; pass --resume to continue that run or choose "
+                         "a new folder")
     try:
-        path = ckpt.latest_checkpoint(cfg.out, warn=True) if os.path.isdir(cfg.out) else None
+        path = ckpt.latest_checkpoint(cfg.out, warn=main_rank)
     except ckpt.CheckpointError as e:
         raise ValueError(f"--resume: {e}") from None
     if path is None:
         raise ValueError(f"--resume: no intact checkpoint in {cfg.out}")
-    saved = ckpt.read_trainer_state(path)
-    now = asdict(cfg)
-    for key in RESUME_KEYS:
-        if saved["config"].get(key) != now[key]:
-            raise ValueError(f"--resume: --{key.replace('_', '-')} is {now[key]!r} but the run in {cfg.out} used "
-                             f"{saved['config'].get(key)!r}")
-    return {"path": path, **saved}
+    return {"path": path, **ckpt.read_trainer_state(path)}, []
 
 
 def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
-    from .data import PreferenceCollator, load_records
+    from .data import PreferenceCollator, data_fingerprint, load_records
     from .models import build_model
 
     seed_everything(cfg.seed + state.rank)
@@ -278,11 +317,23 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
 
     total = plan.total_steps(cfg.steps, cfg.epochs)
     head = policy.head()
+    identity = run_identity(cfg, state.world_size, head.weight.dtype, data_fingerprint(cfg.data, records))
+    if resume_state is not None:
+        check_resume_identity(resume_state.get("identity") or {}, identity, cfg.out)
+        if total != resume_state["total_steps"]:
+            if total < resume_state["step"]:
+                raise ValueError(f"--resume: --steps gives {total} steps, fewer than the {resume_state['step']} the "
+                                 f"checkpoint has trained")
+            print(f"prefopt train: note: --resume: the run now lasts {total} steps instead of "
+                  f"{resume_state['total_steps']}; the learning-rate schedule is recomputed for {total}",
+                  file=sys.stderr, flush=True)
     method = build_method(cfg.method, cfg.method_options(), total_steps=total, temperature=head.temperature,
                           softcap=head.softcap, backend=cfg.op_backend)
     dist.barrier(state)  # every rank has checked --out before rank 0 writes to it
-    return Run(cfg, state, policy, processor, collator, records, probe_records, plan, method,
-               cfg.reference_mode(method), total, resume_state)
+    run = Run(cfg, state, policy, processor, collator, records, probe_records, plan, method,
+              cfg.reference_mode(method), total, resume_state)
+    run.identity = identity
+    return run
 
 
 def model_source(cfg: TrainConfig) -> str:
@@ -322,6 +373,8 @@ class Run:
         self.records, self.probe_records, self.plan = records, probe_records, plan
         self.method, self.ref_mode, self.total_steps = method, ref_mode, total_steps
         self.resume_state = resume_state
+        self.stale_files: List[str] = []  # set by prepare
+        self.identity: Dict[str, Any] = {}  # set by prepare
         self.tokenizer = getattr(processor, "tokenizer", processor)
 
     def log(self, message: str) -> None:
@@ -336,6 +389,11 @@ class Run:
         cfg, state = self.cfg, self.state
         started = time.perf_counter()
         if state.is_main:
+            for path in self.stale_files:  # an earlier run that stopped before its first checkpoint
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
             os.makedirs(cfg.out, exist_ok=True)
             with open(os.path.join(cfg.out, CONFIG_FILE), "w", encoding="utf-8") as f:
                 json.dump({**asdict(cfg), "world_size": state.world_size, "total_steps": self.total_steps}, f, indent=1)
@@ -374,48 +432,75 @@ class Run:
         elif cfg.probe_every > 0:
             self.write_metrics({"step": 0, **probe.metrics(probe.measure(engine))})
 
-        # The steps.
+        # The steps. A checkpoint at the end, an early stop, a signal (then the run stops) and the cadence
+        # (--save-every, --save-minutes); in one process an exception checkpoints the steps trained so far.
         from tqdm import tqdm
 
         last_step = self.total_steps if cfg.stop_after is None else min(self.total_steps, cfg.stop_after)
         bar = tqdm(total=self.total_steps, initial=start_step, disable=not (cfg.progress and state.is_main),
                    desc=f"{cfg.method}", dynamic_ncols=True)
         history: List[Dict[str, Any]] = []
-        stage_name, stopped_early, step = None, False, start_step
-        for step in range(start_step, last_step):
-            stage = self.method.stage_at(step)
-            if step == self.method.reference_point:
-                objective.reference = self.make_reference(step, step)
-            if stage.name != stage_name:
-                self.log(f"step {step}: stage {stage.name}" + (f" (on-policy negatives: {stage.onpolicy_fraction:.0%})"
-                                                                 if stage.onpolicy_fraction else ""))
-                stage_name = stage.name
-            metrics = self.train_step(step, stage)
-            if cfg.probe_every and ((step + 1) % cfg.probe_every == 0 or step + 1 == last_step):
-                metrics.update(probe.metrics(probe.measure(engine)))
-                stopped_early = should_stop(metrics, cfg.early_stop_chosen_drop)
-            self.write_metrics(metrics)
-            history.append(metrics)
-            bar.update(1)
-            bar.set_postfix({k: f"{metrics[m]:.3g}" for k, m in (("loss", "loss"), ("acc", "rewards/accuracies"),
-                                                                ("dlogp+", "probe/delta_logp_chosen")) if m in metrics})
-            done = step + 1
-            if stopped_early:
-                self.log(f"step {done}: early stop, probe positives fell "
-                         f"{-metrics['probe/delta_logp_chosen']:.3f} nats/token below their start")
-            if stopped_early or done == last_step or (cfg.save_every and done % cfg.save_every == 0):
-                self.save(done, probe)
-            if stopped_early:
-                break
-        else:
-            done = last_step
-            if start_step >= last_step:  # resumed a finished run: nothing to train
-                self.checkpoint_path = self.resume_state["path"]
+        stage_name, stopped_early, done = None, False, start_step
+        self.saved_step, self.boundary_rng = start_step, ckpt.rng_state()
+        cadence = Cadence(cfg.save_every, cfg.save_minutes)
+        with StopSignals(state.is_main) as signals, self.checkpoint_on_failure(lambda: done, probe):
+            for step in range(start_step, last_step):
+                stage = self.method.stage_at(step)
+                if step == self.method.reference_point:
+                    objective.reference = self.make_reference(step, step)
+                if stage.name != stage_name:
+                    self.log(f"step {step}: stage {stage.name}" + (
+                        f" (on-policy negatives: {stage.onpolicy_fraction:.0%})" if stage.onpolicy_fraction else ""))
+                    stage_name = stage.name
+                metrics = self.train_step(step, stage)
+                if cfg.probe_every and ((step + 1) % cfg.probe_every == 0 or step + 1 == last_step):
+                    metrics.update(probe.metrics(probe.measure(engine)))
+                    stopped_early = should_stop(metrics, cfg.early_stop_chosen_drop)
+                self.write_metrics(metrics)
+                history.append(metrics)
+                bar.update(1)
+                bar.set_postfix({k: f"{metrics[m]:.3g}" for k, m in (
+                    ("loss", "loss"), ("acc", "rewards/accuracies"), ("dlogp+", "probe/delta_logp_chosen")) if m in metrics})
+                done = step + 1
+                self.boundary_rng = ckpt.rng_state()
+                if stopped_early:
+                    self.log(f"step {done}: early stop, probe positives fell "
+                             f"{-metrics['probe/delta_logp_chosen']:.3f} nats/token below their start")
+                signum, due = at_boundary(signals, cadence, done, state)
+                if stopped_early or done == last_step or signum or due:
+                    self.save(done, probe)
+                    cadence.saved()
+                if signum:
+                    bar.close()
+                    dist.teardown(state)
+                    raise Interrupted(signum, done, self.total_steps, self.checkpoint_path)
+                if stopped_early:
+                    break
+        if start_step >= last_step:  # resumed a finished run: nothing to train
+            self.checkpoint_path = self.resume_state["path"]
         bar.close()
         self.model_folder = self.export_model()
         summary = self.summary(history, done, stopped_early, time.perf_counter() - started)
         dist.teardown(state)
         return summary
+
+    @contextlib.contextmanager
+    def checkpoint_on_failure(self, trained, probe: LogpProbe):
+        """In one process, an exception first checkpoints the steps trained since the last checkpoint
+        (``trained()`` of them; under DDP/DeepSpeed the other ranks would wait alone in its collectives)."""
+        try:
+            yield
+        except Exception as e:
+            step = trained()
+            if self.state.distributed or step <= self.saved_step or isinstance(e, ckpt.CheckpointError):
+                raise
+            try:
+                self.save(step, probe)
+                print(f"prefopt train: the run failed after step {step}; the steps trained so far are in "
+                      f"{self.checkpoint_path} (continue with --resume)", file=sys.stderr, flush=True)
+            except Exception as failed:
+                print(f"prefopt train: could not checkpoint step {step}: {failed}", file=sys.stderr, flush=True)
+            raise
 
     # ---------------------------------------------------------------------------------------- pieces
 
@@ -537,25 +622,26 @@ class Run:
         micro = [self.micro_batch(step, a, stage) for a in range(cfg.grad_accum)]
         # The whole global batch's size in the loss's unit (pairs or tokens): every micro-batch loss is
         # divided by it, so the accumulated gradient is that of one big batch.
-        local_items = [stage.loss.count_items(batch["labels"]) for _, batch, _ in micro]
+        local_items = [count_items(stage.loss, batch["labels"]) for _, batch, _ in micro]
         (global_items,) = dist.all_reduce([sum(local_items)], state)
         global_items = max(1, int(global_items))
-        # TRL's GRPO loss types other than dapo normalise each micro-batch by its own count instead.
-        per_micro = getattr(stage.loss, "per_micro_batch", False)
+        # A loss that normalises within each call (GRPO's bnpo, as TRL) gets no count; its micro-batch
+        # losses are averaged over the accumulation, and DDP averages them over ranks.
+        per_call = stage.loss.unit is None
         lr = engine.learning_rate
         loss_sum, tokens = 0.0, 0
         weighted: Dict[str, float] = {}
         counters: Dict[str, float] = {}
         for a, (idx, batch, drawn) in enumerate(micro):
             last = a == len(micro) - 1
-            num_items = max(1, local_items[a]) * len(micro) * state.world_size if per_micro else global_items
             with contextlib.nullcontext() if last else engine.no_sync():
-                out = engine(batch, stage=stage, num_items=num_items, indices=idx)
+                out = engine(batch, stage=stage, num_items=None if per_call else global_items, indices=idx)
                 # DDP and DeepSpeed average gradients over ranks; the count is already global.
-                engine.backward(out.loss * state.world_size)
+                share = out.loss / len(micro) if per_call else out.loss * state.world_size
+                engine.backward(share)
             if not last:
                 engine.micro_step()
-            loss_sum += float(out.loss.detach())
+            loss_sum += float(share.detach()) / state.world_size
             tokens += int(batch["attention_mask"].sum())
             for k, v in drawn.items():
                 counters[k] = counters.get(k, 0.0) + v
@@ -587,12 +673,13 @@ class Run:
         return metrics
 
     def save(self, step: int, probe: LogpProbe) -> None:
+        """Checkpoint ``step`` with the generators as they were at that step's boundary."""
         start = None if probe.start is None else dataclasses.asdict(probe.start)
         path = ckpt.save_checkpoint(self.cfg.out, step, engine=self.engine, state=self.state,
-                                    keep=self.cfg.keep_checkpoints,
+                                    keep=self.cfg.keep_checkpoints, rng=self.boundary_rng,
                                     trainer_state={"total_steps": self.total_steps, "probe_start": start,
-                                                   "config": asdict(self.cfg)})
-        self.checkpoint_path = path
+                                                   "config": asdict(self.cfg), "identity": self.identity})
+        self.checkpoint_path, self.saved_step = path, step
 
     def export_model(self) -> Optional[str]:
         """Rank 0 writes the final checkpoint's model as a Hugging Face folder ``OUT/model/`` (replacing

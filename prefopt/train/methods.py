@@ -12,7 +12,8 @@ cw-dpo      SFT-C for the first ``sftc_fraction`` of the steps, then            
 nsft        :class:`~prefopt.FusedNSFTLoss` on chosen + corrections, per-token KL       nsft    hidden
             (``kl_coef=0``: :class:`~prefopt.FusedSFTLoss` on the same rows)                   none
 grpo        :class:`~prefopt.FusedGRPOLoss` on ``num_generations`` answers sampled per   grpo    hidden
-            prompt, reward 1 for the exact reference answer (``grpo_beta=0``: no KL)           none
+            prompt, reward 1 for the exact reference answer, TRL's loss types                  none
+            (``grpo_beta=0``: no KL, no reference)
 simpo       :class:`~prefopt.FusedSimPOLoss`                                           pair    none
 orpo        :class:`~prefopt.FusedORPOLoss`                                            pair    none
 ==========  =========================================================================  ======  =========
@@ -44,8 +45,8 @@ METHODS = ("sft", "sft-c", "dpo", "cw-dpo", "nsft", "simpo", "orpo", "grpo")
 #: What a stage can need of the reference, weakest first (a method needs the strictest of its stages').
 REFERENCE_NEEDS = ("none", "logps", "hidden")
 
-#: TRL's GRPO loss types (``GRPOConfig.loss_type``) the trainer offers; they differ in the normaliser.
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+#: TRL's GRPO loss types (``GRPOConfig.loss_type``) the trainer offers (FusedGRPOLoss's, meaning what TRL means).
+GRPO_LOSS_TYPES = FusedGRPOLoss.LOSS_TYPES
 
 #: ``--beta`` when not given: each paper's usual value.
 DEFAULT_BETA = {"dpo": 0.1, "cw-dpo": 0.1, "simpo": 2.0, "orpo": 0.1}
@@ -167,8 +168,8 @@ def build_method(name: str, options: MethodOptions, *, total_steps: int, tempera
     elif name == "nsft":
         stages = [(0, Stage("nsft", FusedNSFTLoss(kl_coef=o.kl_coef, **common), "nsft", "hidden"))]
     elif name == "grpo":
-        loss = TrainerGRPOLoss(o.grpo_loss_type, max_completion_length=o.max_completion_length, beta=o.grpo_beta,
-                               epsilon_low=o.grpo_epsilon, epsilon_high=o.grpo_epsilon, **common)
+        loss = FusedGRPOLoss(loss_type=o.grpo_loss_type, max_completion_length=o.max_completion_length,
+                             beta=o.grpo_beta, epsilon_low=o.grpo_epsilon, epsilon_high=o.grpo_epsilon, **common)
         stages = [(0, Stage("grpo", loss, "grpo", "hidden" if o.grpo_beta > 0 else "none",
                             num_generations=o.num_generations))]
     elif name == "simpo":
@@ -176,36 +177,6 @@ def build_method(name: str, options: MethodOptions, *, total_steps: int, tempera
     else:  # orpo
         stages = [(0, Stage("orpo", FusedORPOLoss(beta=beta, **common), "pair"))]
     return Method(name, stages)
-
-
-class TrainerGRPOLoss(FusedGRPOLoss):
-    """:class:`~prefopt.FusedGRPOLoss` normalised as TRL's ``GRPOTrainer`` does for ``loss_type``:
-
-    ========  ==========================================================================
-    grpo      each sequence's token mean, averaged over the micro-batch's sequences
-    bnpo      sum over the micro-batch's scored tokens / their number
-    dr_grpo   sum over the micro-batch's scored tokens / (sequences * max_completion_length)
-    dapo      sum over the scored tokens / the number of scored tokens of the whole accumulated
-              global batch
-    ========  ==========================================================================
-
-    The first three normalise each micro-batch by its own count and then divide by the number of
-    micro-batches (accumulation times processes), as TRL does: ``per_micro_batch`` tells the loop so.
-    """
-
-    def __init__(self, loss_type: str = "dapo", *, max_completion_length: int, **options):
-        if loss_type not in GRPO_LOSS_TYPES:
-            raise ValueError(f"loss_type: expected one of {', '.join(GRPO_LOSS_TYPES)}, got {loss_type!r}")
-        super().__init__(loss_agg="sequence-mean" if loss_type == "grpo" else "token-mean", **options)
-        self.loss_type, self.max_completion_length = loss_type, max_completion_length
-        self.per_micro_batch = loss_type != "dapo"
-
-    def count_items(self, targets: Tensor) -> int:
-        if self.loss_type == "grpo":
-            return targets.shape[0]
-        if self.loss_type == "dr_grpo":
-            return targets.shape[0] * self.max_completion_length
-        return super().count_items(targets)
 
 
 def exact_answer_reward(answer: str, reference: str) -> float:
