@@ -1,4 +1,4 @@
-"""The ``prefopt`` command: ``prefopt train|export|bench|demo [options]``; ``prefopt CMD --help`` for each."""
+"""The ``prefopt`` command: ``prefopt train|export|study|bench|demo [options]``; ``prefopt CMD --help`` for each."""
 from __future__ import annotations
 
 import importlib
@@ -8,6 +8,7 @@ from typing import List, Optional
 COMMANDS = {
     "train": ("prefopt.train.cli", "train a (vision-)language model with DPO, CW-DPO, nSFT, SFT, SimPO, ORPO or GRPO"),
     "export": ("prefopt.train.export", "a Hugging Face model folder from a checkpoint of prefopt train"),
+    "study": ("prefopt.train.study", "the embedded comparison of the methods from one SFT base, with STUDY.md"),
     "bench": ("prefopt.bench.cli", "memory and throughput of the fused losses against the naive path and peers"),
     "demo": ("prefopt.demo", "the fused DPO loss against the naive path on random data: values and peak memory"),
 }

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -211,6 +212,11 @@ def _save_base(model, out: str) -> None:
 
 def export_checkpoint(checkpoint: str, out: str, *, keep_adapter: bool = False) -> str:
     """Export the model saved in ``checkpoint`` to the Hugging Face folder ``out``; returns ``out``."""
+    with quiet_transformers():
+        return _export_checkpoint(checkpoint, out, keep_adapter)
+
+
+def _export_checkpoint(checkpoint: str, out: str, keep_adapter: bool) -> str:
     from .models import TINY_MODELS
 
     adapter, processor, config = load_trained_model(checkpoint)
@@ -225,6 +231,20 @@ def export_checkpoint(checkpoint: str, out: str, *, keep_adapter: bool = False) 
         "lora": "adapter" if config["lora"] and keep_adapter else ("merged" if config["lora"] else None),
     }
     return export_model(adapter, processor, out, keep_adapter=keep_adapter, metadata=metadata)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Without transformers' per-file progress bars (loading and writing weights), restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 # ------------------------------------------------------------------------------------------ command
