@@ -179,9 +179,7 @@ def export_model(adapter, processor, out: str, *, keep_adapter: bool = False,
     model = adapter.model
     if adapter.has_adapters:
         if keep_adapter:
-            base = model.get_base_model()
-            with model.disable_adapter():
-                _save_base(base, out)
+            _save_base(model.get_base_model(), out, lora_layers=True)
             model.peft_config["default"].base_model_name_or_path = os.path.abspath(out)
             model.save_pretrained(out)
         else:
@@ -194,17 +192,12 @@ def export_model(adapter, processor, out: str, *, keep_adapter: bool = False,
     return out
 
 
-def _save_base(model, out: str) -> None:
-    """``save_pretrained`` of the transformers model itself, without any LoRA layer in its weights."""
-    from peft.tuners.lora import LoraLayer
-
-    if any(isinstance(m, LoraLayer) for m in model.modules()):
-        # The base of a kept adapter: save the base layers' weights under the plain names.
-        state = {}
-        for name, value in model.state_dict().items():
-            if ".lora_" in name:
-                continue
-            state[name.replace(".base_layer.", ".")] = value
+def _save_base(model, out: str, *, lora_layers: bool = False) -> None:
+    """``save_pretrained`` of the transformers model itself; with ``lora_layers`` (the base of a kept
+    adapter) the base layers' weights under their plain names, the adapters' left out."""
+    if lora_layers:
+        state = {name.replace(".base_layer.", "."): value for name, value in model.state_dict().items()
+                 if ".lora_" not in name}
         model.save_pretrained(out, state_dict=state)
     else:
         model.save_pretrained(out)
@@ -235,13 +228,16 @@ def _export_checkpoint(checkpoint: str, out: str, keep_adapter: bool) -> str:
 
 @contextlib.contextmanager
 def quiet_transformers():
-    """Without transformers' per-file progress bars (loading and writing weights), restored after."""
+    """Without transformers' per-file progress bars (loading and writing weights), restored after; and
+    anything printed meanwhile goes to stderr (save_pretrained imports DeepSpeed, whose logger prints to
+    stdout, which belongs to the trainer's summary and its --json)."""
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        yield
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
     finally:
         if was:
             hf_logging.enable_progress_bar()
