@@ -16,11 +16,13 @@ setup(
     packages=find_packages(include=["prefopt", "prefopt.*"])
     + ["prefopt.kernels", "prefopt.bench"],
     package_dir={"prefopt.kernels": "kernels", "prefopt.bench": "bench"},
+    # The shipped grounded base of the embedded VLM (tiny-llava-sft, built by python -m prefopt.train.build_base).
+    package_data={"prefopt": ["assets/*.safetensors"]},
     install_requires=["torch>=2.3", "numpy", "tqdm"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "triton>=3.0", "liger-kernel>=0.8", "transformers>=4.45", "peft", "safetensors", "deepspeed", "pillow"],
         "bench": ["triton>=3.0", "liger-kernel>=0.8", "cut-cross-entropy", "matplotlib", "pytest-benchmark", "psutil"],
-        "train": ["transformers>=4.45", "deepspeed", "peft", "safetensors", "pillow", "accelerate"],
+        "train": ["transformers>=4.45", "deepspeed", "peft", "safetensors", "pillow", "accelerate", "matplotlib"],
         "gpu": ["triton>=3.0", "flash-attn"],
     },
     entry_points={"console_scripts": ["prefopt=prefopt.cli:main"]},

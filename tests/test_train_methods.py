@@ -31,6 +31,11 @@ from prefopt.train.loop import count_items  # noqa: E402
 from prefopt.train.models import build_model  # noqa: E402
 from test_train_loop import config, metrics, text_data, text_records  # noqa: E402,F401
 
+
+def step_rows(out):
+    """The run's per-step metrics (not the probe's start nor the final evaluation)."""
+    return [m for m in metrics(out) if "stage" in m]
+
 # ---------------------------------------------------------------------------------------------- GRPO
 
 
@@ -152,14 +157,14 @@ def test_grpo_run_trains_on_rewarded_answers(tmp_path, text_data, monkeypatch): 
     monkeypatch.setattr(loop_mod.Run, "sample_answers", _answers_from([True, False]))
     loop_mod.train(config(tmp_path / "half", text_data, method="grpo", steps=2, probe_every=0,
                           options=dict(num_generations=2)))
-    steps = metrics(tmp_path / "half")
+    steps = step_rows(tmp_path / "half")
     assert [m["reward"] for m in steps] == [0.5, 0.5]
     assert all(m["frac_reward_zero_std"] == 0.0 and m["grad_norm"] > 0 for m in steps)
 
     monkeypatch.setattr(loop_mod.Run, "sample_answers", _answers_from([False]))
     loop_mod.train(config(tmp_path / "none", text_data, method="grpo", steps=2, probe_every=0,
                           options=dict(num_generations=2)))
-    steps = metrics(tmp_path / "none")
+    steps = step_rows(tmp_path / "none")
     assert all(m["reward"] == 0.0 and m["frac_reward_zero_std"] == 1.0 and m["grad_norm"] == 0.0 for m in steps)
 
 
@@ -168,7 +173,7 @@ def test_grpo_samples_groups_from_the_policy(tmp_path, text_data):  # noqa: F811
     the reference is logged (TRL's name ``kl``)."""
     summary = loop_mod.train(config(tmp_path / "run", text_data, method="grpo", steps=1, probe_every=0,
                                     options=dict(num_generations=3, grpo_beta=0.1)))
-    (step,) = metrics(tmp_path / "run")
+    (step,) = step_rows(tmp_path / "run")
     assert summary["reference"] == "model" and "kl" in step and "reward" in step
 
 
@@ -201,7 +206,7 @@ def test_nsft_without_kl_builds_no_reference(tmp_path, text_data, monkeypatch): 
     built = _count_reference_models(monkeypatch)
     one = loop_mod.train(config(tmp_path / "kl0", text_data, method="nsft", steps=2, options=dict(kl_coef=0.0)))
     assert built == [] and one["reference"] == "none"
-    assert "kl" not in metrics(tmp_path / "kl0")[-1]
+    assert "kl" not in step_rows(tmp_path / "kl0")[-1]
     two = loop_mod.train(config(tmp_path / "kl", text_data, method="nsft", steps=2))
     assert len(built) == 1 and two["reference"] == "model"
 
@@ -210,7 +215,7 @@ def test_nsft_lora_kl_uses_the_policy_with_adapters_off(tmp_path, text_data, mon
     built = _count_reference_models(monkeypatch)
     summary = loop_mod.train(config(tmp_path / "run", text_data, method="nsft", steps=3, lora=True,
                                     reference="adapters"))
-    kls = [m["kl"] for m in metrics(tmp_path / "run") if "kl" in m]
+    kls = [m["kl"] for m in step_rows(tmp_path / "run") if "kl" in m]
     assert built == [] and summary["reference"] == "adapters"
     assert kls[0] == 0.0 and kls[-1] > 0, "adapters start at B = 0 (the reference itself), then move away"
 

@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder with heldout.jsonl, else the first training records)")
     g.add_argument("--probe-size", type=int, default=d.probe_size, help="number of probe records "
                    "(default %(default)s)")
+    g.add_argument("--eval-size", type=int, default=None, help="held-out records of the final evaluation (the "
+                   "held-out split of 'synthetic' or of a folder with heldout.jsonl; default all, 0 for none)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default: from --epochs)")
@@ -215,7 +217,7 @@ def config_from_args(args) -> "TrainConfig":
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, dtype=args.dtype, device=args.device,
         gradient_checkpointing=args.gradient_checkpointing, op_backend=args.op_backend, train_size=args.train_size,
         max_length=args.max_length, strict_data=args.strict_data, probe_data=args.probe_data,
-        probe_size=args.probe_size, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+        probe_size=args.probe_size, eval_size=args.eval_size, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm, seed=args.seed, options=options, max_new_tokens=args.max_new_tokens,
         probe_every=args.probe_every, early_stop_chosen_drop=args.early_stop_chosen_drop, save_every=args.save_every,
@@ -238,6 +240,24 @@ def format_summary(s: dict) -> str:
         + (" (stopped early by the probe rule)" if s["stopped_early"] else "")
         + f" in {s['wall_seconds']:.0f} s ({s['backend']}, {s['world_size']} process"
         + ("es" if s["world_size"] > 1 else "") + ")",
+    ]
+    if s.get("eval_n"):
+        lines += [
+            f"  held-out ({s['eval_n']} pairs)  pair accuracy {num(s['eval_pair_accuracy'], '.3f')}   "
+            f"generation accuracy {num(s['eval_generation_accuracy'], '.3f')}   "
+            f"hallucination {num(s['eval_hallucination_rate'], '.3f')}",
+            f"  calibration        ece pair {num(s['eval_ece_pair'], '.3f')}   ece token {num(s['eval_ece_token'], '.3f')}"
+            f"   log p(chosen) - log p(rejected) {num(s['eval_logp_gap'], '+.3f')} nats",
+            f"  shift from start   TV {num(s['eval_tv_shift'], '.4f')}   KL {num(s['eval_kl_shift'], '.4f')}   "
+            f"entropy {num(s['eval_entropy'], '.3f')}",
+        ]
+        per_type = s.get("eval_per_type") or {}
+        lines += [f"    {t:<9} n={row['n']:<4} pair {num(row['pair_accuracy'], '.2f')}   generation "
+                  f"{num(row['generation_accuracy'], '.2f')}   hallucination {num(row['hallucination_rate'], '.2f')}"
+                  for t, row in per_type.items()]
+    else:
+        lines.append("  held-out           n/a (no held-out data: --data synthetic or a folder with heldout.jsonl)")
+    lines += [
         f"  loss               {num(s['loss'], '.4f')}   (mean of the last steps)",
     ]
     if s.get("reward") is not None:

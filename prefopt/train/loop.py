@@ -76,6 +76,7 @@ class TrainConfig:
     strict_data: bool = False
     probe_data: Optional[str] = None
     probe_size: int = 16
+    eval_size: Optional[int] = None  # held-out records of the final evaluation; None: all, 0: none
     # optimisation
     steps: int = 0  # 0: from epochs
     epochs: float = 1.0
@@ -301,6 +302,7 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     if "nsft" in modes and not any(r.corrections for r in records):
         raise ValueError(f"--data {cfg.data}: no record has corrections, which nsft trains on")
     probe_records = _probe_records(cfg, records)
+    eval_records = _eval_records(cfg)
 
     source = model_source(cfg)
     policy, processor = build_model(source, dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r,
@@ -332,6 +334,7 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     dist.barrier(state)  # every rank has checked --out before rank 0 writes to it
     run = Run(cfg, state, policy, processor, collator, records, probe_records, plan, method,
               cfg.reference_mode(method), total, resume_state)
+    run.eval_records = eval_records
     run.identity = identity
     return run
 
@@ -342,6 +345,19 @@ def model_source(cfg: TrainConfig) -> str:
     from .export import model_source as init_source
 
     return init_source(cfg.init_from) if cfg.init_from else cfg.model
+
+
+def _eval_records(cfg: TrainConfig):
+    """The held-out records of the final evaluation: the held-out split of 'synthetic' or of a folder with
+    heldout.jsonl (``eval_size`` of them); none for other data or ``eval_size == 0``."""
+    from .data import load_records
+
+    if cfg.eval_size == 0 or not (cfg.data == "synthetic" or os.path.isfile(os.path.join(cfg.data, "heldout.jsonl"))):
+        return []
+    if cfg.eval_size is not None and cfg.eval_size < 0:
+        raise ValueError(f"--eval-size: expected >= 0, got {cfg.eval_size}")
+    return [r for r in load_records(cfg.data, split="heldout", strict=cfg.strict_data, seed=cfg.seed,
+                                    size=cfg.eval_size) if r.rejected is not None]
 
 
 def _probe_records(cfg: TrainConfig, records):
@@ -480,7 +496,8 @@ class Run:
             self.checkpoint_path = self.resume_state["path"]
         bar.close()
         self.model_folder = self.export_model()
-        summary = self.summary(history, done, stopped_early, time.perf_counter() - started)
+        evaluation = self.evaluate(done)
+        summary = self.summary(history, done, stopped_early, time.perf_counter() - started, evaluation)
         dist.teardown(state)
         return summary
 
@@ -503,6 +520,33 @@ class Run:
             raise
 
     # ---------------------------------------------------------------------------------------- pieces
+
+    def evaluate(self, step: int) -> Optional[Dict[str, Any]]:
+        """The held-out evaluation of the trained policy against the model the run started from
+        (:func:`prefopt.train.eval.evaluate`); its numbers go to metrics.jsonl with HF's ``eval_`` prefix and
+        its report to ``OUT/eval/``. Every rank takes part (ZeRO-3 forwards are collective)."""
+        if not self.eval_records:
+            return None
+        from .eval import EVAL_KEYS, evaluate, write_report
+        from .models import build_model
+
+        cfg, state = self.cfg, self.state
+        start, _ = build_model(model_source(cfg), dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r,
+                               lora_alpha=cfg.lora_alpha, device=state.device, seed=cfg.seed)
+        head = self.policy.head()
+        with dist.gathered([head.weight, head.bias], state):
+            result = evaluate(self.policy, processor=self.processor, reference=start, records=self.eval_records,
+                              batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
+                              backend=cfg.op_backend, synced_gpus=state.zero_stage == 3,
+                              progress=cfg.progress and state.is_main)
+        del start
+        line = {"step": step, **{f"eval_{k}": result[k] for k in EVAL_KEYS}}
+        for t, row in result["per_type"].items():
+            line.update({f"eval_{t}/{k}": v for k, v in row.items()})
+        self.write_metrics(line)
+        if state.is_main:
+            write_report(result, os.path.join(cfg.out, "eval"))
+        return result
 
     def make_reference(self, point: int, step: int) -> ref_mod.Reference:
         """The reference: the policy as it was at step ``point``. At ``step == point`` it is taken from the
@@ -712,9 +756,11 @@ class Run:
                 f.writelines(lines)
             os.replace(path + ".tmp", path)
 
-    def summary(self, history: List[Dict[str, Any]], step: int, stopped_early: bool, wall: float) -> Dict[str, Any]:
-        """Means over the last tenth of the steps (at least 5, all in the final stage) of loss and reward
-        accuracy, the final probes, peak memory, mean throughput and where the checkpoint is."""
+    def summary(self, history: List[Dict[str, Any]], step: int, stopped_early: bool, wall: float,
+                evaluation: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """The held-out evaluation (``eval_*``, None without held-out data), then means over the last tenth
+        of the steps (at least 5, all in the final stage) of loss and reward accuracy, the final probes, peak
+        memory, mean throughput and where the checkpoint is."""
         final_stage = [m for m in history if m["stage"] == history[-1]["stage"]] if history else []
         tail = final_stage[-max(5, len(history) // 10):]
 
@@ -723,9 +769,15 @@ class Run:
             return sum(values) / len(values) if values else None
 
         probes = next((m for m in reversed(history) if "probe/delta_logp_chosen" in m), {})
+        from .eval import EVAL_KEYS
+
+        held_out = {f"eval_{k}": None if evaluation is None else evaluation[k] for k in EVAL_KEYS}
         return {
             "method": self.cfg.method,
             "model": self.cfg.model,
+            **held_out,
+            "eval_per_type": None if evaluation is None else evaluation["per_type"],
+            "eval_n": 0 if evaluation is None else evaluation["n"],
             "steps": step,
             "total_steps": self.total_steps,
             "stopped_early": stopped_early,

@@ -6,7 +6,8 @@ head not run) and ``head()`` (the output-embedding weight, bias, final logit sof
 that ``logits = softcap(hidden @ weight.T + bias) / temperature`` would be the model's own logits).
 
 :func:`build_model` loads a model from a local folder (no downloads) or builds one of the embedded tiny
-models (``"tiny-llava"``, ``"tiny-qwen2-vl"``, ``"tiny-llama"``) from a config with random weights, with a
+models (``"tiny-llava"``, ``"tiny-qwen2-vl"``, ``"tiny-llama"``) from a config with random weights, or
+``"tiny-llava-sft"`` (tiny-llava with the shipped weights of its SFT on the synthetic set), with a
 locally made tokenizer and the real processor classes, for the default run and the tests.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .data import EXTRA_BATCH_KEYS
 
 __all__ = ["HeadSpec", "ModelAdapter", "build_model", "TINY_MODELS", "SUPPORTED_VLMS"]
 
-TINY_MODELS = ("tiny-llava", "tiny-qwen2-vl", "tiny-llama")
+TINY_MODELS = ("tiny-llava", "tiny-llava-sft", "tiny-qwen2-vl", "tiny-llama")
 SUPPORTED_VLMS = ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 
 
@@ -214,6 +215,8 @@ LLAVA_IMAGE = "<image>"
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
 SPECIAL_TOKENS = [PAD, EOS, IM_START, IM_END, LLAVA_IMAGE, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
 TINY_VOCAB_SIZE = 640
+# tiny-llava's vision tower: the synthetic set's image size, one patch per grid cell.
+TINY_IMAGE_SIZE, TINY_PATCH_SIZE, TINY_VISION_HIDDEN = 32, 16, 64
 
 
 def _chat_template(image_text: str) -> str:
@@ -279,6 +282,61 @@ def _tiny_text_config(tok, *, tie: bool):
     )
 
 
+def _tiny_llava():
+    """(config, processor) of tiny-llava: a CLIP vision tower with one 16x16 patch per cell of the synthetic
+    set's 32x32 2x2 grid (four image tokens, each an object slot), LLaVA's projector and the tiny Llama."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tok = tiny_tokenizer(LLAVA_IMAGE)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=TINY_VISION_HIDDEN, intermediate_size=2 * TINY_VISION_HIDDEN, num_hidden_layers=2,
+            num_attention_heads=2, image_size=TINY_IMAGE_SIZE, patch_size=TINY_PATCH_SIZE,
+            projection_dim=TINY_VISION_HIDDEN,
+        ),
+        text_config=_tiny_text_config(tok, tie=False),
+        image_token_index=tok.convert_tokens_to_ids(LLAVA_IMAGE),
+        image_seq_length=(TINY_IMAGE_SIZE // TINY_PATCH_SIZE) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+        do_center_crop=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=TINY_PATCH_SIZE,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=_chat_template(LLAVA_IMAGE), image_token=LLAVA_IMAGE,
+    )
+    return config, processor
+
+
+def tiny_llava_config():
+    """tiny-llava's model config (what the shipped base's fingerprint hashes)."""
+    return _tiny_llava()[0]
+
+
+def shipped_base_path() -> str:
+    """Where the shipped tiny-llava-sft weights live (``prefopt/assets``; built by ``prefopt.train.build_base``)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                        "tiny_llava_sft.safetensors")
+
+
+def _load_shipped_base(model) -> None:
+    from safetensors.torch import load_file
+
+    path = shipped_base_path()
+    if not os.path.isfile(path):
+        raise ValueError(f"tiny-llava-sft: {path} is missing (build it with python -m prefopt.train.build_base)")
+    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"tiny-llava-sft: {path} does not fit tiny-llava's config (rebuild it with "
+                         f"python -m prefopt.train.build_base): {(missing or unexpected)[0]}")
+
+
 _IMAGE_ONLY_CLASSES: Dict[str, type] = {}
 
 
@@ -318,30 +376,9 @@ def _build_tiny(name: str, *, dtype, attn: str, seed: int):
         tok = tiny_tokenizer()
         config = _tiny_text_config(tok, tie=True)
         cls, processor = LlamaForCausalLM, tok
-    elif name == "tiny-llava":
-        from transformers import CLIPVisionConfig
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-        tok = tiny_tokenizer(LLAVA_IMAGE)
-        config = LlavaConfig(
-            vision_config=CLIPVisionConfig(
-                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                image_size=32, patch_size=8, projection_dim=32,
-            ),
-            text_config=_tiny_text_config(tok, tie=False),
-            image_token_index=tok.convert_tokens_to_ids(LLAVA_IMAGE),
-            image_seq_length=16,
-            vision_feature_select_strategy="default",
-            vision_feature_layer=-1,
-            tie_word_embeddings=False,
-        )
-        image_processor = CLIPImageProcessorPil(
-            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True,
-        )
-        processor = LlavaProcessor(
-            image_processor=image_processor, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-            num_additional_image_tokens=1, chat_template=_chat_template(LLAVA_IMAGE), image_token=LLAVA_IMAGE,
-        )
+    elif name in ("tiny-llava", "tiny-llava-sft"):
+        config, processor = _tiny_llava()
+        tok = processor.tokenizer
         cls = LlavaForConditionalGeneration
     elif name == "tiny-qwen2-vl":
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -376,6 +413,8 @@ def _build_tiny(name: str, *, dtype, attn: str, seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls._from_config(config, attn_implementation=attn, dtype=torch.float32)
+    if name == "tiny-llava-sft":
+        _load_shipped_base(model)
     model = model.to(dtype)
     for cfg in (model.config, getattr(model, "generation_config", None)):
         if cfg is not None:
@@ -468,7 +507,8 @@ def build_model(
 ) -> Tuple[ModelAdapter, Any]:
     """Build ``(ModelAdapter, processor)``.
 
-    ``name_or_path``: one of ``TINY_MODELS`` (random weights from ``seed``; tiny-llava and tiny-qwen2-vl
+    ``name_or_path``: one of ``TINY_MODELS`` (random weights from ``seed``, except tiny-llava-sft: the shipped
+    grounded base, see :mod:`prefopt.train.build_base`; tiny-llava and tiny-qwen2-vl
     with their real processor classes and PIL image processors, tiny-llama text-only with a tokenizer as
     its processor) or a local folder loaded with ``from_pretrained(..., local_files_only=True)`` (processor
     from ``AutoProcessor``, else ``AutoTokenizer``). Unknown name / missing path: ``ValueError``.
