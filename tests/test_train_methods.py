@@ -23,7 +23,7 @@ from prefopt.train.methods import (  # noqa: E402
     MethodOptions,
     PolicyObjective,
     build_method,
-    exact_answer_reward,
+    answer_reward,
     group_advantages,
 )
 from prefopt import FusedGRPOLoss  # noqa: E402
@@ -39,13 +39,18 @@ def step_rows(out):
 # ---------------------------------------------------------------------------------------------- GRPO
 
 
-def test_exact_answer_reward_parses_exactly():
-    assert exact_answer_reward("The circle is red.", "The circle is red.") == 1.0
-    assert exact_answer_reward("  the circle  is RED ", "The circle is red.") == 1.0
-    # A longer answer that contains the right one, a shorter one, a wrong one: no reward.
-    assert exact_answer_reward("The circle is red. The square is blue.", "The circle is red.") == 0.0
-    assert exact_answer_reward("The circle is", "The circle is red.") == 0.0
-    assert exact_answer_reward("The circle is blue.", "The circle is red.") == 0.0
+def test_answer_reward_parses_exactly():
+    colour = "What colour is the circle?"
+    assert answer_reward(colour, "The circle is red.", "The circle is red.") == 1.0
+    assert answer_reward(colour, "The circle is red.", " The circle is red. ") == 1.0
+    # A longer answer that contains the right one, a wrong one, an unparseable one: no reward.
+    assert answer_reward(colour, "The circle is red.", "The circle is red. The square is blue.") == 0.0
+    assert answer_reward(colour, "The circle is red.", "The circle is blue.") == 0.0
+    assert answer_reward(colour, "The circle is red.", "red") == 0.0
+    # Not a verifiable synthetic question: the chosen answer itself, up to case, spacing, final period.
+    other = "Describe the shapes in the image."
+    assert answer_reward(other, "I see a yellow triangle.", "i see a  yellow triangle") == 1.0
+    assert answer_reward(other, "I see a yellow triangle.", "I see a yellow triangle and a square.") == 0.0
 
 
 def test_group_advantages_are_trl_group_scaled():

@@ -620,14 +620,14 @@ class Run:
         return [t.strip() for t in texts]
 
     def rollouts(self, records, num_generations: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
-        """GRPO's batch: ``num_generations`` answers sampled per prompt, each rewarded 1.0 when it is the
-        record's chosen answer exactly (:func:`~prefopt.train.methods.exact_answer_reward`); the answers as
-        SFT rows with their group advantages, and the reward counters (TRL's metric names)."""
-        from .methods import exact_answer_reward, group_advantages
+        """GRPO's batch: ``num_generations`` answers sampled per prompt, each rewarded 1.0 when it is right
+        (:func:`~prefopt.train.methods.answer_reward`); the answers as SFT rows with their group
+        advantages, and the reward counters (TRL's metric names)."""
+        from .methods import answer_reward, group_advantages
 
         answers = self.sample_answers(records, num_generations)
         owners = [r for r in records for _ in range(num_generations)]
-        rewards = torch.tensor([exact_answer_reward(a, r.chosen) for a, r in zip(answers, owners)])
+        rewards = torch.tensor([answer_reward(r.prompt, r.chosen, a) for a, r in zip(answers, owners)])
         # An empty sample still needs a scored token: it is the end of turn alone.
         rows = [dataclasses.replace(r, chosen=a or " ", rejected=None) for a, r in zip(answers, owners)]
         batch = self.collator(rows, mode="sft")

@@ -179,11 +179,18 @@ def build_method(name: str, options: MethodOptions, *, total_steps: int, tempera
     return Method(name, stages)
 
 
-def exact_answer_reward(answer: str, reference: str) -> float:
-    """1.0 when ``answer`` is the reference answer, else 0.0: both compared after folding case, collapsing
-    whitespace and dropping final punctuation (so "the circle is red" matches "The circle is red."); a
-    longer or shorter answer never matches (no substring test)."""
-    return float(_normalise_answer(answer) == _normalise_answer(reference))
+def answer_reward(prompt: str, chosen: str, answer: str) -> float:
+    """GRPO's verifiable reward: 1.0 for a right answer, else 0.0. On the synthetic set's verifiable
+    questions (colour, count, position, presence) the answer is judged by the set's exact parser
+    (:func:`prefopt.train.synthetic.judge`: the whole answer must be one of the question's answer forms
+    stating the true fact); on any other record it must be the chosen answer itself, compared after
+    folding case, collapsing whitespace and dropping final punctuation. Never a substring test."""
+    from .synthetic import judge
+
+    verdict = judge(prompt, chosen, answer)
+    if verdict is not None:
+        return float(verdict[1])
+    return float(_normalise_answer(answer) == _normalise_answer(chosen))
 
 
 def _normalise_answer(text: str) -> str:

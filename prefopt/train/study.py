@@ -133,7 +133,7 @@ def _curve(run_dir: str) -> List[Dict[str, float]]:
 def _scalars(summary: Dict[str, Any]) -> Dict[str, float]:
     """The summary's numbers a study compares: held-out evaluation (``eval_*``), final probes, the
     training loss, peak memory and wall time."""
-    keep = {k: v for k, v in summary.items() if k.startswith("eval_") or k in PROBE_KEYS}
+    keep = {k: v for k, v in summary.items() if (k.startswith("eval_") and k != "eval_n") or k in PROBE_KEYS}
     keep.update(loss=summary.get("loss"), peak_memory_mb=summary.get("peak_memory_mb"),
                 wall_seconds=summary.get("wall_seconds"))
     return {k: float(v) for k, v in keep.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
