@@ -13,13 +13,13 @@ from prefopt.train.study import CLAIMS, aggregate, check_claims  # noqa: E402
 
 def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
     out = tmp_path / "study"
-    assert prefopt_main(["study", "--out", str(out), "--methods", "dpo,nsft-no-kl", "--seeds", "1", "--base-steps",
+    assert prefopt_main(["study", "--out", str(out), "--methods", "dpo,nsft-no-kl", "--seeds", "1", "--base", "train", "--base-steps",
                          "2", "--steps", "2", "--batch-size", "2", "--train-size", "8", "--eval-size", "4",
                          "--probe-every", "1", "--probe-size", "2", "--no-progress"]) == 0
     assert "STUDY.md" in capsys.readouterr().out
     result = json.loads((out / "study.json").read_text(encoding="utf-8"))
     assert [r["variant"] for r in result["runs"]] == ["sft base", "dpo", "nsft-no-kl"]
-    base = result["conditions"]["base"]
+    base = result["conditions"]["base_model"]
     assert base == str(out / "base" / "model") and os.path.isfile(os.path.join(base, "config.json"))
     for r in result["runs"][1:]:
         config = json.loads(open(os.path.join(r["run"], "config.json"), encoding="utf-8").read())
@@ -27,6 +27,7 @@ def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
         assert [row["step"] for row in r["curve"]] == [0, 1, 2]
         assert os.path.isfile(os.path.join(r["run"], "model", "model.safetensors"))
     table = result["table"]
+    assert {"eval_pair_accuracy", "eval_hallucination_rate", "eval_ece_pair", "eval_kl_shift"} <= set(table["dpo"])
     assert table["dpo"]["probe/delta_logp_chosen"]["n"] == 1 and table["dpo"]["probe/delta_logp_chosen"]["std"] is None
     study_md = (out / "STUDY.md").read_text(encoding="utf-8")
     assert result["conditions"]["commit"] in study_md
@@ -34,6 +35,16 @@ def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
     assert (out / "delta_logp.png").is_file()
     assert prefopt_main(["study", "--out", str(out)]) == 2  # an occupied folder is refused
     assert "already holds files" in capsys.readouterr().err
+
+    # A given base (that one's folder): evaluated as the table's first row, every variant starts from it.
+    again = tmp_path / "again"
+    assert prefopt_main(["study", "--out", str(again), "--base", base, "--methods", "simpo", "--seeds", "1",
+                         "--steps", "1", "--batch-size", "2", "--train-size", "8", "--eval-size", "4",
+                         "--probe-every", "1", "--probe-size", "2", "--no-progress"]) == 0
+    second = json.loads((again / "study.json").read_text(encoding="utf-8"))
+    assert [r["variant"] for r in second["runs"]] == ["sft base", "simpo"]
+    assert "eval_pair_accuracy" in second["table"]["sft base"] and "eval_pair_accuracy" in second["table"]["simpo"]
+    assert f"base: {base}" in (again / "STUDY.md").read_text(encoding="utf-8")
 
 
 def test_mean_spread_and_verdicts():

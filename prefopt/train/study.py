@@ -1,6 +1,8 @@
 """``prefopt study``: the embedded comparison of the methods, from one shared SFT base, in one command.
 
-1. An SFT base is trained on the synthetic visual set (or ``--base`` names one: a model folder or run).
+1. The SFT base: by default the shipped ``tiny-llava-sft`` (tiny-llava after SFT on the synthetic set,
+   which takes longer than the study's budget to train); ``--base train`` trains one here for
+   ``--base-steps`` from ``--model``; or ``--base`` names a model folder or run.
 2. Every variant starts from it (``--init-from``) with the same number of optimizer steps and the same
    records per step, for each seed (the seed sets data order and sampling; the base is shared):
 
@@ -45,6 +47,7 @@ VARIANTS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "grpo": ("grpo", {}),
 }
 BASE = "sft base"
+TRAIN_BASE = "train"  # --base value: train the SFT base in the study
 PROBE_KEYS = ("probe/delta_logp_chosen", "probe/delta_logp_rejected")
 
 
@@ -85,7 +88,7 @@ class StudyConfig:
 
     out: str = "runs/study"
     model: str = "tiny-llava"
-    base: Optional[str] = None  # an existing base (model folder or run); None: train one
+    base: str = "tiny-llava-sft"  # an embedded model, a model folder or run, or "train": train one here
     variants: List[str] = field(default_factory=lambda: list(VARIANTS))
     seeds: int = 3
     base_steps: int = 300
@@ -146,6 +149,7 @@ def run_study(study: StudyConfig) -> Dict[str, Any]:
 
     from .export import quiet_transformers
     from .loop import train
+    from .models import TINY_MODELS
 
     unknown = [v for v in study.variants if v not in VARIANTS]
     if unknown:
@@ -157,9 +161,9 @@ def run_study(study: StudyConfig) -> Dict[str, Any]:
     os.makedirs(study.out, exist_ok=True)
     started = time.perf_counter()
     runs: List[Dict[str, Any]] = []
-    total = len(study.variants) * study.seeds + (study.base is None)
+    total = len(study.variants) * study.seeds + (study.base == TRAIN_BASE)
     with tqdm(total=total, desc="study", disable=not study.progress, dynamic_ncols=True) as bar, quiet_transformers():
-        if study.base is None:
+        if study.base == TRAIN_BASE:
             bar.set_postfix_str("sft base")
             base_dir = os.path.join(study.out, "base")
             summary = train(_train_config(study, method="sft", model=study.model, out=base_dir, steps=study.base_steps,
@@ -170,18 +174,20 @@ def run_study(study: StudyConfig) -> Dict[str, Any]:
             bar.update(1)
         else:
             base = study.base
+            runs.append({"variant": BASE, "seed": 0, "run": None, "metrics": evaluate_base(study, base), "curve": []})
         for variant in study.variants:
             method, options = VARIANTS[variant]
             for seed in range(study.seeds):
                 bar.set_postfix_str(f"{variant} seed {seed}")
                 run_dir = os.path.join(study.out, "runs", f"{variant}-seed{seed}")
-                summary = train(_train_config(study, method=method, model=base, init_from=base, out=run_dir,
+                summary = train(_train_config(study, method=method, model=base,
+                                              init_from=None if base in TINY_MODELS else base, out=run_dir,
                                               steps=study.steps, seed=seed, options=options))
                 runs.append({"variant": variant, "seed": seed, "run": run_dir, "metrics": _scalars(summary),
                              "curve": _curve(run_dir)})
                 bar.update(1)
     result = {
-        "conditions": {**asdict(study), "base": base, "wall_seconds": time.perf_counter() - started,
+        "conditions": {**asdict(study), "base_model": base, "wall_seconds": time.perf_counter() - started,
                        **environment()},
         "runs": runs,
         "table": aggregate(runs),
@@ -193,6 +199,19 @@ def run_study(study: StudyConfig) -> Dict[str, Any]:
     with open(os.path.join(study.out, "STUDY.md"), "w", encoding="utf-8") as f:
         f.write(markdown(result))
     return result
+
+
+def evaluate_base(study: StudyConfig, base: str) -> Dict[str, float]:
+    """The held-out evaluation of a given base (seed 0's records, as its seed-0 runs see them; no shift
+    metrics: it is its own reference)."""
+    from .eval import EVAL_KEYS, evaluate
+    from .export import model_source
+    from .models import TINY_MODELS, build_model
+
+    adapter, processor = build_model(base if base in TINY_MODELS else model_source(base), device=study.device)
+    result = evaluate(adapter, processor=processor, data="synthetic", size=study.eval_size, seed=0,
+                      batch_size=study.batch_size)
+    return {f"eval_{k}": float(result[k]) for k in EVAL_KEYS if result[k] is not None}
 
 
 def environment() -> Dict[str, Any]:
@@ -296,7 +315,8 @@ def markdown(result: Dict[str, Any]) -> str:
         "",
         f"Conditions: model {c['model']}, synthetic visual set"
         + (f" ({c['train_size']} training records)" if c["train_size"] else "")
-        + f"; base: {'SFT for ' + str(c['base_steps']) + ' steps' if BASE in table else c['base']}; every variant "
+        + "; base: " + (f"SFT of {c['model']} for {c['base_steps']} steps here" if c["base"] == TRAIN_BASE
+                        else c["base_model"]) + "; every variant "
         f"{c['steps']} optimizer steps of {c['batch_size']} records from that base, seeds 0..{c['seeds'] - 1}; "
         f"held-out evaluation on {c['eval_size'] if c['eval_size'] is not None else 'all'} records against the "
         "base (shift metrics); probes every " + f"{c['probe_every']} steps on {c['probe_size']} held-out records. "
@@ -391,12 +411,16 @@ def build_parser() -> argparse.ArgumentParser:
                 "(" + ", ".join(VARIANTS) + ") with the same steps and records per step, for several seeds; a table "
                 "of the held-out evaluation (mean and spread), plots and STUDY.md with the commit and conditions.")
     p.add_argument("--out", default=d.out, help="study folder, new or empty (default %(default)s)")
-    p.add_argument("--model", default=d.model, help="the model the base is trained from (default %(default)s)")
-    p.add_argument("--base", default=None, metavar="FOLDER|RUN", help="use this base (a model folder or a run) "
-                   "instead of training one")
+    p.add_argument("--model", default=d.model, help="with --base train: the model the base is trained from "
+                   "(default %(default)s)")
+    p.add_argument("--base", default=d.base, metavar="MODEL|FOLDER|RUN|train",
+                   help="the SFT base every variant starts from: an embedded model, a model folder or a run, or "
+                        "'train' to train one here for --base-steps from --model (default %(default)s, the shipped "
+                        "SFT of tiny-llava on the synthetic set)")
     p.add_argument("--methods", default=",".join(d.variants), help="comma-separated variants (default: all)")
     p.add_argument("--seeds", type=int, default=d.seeds, help="seeds per variant (default %(default)s)")
-    p.add_argument("--base-steps", type=int, default=d.base_steps, help="SFT steps of the base (default %(default)s)")
+    p.add_argument("--base-steps", type=int, default=d.base_steps, help="with --base train: SFT steps of the base "
+                   "(default %(default)s)")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps of every variant (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="records per step (default %(default)s)")
     p.add_argument("--train-size", type=int, default=None, help="training records (default: the synthetic set's)")
