@@ -129,3 +129,5 @@ def test_init_from_errors_are_one_line(tmp_path, capsys):
     assert prefopt_main(["train", "--init-from", str(tmp_path), "--model", "tiny-llama",
                          "--out", str(tmp_path / "o")]) == 2
     assert "not both" in capsys.readouterr().err
+    assert prefopt_main(["train", "--keep-adapter", "--out", str(tmp_path / "o")]) == 2
+    assert "--keep-adapter needs --lora" in capsys.readouterr().err

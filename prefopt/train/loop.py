@@ -238,6 +238,8 @@ def prepare(cfg: TrainConfig) -> "Run":
         raise ValueError("--steps, --probe-every, --save-every and --save-minutes must be >= 0 and --epochs > 0")
     if not 0.0 <= cfg.warmup_ratio < 1.0:
         raise ValueError(f"--warmup-ratio: expected a fraction in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.keep_adapter and not cfg.lora:
+        raise ValueError("--keep-adapter needs --lora (without adapters there is nothing to keep apart)")
     if cfg.deepspeed is not None and cfg.deepspeed not in dist.ZERO_PRESETS and not os.path.isfile(cfg.deepspeed):
         raise ValueError(f"--deepspeed: expected zero2, zero3 or a JSON config file, got {cfg.deepspeed!r}")
     resume_state, stale = _check_out_dir(cfg)
