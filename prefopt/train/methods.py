@@ -133,9 +133,9 @@ def build_method(name: str, options: MethodOptions, *, total_steps: int, tempera
     for field, value in (("--sftc-fraction", o.sftc_fraction), ("--onpolicy-fraction", o.onpolicy_fraction)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{field}: expected a fraction in [0, 1], got {value!r}")
-    if o.grpo_loss_type not in GRPO_LOSS_TYPES:
+    if name == "grpo" and o.grpo_loss_type not in GRPO_LOSS_TYPES:
         raise ValueError(f"--grpo-loss-type: expected one of {', '.join(GRPO_LOSS_TYPES)}, got {o.grpo_loss_type!r}")
-    if o.num_generations < 2:
+    if name == "grpo" and o.num_generations < 2:
         raise ValueError(f"--num-generations: expected at least 2 (advantages compare answers within a group), "
                          f"got {o.num_generations}")
     for field, value in (("--kl-coef", o.kl_coef), ("--grpo-beta", o.grpo_beta)):
