@@ -39,7 +39,7 @@ def test_help_explains_every_option(capsys):
 
 def test_no_arguments_is_the_embedded_default():
     cfg = config_from_args(build_parser().parse_args([]))
-    assert (cfg.method, cfg.model, cfg.data) == ("cw-dpo", "tiny-llava", "synthetic")
+    assert (cfg.method, cfg.model, cfg.data) == ("cw-dpo", "tiny-llava-sft", "synthetic")
     assert cfg.out.startswith("runs/train-") and not cfg.resume
     assert cfg.options.onpolicy_fraction > 0 and 0 < cfg.options.sftc_fraction < 1
 
@@ -102,18 +102,20 @@ def test_error_from_a_fresh_process_is_one_line(tmp_path):
 
 
 def test_a_short_run_of_the_default_method_prints_its_summary(tmp_path, capsys):
-    """The embedded default (CW-DPO on tiny-llava, synthetic images), cut to a few steps."""
+    """The embedded default (CW-DPO on tiny-llava-sft, synthetic images), cut to a few steps."""
     out = tmp_path / "run"
     assert main(["--train-size", "8", "--steps", "4", "--batch-size", "2", "--probe-every", "2", "--probe-size", "4",
-                 "--max-new-tokens", "6", "--device", "cpu", "--out", str(out)]) == 0
+                 "--eval-size", "10", "--max-new-tokens", "6", "--device", "cpu", "--out", str(out)]) == 0
     captured = capsys.readouterr()
     summary = captured.out
-    for word in ("cw-dpo on tiny-llava, 4/4 steps", "loss", "reward accuracy", "probes", "peak memory",
+    for word in ("cw-dpo on tiny-llava-sft, 4/4 steps", "held-out (10 pairs)", "pair accuracy", "hallucination",
+                 "ece pair", "loss", "reward accuracy", "probes", "peak memory",
                  "checkpoint-4"):
         assert word in summary, summary
     assert "stage cw-dpo" in captured.err  # progress goes to stderr
     rows = [json.loads(line) for line in open(out / "metrics.jsonl", encoding="utf-8")]
-    assert [r["stage"] for r in rows[1:]] == ["sft-c", "cw-dpo", "cw-dpo", "cw-dpo"]
+    assert [r["stage"] for r in rows[1:-1]] == ["sft-c", "cw-dpo", "cw-dpo", "cw-dpo"]
+    assert rows[-1]["step"] == 4 and 0 <= rows[-1]["eval_pair_accuracy"] <= 1  # the held-out evaluation
     assert sum(r.get("onpolicy/negatives", 0) for r in rows) > 0
-    assert sorted(os.listdir(out)) == ["checkpoint-4", "config.json", "latest", "metrics.jsonl", "model",
+    assert sorted(os.listdir(out)) == ["checkpoint-4", "config.json", "eval", "latest", "metrics.jsonl", "model",
                                        "reference-1.safetensors"]

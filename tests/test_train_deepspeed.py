@@ -73,7 +73,7 @@ def test_two_processes_match_one(tmp_path, text_data, case):
     if "--data" not in method_args:
         method_args = method_args + ["--data", text_data]
     common = ["--model", model, *method_args, "--steps", "4", "--lr", "1e-2", "--probe-every", "2",
-              "--probe-size", "4", "--no-progress", "--device", "cpu"]
+              "--probe-size", "4", "--eval-size", "0", "--no-progress", "--device", "cpu"]
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
     per_rank = "1" if "--grad-accum" in launcher else "2"
     launch_two(common + launcher + ["--out", two, "--batch-size", per_rank])

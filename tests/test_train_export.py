@@ -39,8 +39,9 @@ def test_run_ends_with_a_folder_that_loads_to_the_trained_logits(tmp_path):
     LlavaForConditionalGeneration.from_pretrained gives the trained model's logits on image records."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    run, summary = trained(TrainConfig(method="dpo", out=str(tmp_path / "run"), steps=2, batch_size=2, train_size=8,
-                                       eval_size=4, probe_size=2, progress=False, device="cpu"))
+    run, summary = trained(TrainConfig(method="dpo", model="tiny-llava", out=str(tmp_path / "run"), steps=2,
+                                       batch_size=2, train_size=8, eval_size=4, probe_size=2, progress=False,
+                                       device="cpu"))
     folder = summary["model_folder"]
     assert folder == str(tmp_path / "run" / "model")
     for name in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json", METADATA_FILE):

@@ -46,7 +46,7 @@ def text_data(tmp_path_factory):
 
 def config(out, data, **kw):
     base = dict(model=TEXT, data=data, out=str(out), steps=4, batch_size=2, probe_every=2, probe_size=4,
-                progress=False, max_new_tokens=8, device="cpu")
+                progress=False, max_new_tokens=8, device="cpu", eval_size=0)  # the final eval: test_train_eval.py
     options = kw.pop("options", {})
     base.update(kw)
     return TrainConfig(options=MethodOptions(**options), **base)

@@ -7,9 +7,11 @@ than the main job's budget on 2 CPU cores, so it ships with the package (``prefo
 
 The recipe: AdamW at a constant learning rate of 3e-4 (at 1e-3 the tiny model locks onto the text and
 never learns to read its image tokens), batches of 32 chosen answers of the training split, the fused SFT
-loss on the backbone's hidden states; every ``--check-every`` steps the greedy answers to a validation set
-(the held-out split drawn with another seed, so the shipped numbers are measured on records the stopping rule
-never saw) are judged, and training stops once every verifiable question type reaches ``--target``.
+loss on the backbone's hidden states (see ``RECIPE``). Every ``check_every`` steps the greedy answers to a
+validation set (the held-out split drawn with another seed, so the shipped numbers are measured on records
+the stopping rule never saw) are judged and the weights are written; training stops once every verifiable
+question type reaches ``target`` (or after ``max_steps``), and the last write also records the held-out
+numbers (seed 0, the split ``prefopt train`` evaluates on).
 
 The file's metadata holds the SHA-256 of this script, of the synthetic set's module and of the model
 config (``tests/test_shipped_base.py`` checks them, so a change to any of them without a rebuild fails CI)
@@ -29,7 +31,7 @@ from typing import Dict, Optional
 import torch
 
 RECIPE = {"model": "tiny-llava", "seed": 0, "lr": 3e-4, "batch_size": 32, "train_size": 4000, "max_steps": 6000,
-          "target": 0.9, "check_every": 500, "validation_seed": 1, "validation_size": 200}
+          "target": 0.9, "check_every": 250, "validation_seed": 1, "validation_size": 100}
 
 
 def _sha256_file(path: str) -> str:
@@ -67,15 +69,16 @@ def grounding_check(adapter, processor, *, size: int = 200, seed: int = 0) -> Di
 
 
 def build(out: Optional[str] = None, *, max_steps: Optional[int] = None, progress: bool = True) -> Dict[str, object]:
-    """Train the base and write ``out``; returns its metadata."""
-    from safetensors.torch import save_file
-
+    """Train the base and write ``out`` (at every check; the last write measures the held-out numbers);
+    returns its metadata."""
     from .. import FusedSFTLoss
     from .data import PreferenceCollator
     from .models import build_model, shipped_base_path
     from .synthetic import VERIFIABLE_TYPES, make_synthetic_records
 
     r = RECIPE
+    out = shipped_base_path() if out is None else out
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     max_steps = r["max_steps"] if max_steps is None else max_steps
     adapter, processor = build_model(r["model"], seed=r["seed"])
     collator = PreferenceCollator(processor)
@@ -93,21 +96,33 @@ def build(out: Optional[str] = None, *, max_steps: Optional[int] = None, progres
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if progress and step % 50 == 0:
+            print(f"step {step} ({time.perf_counter() - started:.0f} s) loss {loss.item():.3f}", file=sys.stderr,
+                  flush=True)
         if step % r["check_every"] == 0 or step == max_steps:
             val = grounding_check(adapter, processor, size=r["validation_size"], seed=r["validation_seed"])["heldout"]
             if progress:
-                print(f"step {step} ({time.perf_counter() - started:.0f} s) loss {loss.item():.3f} validation "
-                      + " ".join(f"{k} {v:.2f}" for k, v in val.items()), file=sys.stderr, flush=True)
-            if all(val[t] >= r["target"] for t in VERIFIABLE_TYPES):
+                print(f"step {step} validation " + " ".join(f"{k} {v:.2f}" for k, v in val.items()), file=sys.stderr,
+                      flush=True)
+            done = all(val[t] >= r["target"] for t in VERIFIABLE_TYPES)
+            # Written at every check, so that a build stopped early leaves a complete file behind.
+            metadata = _save(adapter, processor, out, step, started, measure=done or step == max_steps)
+            if done:
                 break
-    measured = grounding_check(adapter, processor)
-    metadata = {**fingerprint(), "recipe": json.dumps(r, sort_keys=True), "steps": str(step),
+    return metadata
+
+
+def _save(adapter, processor, out: str, step: int, started: float, measure: bool) -> Dict[str, str]:
+    """Write the weights with their metadata (the held-out numbers measured now when ``measure``)."""
+    from safetensors.torch import save_file
+
+    measured = grounding_check(adapter, processor) if measure else None
+    metadata = {**fingerprint(), "recipe": json.dumps(RECIPE, sort_keys=True), "steps": str(step),
                 "heldout": json.dumps(measured, sort_keys=True),
                 "train_seconds": f"{time.perf_counter() - started:.0f}"}
-    out = shipped_base_path() if out is None else out
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    weights = {k: v.detach().contiguous() for k, v in adapter.model.state_dict().items()}
-    save_file(weights, out, metadata=metadata)
+    tmp = out + ".tmp"
+    save_file({k: v.detach().contiguous() for k, v in adapter.model.state_dict().items()}, tmp, metadata=metadata)
+    os.replace(tmp, out)
     return metadata
 
 
@@ -116,7 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="where to write the base (default: the package's assets)")
     p.add_argument("--max-steps", type=int, default=None, help=f"step limit (default {RECIPE['max_steps']})")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(1)  # the tiny model gains nothing from a second thread on a shared machine
     meta = build(args.out, max_steps=args.max_steps)
     print(json.dumps(meta, indent=1))
     return 0

@@ -57,7 +57,7 @@ class TrainConfig:
     """Every option of a run (the CLI's flags, one to one)."""
 
     method: str = "cw-dpo"
-    model: str = "tiny-llava"
+    model: str = "tiny-llava-sft"
     init_from: Optional[str] = None  # a model folder, run folder or checkpoint to start from (replaces model)
     data: str = "synthetic"
     out: str = "runs/train"
@@ -498,7 +498,8 @@ class Run:
             self.checkpoint_path = self.resume_state["path"]
         bar.close()
         self.model_folder = self.export_model()
-        evaluation = self.evaluate(done)
+        # The held-out evaluation once the run has ended (not when it pauses with --stop-after).
+        evaluation = self.evaluate(done) if done == self.total_steps or stopped_early else None
         summary = self.summary(history, done, stopped_early, time.perf_counter() - started, evaluation)
         dist.teardown(state)
         return summary
