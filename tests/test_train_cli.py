@@ -74,7 +74,7 @@ def test_malformed_record_fails_with_its_line_under_strict_data(tmp_path, capsys
     out = tmp_path / "run"
     assert main(["--model", "tiny-llama", "--data", str(bad), "--strict-data", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "line 4" in err and len(err.strip().splitlines()) == 1
+    assert f"{bad}:4: missing field" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
 
 

@@ -1,6 +1,7 @@
 """Preference records, the JSONL loader, the collator and the synthetic set (prefopt.train.data / synthetic)."""
 import io
 import json
+import os
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def test_load_jsonl_with_relative_images(tmp_path):
         load_records(str(tmp_path / "missing.jsonl"))
 
 
-def test_malformed_lines_are_reported_with_line_numbers(tmp_path):
+def test_malformed_lines_are_reported_with_line_numbers(tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     _write_jsonl(path, [
         {"prompt": "p1", "chosen": "c1", "rejected": "r1"},   # 1 ok
@@ -63,15 +64,115 @@ def test_malformed_lines_are_reported_with_line_numbers(tmp_path):
         {"prompt": "p7", "chosen": "c7", "corrections": "c"},  # 7 corrections not a list
         {"prompt": "p8", "chosen": "c8"},                     # 8 ok
     ])
-    with pytest.warns(UserWarning) as caught:
-        recs = load_records(str(path))
-    assert [r.prompt for r in recs] == ["p1", "p8"]
-    messages = [str(w.message) for w in caught]
-    for line in (2, 4, 5, 6, 7):
-        assert any(f"line {line}:" in m and "skipped" in m for m in messages), (line, messages)
-    assert not any("line 3:" in m for m in messages)
-    with pytest.raises(ValueError, match=r"bad\.jsonl: line 2: malformed record: invalid JSON"):
+    recs = load_records(str(path))
+    assert [r.prompt for r in recs] == ["p1", "p8"] and recs[1].where == f"{path}:8"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(": ")[0] for line in err] == [f"{path}:{n}" for n in (2, 4, 5, 6, 7)], err
+    assert all(line.endswith("(skipped)") for line in err)
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: invalid JSON"):
         load_records(str(path), strict=True)
+
+
+def _bomb_png(path, width, height):
+    """A PNG whose header claims ``width x height`` pixels (no pixel data behind it)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) +
+                     chunk(b"IEND", b""))
+
+
+def bad_data_folder(tmp_path, good=6):
+    """A data folder whose train.jsonl holds ``good`` usable text+image pairs and, after them, one record
+    of every kind that used to pass the loader and kill the run (or pass silently); returns
+    (folder, {line: expected reason fragment})."""
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(data / "img" / "ok.png")
+    (data / "img" / "empty.png").write_bytes(b"")
+    (data / "img" / "text.png").write_text("not an image")
+    (tmp_path / "outside.txt").write_text("secret")
+    os.symlink(tmp_path / "outside.txt", data / "img" / "link.png")
+    os.mkdir(data / "img" / "dir.png")
+    _bomb_png(data / "img" / "bomb.png", 8000, 8000)
+    ok = {"images": ["img/ok.png"], "prompt": "What colour is the square?", "chosen": "Red.", "rejected": "Blue."}
+    lines = [ok] * good
+    bad = {
+        "empty.png": (dict(ok, images=["img/empty.png"]), "does not decode"),
+        "text.png": (dict(ok, images=["img/text.png"]), "does not decode"),
+        "symlink": (dict(ok, images=["img/link.png"]), "outside the data folder"),
+        "dotdot": (dict(ok, images=["../outside.txt"]), "outside the data folder"),
+        "dir": (dict(ok, images=["img/dir.png"]), "not a regular file"),
+        "bomb": (dict(ok, images=["img/bomb.png"]), "8000x8000 pixels, over the limit"),
+        "same": (dict(ok, rejected="Red."), "chosen and rejected are the same answer"),
+        "dupkey": ('{"prompt": "a", "chosen": "b", "rejected": "c", "chosen": "d"}', "duplicate key 'chosen'"),
+        "utf8": (b'{"prompt": "caf\xe9", "chosen": "b", "rejected": "c"}', "not UTF-8 (byte 0xe9"),
+        "image-token": (dict(ok, prompt="Look: <image> What colour?"), "literal image token '<image>'"),
+        "too-long": (dict(ok, prompt="colour " * 400), "leaving no answer token within max_length"),
+        "no-rejected": ({"images": ["img/ok.png"], "prompt": "Say red.", "chosen": "Red."}, "no rejected answer"),
+    }
+    expected = {}
+    with open(data / "train.jsonl", "wb") as f:
+        for rec in lines:
+            f.write(json.dumps(rec).encode() + b"\n")
+        for n, (rec, reason) in enumerate(bad.values(), start=good + 1):
+            raw = rec if isinstance(rec, bytes) else (rec if isinstance(rec, str) else json.dumps(rec)).encode()
+            f.write(raw + b"\n")
+            expected[n] = reason
+    return data, expected
+
+
+def test_every_bad_record_is_one_line_and_the_run_trains_on_the_rest(tmp_path, capsys):
+    """Every kind of record that used to kill a run mid-way (or pass silently) is skipped before training
+    with one line FILE:LINE: reason, counted in the summary; no Python warning, no traceback. With
+    --strict-data the first one is the run's one-line error."""
+    from prefopt.train.cli import main
+
+    data, expected = bad_data_folder(tmp_path)
+    args = ["--model", "tiny-llava", "--method", "dpo", "--data", str(data), "--steps", "2", "--batch-size", "2",
+            "--probe-every", "0", "--probe-size", "2", "--max-length", "160", "--no-progress", "--device", "cpu"]
+    assert main(args + ["--out", str(tmp_path / "run")]) == 0
+    captured = capsys.readouterr()
+    path = str(data / "train.jsonl")
+    lines = [ln for ln in captured.err.splitlines() if ln.startswith(path)]
+    assert len(lines) == len(expected), captured.err
+    by_line = {int(ln[len(path) + 1:].split(":")[0]): ln for ln in lines}
+    for n, reason in expected.items():
+        assert reason in by_line[n] and by_line[n].endswith("(skipped)"), (by_line[n], reason)
+    assert "Warning" not in captured.err and "Traceback" not in captured.err
+    assert f"skipped records    {len(expected)}" in captured.out
+
+    assert main(args + ["--strict-data", "--out", str(tmp_path / "strict")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{path}:{min(expected)}: " in err[0], err
+    assert not (tmp_path / "strict").exists()
+
+
+def test_a_record_that_fails_inside_a_step_is_skipped(tmp_path, capsys):
+    """An image that passed the up-front check but is broken by the time its batch is built (replaced on
+    disk) is reported with its line and replaced by the next usable record; the run ends normally."""
+    from prefopt.train.loop import TrainConfig, prepare
+
+    data, _ = bad_data_folder(tmp_path, good=4)
+    Image.new("RGB", (16, 16), (10, 10, 200)).save(data / "img" / "late.png")
+    with open(data / "train.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"images": ["img/late.png"], "prompt": "Colour?", "chosen": "Blue.", "rejected": "Red."})
+                + "\n")
+    cfg = TrainConfig(method="sft", model="tiny-llava", data=str(data), out=str(tmp_path / "run"), steps=3,
+                      batch_size=5, probe_every=0, probe_size=2, max_length=160, progress=False, device="cpu")
+    run = prepare(cfg)
+    (data / "img" / "late.png").write_bytes(b"broken")
+    capsys.readouterr()
+    summary = run.execute()
+    late = sum(1 for _ in open(data / "train.jsonl", "rb"))
+    err = capsys.readouterr().err
+    assert f"train.jsonl:{late}: cannot identify image file" in err and err.strip().endswith("(skipped)"), err
+    # sft needs no rejected answer: 11 of the 12 planted problems, and the late one.
+    assert summary["steps"] == 3 and summary["skipped_records"] == 11 + 1
 
 
 # ----------------------------------------------------------------------------------------- collation

@@ -17,15 +17,18 @@ name inside ``OUT``). A checkpoint folder holds:
 * ``trainer_state.json``: ``step``, ``total_steps``, ``probe_start``, ``config`` (every option of the
   run), ``identity`` (what a resumed run must match: the options that change the numbers, world size,
   parameter dtype and the data fingerprint);
-* ``deepspeed/`` (only under ``--deepspeed``): DeepSpeed's own partitioned optimizer and scheduler state.
-  DeepSpeed writes it with pickle, so resuming from it needs ``--trust-checkpoint``;
+* under ``--deepspeed``, in place of the optimizer and scheduler files: ``zero_optimizer_<rank>.json`` +
+  ``zero_optimizer_<rank>.safetensors`` (every rank's ZeRO optimizer partition: DeepSpeed's optimizer
+  ``state_dict()`` without the loss scaler and parameter-slice maps, encoded as for the optimizer above)
+  and ``scheduler.json`` holding ``{"scheduler": ..., "deepspeed": {global_steps, global_samples,
+  skipped_steps}}``. DeepSpeed's own (pickled) checkpoint files are never written nor read;
 * ``manifest.json``, written last: ``{"files": {relative path: sha256}}`` of every other file.
 
 A checkpoint is written under a temporary name (``.checkpoint-<step>.tmp``) and renamed when complete;
 ``latest`` is replaced atomically. On resume the checkpoint ``latest`` names is verified against its
 manifest (every file present, a regular file, with its hash; nothing else loaded); a corrupt or
 incomplete one is skipped, with a one-line warning, for the newest intact older one. Nothing is ever
-unpickled: ``safetensors`` and JSON only (DeepSpeed's files with ``--trust-checkpoint`` excepted).
+unpickled: ``safetensors`` and JSON only.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -52,11 +56,12 @@ MANIFEST_FILE = "manifest.json"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
 SCHEDULER_FILE = "scheduler.json"
-DEEPSPEED_DIR = "deepspeed"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
-#: Test hook: ``PREFOPT_FAULT=<file name>:<kill|enospc|erofs>`` makes the checkpoint writer SIGKILL the
-#: process, or fail with that error, just before it writes a file of that name (tests only).
+#: Test hook: ``PREFOPT_FAULT=<point>:<kind>[:<rank>]`` makes the process (of that rank only, if given)
+#: SIGKILL itself (``kill``), send itself SIGINT (``sigint``), hang (``hang``) or fail with ENOSPC/EROFS
+#: (``enospc``, ``erofs``) when it reaches ``<point>``: a checkpoint file's name, just before it is
+#: written, or ``step-<n>``, the boundary after step n. For the fault-injection tests only.
 FAULT_ENV = "PREFOPT_FAULT"
 
 
@@ -68,15 +73,26 @@ def rng_file(rank: int) -> str:
     return f"rng_state_{rank}.safetensors"
 
 
-def _fault(name: str) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec or spec.rsplit(":", 1)[0] != name:
+def fault_point(path: str) -> None:
+    """Act on :data:`FAULT_ENV` at the point ``path`` (named by its trailing components, e.g.
+    ``optimizer.json`` or ``.checkpoint-4.tmp/optimizer.json``; a no-op unless that test hook names it)."""
+    spec = os.environ.get(FAULT_ENV, "").split(":")
+    if len(spec) < 2 or not os.path.join(os.sep, path).endswith(os.sep + spec[0]):
         return
-    kind = spec.rsplit(":", 1)[1]
+    if len(spec) > 2 and spec[2] != os.environ.get("RANK", "0"):
+        return
+    kind = spec[1]
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    code = {"enospc": errno.ENOSPC, "erofs": errno.EROFS}[kind]
-    raise OSError(code, os.strerror(code), name)
+    elif kind == "sigint":
+        os.kill(os.getpid(), signal.SIGINT)
+    elif kind == "hang":
+        while True:
+            time.sleep(60)
+    else:
+        code = {"enospc": errno.ENOSPC, "erofs": errno.EROFS}[kind]
+        raise OSError(code, os.strerror(code), path)
+
 
 
 # --------------------------------------------------------------------------------------- safe encodings
@@ -124,7 +140,7 @@ def save_state_dict(sd: Dict[str, Any], json_path: str, tensor_path: Optional[st
     if tensors and tensor_path is None:
         raise TypeError(f"{json_path}: state holds tensors")
     if tensor_path is not None:
-        _fault(os.path.basename(tensor_path))
+        fault_point(tensor_path)
         save_file(tensors, tensor_path)
     _write_json(json_path, structure)
 
@@ -139,7 +155,7 @@ def load_state_dict(json_path: str, tensor_path: Optional[str]) -> Dict[str, Any
 
 
 def _write_json(path: str, obj: Any) -> None:
-    _fault(os.path.basename(path))
+    fault_point(path)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
 
@@ -174,7 +190,7 @@ def save_rng(path: str, s: Optional[Dict[str, Any]] = None) -> None:
         tensors[f"cuda.{i}"] = t
     metadata = {"python": json.dumps([version, list(internal), gauss]),
                 "numpy": json.dumps([name, int(pos), int(has_gauss), float(cached)])}
-    _fault(os.path.basename(path))
+    fault_point(path)
     save_file(tensors, path, metadata=metadata)
 
 
@@ -265,10 +281,10 @@ def latest_checkpoint(out_dir: str, warn: bool = False) -> Optional[str]:
     pointer = os.path.join(out_dir, LATEST)
     named = None
     if os.path.isfile(pointer):
-        with open(pointer, encoding="utf-8") as f:
-            named = f.read().strip()
+        with open(pointer, encoding="utf-8", errors="replace") as f:
+            named = f.read(200).strip()
         if not CHECKPOINT_RE.match(named) or os.path.islink(os.path.join(out_dir, named)):
-            raise CheckpointError(f"{pointer}: names {named!r}, not a checkpoint folder inside {out_dir}")
+            raise CheckpointError(f"{pointer}: names {named[:60]!r}, not a checkpoint folder inside {out_dir}")
     candidates = checkpoints(out_dir)
     if named is not None:
         step = int(CHECKPOINT_RE.match(named).group(1))
@@ -284,8 +300,15 @@ def latest_checkpoint(out_dir: str, warn: bool = False) -> Optional[str]:
 
 
 def read_trainer_state(path: str) -> Dict[str, Any]:
-    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-        return json.load(f)
+    file = os.path.join(path, STATE_FILE)
+    try:
+        with open(file, encoding="utf-8") as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no step")
+        return state
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{file}: unreadable trainer state ({str(e).splitlines()[0][:80]})") from None
 
 
 # --------------------------------------------------------------------------------------- save / load
@@ -306,6 +329,7 @@ def trainable_state(module: torch.nn.Module, state: DistState, everywhere: bool 
 def _write_text_atomic(path: str, text: str) -> None:
     tmp = path + ".tmp"
     try:
+        fault_point(tmp)
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -339,14 +363,14 @@ def save_checkpoint(out_dir: str, step: int, *, engine, trainer_state: Dict[str,
         barrier(state)
         weights = trainable_state(engine.module, state)  # collective under ZeRO-3
         if state.backend == "deepspeed":
-            engine.wrapped.save_checkpoint(os.path.join(tmp, DEEPSPEED_DIR), tag="state", save_latest=False)
+            save_deepspeed_state(engine, tmp, state)
         elif state.is_main:
             save_state_dict(engine.optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_JSON),
                             os.path.join(tmp, OPTIMIZER_TENSORS))
             save_state_dict(engine.scheduler.state_dict(), os.path.join(tmp, SCHEDULER_FILE), None)
         save_rng(os.path.join(tmp, rng_file(state.rank)), rng)
         if state.is_main:
-            _fault(WEIGHTS_FILE)
+            fault_point(os.path.join(tmp, WEIGHTS_FILE))
             save_file(weights, os.path.join(tmp, WEIGHTS_FILE))
             _write_json(os.path.join(tmp, STATE_FILE), {"step": step, **trainer_state})
         barrier(state)
@@ -373,36 +397,90 @@ def _prune(out_dir: str, keep: int, current: str) -> None:
             shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
 
 
-def load_checkpoint(path: str, *, engine, state: DistState, trust: bool = False) -> Dict[str, Any]:
+def load_checkpoint(path: str, *, engine, state: DistState) -> Dict[str, Any]:
     """Restore weights, optimizer, scheduler and this rank's RNG from the verified checkpoint ``path``;
-    returns the trainer state. DeepSpeed's own (pickled) state is read only with ``trust``."""
+    returns the trainer state. A file that does not parse is a ``CheckpointError`` naming it."""
+    try:
+        return _load_checkpoint(path, engine=engine, state=state)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors, JSON and the optimizer's own checks raise many types
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: unreadable checkpoint ({reason})") from None
+
+
+def load_weights(module: torch.nn.Module, path: str) -> None:
+    """Copy the checkpoint's trainable parameters into ``module`` (not partitioned)."""
     from safetensors.torch import load_file
 
+    weights = load_file(os.path.join(path, WEIGHTS_FILE))
+    params = dict(module.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks trainable parameter {missing[0]} (another model or --lora?)")
+    with torch.no_grad():
+        for n, t in weights.items():
+            if n not in params:
+                raise CheckpointError(f"{path}: checkpoint parameter {n} is not in the model")
+            params[n].copy_(t)
+
+
+# What of DeepSpeed's ZeRO optimizer state is not saved: objects that would need pickle. The loss
+# scaler is static in bf16/fp32 (prefopt refuses fp16), so the running one is the saved one; the
+# parameter-slice maps are rebuilt by DeepSpeed when it loads.
+DEEPSPEED_UNSAVED = ("loss_scaler", "param_slice_mappings")
+DEEPSPEED_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
+
+
+def deepspeed_files(rank: int) -> Tuple[str, str]:
+    return f"zero_optimizer_{rank}.json", f"zero_optimizer_{rank}.safetensors"
+
+
+def save_deepspeed_state(engine, folder: str, state: DistState) -> None:
+    """Under DeepSpeed: every rank's ZeRO optimizer partition (fp32 master weights, AdamW moments) without
+    :data:`DEEPSPEED_UNSAVED`; rank 0: the scheduler and the engine's step counters (in the scheduler's
+    JSON under ``"deepspeed"``)."""
+    if getattr(engine.optimizer, "elastic_checkpoint", False):
+        raise CheckpointError("--deepspeed: elastic_checkpoint is not supported by prefopt's checkpoints; set it false")
+    sd = {k: v for k, v in engine.optimizer.state_dict().items() if k not in DEEPSPEED_UNSAVED}
+    json_name, tensor_name = deepspeed_files(state.rank)
+    try:
+        save_state_dict(sd, os.path.join(folder, json_name), os.path.join(folder, tensor_name))
+    except TypeError as e:
+        raise CheckpointError(f"--deepspeed: DeepSpeed's optimizer state holds what prefopt cannot save: {e}") from None
+    if state.is_main:
+        counters = {k: getattr(engine.wrapped, k) for k in DEEPSPEED_COUNTERS}
+        save_state_dict({"scheduler": engine.scheduler.state_dict(), "deepspeed": counters},
+                        os.path.join(folder, SCHEDULER_FILE), None)
+
+
+def load_deepspeed_state(engine, path: str, state: DistState) -> None:
+    json_name, tensor_name = deepspeed_files(state.rank)
+    if not os.path.isfile(os.path.join(path, json_name)):
+        raise CheckpointError(f"{path}: no ZeRO optimizer state for rank {state.rank} (saved without --deepspeed, "
+                              "or with fewer processes?)")
+    sd = load_state_dict(os.path.join(path, json_name), os.path.join(path, tensor_name))
+    sd["loss_scaler"] = engine.optimizer.loss_scaler
+    if state.zero_stage < 3:  # ZeRO-1/2 restore their fp32 partition only; the module's weights come from here
+        load_weights(engine.module, path)
+    # ZeRO-3 restores the (partitioned) weights from the fp32 partition it loads.
+    engine.optimizer.load_state_dict([sd if r == state.rank else None for r in range(state.world_size)],
+                                     load_optimizer_states=True, load_from_fp32_weights=True)
+    saved = load_state_dict(os.path.join(path, SCHEDULER_FILE), None)
+    engine.scheduler.load_state_dict(saved["scheduler"])
+    for k, v in saved["deepspeed"].items():
+        setattr(engine.wrapped, k, v)
+
+
+def _load_checkpoint(path: str, *, engine, state: DistState) -> Dict[str, Any]:
     trainer_state = read_trainer_state(path)
     rng = os.path.join(path, rng_file(state.rank))
     if not os.path.isfile(rng):
         raise CheckpointError(f"{path}: no RNG state for rank {state.rank} ({rng_file(state.rank)} is missing)")
     if state.backend == "deepspeed":
-        if not os.path.isdir(os.path.join(path, DEEPSPEED_DIR)):
-            raise CheckpointError(f"{path}: no DeepSpeed state in this checkpoint (saved without --deepspeed?)")
-        if not trust:
-            raise CheckpointError(f"{path}: resuming under DeepSpeed loads DeepSpeed's own pickled optimizer state "
-                                  "(deepspeed/), which can run code; pass --trust-checkpoint if this folder is yours")
-        load_path, _ = engine.wrapped.load_checkpoint(os.path.join(path, DEEPSPEED_DIR), tag="state",
-                                                      load_module_strict=False)
-        if load_path is None:
-            raise CheckpointError(f"{path}: DeepSpeed could not load deepspeed/")
+        load_deepspeed_state(engine, path, state)
     else:
-        weights = load_file(os.path.join(path, WEIGHTS_FILE))
-        params = dict(engine.module.named_parameters())
-        missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-        if missing:
-            raise CheckpointError(f"{path}: checkpoint lacks trainable parameter {missing[0]} (another model or --lora?)")
-        with torch.no_grad():
-            for n, t in weights.items():
-                if n not in params:
-                    raise CheckpointError(f"{path}: checkpoint parameter {n} is not in the model")
-                params[n].copy_(t)
+        load_weights(engine.module, path)
         # On the CPU: the optimizer moves each state tensor to its parameter's device itself.
         engine.optimizer.load_state_dict(load_state_dict(os.path.join(path, OPTIMIZER_JSON),
                                                          os.path.join(path, OPTIMIZER_TENSORS)))

@@ -100,8 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "generate N; default all)")
     g.add_argument("--max-length", type=int, default=d.max_length, help="longest row in tokens, image tokens "
                    "included; longer answers are cut (default %(default)s)")
-    g.add_argument("--strict-data", action="store_true", help="a malformed JSONL record fails the run (default: it "
-                   "is skipped with a warning naming its line)")
+    g.add_argument("--strict-data", action="store_true", help="a bad record fails the run (default: it is skipped, "
+                   "reported as one line FILE:LINE: reason and counted in the summary). Checked before training: UTF-8, "
+                   "JSON, duplicate keys, fields, chosen != rejected, a rejected answer for pairwise methods, images "
+                   "(decode, regular file inside the data folder, pixel limit), literal image tokens, prompt within "
+                   "--max-length")
+    g.add_argument("--allow-outside-images", action="store_true", help="accept image paths (or symbolic links) "
+                   "that lead outside the data file's folder")
+    g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="largest image (width x height) "
+                   "accepted; larger ones are skipped as decompression bombs (default %(default)s)")
     g.add_argument("--probe-data", default=None, metavar="PATH|synthetic",
                    help="records for the Delta-log-p probes (default: the held-out split of 'synthetic' or of a "
                         "folder with heldout.jsonl, else the first training records)")
@@ -185,14 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "adapter beside the base weights (default: merged into the weights)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint "
                    "(same options)")
-    g.add_argument("--trust-checkpoint", action="store_true",
-                   help="--resume under --deepspeed: allow loading DeepSpeed's own optimizer files, which are pickles "
-                        "and can run code (prefopt's own checkpoint files never are); only for run folders you trust")
     g.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                    help="stop after this many steps of the schedule, with a checkpoint (continue with --resume)")
     g.add_argument("--deepspeed", default=None, metavar="zero2|zero3|CONFIG.json",
                    help="train under DeepSpeed (launch with deepspeed or torchrun); a JSON config may use 'auto' for "
                         "batch sizes, clipping and precision")
+    g.add_argument("--dist-timeout", type=float, default=d.dist_timeout, metavar="SECONDS",
+                   help="DDP/DeepSpeed: a collective that waits this long for another rank (hung or dead) fails with a "
+                        "one-line error on every waiting rank (default %(default)s)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--json", action="store_true", help="print the summary as JSON")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -216,14 +223,15 @@ def config_from_args(args) -> "TrainConfig":
         keep_adapter=args.keep_adapter, data=args.data, out=out, reference=args.reference, lora=args.lora,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, dtype=args.dtype, device=args.device,
         gradient_checkpointing=args.gradient_checkpointing, op_backend=args.op_backend, train_size=args.train_size,
-        max_length=args.max_length, strict_data=args.strict_data, probe_data=args.probe_data,
-        probe_size=args.probe_size, eval_size=args.eval_size, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+        max_length=args.max_length, strict_data=args.strict_data, allow_outside_images=args.allow_outside_images,
+        max_image_pixels=args.max_image_pixels, probe_data=args.probe_data, probe_size=args.probe_size,
+        eval_size=args.eval_size, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm, seed=args.seed, options=options, max_new_tokens=args.max_new_tokens,
         probe_every=args.probe_every, early_stop_chosen_drop=args.early_stop_chosen_drop, save_every=args.save_every,
         save_minutes=args.save_minutes,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, stop_after=args.stop_after,
-        deepspeed=args.deepspeed, trust_checkpoint=args.trust_checkpoint, progress=not args.no_progress,
+        deepspeed=args.deepspeed, dist_timeout=args.dist_timeout, progress=not args.no_progress,
     )
 
 
@@ -273,6 +281,7 @@ def format_summary(s: dict) -> str:
         + f"; reference: {REFERENCE_WORDS[s['reference']]})   throughput {num(s['tokens_per_second'], '.0f')} tokens/s",
         f"  checkpoint         {s['checkpoint']}",
         f"  model folder       {s['model_folder']}   (Hugging Face from_pretrained)",
+        *([f"  skipped records    {s['skipped_records']} (listed on stderr)"] if s.get("skipped_records") else []),
         f"  metrics            {s['metrics']}",
     ]
     return "\n".join(lines)
@@ -341,6 +350,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         summary = run.execute()
+    except KeyboardInterrupt:  # outside the steps (where SIGINT only asks for a checkpoint and a stop)
+        print("prefopt train: interrupted outside the training steps; the run folder keeps its last checkpoint",
+              file=sys.stderr)
+        return 130
     except Interrupted as e:
         if run.state.is_main:
             print(f"prefopt train: stopped by {signal.Signals(e.signum).name} at step {e.step}/{e.total}; checkpoint "
@@ -349,6 +362,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (CheckpointError, OSError, ValueError) as e:
         message = os_error_line(e, cfg.out) if isinstance(e, OSError) else str(e).strip().splitlines()[0]
         print(f"prefopt train: error: {message}", file=sys.stderr, flush=True)
+        return 1
+    except RuntimeError as e:  # a collective that failed: another rank hung (--dist-timeout) or died
+        if not run.state.distributed:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"prefopt train: error: rank {run.state.rank}: a collective failed, another rank hung past "
+              f"--dist-timeout {cfg.dist_timeout:g} s or died ({first})", file=sys.stderr, flush=True)
         return 1
     if run.state.is_main:
         print(json.dumps(summary, indent=1) if args.json else format_summary(summary), flush=True)

@@ -9,9 +9,13 @@ JSONL format, one object per line (blank lines are skipped)::
 ``prompt`` and ``chosen`` are required non-empty strings; ``rejected`` is a string or null/absent;
 ``images`` is a list of paths (relative paths are resolved against the JSONL file's folder; a single
 string is accepted as a one-element list), may be empty or absent; ``corrections`` is a list of strings,
-may be absent. Other keys are ignored. A malformed line is never trained on: with ``strict=False`` it is
-skipped with a warning naming the file and line number, with ``strict=True`` it raises ``ValueError``
-naming both.
+may be absent. Other keys are ignored. A line is never trained on when it is not UTF-8 or not JSON, has a
+duplicate key, a missing or empty field, ``chosen == rejected``, or an image that is missing, not a regular
+file, outside the data folder (unless allowed), over the pixel limit or does not decode; the trainer
+also skips records whose text holds a literal image token or whose prompt leaves no answer token within
+``--max-length`` (a longer answer is cut at ``max_length``), and, for pairwise methods, records without
+``rejected``. Each problem is one line ``FILE:LINE: reason`` on stderr and counted in the summary; with
+``strict`` (``--strict-data``) the first one is a ``ValueError``.
 
 The collator renders each (prompt, answer) pair with the processor's (or tokenizer's) chat template,
 runs it through the processor (image tokens are expanded there), and builds Hugging Face labels
@@ -22,13 +26,17 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
+import stat
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["PreferenceRecord", "load_records", "data_fingerprint", "PreferenceCollator", "EXTRA_BATCH_KEYS", "model_inputs"]
+__all__ = ["PreferenceRecord", "load_records", "data_fingerprint", "DataProblems", "check_image", "PreferenceCollator", "EXTRA_BATCH_KEYS", "model_inputs"]
+
+#: Default pixel limit of one image (width x height); larger ones are refused as decompression bombs.
+MAX_IMAGE_PIXELS = 50_000_000
 
 # Keys the collator adds that are not model inputs; ModelAdapter.hidden_states drops them.
 EXTRA_BATCH_KEYS = ("labels", "num_images", "correction_rows", "row_record")
@@ -43,6 +51,7 @@ class PreferenceRecord:
     rejected: Optional[str] = None
     images: list = field(default_factory=list)
     corrections: List[str] = field(default_factory=list)
+    where: str = ""  # FILE:LINE of a record loaded from JSONL (what problems with it are reported as)
 
 
 def model_inputs(batch: Dict[str, Any]) -> Dict[str, Any]:
@@ -53,7 +62,67 @@ def model_inputs(batch: Dict[str, Any]) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def _parse_record(obj: Any, folder: str) -> PreferenceRecord:
+class DataProblems:
+    """The problems found in the data, one line each (``FILE:LINE: reason``): printed to stderr (rank 0)
+    as they are found and counted for the summary; with ``strict`` the first one raises ``ValueError``."""
+
+    def __init__(self, strict: bool = False, quiet: bool = False):
+        self.strict, self.quiet = strict, quiet
+        self.lines: List[str] = []
+
+    def __call__(self, where: str, reason: str) -> None:
+        line = f"{where}: {reason}"
+        if self.strict:
+            raise ValueError(line + " (--strict-data)")
+        self.lines.append(line)
+        if not self.quiet and os.environ.get("RANK", "0") == "0":
+            print(f"{line} (skipped)", file=sys.stderr, flush=True)
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+
+def _no_duplicate_keys(pairs):
+    seen = set()
+    for k, _ in pairs:
+        if k in seen:
+            raise ValueError(f"duplicate key {k!r}")
+        seen.add(k)
+    return dict(pairs)
+
+
+def check_image(path: str, folder: str, *, allow_outside: bool = False, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """``ValueError`` (the reason) unless ``path`` is a regular file inside ``folder`` (unless
+    ``allow_outside``; symbolic links are followed) that PIL identifies and verifies, with at most
+    ``max_pixels`` pixels (a decompression bomb is refused from its header, before decoding)."""
+    import warnings
+
+    from PIL import Image
+
+    real = os.path.realpath(path)
+    if not allow_outside and os.path.commonpath([real, os.path.realpath(folder)]) != os.path.realpath(folder):
+        raise ValueError(f"image {path} is outside the data folder (pass --allow-outside-images to allow)")
+    if not os.path.exists(real):
+        raise ValueError(f"image not found: {path}")
+    if not stat.S_ISREG(os.stat(real).st_mode):
+        raise ValueError(f"image {path} is not a regular file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(real) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise ValueError(f"image {path} is {w}x{h} pixels, over the limit of {max_pixels}")
+                im.verify()
+    except ValueError:
+        raise
+    except Exception as e:  # PIL raises many types for broken files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"image {path} does not decode ({reason})") from None
+
+
+def _parse_record(obj: Any, folder: str, allow_outside: bool = False,
+                  max_pixels: int = MAX_IMAGE_PIXELS) -> PreferenceRecord:
     """Validate one decoded JSON value; raise ValueError with the reason when it is malformed."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
@@ -65,6 +134,8 @@ def _parse_record(obj: Any, folder: str) -> PreferenceRecord:
     rejected = obj.get("rejected")
     if rejected is not None and (not isinstance(rejected, str) or not rejected.strip()):
         raise ValueError("field 'rejected' must be a non-empty string or null")
+    if rejected is not None and rejected.strip() == obj["chosen"].strip():
+        raise ValueError("chosen and rejected are the same answer")
     images = obj.get("images", [])
     if images is None:
         images = []
@@ -75,8 +146,7 @@ def _parse_record(obj: Any, folder: str) -> PreferenceRecord:
     paths = []
     for p in images:
         full = p if os.path.isabs(p) else os.path.join(folder, p)
-        if not os.path.isfile(full):
-            raise ValueError(f"image not found: {p}")
+        check_image(full, folder, allow_outside=allow_outside, max_pixels=max_pixels)
         paths.append(full)
     corrections = obj.get("corrections", [])
     if corrections is None:
@@ -89,14 +159,19 @@ def _parse_record(obj: Any, folder: str) -> PreferenceRecord:
 
 
 def load_records(
-    source: str, *, split: str = "train", strict: bool = False, seed: int = 0, size: Optional[int] = None
+    source: str, *, split: str = "train", strict: bool = False, seed: int = 0, size: Optional[int] = None,
+    problems: Optional[DataProblems] = None, allow_outside_images: bool = False,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> List[PreferenceRecord]:
     """Load preference records.
 
     ``source``: ``"synthetic"`` (the built-in set, :func:`prefopt.train.synthetic.make_synthetic_records`
     with ``split``, ``size`` and ``seed``), a JSONL file, or a folder holding ``{split}.jsonl``. For a
-    file, ``split`` and ``seed`` are not used and ``size`` keeps the first ``size`` valid records.
-    Missing path: ``ValueError`` with a one-line message. Malformed lines: see the module docstring.
+    file, ``split`` and ``seed`` are not used and ``size`` keeps the first ``size`` valid records; each
+    record's ``where`` is ``FILE:LINE``. Missing path: ``ValueError`` with a one-line message. A line
+    that is not UTF-8, not JSON, has a duplicate key, a missing or empty field, chosen == rejected, or an
+    image that fails :func:`check_image` is reported to ``problems`` (default: a new
+    :class:`DataProblems` with ``strict``) and skipped.
     """
     if source == "synthetic":
         from .synthetic import make_synthetic_records
@@ -109,24 +184,29 @@ def load_records(
             raise ValueError(f"data folder {source!r} has no {split}.jsonl")
     elif not os.path.isfile(path):
         raise ValueError(f"data file not found: {source!r} (expected a JSONL file, a folder, or 'synthetic')")
+    report = problems if problems is not None else DataProblems(strict)
     folder = os.path.dirname(os.path.abspath(path))
     records: List[PreferenceRecord] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                report(where, f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+                continue
             if not line.strip():
                 continue
             try:
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"invalid JSON ({e.msg})") from None
-                rec = _parse_record(obj, folder)
+                rec = _parse_record(obj, folder, allow_outside_images, max_image_pixels)
             except ValueError as e:
-                msg = f"{path}: line {lineno}: malformed record: {e}"
-                if strict:
-                    raise ValueError(msg) from None
-                warnings.warn(msg + " (skipped)", stacklevel=2)
+                report(where, str(e))
                 continue
+            rec.where = where
             records.append(rec)
             if size is not None and len(records) >= size:
                 break
@@ -210,6 +290,28 @@ class PreferenceCollator:
             if isinstance(tid, int):
                 self.image_token_ids.add(tid)
         self._template_owner = self._find_template_owner()
+        # The text of the image/video tokens: written literally in a record, the processor would count it
+        # as an image.
+        literal = {getattr(processor, a, None) for a in ("image_token", "video_token")}
+        literal |= {self.tokenizer.convert_ids_to_tokens(t) for t in self.image_token_ids}
+        self.literal_image_tokens = sorted(t for t in literal if isinstance(t, str) and t)
+
+    def check_record(self, record: PreferenceRecord, modes: Sequence[str]) -> Optional[str]:
+        """The reason ``record`` cannot be collated in one of ``modes`` (a literal image token in its text, a
+        prompt that leaves no answer token within ``max_length``, an image the processor rejects), or None."""
+        for text in (record.prompt, record.chosen, record.rejected or "", *record.corrections):
+            for token in self.literal_image_tokens:
+                if token in text:
+                    return f"literal image token {token!r} in the text"
+        for mode in modes:
+            if mode == "pair" and record.rejected is None:
+                continue
+            try:
+                self([record], mode=mode)
+            except Exception as e:  # the processor's own errors come in many types
+                message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                return message[len(record.where) + 2:] if record.where and message.startswith(record.where) else message
+        return None
 
     # -- text rendering
 
@@ -350,7 +452,7 @@ class PreferenceCollator:
         encoded = []
         for i, answer, _ in rows:
             r = records[i]
-            encoded.append(self._encode(r.prompt, answer, list(r.images), f"record {i}"))
+            encoded.append(self._encode(r.prompt, answer, list(r.images), r.where or f"record {i}"))
 
         T = min(self.max_length, max(f["input_ids"].shape[1] for f, _ in encoded))
         R = len(rows)

@@ -91,13 +91,21 @@ def _skip_deepspeed_shm_build() -> None:
         ds_torch_comm.build_shm_op = lambda: None
 
 
-def setup(deepspeed: Optional[str], device: str = "auto") -> DistState:
+#: Default of ``--dist-timeout``: how long a collective waits for the other ranks before it fails.
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def setup(deepspeed: Optional[str], device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistState:
     """Initialise the process group from the launcher's environment and pick this rank's device.
 
     ``deepspeed``: None (plain: one process, or DDP when launched with several), ``"zero2"``,
     ``"zero3"`` or a DeepSpeed JSON config path. A DeepSpeed run without a launcher is a one-process
-    group on a free local port.
+    group on a free local port. ``timeout_s``: a collective that waits longer for another rank (hung or
+    dead) fails on every rank that waits, instead of hanging.
     """
+    from datetime import timedelta
+
+    timeout = timedelta(seconds=timeout_s)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -113,11 +121,11 @@ def setup(deepspeed: Optional[str], device: str = "auto") -> DistState:
         import deepspeed as ds
 
         if not torch_dist.is_initialized():
-            ds.init_distributed(dist_backend=comm)
+            ds.init_distributed(dist_backend=comm, timeout=timeout)
         return DistState("deepspeed", rank, world, local_rank, dev)
     if world > 1:
         if not torch_dist.is_initialized():
-            torch_dist.init_process_group(backend=comm, device_id=dev if dev.type == "cuda" else None)
+            torch_dist.init_process_group(backend=comm, device_id=dev if dev.type == "cuda" else None, timeout=timeout)
         return DistState("ddp", rank, world, local_rank, dev)
     return DistState("single", 0, 1, 0, dev)
 

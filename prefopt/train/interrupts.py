@@ -19,6 +19,7 @@ import time
 from typing import List, Optional
 
 from . import distributed as dist
+from .checkpoint import fault_point
 
 #: Files a run writes before its first checkpoint: a folder holding only these can be started again.
 RUN_FILES = ("config.json", "metrics.jsonl", "metrics.jsonl.tmp", "latest.tmp")
@@ -79,6 +80,7 @@ class Cadence:
 
 def at_boundary(signals: StopSignals, cadence: Cadence, done: int, state: dist.DistState):
     """(signal number or 0, checkpoint due): agreed over ranks (rank 0's clock decides the cadence)."""
+    fault_point(f"step-{done}")
     signum, due = signals.signum or 0, cadence.due(done) and state.is_main
     if state.distributed:
         signum, due = dist.all_reduce([signum, float(due)], state, op="max")

@@ -11,7 +11,8 @@
                              sampled here)
         item count           the size of the whole accumulated global batch in the loss's unit
         forward/backward     every micro-batch's loss is normalised by that count
-        step                 clip, AdamW, schedule; metrics (TRL names), probes, checkpoints
+        step                 clip, AdamW, schedule; metrics (TRL names), probes, checkpoints (at the end,
+                             the cadence, an early stop, SIGINT/SIGTERM: see interrupts.py)
 
 The loss is always a fused prefopt module on the backbone's final hidden states and the head weight
 (:class:`~prefopt.train.methods.PolicyObjective`); the loop never computes logits. Data order is a
@@ -38,8 +39,9 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import reference as ref_mod
-from .methods import METHODS, MethodOptions, PolicyObjective, Stage, build_method
+from .data import DataProblems
 from .interrupts import Cadence, Interrupted, StopSignals, at_boundary, stale_run_files
+from .methods import METHODS, MethodOptions, PolicyObjective, Stage, build_method
 from .probes import LogpProbe, ProbeResult, should_stop
 
 METRICS_FILE = "metrics.jsonl"
@@ -74,6 +76,8 @@ class TrainConfig:
     train_size: Optional[int] = None
     max_length: int = 512
     strict_data: bool = False
+    allow_outside_images: bool = False
+    max_image_pixels: int = 50_000_000  # prefopt.train.data.MAX_IMAGE_PIXELS
     probe_data: Optional[str] = None
     probe_size: int = 16
     eval_size: Optional[int] = None  # held-out records of the final evaluation; None: all, 0: none
@@ -100,7 +104,7 @@ class TrainConfig:
     stop_after: Optional[int] = None  # stop (with a checkpoint) after this many steps of the schedule
     deepspeed: Optional[str] = None
     keep_adapter: bool = False  # OUT/model/ keeps LoRA as a peft adapter instead of merging it
-    trust_checkpoint: bool = False  # --resume under DeepSpeed unpickles DeepSpeed's own files
+    dist_timeout: float = dist.DEFAULT_TIMEOUT_S  # seconds a collective waits for a hung or dead rank
     progress: bool = True
 
     def family(self) -> str:
@@ -234,6 +238,8 @@ def prepare(cfg: TrainConfig) -> "Run":
     for name in ("batch_size", "grad_accum", "probe_size", "max_length", "keep_checkpoints"):
         if getattr(cfg, name) < (0 if name == "keep_checkpoints" else 1):
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(cfg, name)}")
+    if cfg.dist_timeout <= 0:
+        raise ValueError(f"--dist-timeout: expected a positive number of seconds, got {cfg.dist_timeout}")
     if cfg.steps < 0 or cfg.epochs <= 0 or cfg.probe_every < 0 or cfg.save_every < 0 or cfg.save_minutes < 0:
         raise ValueError("--steps, --probe-every, --save-every and --save-minutes must be >= 0 and --epochs > 0")
     if not 0.0 <= cfg.warmup_ratio < 1.0:
@@ -244,7 +250,7 @@ def prepare(cfg: TrainConfig) -> "Run":
         raise ValueError(f"--deepspeed: expected zero2, zero3 or a JSON config file, got {cfg.deepspeed!r}")
     resume_state, stale = _check_out_dir(cfg)
 
-    state = dist.setup(cfg.deepspeed, cfg.device)
+    state = dist.setup(cfg.deepspeed, cfg.device, cfg.dist_timeout)
     try:
         run = _prepare(cfg, state, resume_state)
         run.stale_files = stale
@@ -260,9 +266,6 @@ def _check_out_dir(cfg: TrainConfig) -> Tuple[Optional[Dict[str, Any]], List[str
     main_rank = os.environ.get("RANK", "0") == "0"
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ValueError(f"--out {cfg.out}: exists and is not a folder")
-    if cfg.resume and cfg.deepspeed and not cfg.trust_checkpoint:
-        raise ValueError("--resume under --deepspeed loads DeepSpeed's own optimizer files, which are pickles and can "
-                         "run code; pass --trust-checkpoint if the run folder is yours")
     if not os.path.isdir(cfg.out) or not os.listdir(cfg.out):
         if cfg.resume:
             raise ValueError(f"--resume: no checkpoint in {cfg.out}")
@@ -278,11 +281,11 @@ def _check_out_dir(cfg: TrainConfig) -> Tuple[Optional[Dict[str, Any]], List[str
                          "a new folder")
     try:
         path = ckpt.latest_checkpoint(cfg.out, warn=main_rank)
+        if path is None:
+            raise ValueError(f"--resume: no intact checkpoint in {cfg.out}")
+        return {"path": path, **ckpt.read_trainer_state(path)}, []
     except ckpt.CheckpointError as e:
         raise ValueError(f"--resume: {e}") from None
-    if path is None:
-        raise ValueError(f"--resume: no intact checkpoint in {cfg.out}")
-    return {"path": path, **ckpt.read_trainer_state(path)}, []
 
 
 def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
@@ -290,31 +293,50 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     from .models import build_model
 
     seed_everything(cfg.seed + state.rank)
-    records = load_records(cfg.data, split="train", strict=cfg.strict_data, seed=cfg.seed, size=cfg.train_size)
+    problems = DataProblems(cfg.strict_data)  # every skipped record: one line FILE:LINE: reason
+    load = dict(strict=cfg.strict_data, seed=cfg.seed, problems=problems,
+                allow_outside_images=cfg.allow_outside_images, max_image_pixels=cfg.max_image_pixels)
+    records = load_records(cfg.data, split="train", size=cfg.train_size, **load)
     if not records:
         raise ValueError(f"--data {cfg.data}: no training records")
     method_probe = build_method(cfg.method, cfg.method_options(), total_steps=1)  # validates the method's options
     if cfg.reference_mode(method_probe) != "none":
         ref_mod.check_mode(cfg.reference_mode(method_probe), method_probe, lora=cfg.lora)
-    modes = {s.mode for _, s in method_probe.stages}
+    modes = sorted({collated_mode(s) for _, s in method_probe.stages})
     if "pair" in modes:
-        missing = next((i for i, r in enumerate(records) if r.rejected is None), None)
-        if missing is not None:
-            raise ValueError(f"--data {cfg.data}: record {missing} has no rejected answer, which {cfg.method} needs")
+        for i, r in enumerate(records):
+            if r.rejected is None:
+                problems(r.where or f"record {i}", f"no rejected answer, which {cfg.method} needs")
+        records = [r for r in records if r.rejected is not None]
     if "nsft" in modes and not any(r.corrections for r in records):
         raise ValueError(f"--data {cfg.data}: no record has corrections, which nsft trains on")
-    probe_records = _probe_records(cfg, records)
-    eval_records = _eval_records(cfg)
 
     source = model_source(cfg)
     policy, processor = build_model(source, dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r,
                                     lora_alpha=cfg.lora_alpha, gradient_checkpointing=cfg.gradient_checkpointing,
                                     device=state.device, seed=cfg.seed)
     collator = PreferenceCollator(processor, max_length=cfg.max_length)
+    try:  # a model whose processor cannot take this data at all is one error, not a report per record
+        collator._check_images(records[:1] + [r for r in records if r.images][:1])
+    except ValueError as e:
+        raise ValueError(f"--model {cfg.model} cannot take --data {cfg.data}: {e}") from None
+    # Everything a batch can fail on, per record, before training (the built-in set is made to fit).
+    records = [r for r in records if not (r.where and _skip_record(collator, r, modes, problems))]
+    if not records:
+        raise ValueError(f"--data {cfg.data}: no usable training records ({len(problems)} skipped)")
+    training = {id(r) for r in records}
+    probe_records = [r for r in _probe_records(cfg, records, load)
+                     if id(r) in training or not (r.where and _skip_record(collator, r, ["pair"], problems))]
+    if not probe_records:
+        raise ValueError("probe set: no usable record (give --probe-data)")
+    eval_records = _eval_records(cfg)
+    if len(problems) and state.is_main:
+        print(f"prefopt train: note: {len(problems)} records skipped (listed above; --strict-data makes them errors)",
+              file=sys.stderr, flush=True)
     plan = DataPlan(len(records), cfg.batch_size, cfg.grad_accum, state.world_size, cfg.seed)
     try:  # a model whose processor cannot take this data fails here, not mid-run
-        for mode in sorted(modes):
-            collator([records[i] for i in plan.indices(0, 0, state.rank)], mode="sft" if mode == "grpo" else mode)
+        for mode in modes:
+            collator([records[i] for i in plan.indices(0, 0, state.rank)], mode=mode)
         collator(probe_records[:1], mode="pair")
     except ValueError as e:
         raise ValueError(f"--model {cfg.model} cannot take --data {cfg.data}: {e}") from None
@@ -336,9 +358,14 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     dist.barrier(state)  # every rank has checked --out before rank 0 writes to it
     run = Run(cfg, state, policy, processor, collator, records, probe_records, plan, method,
               cfg.reference_mode(method), total, resume_state)
+    run.identity, run.problems = identity, problems
     run.eval_records = eval_records
-    run.identity = identity
     return run
+
+
+def collated_mode(stage: Stage) -> str:
+    """The collator mode of a stage's rows (GRPO's rollouts are SFT rows of the sampled answers)."""
+    return "sft" if stage.mode == "grpo" else stage.mode
 
 
 def model_source(cfg: TrainConfig) -> str:
@@ -362,7 +389,15 @@ def _eval_records(cfg: TrainConfig):
                                     size=cfg.eval_size) if r.rejected is not None]
 
 
-def _probe_records(cfg: TrainConfig, records):
+def _skip_record(collator, record, modes, problems) -> bool:
+    """Report ``record`` and return True when it cannot be collated in one of ``modes``."""
+    reason = collator.check_record(record, modes)
+    if reason is not None:
+        problems(record.where, reason)
+    return reason is not None
+
+
+def _probe_records(cfg: TrainConfig, records, load: Dict[str, Any]):
     from .data import load_records
 
     source = cfg.probe_data
@@ -371,7 +406,7 @@ def _probe_records(cfg: TrainConfig, records):
     if source is None:
         probe = records[: cfg.probe_size]
     else:
-        probe = load_records(source, split="heldout", strict=cfg.strict_data, seed=cfg.seed, size=cfg.probe_size)
+        probe = load_records(source, split="heldout", size=cfg.probe_size, **load)
     probe = [r for r in probe if r.rejected is not None]
     if not probe:
         raise ValueError("probe set: no record with a rejected answer (give --probe-data)")
@@ -393,6 +428,8 @@ class Run:
         self.resume_state = resume_state
         self.stale_files: List[str] = []  # set by prepare
         self.identity: Dict[str, Any] = {}  # set by prepare
+        self.problems = DataProblems()  # set by prepare
+        self.unusable: set = set()  # records that failed inside a step
         self.tokenizer = getattr(processor, "tokenizer", processor)
 
     def log(self, message: str) -> None:
@@ -442,7 +479,7 @@ class Run:
             point = self.method.reference_point
             if point is not None and start_step > point:
                 objective.reference = self.make_reference(point, start_step)
-            ckpt.load_checkpoint(self.resume_state["path"], engine=engine, state=state, trust=cfg.trust_checkpoint)
+            ckpt.load_checkpoint(self.resume_state["path"], engine=engine, state=state)
             saved_start = self.resume_state.get("probe_start")
             probe.start = None if saved_start is None else ProbeResult(**saved_start)
             self.truncate_metrics(start_step)
@@ -477,8 +514,8 @@ class Run:
                 self.write_metrics(metrics)
                 history.append(metrics)
                 bar.update(1)
-                bar.set_postfix({k: f"{metrics[m]:.3g}" for k, m in (
-                    ("loss", "loss"), ("acc", "rewards/accuracies"), ("dlogp+", "probe/delta_logp_chosen")) if m in metrics})
+                shown = (("loss", "loss"), ("acc", "rewards/accuracies"), ("dlogp+", "probe/delta_logp_chosen"))
+                bar.set_postfix({k: f"{metrics[m]:.3g}" for k, m in shown if m in metrics})
                 done = step + 1
                 self.boundary_rng = ckpt.rng_state()
                 if stopped_early:
@@ -587,8 +624,8 @@ class Run:
             return ref_mod.AdapterReference(self.policy, state, snapshot)
         from .models import build_model
 
-        copy, _ = build_model(model_source(cfg), dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                              device=state.device, seed=cfg.seed)
+        copy, _ = build_model(model_source(cfg), dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r,
+                              lora_alpha=cfg.lora_alpha, device=state.device, seed=cfg.seed)
         reference = ref_mod.ModelReference(copy, state, snapshot)
         copy.model = dist.wrap_frozen(state, copy.model, self.policy.head().weight.dtype)
         return reference
@@ -604,7 +641,26 @@ class Run:
         if stage.onpolicy_fraction > 0:
             records, sampled = self.onpolicy_negatives(records, stage.onpolicy_fraction, (step, micro))
             counters["onpolicy/negatives"] = sampled
-        return idx, _to(self.collator(records, mode=stage.mode), self.state.device), counters
+        idx, batch = self.collate(idx, records, stage.mode)
+        return idx, _to(batch, self.state.device), counters
+
+    def collate(self, idx: List[int], records, mode: str) -> Tuple[List[int], Dict[str, torch.Tensor]]:
+        """Collate ``records``; one that fails although the up-front check passed it is reported
+        (``FILE:LINE: reason``), never used again, and replaced by the next usable record, so every rank
+        keeps its batch size and no collective waits for a rank that skipped."""
+        try:
+            return idx, self.collator(records, mode=mode)
+        except Exception:
+            failed = [i for i, r in zip(idx, records)
+                      if i in self.unusable or _skip_record(self.collator, r, [mode], self.problems)]
+            if not failed:
+                raise
+            self.unusable.update(failed)
+            if len(self.unusable) == len(self.records):
+                raise ValueError(f"--data {self.cfg.data}: no usable training records left") from None
+            n = len(self.records)
+            idx = [next((i + k) % n for k in range(n) if (i + k) % n not in self.unusable) for i in idx]
+            return self.collate(idx, [self.records[i] for i in idx], mode)
 
     @torch.no_grad()
     def sample_answers(self, records, num: int) -> List[str]:
@@ -753,8 +809,8 @@ class Run:
         """Drop the lines a killed run logged after its last checkpoint (they are trained again)."""
         path = os.path.join(self.cfg.out, METRICS_FILE)
         if self.state.is_main and os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
+            with open(path, encoding="utf-8", errors="replace") as f:
+                lines = [ln for ln in f if _logged_step(ln) <= step]
             with open(path + ".tmp", "w", encoding="utf-8") as f:
                 f.writelines(lines)
             os.replace(path + ".tmp", path)
@@ -795,11 +851,20 @@ class Run:
             "wall_seconds": wall,
             "checkpoint": getattr(self, "checkpoint_path", None),
             "model_folder": getattr(self, "model_folder", None),
+            "skipped_records": len(self.problems),
             "metrics": os.path.join(self.cfg.out, METRICS_FILE),
             "device": str(self.state.device),
             "world_size": self.state.world_size,
             "backend": self.state.backend + (f" ZeRO-{self.state.zero_stage}" if self.state.backend == "deepspeed" else ""),
         }
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line (infinity for a line that does not parse: it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:

@@ -228,11 +228,16 @@ def load_tensors(path: str, fp: Optional[str] = None) -> Optional[Dict[str, Tens
         return None
     from safetensors import safe_open
 
-    with safe_open(path, framework="pt") as f:
-        if fp is not None and (f.metadata() or {}).get("fingerprint") != fp:
-            raise ValueError(f"{path}: precomputed reference log-probs of another dataset, model or reference "
-                             "point; delete it or use a new --out")
-        return {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors' own error type for a file that is not safetensors
+        raise ValueError(f"{path}: unreadable ({str(e).strip()[:100]})") from None
+    if fp is not None and metadata.get("fingerprint") != fp:
+        raise ValueError(f"{path}: precomputed reference log-probs of another dataset, model or reference "
+                         "point; delete it or use a new --out")
+    return tensors
 
 
 def check_mode(mode: str, method, *, lora: bool) -> None:

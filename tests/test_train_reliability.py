@@ -1,0 +1,455 @@
+"""Runs that lose nothing and trust nothing: signals, faults, resume checks, checkpoint integrity, no pickle.
+
+The embedded tiny text model (``tiny-llama``) on text-only records, a handful of steps on the CPU. The
+cases that need a real process (signals, SIGKILL, two ranks) run ``prefopt.train.cli`` in subprocesses;
+the rest run in this process to keep CI time small (each subprocess pays ~5-10 s of imports).
+"""
+import dataclasses
+import json
+import os
+import random
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from prefopt.train import checkpoint as ckpt  # noqa: E402
+from prefopt.train.cli import main  # noqa: E402
+from prefopt.train.distributed import _free_port as free_port  # noqa: E402
+from prefopt.train.loop import METRICS_FILE, TrainConfig, prepare, train  # noqa: E402
+from prefopt.train.methods import MethodOptions  # noqa: E402
+
+from test_train_loop import write_text_data  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+           PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+ENV.pop(ckpt.FAULT_ENV, None)
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    return write_text_data(tmp_path_factory.mktemp("rel_data"), train=24, heldout=4)
+
+
+def cli_args(data, out, *extra):
+    return ["--model", "tiny-llama", "--data", data, "--out", str(out), "--batch-size", "2", "--probe-size", "2",
+            "--max-new-tokens", "6", "--no-progress", "--device", "cpu", "--save-minutes", "0", *extra]
+
+
+# cw-dpo with on-policy negatives: a reference point (step 2) and sampling, so the RNG state matters.
+CWDPO = ["--method", "cw-dpo", "--steps", "6", "--sftc-fraction", "0.34", "--onpolicy-fraction", "0.5",
+         "--probe-every", "2", "--save-every", "2"]
+
+
+def spawn(args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "prefopt.train.cli", *args], cwd=REPO, env=env or ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def rows(out):
+    with open(os.path.join(out, METRICS_FILE), encoding="utf-8") as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_second", "peak_memory_mb")}
+                for line in f]
+
+
+def final_weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(ckpt.latest_checkpoint(str(out)), ckpt.WEIGHTS_FILE))
+
+
+def assert_same_run(a, b):
+    assert rows(a) == rows(b)
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=k)
+
+
+def wait_for_steps(out, n, proc, timeout=120):
+    """Wait until ``proc`` has logged ``n`` training steps to metrics.jsonl."""
+    path = os.path.join(out, METRICS_FILE)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                if sum(1 for line in f if '"loss"' in line) >= n:
+                    return
+        time.sleep(0.02)
+    raise AssertionError("the run did not get going")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, text_data):
+    """The uninterrupted cw-dpo run every interrupted one must reach."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert main(cli_args(text_data, out, *CWDPO)) == 0
+    return out
+
+
+# ------------------------------------------------------------------------------------------ signals
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_the_printed_command_resumes(tmp_path, text_data, capsys):
+    """A real SIGTERM to a running ``prefopt train`` (long before its first checkpoint): one line naming the
+    checkpoint and the resume command, exit 143, no traceback; running that command continues the run."""
+    out = tmp_path / "run"
+    args = cli_args(text_data, out, "--method", "dpo", "--steps", "400", "--probe-every", "0")
+    proc = spawn(args)
+    wait_for_steps(out, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    m = re.match(r"prefopt train: stopped by SIGTERM at step (\d+)/400; checkpoint (\S+); resume with: (.*)$", last)
+    assert m, err
+    step, path, command = int(m.group(1)), m.group(2), shlex.split(m.group(3))
+    assert path == str(out / f"checkpoint-{step}") and ckpt.verify(path) is None
+    assert len(rows(out)) == step
+    assert command[:2] == ["prefopt", "train"] and "--resume" in command
+    # Continue two more steps with the printed command: same numbers as a run stopped there directly.
+    assert main(command[2:] + ["--stop-after", str(step + 2)]) == 0
+    direct = tmp_path / "direct"
+    assert main(cli_args(text_data, direct, "--method", "dpo", "--steps", "400", "--probe-every", "0",
+                         "--stop-after", str(step + 2))) == 0
+    capsys.readouterr()
+    assert_same_run(out, direct)
+
+
+def test_a_second_sigint_exits_at_once(tmp_path, text_data):
+    """The run hangs at its first step boundary (a fault hook): the first SIGINT asks for a checkpoint the
+    run never reaches, the second exits at once."""
+    out = tmp_path / "run"
+    proc = spawn(cli_args(text_data, out, "--method", "dpo", "--steps", "400", "--probe-every", "0"),
+                 env=dict(ENV, **{ckpt.FAULT_ENV: "step-1:hang"}))
+    wait_for_steps(out, 1, proc)
+    proc.send_signal(signal.SIGINT)
+    while "stopping with a checkpoint" not in proc.stderr.readline():
+        pass
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "second SIGINT: exiting now without a checkpoint" in err and "Traceback" not in err
+    assert len(rows(out)) == 1 and not ckpt.checkpoints(str(out))
+
+
+# ------------------------------------------------------------------------------------------ faults
+
+
+FILES = ("rng_state_0.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
+         "trainable.safetensors", "trainer_state.json", "manifest.json")
+# Every point a run can die at: each step boundary, and just before each file of each checkpoint (and
+# the `latest` pointer) is written. Three are drawn per CI run (each costs a subprocess), from the seed.
+POINTS = ([f"step-{n}" for n in range(1, 6)] + [f".checkpoint-{s}.tmp/{f}" for s in (2, 4) for f in FILES]
+          + ["latest.tmp"])
+
+
+def test_sigkill_at_seeded_points_then_resume_reaches_the_uninterrupted_numbers(tmp_path, text_data, straight,
+                                                                               seed, capsys):
+    points = random.Random(seed).sample(POINTS, 3)
+    for point in points:
+        out = tmp_path / point.replace("/", "_")
+        proc = spawn(cli_args(text_data, out, *CWDPO), env=dict(ENV, **{ckpt.FAULT_ENV: f"{point}:kill"}))
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == -signal.SIGKILL, (point, seed, err[-2000:])
+        # A killed run: --resume continues from its newest intact checkpoint, or starts again when it died
+        # before its first one; either way it ends where the uninterrupted run ends.
+        assert main(cli_args(text_data, out, *CWDPO, "--resume")) == 0, (point, seed)
+        assert not [n for n in os.listdir(out) if n.endswith(".tmp")], (point, seed)
+        assert_same_run(out, straight)
+    capsys.readouterr()
+
+
+def test_an_exception_checkpoints_the_steps_trained_so_far(tmp_path, text_data, monkeypatch):
+    from prefopt.train import loop
+
+    cfg = TrainConfig(method="dpo", model="tiny-llama", data=text_data, out=str(tmp_path), steps=6, batch_size=2,
+                      probe_every=0, probe_size=2, progress=False, device="cpu", save_minutes=0)
+    real = loop.Run.train_step
+
+    def failing(self, step, stage):
+        if step == 3:
+            raise RuntimeError("boom")
+        return real(self, step, stage)
+
+    monkeypatch.setattr(loop.Run, "train_step", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(cfg)
+    assert ckpt.latest_checkpoint(str(tmp_path)).endswith("checkpoint-3")
+    monkeypatch.setattr(loop.Run, "train_step", real)
+    assert train(dataclasses.replace(cfg, resume=True))["steps"] == 6
+
+
+@pytest.mark.parametrize("fault,cause", [("trainable.safetensors:enospc", "No space left on device (ENOSPC)"),
+                                         ("rng_state_0.safetensors:erofs", "Read-only file system (EROFS)")])
+def test_disk_full_or_read_only_is_one_line_and_leaves_no_tmp(tmp_path, text_data, monkeypatch, capsys, fault, cause):
+    monkeypatch.setenv(ckpt.FAULT_ENV, fault)
+    assert main(cli_args(text_data, tmp_path / "run", "--method", "sft", "--steps", "1", "--probe-every", "0")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prefopt train: error: cannot write checkpoint"), err
+    assert cause in err[0] and fault.split(":")[0] in err[0]
+    assert not [n for n in os.listdir(tmp_path / "run") if n.endswith(".tmp")]
+
+
+def test_a_read_only_run_folder_is_one_line(tmp_path, text_data, monkeypatch, capsys):
+    """EROFS on the first file the run writes (injected: CI runs as root, where chmod does not bite)."""
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    def read_only(path, mode="r", *a, **k):
+        if "w" in mode and str(path).startswith(str(tmp_path / "run")):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", read_only)
+    assert main(cli_args(text_data, tmp_path / "run", "--method", "sft", "--steps", "1", "--probe-every", "0")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"prefopt train: error: {tmp_path / 'run' / 'config.json'}: Read-only file system (EROFS)"], err
+
+
+def test_a_folder_without_a_checkpoint_can_be_started_again(tmp_path, text_data, capsys):
+    """What a run killed before its first checkpoint leaves: the same command (or --resume) starts again."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / METRICS_FILE).write_text('{"step": 1, "loss": 1.0}\n')
+    (out / ".checkpoint-2.tmp").mkdir()
+    assert main(cli_args(text_data, out, "--method", "sft", "--steps", "1", "--probe-every", "0")) == 0
+    assert "holds no checkpoint yet" in capsys.readouterr().err
+    assert len(rows(out)) == 1 and not (out / ".checkpoint-2.tmp").exists()
+    (out / "notes.txt").write_text("mine")
+    shutil_rmtree = __import__("shutil").rmtree
+    shutil_rmtree(out / "checkpoint-1")
+    os.remove(out / "latest")
+    assert main(cli_args(text_data, out, "--method", "sft", "--steps", "1")) == 2  # a file that is not the run's
+    assert "already holds files" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ resume checks
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory, text_data):
+    """A dpo run stopped after 3 of 4 steps, with checkpoints 2 and 3."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    cfg = TrainConfig(method="dpo", model="tiny-llama", data=text_data, out=str(out), steps=4, batch_size=2,
+                      probe_every=0, probe_size=2, progress=False, device="cpu", save_every=1, stop_after=3,
+                      save_minutes=0)
+    train(cfg)
+    return dataclasses.replace(cfg, resume=True, stop_after=None)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"lr": 5e-3}, "--lr is 0.005"), ({"seed": 1}, "--seed"), ({"batch_size": 1}, "--batch-size"),
+    ({"grad_accum": 2}, "--grad-accum"), ({"max_length": 100}, "--max-length"),
+    ({"max_grad_norm": 0.5}, "--max-grad-norm"), ({"weight_decay": 0.1}, "--weight-decay"),
+    ({"warmup_ratio": 0.2}, "--warmup-ratio"), ({"dtype": "bf16"}, "parameter dtype"), ({"method": "sft"}, "--method"),
+    ({"options": MethodOptions(beta=0.2)}, "--beta is 0.2"), ({"lora": True}, "--lora"),
+    ({"steps": 2}, "fewer than the 3"),
+])
+def test_resume_refuses_what_changes_the_numbers(stopped, change, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        prepare(dataclasses.replace(stopped, **change))
+
+
+def test_resume_refuses_another_world_size():
+    from prefopt.train.loop import check_resume_identity, run_identity
+
+    cfg = TrainConfig(model="tiny-llama")
+    saved = run_identity(cfg, 2, torch.float32, "abc")
+    check_resume_identity(saved, run_identity(cfg, 2, torch.float32, "abc"), "OUT")
+    with pytest.raises(ValueError, match="the world size is 1 but the run in OUT used 2"):
+        check_resume_identity(saved, run_identity(cfg, 1, torch.float32, "abc"), "OUT")
+
+
+def test_resume_refuses_changed_data_and_notes_longer_steps(stopped, capsys):
+    path = os.path.join(stopped.data, "train.jsonl")
+    original = open(path, encoding="utf-8").read()
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(original.replace("colour", "color", 1))
+        with pytest.raises(ValueError, match="the data content"):
+            prepare(stopped)
+    finally:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(original)
+    run = prepare(dataclasses.replace(stopped, steps=8))
+    assert run.total_steps == 8 and "the run now lasts 8 steps instead of 4" in capsys.readouterr().err
+
+
+def test_image_sizes_are_in_the_data_fingerprint(tmp_path):
+    from PIL import Image
+
+    from prefopt.train.data import data_fingerprint, load_records
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"images": ["a.png"], "prompt": "p", "chosen": "c"}) + "\n")
+    before = data_fingerprint(str(tmp_path / "d.jsonl"), load_records(str(tmp_path / "d.jsonl")))
+    Image.new("RGB", (9, 8), (1, 2, 3)).save(tmp_path / "a.png")
+    assert data_fingerprint(str(tmp_path / "d.jsonl"), load_records(str(tmp_path / "d.jsonl"))) != before
+
+
+def copy_run(stopped, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(stopped.out, out)
+    return dataclasses.replace(stopped, out=str(out)), out
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous(stopped, tmp_path, capsys):
+    cfg, out = copy_run(stopped, tmp_path)
+    weights = out / "checkpoint-3" / ckpt.WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    run = prepare(cfg)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert run.resume_state["path"].endswith("checkpoint-2")
+    assert len(err) == 1 and "checkpoint-3: trainable.safetensors does not match its sha256" in err[0], err
+    assert run.execute()["steps"] == 4
+
+
+def test_latest_may_not_point_outside_the_run(stopped, tmp_path):
+    cfg, out = copy_run(stopped, tmp_path)
+    (out / "latest").write_text("../../elsewhere")
+    with pytest.raises(ValueError, match="not a checkpoint folder inside"):
+        prepare(cfg)
+
+
+def test_a_missing_rng_file_is_an_error(stopped, tmp_path, capsys):
+    cfg, out = copy_run(stopped, tmp_path)
+    for name in ("checkpoint-2", "checkpoint-3"):
+        os.remove(out / name / ckpt.rng_file(0))
+    with pytest.raises(ValueError, match="no intact checkpoint"):
+        prepare(cfg)
+    assert "rng_state_0.safetensors is missing" in capsys.readouterr().err
+    ckpt.write_manifest(str(out / "checkpoint-3"))  # even with a manifest that agrees
+    with pytest.raises(ckpt.CheckpointError, match="no RNG state for rank 0"):
+        prepare(cfg).execute()
+
+
+# ------------------------------------------------------------------------------------------ no pickle
+
+
+class _Marker:
+    """Unpickling this writes the file ``path``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def plant_pickle(path, marker):
+    torch.save({"state": _Marker(str(marker))}, path)
+
+
+def test_the_crafted_pickle_runs_when_unpickled(tmp_path):
+    """The probe of the next tests is real: loading it the unsafe way writes the marker."""
+    plant_pickle(tmp_path / "f.pt", tmp_path / "marker")
+    torch.load(tmp_path / "f.pt", weights_only=False)
+    assert (tmp_path / "marker").exists()
+
+
+def plant_everywhere_and_resume(out, args, marker, *, refresh_manifest=True):
+    """Replace every file of the run folder ``out``, one at a time, with a crafted pickle (and, as an
+    attacker holding the folder would, a manifest that agrees with it), resume with ``args``, and check
+    the pickle never ran; returns the resume exit codes by file."""
+    codes = {}
+    for root, _, names in os.walk(out):
+        for name in names:
+            path = os.path.join(root, name)
+            saved = open(path, "rb").read()
+            plant_pickle(path, marker)
+            folder = os.path.dirname(path)
+            manifest = os.path.join(folder, ckpt.MANIFEST_FILE)
+            before = open(manifest, "rb").read() if os.path.isfile(manifest) and name != ckpt.MANIFEST_FILE else None
+            if refresh_manifest and before is not None:
+                ckpt.write_manifest(folder)
+            try:
+                codes[os.path.relpath(path, out)] = main(args)
+            except Exception as e:  # a crash is a failure of another test; here only the marker matters
+                codes[os.path.relpath(path, out)] = repr(e)
+            assert not marker.exists(), f"unpickled {path}"
+            with open(path, "wb") as f:
+                f.write(saved)
+            if before is not None:
+                with open(manifest, "wb") as f:
+                    f.write(before)
+    return codes
+
+
+def test_no_file_of_a_run_folder_is_unpickled_on_resume(tmp_path, text_data, capsys):
+    out = tmp_path / "run"
+    args = cli_args(text_data, out, "--method", "cw-dpo", "--steps", "2", "--sftc-fraction", "0.5",
+                    "--onpolicy-fraction", "0", "--probe-every", "0", "--keep-checkpoints", "1")
+    assert main(args) == 0
+    names = {os.path.relpath(os.path.join(r, n), out) for r, _, ns in os.walk(out) for n in ns}
+    assert "reference-1.safetensors" in names and f"checkpoint-2/{ckpt.rng_file(0)}" in names
+    codes = plant_everywhere_and_resume(out, args + ["--resume"], tmp_path / "marker")
+    capsys.readouterr()
+    assert set(codes) == names
+    # Every file that is read is refused with a one-line error (never a crash, never a silent resume);
+    # config.json and metrics.jsonl are only written (the finished run resumes and rewrites them).
+    # Exit 2: refused while preparing (the pointer, manifest, trainer state); 1: while loading the rest.
+    expected = {name: 1 for name in names}
+    expected.update({"config.json": 0, METRICS_FILE: 0, "latest": 2, f"checkpoint-2/{ckpt.MANIFEST_FILE}": 2,
+                     f"checkpoint-2/{ckpt.STATE_FILE}": 2})
+    assert codes == expected
+
+
+# ------------------------------------------------------------------------------------------ two ranks
+
+
+def launch_two(args, fault, timeout=180):
+    """Two ranks of ``prefopt train`` (DDP over gloo) started the way torchrun starts them (its agent
+    would add a 30 s grace period before it kills a rank that ignores SIGTERM); returns (rank 0's
+    stderr, its exit code, seconds until it exited). Rank 1 is killed once rank 0 is done."""
+    port = str(free_port())
+    procs = [spawn(args, env=dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                  MASTER_PORT=port, **{ckpt.FAULT_ENV: fault})) for r in (0, 1)]
+    started = time.monotonic()
+    try:
+        _, err = procs[0].communicate(timeout=timeout)
+        elapsed = time.monotonic() - started
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    return err, procs[0].returncode, elapsed
+
+
+def test_a_signal_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, text_data):
+    """Rank 1 alone gets SIGINT after step 2: the flag is all-reduced, both ranks checkpoint step 2 and
+    stop (no rank waits alone in a collective)."""
+    out = tmp_path / "run"
+    err, code, _ = launch_two(cli_args(text_data, out, "--method", "dpo", "--steps", "40", "--probe-every", "0",
+                                       "--batch-size", "1"), "step-2:sigint:1")
+    assert code == 128 + signal.SIGINT, err[-3000:]
+    assert "prefopt train: stopped by SIGINT at step 2/40; checkpoint" in err, err[-3000:]
+    assert ckpt.latest_checkpoint(str(out)).endswith("checkpoint-2")
+    assert set(os.listdir(out / "checkpoint-2")) >= {ckpt.rng_file(0), ckpt.rng_file(1)}
+
+
+def test_a_hung_rank_is_a_clear_error_after_the_timeout(tmp_path, text_data):
+    out = tmp_path / "run"
+    err, code, elapsed = launch_two(cli_args(text_data, out, "--method", "dpo", "--steps", "40", "--probe-every", "0",
+                                             "--batch-size", "1", "--dist-timeout", "5"), "step-2:hang:1")
+    assert code == 1, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("prefopt train: error: rank 0: a collective failed, another rank "
+                                                   "hung past --dist-timeout 5 s or died"), err[-3000:]
+    assert "Traceback" not in err and elapsed < 150
