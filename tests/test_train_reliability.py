@@ -403,9 +403,10 @@ def test_no_file_of_a_run_folder_is_unpickled_on_resume(tmp_path, text_data, cap
     capsys.readouterr()
     assert set(codes) == names
     # Every file that is read is refused with a one-line error (never a crash, never a silent resume);
-    # config.json and metrics.jsonl are only written (the finished run resumes and rewrites them).
-    # Exit 2: refused while preparing (the pointer, manifest, trainer state); 1: while loading the rest.
-    expected = {name: 1 for name in names}
+    # config.json, metrics.jsonl, the exported model/ and the eval/ report are only written (the finished
+    # run resumes and rewrites them). Exit 2: refused while preparing (the pointer, manifest, trainer
+    # state); 1: while loading the rest.
+    expected = {name: 0 if name.startswith(("model/", "eval/")) else 1 for name in names}
     expected.update({"config.json": 0, METRICS_FILE: 0, "latest": 2, f"checkpoint-2/{ckpt.MANIFEST_FILE}": 2,
                      f"checkpoint-2/{ckpt.STATE_FILE}": 2})
     assert codes == expected
