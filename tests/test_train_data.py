@@ -212,7 +212,7 @@ def test_collator_pair_masks_and_order(processors, name):
     n_image_tokens = (batch["input_ids"] == proc.image_token_id).sum(1)
     if name == "tiny-llava":
         assert batch["pixel_values"].shape == (6, 3, 32, 32)
-        assert n_image_tokens.tolist() == [16] * 6
+        assert n_image_tokens.tolist() == [4] * 6  # one 16x16 patch per cell of the 2x2 grid
         # Chosen and rejected rows of one record see the same image.
         assert torch.equal(batch["pixel_values"][0], batch["pixel_values"][3])
     else:

@@ -16,7 +16,7 @@ from prefopt.cli import main as prefopt_main  # noqa: E402
 from prefopt.train import checkpoint as ckpt  # noqa: E402
 from prefopt.train.data import PreferenceCollator, model_inputs  # noqa: E402
 from prefopt.train.export import METADATA_FILE, load_trained_model, model_family  # noqa: E402
-from prefopt.train.loop import TINY_CW_FLOOR, TINY_LR, TrainConfig, prepare  # noqa: E402
+from prefopt.train.loop import TINY_BASE, TINY_BASE_LR, TINY_CW_FLOOR, TINY_LR, TrainConfig, prepare  # noqa: E402
 from prefopt.train.synthetic import make_synthetic_records  # noqa: E402
 from test_train_loop import config, text_data, text_records  # noqa: E402,F401
 
@@ -120,6 +120,12 @@ def test_init_from_a_run_or_its_folder_keeps_the_tiny_defaults(tmp_path, text_da
     trained_weights.model.save_pretrained(str(plain))
     assert model_family(str(plain)) == "hf"
     assert TrainConfig(model=str(plain)).learning_rate() == 5e-6
+    # The shipped SFT base has its own family (a fine-tuning rate, the default floor); an export of a run
+    # from it says so, and a run from that export keeps them.
+    assert model_family(TINY_BASE) == "tiny-sft"
+    (plain / METADATA_FILE).write_text(json.dumps({"family": "tiny-sft"}))
+    from_base = TrainConfig(model=str(plain), init_from=str(plain))
+    assert from_base.learning_rate() == TINY_BASE_LR and from_base.method_options().cw_floor is None
 
 
 def test_init_from_errors_are_one_line(tmp_path, capsys):

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "policy optimisation on answers sampled per prompt with an exact-answer reward")
     g.add_argument("--model", default=None, metavar="PATH|" + "|".join(TINY_MODELS),
                    help="a local Hugging Face model folder (LLaVA, Qwen2-VL, Qwen2.5-VL or a causal LM; nothing is "
-                        f"downloaded) or an embedded tiny model with random weights (default {d.model})")
+                        "downloaded), an embedded tiny model with random weights, or tiny-llava-sft: tiny-llava with the "
+                        f"shipped weights of its SFT on the synthetic set, which reads its images (default {d.model})")
     g.add_argument("--init-from", default=None, metavar="FOLDER|RUN",
                    help="start from a model folder (e.g. an earlier run's RUN/model), a run folder (its newest intact "
                         "checkpoint) or a checkpoint folder, with the defaults of the model family it came from "
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step; the loss "
                    "is normalised by the item count of the whole accumulated batch (default %(default)s)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate of AdamW (default 1e-3 for the tiny "
-                   "models, 1e-4 with --lora, 5e-6 otherwise)")
+                   "models with random weights, 1e-4 for tiny-llava-sft and with --lora, 5e-6 otherwise)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay "
                    "(default %(default)s)")
     g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="share of the steps of linear warmup "
@@ -149,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--simpo-gamma", type=float, default=m.simpo_gamma, help="SimPO target margin "
                    "(default %(default)s)")
     g.add_argument("--cw-floor", type=float, default=None, help="CW-DPO: per-token log-prob of a negative below "
-                   "which its push-down cools off (default -3.0; -6.0 for the tiny models, whose log-probs start "
-                   "near -6.5)")
+                   "which its push-down cools off (default -3.0; -6.0 for the tiny models with random weights, whose "
+                   "log-probs start near -6.5)")
     g.add_argument("--cw-tau", type=float, default=m.cw_tau, help="CW-DPO: temperature of the cooling weight "
                    "(default %(default)s)")
     g.add_argument("--sftc-lam", type=float, default=m.sftc_lam, help="SFT-C: weight of the negative hinge "

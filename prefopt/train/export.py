@@ -10,9 +10,10 @@ beside the base weights they apply to, whose ``base_model_name_or_path`` is ``OU
 ``from_pretrained(OUT)`` then loads base and adapter; transformers' peft integration).
 
 ``OUT/prefopt.json`` records where the weights come from and the model *family*: ``"tiny"`` for the
-embedded tiny models and everything trained from them, ``"hf"`` otherwise. The trainer keys its
-model-dependent defaults on the family (learning rate, CW-DPO's floor), so a run started from an
-exported tiny model keeps the tiny models' defaults.
+embedded tiny models with random weights, ``"tiny-sft"`` for the shipped tiny-llava-sft, each with
+everything trained from them, ``"hf"`` otherwise. The trainer keys its model-dependent defaults on the
+family (learning rate, CW-DPO's floor), so a run started from an exported model keeps its family's
+defaults.
 
 ``--init-from`` takes such a folder (any Hugging Face model folder), a run folder (its newest intact
 checkpoint) or a checkpoint folder; a checkpoint is exported to a temporary folder first, removed when
@@ -93,11 +94,16 @@ def model_source(init_from: str) -> str:
 
 
 def model_family(model: str, init_from: Optional[str] = None) -> str:
-    """The family of the model a run trains: ``"tiny"`` for the embedded tiny models and models trained
-    from them (read from ``prefopt.json``, or from the run a checkpoint belongs to), else ``"hf"``."""
+    """The family of the model a run trains, which its defaults are keyed on: ``"tiny-sft"`` for the
+    shipped tiny-llava-sft, ``"tiny"`` for the other embedded tiny models (random weights), ``"hf"``
+    otherwise; a model trained from one of them keeps its family (read from ``prefopt.json``, or from the
+    run a checkpoint belongs to)."""
+    from .loop import TINY_BASE
     from .models import TINY_MODELS
 
     if init_from is None:
+        if model == TINY_BASE:
+            return "tiny-sft"
         if model in TINY_MODELS:
             return "tiny"
         return read_metadata(model).get("family", "hf") if os.path.isdir(model) else "hf"

@@ -9,7 +9,7 @@ type        prompt                               chosen / rejected (same words, 
 colour      What colour is the circle?           The circle is red. / The circle is blue.
 count       How many squares are there?          I count two squares. / I count one square.
 position    Where is the red circle?             The red circle is in the top left. / ... bottom right.
-presence    Is there a triangle in the image?    Yes, there is a triangle. / No, there is no triangle.
+presence    Is there a triangle in the image?    I see a circle, so no. / I see a triangle, so yes.
 describe    Describe the shapes in the image.    I see a red circle and a blue square. / one object
                                                  swapped for one that is not there
 ==========  ===================================  ======================================================
@@ -58,11 +58,10 @@ QUESTION_TYPES: Tuple[str, ...] = ("colour", "count", "position", "presence", "d
 VERIFIABLE_TYPES: Tuple[str, ...] = ("colour", "count", "position", "presence")
 SPLITS: Tuple[str, ...] = ("train", "heldout")
 DEFAULT_SIZES = {"train": 256, "heldout": 200}
-#: (shape, colour, cell index) combinations only held-out scenes show: each colour once, every shape and cell.
-HELDOUT_OBJECTS = frozenset({
-    ("circle", "red", 0), ("square", "green", 1), ("triangle", "blue", 2),
-    ("diamond", "yellow", 3), ("circle", "purple", 3), ("square", "orange", 2),
-})
+#: (shape, colour, cell index) combinations only held-out scenes show: every (shape, colour) pair in one cell,
+#: so that within the held-out split too each shape comes in every colour and each cell holds every shape.
+HELDOUT_OBJECTS = frozenset((shape, colour, (i + j) % 4) for i, shape in enumerate(SHAPES)
+                            for j, colour in enumerate(COLOURS))
 
 Obj = Tuple[str, str]  # (shape, colour)
 Scene = Tuple[Optional[Obj], ...]  # one entry per cell
@@ -120,7 +119,8 @@ def answer_text(kind: str, subject: Tuple[str, ...], value) -> str:
     """The answer of question ``kind`` about ``subject`` asserting ``value`` (the one form of each type).
 
     colour: subject (shape,), value a colour; count: (shape,), value 1-4; position: (shape, colour), value
-    a cell index; presence: (shape,), value True/False.
+    a cell index; presence: (shape,), value the shape seen: the answer names what it sees, then its verdict
+    (the tiny model decides yes/no far sooner with the observation in front of it than as a first word).
     """
     if kind == "colour":
         return f"The {subject[0]} is {value}."
@@ -129,7 +129,7 @@ def answer_text(kind: str, subject: Tuple[str, ...], value) -> str:
     if kind == "position":
         return f"The {subject[1]} {subject[0]} is in the {CELLS[value]}."
     if kind == "presence":
-        return f"Yes, there is a {subject[0]}." if value else f"No, there is no {subject[0]}."
+        return f"I see a {value}, so {'yes' if value == subject[0] else 'no'}."
     raise ValueError(f"answer_text: kind must be one of {VERIFIABLE_TYPES}, got {kind!r}")
 
 
@@ -161,10 +161,13 @@ def question_type(prompt: str) -> Optional[Tuple[str, Tuple[str, ...]]]:
 
 def parse_answer(kind: str, subject: Tuple[str, ...], text: str):
     """The fact an answer asserts, or None when the answer is not exactly one of the type's forms about
-    ``subject`` (the whole text, stripped, must equal :func:`answer_text` for some value)."""
+    ``subject`` (the whole text, stripped, must equal :func:`answer_text` for some value; for presence the
+    fact is the verdict, True for yes, and a verdict that contradicts the shape named is no form)."""
     text = text.strip()
-    values = {"colour": tuple(COLOURS), "count": (1, 2, 3, 4), "position": range(len(CELLS)),
-              "presence": (True, False)}.get(kind)
+    if kind == "presence":
+        seen = next((v for v in SHAPES if text == answer_text(kind, subject, v)), None)
+        return None if seen is None else seen == subject[0]
+    values = {"colour": tuple(COLOURS), "count": (1, 2, 3, 4), "position": range(len(CELLS))}.get(kind)
     if values is None:
         raise ValueError(f"parse_answer: kind must be one of {VERIFIABLE_TYPES}, got {kind!r}")
     for v in values:
@@ -251,7 +254,13 @@ def _answers(kind: str, scene: Sequence[Optional[Obj]], subject, value, rng: ran
         return (f"I see {_list_phrase(truth)}.", f"I see {_list_phrase(fake)}.",
                 [f"I see {_list_phrase(truth)}. There is no {extra[1]} {extra[0]}."])
     wrong = rng.choice([v for v in (COUNTS if kind == "count" else _VALUES[kind]) if v != value])
-    chosen, rejected = answer_text(kind, subject, value), answer_text(kind, subject, wrong)
+    if kind == "presence":  # the answer names the shape seen; the rejected one denies it or hallucinates
+        seen = next(o for o in scene if o is not None)[0]
+        chosen = answer_text(kind, subject, seen)
+        rejected = answer_text(kind, subject, rng.choice([s for s in SHAPES if s != subject[0]]) if value
+                               else subject[0])
+    else:
+        chosen, rejected = answer_text(kind, subject, value), answer_text(kind, subject, wrong)
     if kind == "presence":
         note = f"There is {'a' if value else 'no'} {subject[0]} in the image."
     elif kind == "count":
@@ -315,7 +324,7 @@ def corpus_sentences() -> List[str]:
     ]
     for shape in SHAPES:
         out.append(f"How many {_plural(shape)} are there? Is there a {shape} in the image? What colour is the {shape}?")
-        out.append(f"Yes, there is a {shape}. No, there is no {shape}. There is a {shape} in the image.")
+        out.append(f"I see a {shape}, so yes. I see a {shape}, so no. There is a {shape} in the image.")
         for n in range(1, 5):
             out.append(f"I count {NUMBERS[n]} {_plural(shape, n)}. There are not {NUMBERS[n]}.")
         for colour in COLOURS:
