@@ -49,7 +49,8 @@ def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
 
 def test_mean_spread_and_verdicts():
     runs = [{"variant": "cw-dpo", "metrics": {"eval_hallucination_rate": v}} for v in (0.10, 0.12, 0.14)]
-    runs += [{"variant": "dpo", "metrics": {"eval_hallucination_rate": v}} for v in (0.30, 0.32, 0.34)]
+    runs += [{"variant": "dpo", "metrics": {"eval_hallucination_rate": v, "eval_generation_accuracy": 0.6}}
+             for v in (0.30, 0.32, 0.34)]
     table = aggregate(runs)
     assert table["cw-dpo"]["eval_hallucination_rate"] == pytest.approx({"mean": 0.12, "std": 0.02, "n": 3})
     (claim,) = check_claims(table)
@@ -65,3 +66,5 @@ def test_mean_spread_and_verdicts():
     matches = "nSFT matches DPO in generation accuracy"
     assert verdict(("nsft", 0.78), ("dpo", 0.8), 0.05, matches) == "reproduced"  # within the spread
     assert verdict(("nsft", 0.5), ("dpo", 0.8), 0.05, matches) == "not reproduced"
+    # A model that answers nothing tells nothing about generation claims.
+    assert verdict(("nsft", 0.0), ("dpo", 0.0), 0.0, matches).startswith("not testable")

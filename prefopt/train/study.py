@@ -54,7 +54,9 @@ PROBE_KEYS = ("probe/delta_logp_chosen", "probe/delta_logp_rejected")
 @dataclass
 class Claim:
     """A paper's claim as this study can check it: ``metric`` of ``variant`` is lower (``"lower"``) or
-    higher (``"higher"``) than ``other``'s, or within the spread or better (``"matches"``)."""
+    higher (``"higher"``) than ``other``'s, or within the spread or better (``"matches"``,
+    ``"matches-lower"``). ``requires``: (variant, metric) pairs whose mean must be above 0 for the check
+    to say anything (GRPO must have been rewarded at all; generation claims need a model that answers)."""
 
     paper: str
     text: str
@@ -62,23 +64,24 @@ class Claim:
     variant: str
     relation: str
     other: str
+    requires: Tuple[Tuple[str, str], ...] = ()
 
 
 CLAIMS = (
     Claim("CW-DPO (arXiv 2510.11978)", "CW-DPO hallucinates less than DPO", "eval_hallucination_rate", "cw-dpo",
-          "lower", "dpo"),
+          "lower", "dpo", requires=(("dpo", "eval_generation_accuracy"),)),
     Claim("CW-DPO (arXiv 2510.11978)", "CW-DPO is better calibrated than DPO (pairwise ECE)", "eval_ece_pair",
           "cw-dpo", "lower", "dpo"),
     Claim("CW-DPO (arXiv 2510.11978)", "cooling keeps the positives' log-probs from being squeezed down",
           "probe/delta_logp_chosen", "cw-dpo", "higher", "cw-dpo-no-cooling"),
     Claim("nSFT (arXiv 2411.14797)", "nSFT matches DPO in generation accuracy", "eval_generation_accuracy", "nsft",
-          "matches", "dpo"),
+          "matches", "dpo", requires=(("dpo", "eval_generation_accuracy"),)),
     Claim("nSFT (arXiv 2411.14797)", "nSFT matches DPO in hallucination", "eval_hallucination_rate", "nsft",
-          "matches-lower", "dpo"),
+          "matches-lower", "dpo", requires=(("dpo", "eval_generation_accuracy"),)),
     Claim("nSFT (arXiv 2411.14797)", "nSFT's KL term keeps the model closer to the base", "eval_kl_shift", "nsft",
           "lower", "nsft-no-kl"),
     Claim("RFT vs SFT (arXiv 2506.23508)", "RFT (GRPO) moves the model less than SFT (nSFT without KL: SFT on "
-          "chosen + corrections)", "eval_kl_shift", "grpo", "lower", "nsft-no-kl"),
+          "chosen + corrections)", "eval_kl_shift", "grpo", "lower", "nsft-no-kl", requires=(("grpo", "reward"),)),
 )
 
 
@@ -92,10 +95,10 @@ class StudyConfig:
     variants: List[str] = field(default_factory=lambda: list(VARIANTS))
     seeds: int = 3
     base_steps: int = 300
-    steps: int = 40
+    steps: int = 100
     batch_size: int = 4
     train_size: Optional[int] = None
-    eval_size: Optional[int] = 64
+    eval_size: Optional[int] = 200
     probe_every: int = 5
     probe_size: int = 16
     device: str = "cpu"
@@ -135,10 +138,10 @@ def _curve(run_dir: str) -> List[Dict[str, float]]:
 
 def _scalars(summary: Dict[str, Any]) -> Dict[str, float]:
     """The summary's numbers a study compares: held-out evaluation (``eval_*``), final probes, the
-    training loss, peak memory and wall time."""
+    training loss, GRPO's mean reward and wall time."""
     keep = {k: v for k, v in summary.items() if (k.startswith("eval_") and k != "eval_n") or k in PROBE_KEYS}
-    keep.update(loss=summary.get("loss"), peak_memory_mb=summary.get("peak_memory_mb"),
-                wall_seconds=summary.get("wall_seconds"))
+    # Not peak memory: every run of a study shares one process, whose peak only grows.
+    keep.update(loss=summary.get("loss"), reward=summary.get("reward"), wall_seconds=summary.get("wall_seconds"))
     return {k: float(v) for k, v in keep.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
@@ -269,8 +272,8 @@ def aggregate(runs: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, O
 
 def check_claims(table) -> List[Dict[str, Any]]:
     """Each claim whose variants and metric were run: ``reproduced``, ``not reproduced`` (the difference
-    goes the other way by more than the spread), or ``inconclusive`` (within the spread; with one seed
-    there is no spread and only the direction is read)."""
+    goes the other way by more than the spread), ``inconclusive`` (within the spread; with one seed
+    there is no spread and only the direction is read), or ``not testable`` (a required metric is 0)."""
     out = []
     for c in CLAIMS:
         a, b = table.get(c.variant, {}).get(c.metric), table.get(c.other, {}).get(c.metric)
@@ -280,7 +283,10 @@ def check_claims(table) -> List[Dict[str, Any]]:
         spread = max(a["std"] or 0.0, b["std"] or 0.0)
         lower_is_better = c.relation in ("lower", "matches-lower")
         better = -diff if lower_is_better else diff  # > 0: in the claim's direction
-        if c.relation.startswith("matches"):
+        missing = [f"{v} {m}" for v, m in c.requires if not (table.get(v, {}).get(m, {}).get("mean") or 0) > 0]
+        if missing:
+            verdict = f"not testable ({', '.join(missing)} is 0)"
+        elif c.relation.startswith("matches"):
             verdict = "reproduced" if better >= -spread else "not reproduced"
         elif abs(diff) <= spread:
             verdict = "inconclusive"
@@ -320,7 +326,8 @@ def markdown(result: Dict[str, Any]) -> str:
         f"{c['steps']} optimizer steps of {c['batch_size']} records from that base, seeds 0..{c['seeds'] - 1}; "
         f"held-out evaluation on {c['eval_size'] if c['eval_size'] is not None else 'all'} records against the "
         "base (shift metrics); probes every " + f"{c['probe_every']} steps on {c['probe_size']} held-out records. "
-        "Cells: mean ± sample standard deviation over seeds (no ± with one seed).",
+        "Cells: mean ± sample standard deviation over seeds (no ± with one seed). Peak memory is not compared "
+        "here (all runs share one process); each `prefopt train` summary reports its own.",
         "",
         "| metric | " + " | ".join(variants) + " |",
         "|---|" + "---|" * len(variants),
