@@ -20,8 +20,11 @@ setup(
     package_data={"prefopt": ["assets/*.safetensors"]},
     install_requires=["torch>=2.3", "numpy", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "triton>=3.0", "liger-kernel>=0.8", "transformers>=4.45", "peft", "safetensors", "deepspeed", "pillow"],
-        "bench": ["triton>=3.0", "liger-kernel>=0.8", "cut-cross-entropy", "matplotlib", "pytest-benchmark", "psutil"],
+        # trl, datasets and liger-kernel pinned exactly: tests compare against them number for number.
+        "test": ["pytest", "pytest-benchmark", "triton>=3.0", "liger-kernel==0.8.5", "trl==1.16.0", "datasets==5.2.0",
+                 "transformers>=4.45", "peft", "safetensors", "deepspeed", "pillow", "accelerate"],
+        "bench": ["triton>=3.0", "liger-kernel>=0.8", "cut-cross-entropy", "trl>=1.16", "matplotlib", "pytest-benchmark",
+                  "psutil"],
         "train": ["transformers>=4.45", "deepspeed", "peft", "safetensors", "pillow", "accelerate", "matplotlib"],
         "gpu": ["triton>=3.0", "flash-attn"],
     },

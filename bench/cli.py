@@ -9,6 +9,8 @@ Examples::
     python -m bench --quick                        # < 3 min on 2 CPU cores
     python -m bench --preset issue2                # issue 2's CPU comparison (DPO with a reference head)
     python -m bench --preset gpu                   # issue 3's GPU grid, incl. the matrix-product floor
+    python -m bench --preset gpu --io-model        # the H100 IO/FLOP model of that grid (no GPU needed)
+    python -m bench --preset gpu-first-contact     # first run on a GPU: correctness, kernels, profile (<= 10 min)
     python -m bench --workload grpo,nsft-kl --tokens 1024,2048 --vocab 32000 --impl naive,prefopt-torch
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import List, Optional
 from .impls import IMPLS
 from .workloads import WORKLOADS, Shape
 
-QUICK_IMPLS = ["naive", "prefopt-torch", "liger"]
+QUICK_IMPLS = ["naive", "prefopt-torch", "liger", "trl"]
 ALL_IMPLS = list(IMPLS)
 
 
@@ -69,7 +71,7 @@ def make_preset(name: str, device: str) -> Preset:
                                "prefopt-triton": "CUDA only"})
     if name == "issue2":
         return Preset("issue2", "issue 2: DPO with a reference head, 2 pairs x 512 tokens, H=1024, V=32000, fp32, CPU",
-                      "cpu", "float32", ["naive", "prefopt-torch", "liger", "liger-compiled", "cce"],
+                      "cpu", "float32", ["naive", "prefopt-torch", "liger", "liger-compiled", "cce", "trl"],
                       _points(["dpo-ref"], [Shape(4, 512, 1024, 32000)], tag="issue2"), warmup=1, repeats=3, rounds=2,
                       not_run={"floor": "GPU preset only", "prefopt-triton": "CUDA only"})
     if name == "gpu":
@@ -80,8 +82,12 @@ def make_preset(name: str, device: str) -> Preset:
                 grid += _points(["dpo-ref"], [Shape(8, n // 8, 4096, v)], sweeps, "issue3")
         grid += _points(["dpo-frozen"], [Shape(8, 1024, 4096, 152064)], tag="issue3-frozen")
         return Preset("gpu", "issue 3: N=4096/8192/16384, H=4096, V=32000/128256/152064, bf16, with the floor",
-                      "cuda", "bfloat16", ["naive", "prefopt-triton", "prefopt-torch", "liger", "liger-compiled", "cce", "floor"],
+                      "cuda", "bfloat16", ["naive", "prefopt-triton", "prefopt-torch", "liger", "liger-compiled", "cce", "trl", "floor"],
                       grid, warmup=2, repeats=10, timeout=600)
+    if name == "gpu-first-contact":
+        return Preset("gpu-first-contact", "first run on a GPU: every variant against float64, each kernel alone, a "
+                      "profile, the frozen shortcut on/off, end to end against the peers (bench/first_contact.py); "
+                      "without CUDA a dry run", device, "bfloat16", [], [])
     if name == "full":
         if device == "cuda":
             pts = make_preset("gpu", device).points
@@ -98,7 +104,7 @@ def make_preset(name: str, device: str) -> Preset:
     raise ValueError(name)
 
 
-PRESETS = ("quick", "issue2", "gpu", "full")
+PRESETS = ("quick", "issue2", "gpu", "gpu-first-contact", "full")
 
 
 def _csv(text: str) -> List[str]:
@@ -118,7 +124,7 @@ def _ints(text: str) -> List[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prefopt bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=PRESETS, help="quick | issue2 | gpu | full (default: full)")
+    p.add_argument("--preset", choices=PRESETS, help=" | ".join(PRESETS) + " (default: full)")
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
     p.add_argument("--impl", action="append", default=[], metavar="LIST",
                    help=f"implementations, comma-separated (repeatable): {', '.join(IMPLS)}")
@@ -139,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default out/bench/PRESET-DATE)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--list", action="store_true", help="list implementations, workloads and presets, then exit")
+    p.add_argument("--io-model", action="store_true",
+                   help="print the H100 IO and FLOP model of the cells (bench/io_model.py); without a GPU, "
+                        "only the model is printed, with one the measured table follows it")
     return p
 
 
@@ -168,7 +177,7 @@ def _resolve(args, parser) -> Preset:
         if args.device in (None, "auto") and name in ("issue2", "gpu"):
             device = preset.device
     preset.device = device
-    if device == "cuda" and not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available() and not args.io_model:
         parser.error("--device cuda: no CUDA device is visible to torch (torch.cuda.is_available() is False)")
 
     impls = [i for a in args.impl for i in _csv(a)]
@@ -221,6 +230,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         preset = _resolve(args, parser)
     except SystemExit as exc:  # argparse's errors: usage + message on stderr, exit code 2
         return int(exc.code or 0)
+    if preset.name == "gpu-first-contact":
+        from . import first_contact
+
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        return first_contact.run(args.out or os.path.join("out", "bench", f"first-contact-{stamp}"), preset.device)
+    if args.io_model:
+        import torch
+
+        from .io_model import model_table
+        from .runner import merge_points
+
+        print(model_table(merge_points(preset.points), getattr(torch, preset.dtype)))
+        if preset.device != "cuda" or not torch.cuda.is_available():
+            print("(model only: no CUDA device here, nothing measured)", file=sys.stderr)
+            return 0
     return run(preset, args.out, plots=not args.no_plots)
 
 

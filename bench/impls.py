@@ -34,6 +34,7 @@ IMPLS: Dict[str, Impl] = {
         Impl("prefopt-triton", "prefopt's fused loss modules, backend='triton'", False, ("prefopt", "triton"), cuda_only=True),
         Impl("liger", "Liger-Kernel chunked-loss module, compiled=False", True, ("liger_kernel",)),
         Impl("liger-compiled", "Liger-Kernel chunked-loss module, compiled=True (torch.compile)", True, ("liger_kernel",)),
+        Impl("trl", "TRL's fused LM head, trl.kernels.ChunkedLogProbFunction (what DPOTrainer/GRPOTrainer use), chunk 32768", True, ("trl",)),
         Impl("cce", "Cut Cross-Entropy linear_cross_entropy(reduction='none'): impl='cce' on GPU, 'torch_compile' on CPU", True, ("cut_cross_entropy",)),
         Impl("floor", "the bare matrix products (issue 3's floor) via torch.matmul; no loss", False, (), default_on_cpu=False),
     ]
@@ -54,6 +55,8 @@ def static_skip(name: str, workload: Workload, device: str) -> Optional[str]:
         return f"{name}: prefopt's Triton backend is not in this checkout yet"
     if name == "cce" and workload.kl:
         return "cce: computes only the target's log-prob, not the full-vocabulary KL that nSFT needs"
+    if name == "trl" and workload.kl:
+        return "trl: ChunkedLogProbFunction gives per-token log-probs (and entropy), not the KL to a reference that nSFT needs"
     return None
 
 
@@ -67,6 +70,8 @@ def estimate_extra_bytes(name: str, workload: Workload, shape: Shape, dtype) -> 
         return grads + n_all * v * per
     if name == "cce":
         return grads + n * v * (e + 8) * (2 if workload.ref_head else 1)
+    if name == "trl":  # one [4096, 32768] tile in the compute dtype, fp32 d hidden and d weight accumulators
+        return grads + min(n, 4096) * min(v, 32768) * e + n * h * 4 + (0 if workload.frozen else v * h * 4)
     if name.startswith("liger"):  # one pair (DPO) / rollout chunk (GRPO) / 1024 tokens (JSD) at a time
         chunk = 1024 if workload.kl else (2 if workload.paired else 1) * shape.seq
         return grads + v * h * 4 + chunk * v * 16 * (2 if workload.ref_head else 1)
@@ -224,6 +229,30 @@ def _build_cce(workload: Workload, inp, device):
     return step, f"linear_cross_entropy(reduction='none', impl={impl!r}) for policy and (no_grad) reference log-probs"
 
 
+def _build_trl(workload: Workload, inp, device):
+    import torch
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+
+    def token_logp(hidden, weight, targets):
+        # as TRL's patched forward calls it on Triton devices: only the scored positions, scattered back
+        mask = targets != IGNORE_INDEX
+        logp = ChunkedLogProbFunction.apply(hidden[mask], weight, None, targets[mask], 1.0, chunk, None, 1.0, ())[0]
+        return logp.new_zeros(mask.shape).masked_scatter(mask, logp)
+
+    def step():
+        hidden, weight, targets = inp["hidden"], inp["weight"], inp["targets"]
+        logp = token_logp(hidden, weight, targets)
+        ref_logp = None
+        if workload.ref_head:
+            with torch.no_grad():
+                ref_logp = token_logp(inp["ref_hidden"], inp.get("ref_weight", weight), targets)
+        return objective(workload, inp, logp, ref_logp)
+
+    return step, (f"trl.kernels.ChunkedLogProbFunction(chunk_size={chunk}, outputs=()) on the scored positions for "
+                  "policy and (no_grad) reference log-probs; the bench's own objective")
+
+
 def _build_floor(workload: Workload, inp, device):
     import torch
 
@@ -256,5 +285,6 @@ _BUILDERS = {
     "liger": _liger_module(compiled=False),
     "liger-compiled": _liger_module(compiled=True),
     "cce": _build_cce,
+    "trl": _build_trl,
     "floor": _build_floor,
 }

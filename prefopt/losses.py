@@ -408,7 +408,8 @@ class FusedGRPOLoss(FusedLoss):
         if loss_type not in self.LOSS_TYPES:
             raise ValueError(f"loss_type: expected one of {self.LOSS_TYPES}, got {loss_type!r}")
         if loss_type == "dr_grpo" and not (isinstance(max_completion_length, int) and max_completion_length > 0):
-            raise ValueError(f"max_completion_length: loss_type='dr_grpo' needs a positive int, got {max_completion_length!r}")
+            raise ValueError("max_completion_length: loss_type='dr_grpo' needs a positive int, "
+                             f"got {max_completion_length!r}")
         self.beta, self.epsilon_low, self.epsilon_high = beta, epsilon_low, epsilon_high
         self.loss_type, self.max_completion_length, self.delta = loss_type, max_completion_length, delta
         self.sapo_temperature_pos, self.sapo_temperature_neg = sapo_temperature_pos, sapo_temperature_neg
@@ -456,14 +457,12 @@ class FusedGRPOLoss(FusedLoss):
         )
         per_token = torch.where(mask, token.loss, zero)
         weights = mask.to(logps.dtype)
-        tokens_per_row = weights.sum(-1)
+        # num_items_in_batch is rows for grpo, sapo and dr_grpo, tokens for dapo and cispo (see count_items).
         given = num_items_in_batch
-        if self.loss_type in ("grpo", "sapo"):
-            loss = (per_token.sum(-1) / tokens_per_row.clamp(min=1)).sum() / (rows.numel() if given is None else given)
-        elif self.loss_type == "dr_grpo":
-            loss = per_token.sum() / ((rows.numel() if given is None else given) * self.max_completion_length)
-        else:  # bnpo (never given), dapo, cispo
-            loss = per_token.sum() / (tokens_per_row.sum().clamp(min=1) if given is None else given)
+        loss = objectives.aggregate_policy_loss(
+            per_token.reshape(-1, per_token.shape[-1]), weights.reshape(-1, weights.shape[-1]),
+            loss_type=self.loss_type, max_completion_length=self.max_completion_length,
+            num_sequences=rows.numel() if given is None else given, num_tokens=given)
         count = weights.sum().clamp(min=1)
         metrics = {
             "clip_fraction": ((token.clipped.to(weights.dtype) * weights).sum() / count).detach(),

@@ -8,6 +8,7 @@ log-likelihood. Every function returns one loss per pair (or per token for GRPO)
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -211,3 +212,223 @@ def grpo_loss(
     elif beta != 0:
         raise ValueError("ref_logps: required when beta != 0 (the KL term needs the reference)")
     return GRPOTokenLoss(loss, clipped.expand_as(loss), k3)
+
+
+# Objectives of the Liger-Kernel chunked losses (prefopt.liger) that prefopt's own API does not have.
+# Loss-type names are Liger's and TRL's; each formula below is what those names mean there.
+
+DPO_VARIANT_LOSS_TYPES = ("exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop")
+
+
+def dpo_variant_loss(
+    chosen_logratios: Tensor,
+    rejected_logratios: Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "exo_pair",
+    label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
+) -> Tensor:
+    """Further DPO variants, one loss per pair, on the log-ratios ``d_c = lp_c - rf_c``, ``d_r = lp_r - rf_r``.
+
+    With ``z = beta * (d_c - d_r)``, rewards ``r_c = beta * d_c``, ``r_r = beta * d_r``, ``e = label_smoothing``:
+
+    - ``exo_pair`` (EXO, Ji et al. 2024, K=2): ``KL(q || p)`` with ``q = (sig(z), sig(-z))`` and
+      ``p = (1-e, e)``: ``sig(z) (logsig(z) - log(1-e)) + sig(-z) (logsig(-z) - log e)``; needs ``e > 0``.
+    - ``nca_pair`` (NCA, Chen et al. 2024): ``-logsig(r_c) - logsig(-r_c)/2 - logsig(-r_r)/2``.
+    - ``bco_pair`` (BCO without its running reward shift): ``-logsig(r_c) - logsig(-r_r)``.
+    - ``sppo_hard`` (SPPO, Wu et al. 2024, hard labels): ``(d_c - 1/(2 beta))^2 + (d_r + 1/(2 beta))^2``.
+    - ``apo_zero`` (APO, D'Oosterlinck et al. 2024): ``1 - sig(r_c) + sig(r_r)``.
+    - ``apo_down`` (APO): ``sig(r_c) + 1 - sig(z)``.
+    - ``discopop`` (DiscoPOP, Chris Lu et al. 2024): ``m = sig(z / tau)``,
+      ``(1 - m) * (-logsig(z)) + m * exp(-z)`` with ``tau = discopop_tau``.
+    """
+    if loss_type not in DPO_VARIANT_LOSS_TYPES:
+        raise ValueError(f"loss_type: expected one of {DPO_VARIANT_LOSS_TYPES}, got {loss_type!r}")
+    z = beta * (chosen_logratios - rejected_logratios)
+    chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
+    if loss_type == "exo_pair":
+        if not 0.0 < label_smoothing < 1.0:
+            raise ValueError(
+                f"label_smoothing: expected a value in (0, 1) for loss_type='exo_pair', got {label_smoothing!r}"
+            )
+        e = torch.tensor(label_smoothing, dtype=z.dtype, device=z.device)
+        return (torch.sigmoid(z) * (F.logsigmoid(z) - torch.log1p(-e))
+                + torch.sigmoid(-z) * (F.logsigmoid(-z) - torch.log(e)))
+    if loss_type == "nca_pair":
+        return (-F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards)
+                - 0.5 * F.logsigmoid(-rejected_rewards))
+    if loss_type == "bco_pair":
+        return -F.logsigmoid(chosen_rewards) - F.logsigmoid(-rejected_rewards)
+    if loss_type == "sppo_hard":
+        return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+    if loss_type == "apo_zero":
+        return 1 - torch.sigmoid(chosen_rewards) + torch.sigmoid(rejected_rewards)
+    if loss_type == "apo_down":
+        return torch.sigmoid(chosen_rewards) + 1 - torch.sigmoid(z)
+    modulation = torch.sigmoid(z / discopop_tau)
+    return (1 - modulation) * -F.logsigmoid(z) + modulation * torch.exp(-z)
+
+
+def cpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, *, beta: float = 0.1, gamma: float = 0.0,
+             label_smoothing: float = 0.0) -> Tensor:
+    """CPO (Xu et al. 2024), reference-free, with label smoothing ``e`` and margin ``gamma``:
+
+    ``x = beta * (lp_c - lp_r) - gamma``, ``loss = -(1-e) logsig(x) - e logsig(-x)``.
+    On per-token mean log-probs with ``gamma > 0`` this is SimPO with label smoothing.
+    """
+    x = beta * (chosen_logps - rejected_logps) - gamma
+    return -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
+
+
+def orpo_log_odds_ratio(chosen_avg: Tensor, rejected_avg: Tensor) -> Tensor:
+    """ORPO's log odds ratio ``log(odds_c / odds_r)``, ``odds = p / (1 - p)`` with ``p = exp(avg)``:
+    ``(avg_c - avg_r) - (log(1 - exp(avg_c)) - log(1 - exp(avg_r)))``."""
+    return (chosen_avg - rejected_avg) - (torch.log1p(-torch.exp(chosen_avg)) - torch.log1p(-torch.exp(rejected_avg)))
+
+
+def kto_loss(logratios: Tensor, desirable: Tensor, kl: Optional[Tensor] = None, *, beta: float = 0.1) -> Tensor:
+    """KTO (Ethayarajh et al. 2024), one loss per (unpaired) sequence, ``d = lp - rf``:
+
+    desirable: ``1 - sig(beta * (d - KL))``; undesirable: ``1 - sig(beta * (KL - d))``, with ``KL`` the
+    reference point (an estimate of KL(pi || pi_ref), detached; 0 when None). ``desirable`` is boolean.
+    """
+    sign = desirable.to(logratios.dtype) * 2 - 1
+    shifted = logratios if kl is None else logratios - kl
+    return 1 - torch.sigmoid(beta * shifted * sign)
+
+
+def k3_kl(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """The k3 estimator of KL(pi || pi_ref) per token: ``exp(rf - lp) - (rf - lp) - 1`` (non-negative, unbiased)."""
+    delta = ref_logps - logps
+    return torch.exp(delta) - delta - 1
+
+
+POLICY_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+
+
+class PolicyTokenLoss(NamedTuple):
+    loss: Tensor
+    log_weights: Tensor
+    clipped: Tensor
+
+
+def policy_gradient_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    loss_type: str = "dapo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    importance_sampling_level: str = "token",
+    delta: Optional[float] = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vllm_is_ratio: Optional[Tensor] = None,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+) -> PolicyTokenLoss:
+    """Per-token policy-gradient loss of the GRPO family (TRL's / Liger's ``loss_type``), before any KL term.
+
+    ``log w = lp - lp_old`` per token, or its masked mean over the sequence for
+    ``importance_sampling_level="sequence"`` (GSPO, then ``log w`` is ``[B, 1]``); ``rho = exp(log w)``,
+    ``A`` the advantage per row (``advantages [B]``, logps ``[B, T]``):
+
+    - grpo, bnpo, dr_grpo, dapo, luspo: :func:`grpo_loss`'s ``clip`` on ``rho`` (with ``delta``);
+      cispo and sapo: :func:`grpo_loss`'s ``cispo`` and ``sapo``.
+    - vespo: ``-sg(phi) * A * lp`` with the sequence weight ``phi(w) = exp(lam + k log w - lam w)``,
+      ``log w = clamp(sum_t mask * clamp(lp - lp_old, -20, 20) + sum_t clamp(log is_ratio, log 1e-8, 20),
+      log 1e-8, 20)``, ``(k, lam)`` = ``(k_pos, lambda_pos)`` for ``A >= 0`` else the negative pair
+      (sg: no gradient).
+
+    Every type but vespo is then multiplied by ``vllm_is_ratio`` (``[B, T]`` or ``[B, 1]``) when given.
+    ``clipped`` (shaped like ``mask``) marks ``rho < 1-eps_low`` with ``A < 0`` or ``rho > 1+eps_high``
+    with ``A > 0`` on ``rho`` before the ``delta`` cap (Liger's count; TRL counts after it); for cispo
+    ``rho > eps_high`` with ``A > 0``; never for sapo and vespo.
+    """
+    if loss_type not in POLICY_LOSS_TYPES:
+        raise ValueError(f"loss_type: expected one of {POLICY_LOSS_TYPES}, got {loss_type!r}")
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(
+            f"importance_sampling_level: expected 'token' or 'sequence', got {importance_sampling_level!r}"
+        )
+    if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):
+        raise ValueError(f"importance_sampling_level: 'sequence' is not defined for loss_type={loss_type!r}")
+    if loss_type == "sapo" and not (sapo_temperature_pos > 0 and sapo_temperature_neg > 0):
+        raise ValueError(f"sapo_temperature_pos/sapo_temperature_neg: expected > 0, got "
+                         f"{sapo_temperature_pos!r}, {sapo_temperature_neg!r}")
+    mask = mask.to(logps.dtype)
+    advantage = advantages.to(logps.dtype).unsqueeze(-1)
+    log_ratio = logps - old_logps
+    if importance_sampling_level == "token":
+        log_weights = log_ratio
+    else:
+        log_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    if loss_type == "vespo":
+        with torch.no_grad():
+            floor = math.log(1e-8)
+            seq_log_w = (log_ratio.clamp(-20.0, 20.0) * mask).sum(-1, keepdim=True)
+            if vllm_is_ratio is not None:
+                seq_log_w = seq_log_w + torch.log(vllm_is_ratio).clamp(floor, 20.0).sum(-1, keepdim=True)
+            seq_log_w = seq_log_w.clamp(floor, 20.0)
+            nonneg = advantage >= 0
+            k = torch.where(nonneg, vespo_k_pos, vespo_k_neg)
+            lam = torch.where(nonneg, vespo_lambda_pos, vespo_lambda_neg).clamp(min=1e-4)
+            phi = torch.exp(lam + k * seq_log_w - lam * torch.exp(seq_log_w)).nan_to_num(0.0, 0.0, 0.0)
+        no_clip = torch.zeros_like(mask, dtype=torch.bool)
+        return PolicyTokenLoss(-phi * advantage * logps, log_weights, no_clip)
+    policy_loss = loss_type if loss_type in ("cispo", "sapo") else "clip"
+    # grpo_loss's ratio is exp(lp - lp_old): hand it log w (and 0) so that sequence-level weights work too.
+    token = grpo_loss(logps if policy_loss == "cispo" else log_weights,
+                      old_logps if policy_loss == "cispo" else torch.zeros_like(log_weights), advantage,
+                      beta=0.0, epsilon_low=epsilon_low, epsilon_high=epsilon_high, policy_loss=policy_loss,
+                      delta=delta, sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
+    clipped = token.clipped
+    if policy_loss == "clip":
+        rho = torch.exp(log_weights)
+        clipped = ((rho < 1 - epsilon_low) & (advantage < 0)) | ((rho > 1 + epsilon_high) & (advantage > 0))
+    loss = token.loss if vllm_is_ratio is None else token.loss * vllm_is_ratio
+    return PolicyTokenLoss(loss, log_weights, clipped.expand_as(mask))
+
+
+def aggregate_policy_loss(
+    per_token_loss: Tensor,
+    mask: Tensor,
+    *,
+    loss_type: str = "dapo",
+    num_sequences: Optional[int] = None,
+    max_completion_length: Optional[int] = None,
+    num_tokens=None,
+) -> Tensor:
+    """Reduce a per-token loss ``[B, T]`` (or ``[B, 1]``) over the completion mask ``[B, T]`` to a scalar.
+
+    ``n_b = sum_t mask``, ``S`` = ``num_sequences`` (default ``B``), ``N`` = ``num_tokens`` (default ``sum mask``):
+
+    - grpo, sapo: ``sum_b (sum_t mask * l / max(n_b, 1)) / S`` (mean of per-sequence means).
+    - bnpo: ``sum mask * l / max(sum mask, 1)``.
+    - dr_grpo: ``sum mask * l / (S * max_completion_length)``.
+    - dapo, cispo, vespo: ``sum mask * l / max(N, 1)``.
+    - luspo: ``sum_b sum_t mask * l / S`` (TRL's; a sequence-level ``l_b`` of shape ``[B, 1]`` counts ``n_b``
+      times, the length-unbiased sequence weight of LUSPO).
+    """
+    mask = mask.to(per_token_loss.dtype)
+    sequences = mask.shape[0] if num_sequences is None else num_sequences
+    masked = per_token_loss * mask
+    if loss_type in ("grpo", "sapo"):
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / sequences
+    if loss_type == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("max_completion_length: required for loss_type='dr_grpo'")
+        return masked.sum() / (sequences * max_completion_length)
+    if loss_type in ("dapo", "cispo", "vespo"):
+        tokens = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=mask.dtype, device=mask.device)
+        return masked.sum() / tokens.clamp(min=1.0)
+    if loss_type == "luspo":
+        return masked.sum() / sequences
+    raise ValueError(f"loss_type: expected one of {POLICY_LOSS_TYPES}, got {loss_type!r}")

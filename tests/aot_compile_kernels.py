@@ -6,11 +6,16 @@ This script runs the whole compiler down to a cubin with the ptxas bundled in th
 the configurations the launchers pick on an H100, with 16-divisible pointers and sizes (what the
 launcher specialises on for real shapes, and what enables the async-copy pipeline). It prints one
 JSON object per configuration: shared memory, wgmma / mma / cp.async counts in the PTX, local-memory
-(register spill) loads. It must run without TRITON_INTERPRET.
+loads in the PTX, and ptxas's own report on the PTX (``ptxas -v``: registers per thread, spill stores and
+loads in bytes). ``python tests/aot_compile_kernels.py NAME...`` compiles only the named variants. It must
+run without TRITON_INTERPRET.
 """
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("run without TRITON_INTERPRET=1: the kernels must be built for the compiler")
@@ -23,14 +28,19 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from prefopt.kernels import linear_logprobs as K  # noqa: E402
 
-DIVISIBLE = {"K", "KR", "V", "stride_h", "stride_w", "stride_rh", "stride_rw", "stride_m", "stride_ds", "width", "v_begin"}
+DIVISIBLE = {"K", "KR", "V", "v_base", "v_stop", "stride_h", "stride_w", "stride_rh", "stride_rw", "stride_e", "stride_ds",
+             "width", "v_begin"}
 FLOATS = {"inv_temp", "softcap", "inv_softcap"}
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 SHAPE = (16384, 152064, 4096)  # tokens, vocabulary, hidden size (the issue's largest)
 
 
+UNIT_STRIDES = ("stride_hk", "stride_wk", "stride_rhk", "stride_rwk")  # contiguous rows: specialised to 1 as the JIT does
+
+
 def compile_kernel(fn, pointers, constexprs, blocks, arch=90):
     names = fn.arg_names
+    constexprs = {**constexprs, **{k: 1 for k in UNIT_STRIDES if k in names}}
     signature = {}
     for name in names:
         if name in constexprs:
@@ -49,20 +59,42 @@ def compile_kernel(fn, pointers, constexprs, blocks, arch=90):
                           options=dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages))
 
 
-def forward_variant(dtype, *, moments=False, ref=True, softcap=True, stats=True):
-    blocks = K.forward_blocks(*SHAPE, dtype, moments)
+def ptxas_report(ptx: str, arch: str = "sm_90a") -> dict:
+    """Registers and spills as ptxas reports them (the ptxas bundled with triton)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(90).path  # the ptxas triton itself assembled this PTX with
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        done = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", path, "-o", os.path.join(tmp, "k.cubin")],
+                              capture_output=True, text=True, check=True)
+    text = done.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return dict(registers=int(regs.group(1)) if regs else None,
+                spill_stores=int(spills.group(1)) if spills else None,
+                spill_loads=int(spills.group(2)) if spills else None)
+
+
+def forward_variant(dtype, *, moments=False, ref=True, softcap=True, stats=True, blocks=None, precision="ieee"):
+    blocks = blocks or K.forward_blocks(*SHAPE, dtype, ref=ref, extras=softcap or stats, write_e=moments,
+                                        interpret=False)
     p, s = "*" + TYPES[dtype], "*" + ("fp64" if dtype == torch.float64 else "fp32")
     pointers = dict(h_ptr=p, w_ptr=p, b_ptr=p, t_ptr="*i64", rh_ptr=p, rw_ptr=p, rb_ptr=p, max_ptr=s, sum_ptr=s,
-                    tgt_ptr=s, ez_ptr=s, zsum_ptr=s, rmax_ptr=s, rsum_ptr=s, rtgt_ptr=s, ezr_ptr=s, m_ptr=s)
+                    tgt_ptr=s, ez_ptr=s, zsum_ptr=s, arg_ptr="*i32", rest_ptr=s, rmax_ptr=s, rsum_ptr=s, rtgt_ptr=s,
+                    ezr_ptr=s, e_ptr=p)
     constexprs = dict(HAS_BIAS=True, HAS_REF_BIAS=ref, SOFTCAP=softcap, WANT_EZ=stats, WANT_ZSUM=stats,
-                      WANT_REF=ref, WANT_EZR=ref and stats, MOMENTS=moments, ACC=K._acc_dtype(dtype),
-                      DOT_DTYPE=None, REF_DOT_DTYPE=None, PRECISION="ieee",
-                      BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h)
+                      WANT_ARGMAX=stats, WANT_REF=ref, WANT_EZR=ref and stats, WRITE_E=moments, ACC=K._acc_dtype(dtype),
+                      DOT_DTYPE=None, REF_DOT_DTYPE=None, PRECISION=precision,
+                      BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h,
+                      GROUP_N=blocks.group_n if moments else 0)
     return compile_kernel(K._fwd_kernel, pointers, constexprs, blocks)
 
 
 def backward_variant(dtype, *, ref=True):
-    blocks = K.backward_blocks(*SHAPE, dtype)
+    blocks = K.backward_blocks(*SHAPE, dtype, interpret=False)
     p, s = "*" + TYPES[dtype], "*" + ("fp64" if dtype == torch.float64 else "fp32")
     pointers = dict(h_ptr=p, w_ptr=p, b_ptr=p, t_ptr="*i64", rh_ptr=p, rw_ptr=p, rb_ptr=p, lse_ptr=s, a_ptr=s,
                     c0_ptr=s, c1_ptr=s, c2_ptr=s, c3_ptr=s, ds_ptr=p)
@@ -72,23 +104,43 @@ def backward_variant(dtype, *, ref=True):
     return compile_kernel(K._bwd_dlogits_kernel, pointers, constexprs, blocks)
 
 
+TILE_64 = K.Blocks(64, 128, 64, 8, 4)
+TILE_128 = K.Blocks(128, 128, 64, 8, 3)
+
+#: What the launchers pick on an H100 (compiled by the test): every one must compile without spills.
 VARIANTS = {
+    "fwd-bf16-plain": lambda: forward_variant(torch.bfloat16, ref=False, softcap=False, stats=False),
+    "fwd-bf16-stats": lambda: forward_variant(torch.bfloat16, ref=False),
+    "fwd-bf16-ref": lambda: forward_variant(torch.bfloat16, softcap=False, stats=False),
     "fwd-bf16-all": lambda: forward_variant(torch.bfloat16),
     "fwd-bf16-moments": lambda: forward_variant(torch.bfloat16, moments=True, ref=False, stats=False),
     "bwd-bf16-kl": lambda: backward_variant(torch.bfloat16),
-    "fwd-fp32-plain": lambda: forward_variant(torch.float32, ref=False, softcap=False, stats=False),
+    "fwd-fp32-tf32": lambda: forward_variant(torch.float32, ref=False, softcap=False, stats=False, precision="tf32"),
     "fwd-fp64-all": lambda: forward_variant(torch.float64),
     "bwd-fp64-kl": lambda: backward_variant(torch.float64),
+}
+
+#: The alternatives the choices were made against (compiled only when named on the command line).
+ALTERNATIVES = {
+    "fwd-bf16-plain-64x128": lambda: forward_variant(torch.bfloat16, ref=False, softcap=False, stats=False,
+                                                     blocks=TILE_64),
+    "fwd-bf16-all-128x128": lambda: forward_variant(torch.bfloat16, blocks=TILE_128),
+    "fwd-bf16-moments-128x128": lambda: forward_variant(torch.bfloat16, moments=True, ref=False, stats=False,
+                                                        blocks=TILE_128),
+    "fwd-fp32-ieee": lambda: forward_variant(torch.float32, ref=False, softcap=False, stats=False),
+    "fwd-fp64-all-32x64": lambda: forward_variant(torch.float64, blocks=K.Blocks(32, 64, 32, 4, 2)),
+    "fwd-fp64-all-32x32": lambda: forward_variant(torch.float64, blocks=K.Blocks(32, 32, 32, 4, 2)),
 }
 
 
 def main(names):
     for name in names or VARIANTS:
-        kernel = VARIANTS[name]()
+        kernel = {**VARIANTS, **ALTERNATIVES}[name]()
         ptx = kernel.asm["ptx"]
         print(json.dumps(dict(
             name=name, shared=kernel.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
             mma=ptx.count("mma.sync"), cp_async=ptx.count("cp.async"), local_loads=ptx.count("ld.local"),
+            **ptxas_report(ptx),
         )), flush=True)
 
 

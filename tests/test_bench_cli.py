@@ -98,3 +98,14 @@ def test_rounds_combine_into_one_row():
     assert r["median_s"] == 2.5 and r["peak_extra_bytes"] == 30 and r["wall_s"] == 11.0 and len(r["rounds"]) == 2
     failed = {"status": "oom", "reason": "killed"}
     assert combine_rounds([a, failed])["status"] == "oom"
+
+
+@pytest.mark.parametrize("workload", ["dpo-ref"])  # one workload: each cell is a subprocess (CI time)
+def test_trl_fused_head_peer_gives_the_naive_loss(workload):
+    # TRL's ChunkedLogProbFunction as a bench peer (the head TRL's trainers run): same loss as naive
+    pytest.importorskip("trl")
+    point = Point(workload, Shape(2, 16, 32, 256))
+    cells = [Cell(point, "naive"), Cell(point, "trl")]
+    run_all(cells, device="cpu", dtype="float32", warmup=1, repeats=1, timeout=120, progress=lambda _: None)
+    assert [c.result["status"] for c in cells] == ["ok", "ok"], [c.result.get("reason") for c in cells]
+    assert cells[1].result["loss"] == pytest.approx(cells[0].result["loss"], rel=1e-5)

@@ -346,3 +346,45 @@ def test_functional_forms_equal_modules(seed):
     assert torch.equal(module.loss, functional.loss)
     grpo = prefopt.fused_grpo_loss(w, h, y, torch.ones(ROWS), beta=0.0, loss_type="bnpo")
     assert torch.isfinite(grpo.loss)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"])
+def test_grpo_loss_types_match_installed_trl(loss_type, seed):
+    """FusedGRPOLoss against the installed TRL's own GRPOTrainer._compute_loss, run on the oracle's float64
+    log-probs (a stand-in trainer object gives it the attributes it reads): loss and gradients. Padding
+    carries finite old/reference log-probs here: TRL masks after the exponential, so -inf there is NaN in TRL."""
+    trl = pytest.importorskip("trl")
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    h, w, b, y, ref, mask, old, ref_logps = grpo_inputs()
+    advantages = torch.randn(ROWS)
+    eps_high = 1.5 if loss_type == "cispo" else 0.28
+    options = dict(beta=0.1, epsilon_low=0.2, epsilon_high=eps_high, loss_type=loss_type, max_completion_length=9)
+    out = prefopt.FusedGRPOLoss(**options, use_bias_correction_kl=True)(
+        w, h, y, advantages, b, old_logps=old.float(), ref_logps=ref_logps.float())
+    out.loss.backward()
+
+    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, w, b))
+    logps = oracle_linear_logprobs(h64, w64, y, bias=b64).logp
+    config = trl.GRPOConfig(output_dir="unused", use_cpu=True, bf16=False, use_bias_correction_kl=True,
+                            steps_per_generation=1)
+    stand_in = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
+        beta=0.1, epsilon_low=0.2, epsilon_high=eps_high, loss_type=loss_type, max_completion_length=9,
+        use_vllm=False, aux_loss_enabled=False, _entropy_bonus_enabled=False, current_gradient_accumulation_steps=1,
+        model=SimpleNamespace(training=True), args=config, _metrics={"train": defaultdict(list)},
+        accelerator=SimpleNamespace(num_processes=1, gather=lambda t: t, reduce=lambda t, reduction: t),
+    )
+    inputs = dict(prompt_ids=y[:, :0].clamp(min=0), prompt_mask=y[:, :0], completion_ids=y.clamp(min=0),
+                  completion_mask=mask, advantages=advantages.double(), old_per_token_logps=old.double(),
+                  ref_per_token_logps=ref_logps, num_items_in_batch=mask.sum())
+    expected = trl.GRPOTrainer._compute_loss(stand_in, None, inputs)
+    expected.backward()
+    assert_close(out.loss, expected, 2e-5, f"{loss_type} loss", seed)
+    assert_close(h.grad, h64.grad, 2e-5, f"{loss_type} d hidden", seed)
+    assert_close(w.grad, w64.grad, 2e-5, f"{loss_type} d weight", seed)
+    if loss_type in ("grpo", "dapo"):
+        trl_clip = stand_in._metrics["train"]["clip_ratio/region_mean"][-1]
+        assert_close(out.metrics["clip_fraction"], torch.tensor(trl_clip), 1e-6, "clip_fraction", seed)

@@ -209,3 +209,55 @@ def test_low_precision_hidden_with_fp32_head(backend, seed, frozen):
     if not frozen:
         assert w.grad.dtype == torch.float32
         assert_close(w.grad, w64.grad, 3e-2, "d weight", seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+def test_capturable_gives_the_same_values_and_gradients(backend, seed, frozen):
+    # capturable=True computes the ignored positions and masks them instead of removing them first
+    h, w, b, y, ref = make_inputs(frozen=frozen)
+    opts = dict(bias=b, entropy=not frozen, kl=not frozen, uniform_nll=True, top1=True, backend=backend, **ref)
+    upstream = {k: torch.randn(y.shape, dtype=torch.float64) for k in STATS}
+    outs = []
+    for capturable in (False, True):
+        outs.append(run_and_grad(lambda h, w, b: linear_logprobs(h, w, y, capturable=capturable, **opts), h, w, b,
+                                 upstream))
+    (plain, plain_grads), (capt, capt_grads) = outs
+    for k in STATS + ("top1",):
+        if getattr(plain, k) is not None:
+            assert_close(getattr(capt, k), getattr(plain, k), 1e-6, k, seed)
+            assert torch.equal(getattr(capt, k)[y == -100], torch.zeros(int((y == -100).sum()))), k
+    for got, want in zip(capt_grads, plain_grads):
+        assert_close(got, want, 1e-6, "gradient", seed)
+
+
+def test_capturable_makes_no_host_synchronisation(seed):
+    # The op under capturable=True with the Triton backend: no aten op that reads a device value back to
+    # the host (.item(), bool(), nonzero) runs, forward or backward, so a CUDA graph can capture it.
+    # (The torch backend, the CPU default, finds the target columns with nonzero and is not capturable.)
+    pytest.importorskip("triton")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    syncing = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default"}
+
+    class Watch(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func) in syncing:
+                Watch.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    h, w, b, y, ref = make_inputs(frozen=True)
+    with Watch():
+        out = linear_logprobs(h, w, y, bias=b, top1=True, backend="triton", capturable=True, **ref)
+    with Watch():
+        out.logp.sum().backward()
+    assert not Watch.seen, Watch.seen
+
+
+def test_capturable_checks_the_target_range_on_the_device():
+    h, w, b, y, _ = make_inputs(reference=False)
+    y[0, 0] = 53
+    with pytest.raises(RuntimeError, match="targets: expected values in"):
+        linear_logprobs(h, w, y, backend="torch", capturable=True)

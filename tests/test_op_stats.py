@@ -48,10 +48,6 @@ def test_gradcheck_mean_logit_and_uniform_nll(backend, seed, frozen):
 
 
 def _top1(backend, h, w, y):
-    if backend == "triton":
-        with pytest.raises(ValueError, match="top1"):
-            linear_logprobs(h, w, y, top1=True, backend=backend)
-        pytest.skip("top1 is not computed by the triton backend yet (it refuses, tested above)")
     return linear_logprobs(h, w, y, top1=True, backend=backend).top1
 
 
@@ -104,11 +100,7 @@ def test_double_backward_is_refused(backend, frozen):
         torch.autograd.grad(loss, h, create_graph=True)
 
 
-@pytest.mark.parametrize("backend", [
-    "torch",
-    pytest.param("triton", marks=pytest.mark.xfail(
-        strict=True, reason="the Triton kernel's online max does not yet shift by 0 at an infinite max")),
-])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("entropy", [False, True], ids=["logp", "entropy"])
 def test_infinite_weight_gives_what_float64_gives(backend, seed, entropy):
     # One head entry is +inf, so logit 7 is +inf where hidden[0] > 0 (lse = +inf, logp = -inf, NaN for

@@ -116,6 +116,7 @@ def linear_logprobs(
     mean_logit: bool = False,
     top1: bool = False,
     backend: str = "auto",
+    capturable: bool = False,
 ) -> TokenStats:
     """Per-token log-probabilities of ``targets`` under the head ``weight`` applied to ``hidden``.
 
@@ -143,6 +144,11 @@ def linear_logprobs(
         entropy / kl / uniform_nll / mean_logit / top1: also return these statistics (``kl`` needs
             ``ref_hidden``; ``top1`` has no gradient).
         backend: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"torch"`` or ``"triton"``.
+        capturable: no host synchronisation in the op itself, so that it can be captured in a CUDA graph
+            or compiled with ``fullgraph=True`` (with the Triton backend, whose launchers do not
+            synchronise either): the target range is checked on the device (a device-side assert instead
+            of the ``ValueError``), and ignored positions are computed and masked out instead of being
+            removed first (they cost their share of the products, and their hidden states must be finite).
 
     Returns:
         :class:`TokenStats` of tensors shaped like ``targets`` (0 at ignored positions).
@@ -196,17 +202,22 @@ def linear_logprobs(
     flat_targets = targets.reshape(-1).long()
     valid = flat_targets != ignore_index
     bad = valid & ((flat_targets < 0) | (flat_targets >= vocab_size))
-    if bool(bad.any()):
-        first = int(flat_targets[bad][0])
-        raise ValueError(
-            f"targets: expected values in [0, {vocab_size}) or ignore_index={ignore_index}, found {first}"
-        )
-    index = valid.nonzero().squeeze(1)
-    packed_hidden = hidden.reshape(-1, hidden_size).index_select(0, index)
-    packed_targets = flat_targets.index_select(0, index)
+    range_message = f"targets: expected values in [0, {vocab_size}) or ignore_index={ignore_index}"
+    if capturable:
+        torch._assert_async(~bad.any(), range_message)
+        index = None
+        packed_hidden = hidden.reshape(-1, hidden_size)
+        packed_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets))
+    else:
+        if bool(bad.any()):
+            raise ValueError(f"{range_message}, found {int(flat_targets[bad][0])}")
+        index = valid.nonzero().squeeze(1)
+        packed_hidden = hidden.reshape(-1, hidden_size).index_select(0, index)
+        packed_targets = flat_targets.index_select(0, index)
     packed_ref = None
     if ref_hidden is not None:
-        packed_ref = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1]).index_select(0, index)
+        packed_ref = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1])
+        packed_ref = packed_ref if index is None else packed_ref.index_select(0, index)
         ref_weight = ref_weight.detach()
         ref_bias = ref_bias.detach() if ref_bias is not None else None
 
@@ -219,6 +230,9 @@ def linear_logprobs(
     asked = (True, True, entropy, ref_hidden is not None, kl, uniform_nll, mean_logit, top1)
 
     def unpack(packed: Tensor) -> Tensor:
+        if index is None:
+            return torch.where(valid, packed.to(stat_dtype), torch.zeros((), dtype=stat_dtype,
+                                                                        device=hidden.device)).view(targets.shape)
         full = torch.zeros(flat_targets.shape[0], dtype=stat_dtype, device=hidden.device)
         return full.index_copy(0, index, packed.to(stat_dtype)).view(targets.shape)
 

@@ -127,22 +127,28 @@ class ForwardStats:
     ref_lse: Optional[Tensor] = None
     ref_target_logit: Optional[Tensor] = None
     mean_ref_logit: Optional[Tensor] = None  # E_p[zr]
-    moments: Optional[Tensor] = None  # [n, H]: sum_v p_v f_v W_v (frozen-head shortcut)
+    moments: Optional[Tensor] = None  # [n, H]: sum_{v != y} p_v f_v W_v (frozen-head shortcut)
     argmax: Optional[Tensor] = None  # int64: first index of max_v z_v (the top1 statistic)
+    rest_mass: Optional[Tensor] = None  # 1 - p_y = sum_{v != y} p_v, summed without y (with moments)
 
 
-def shortcut_grad_hidden(weight: Tensor, targets: Tensor, target_logit: Tensor, moments: Tensor,
+def shortcut_grad_hidden(weight: Tensor, targets: Tensor, target_logit: Tensor, rest_mass: Tensor, moments: Tensor,
                          coef: GradCoefficients, config: OpConfig) -> Tensor:
     """Frozen head: ``d hidden = (a f_y W_y + c0 M + c3 sum_v W_v) / temperature``, no pass over the vocabulary.
 
     Only log-prob, lse and (without softcap) the uniform terms are live (c1 = c2 = 0), so
     ``sum_v ds_v W_v`` collapses to the target row, the moment ``M = sum_v p_v f_v W_v`` accumulated in
     forward (f: softcap derivative) and, for the uniform terms, the column sum of W (a read, no product).
+
+    ``moments`` is ``M' = M - p_y f_y W_y`` (the target's term left out): with ``c0 = g - a``,
+    ``a f_y W_y + c0 M = f_y W_y (a (1 - p_y) + g p_y) + c0 M'``, with ``rest_mass = 1 - p_y`` summed in
+    forward without the target's term (not ``1 - exp(logp)``, which cancels in fp32 when p_y ~ 1), so a
+    confident token (where ``W_y - M`` is tiny) loses nothing to the low-precision products of M'.
     """
-    scale_y = coef.a
+    scale_y = coef.a * rest_mass + (coef.c0 + coef.a) * (1 - rest_mass)
     if config.softcap is not None:
         tanh_y = target_logit * config.temperature / config.softcap
-        scale_y = coef.a * (1 - tanh_y * tanh_y)
+        scale_y = scale_y * (1 - tanh_y * tanh_y)
     grad = scale_y[:, None] * weight.index_select(0, targets).to(moments.dtype) + coef.c0[:, None] * moments
     if coef.c3 is not None:
         grad += coef.c3[:, None] * weight.sum(0, dtype=moments.dtype)
@@ -153,7 +159,8 @@ StreamForward = Callable[..., ForwardStats]
 RecomputeGrads = Callable[..., Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]]
 
 
-def make_backend_function(name: str, stream_forward: StreamForward, recompute_grads: RecomputeGrads):
+def make_backend_function(name: str, stream_forward: StreamForward, recompute_grads: RecomputeGrads,
+                          shortcut_pays: Optional[Callable[[Tensor, Tensor], bool]] = None):
     """A backend's autograd Function from its two passes; the contract every backend shares.
 
     ``forward(hidden [n, H], weight [V, H], bias [V] | None, targets [n] int64, ref_hidden [n, H'] | None,
@@ -168,12 +175,14 @@ def make_backend_function(name: str, stream_forward: StreamForward, recompute_gr
 
     Saved for backward: the inputs and per-token lse, E_p[z], E_p[zr] (the reference only when the KL
     gradient can be live); with the frozen-head shortcut only the weight (a parameter), targets, the
-    target logits and M. Set ``frozen_head_shortcut = False`` on the class to always recompute.
+    target logits, 1 - p_y and M'. ``frozen_head_shortcut`` on the class: ``True`` always takes the
+    shortcut where it applies, ``False`` always recomputes, ``"auto"`` (the default when the backend gives
+    ``shortcut_pays(hidden, weight)``) asks that function.
     Double backward is refused: the recompute backward is not itself differentiable.
     """
 
     class Function(torch.autograd.Function):
-        frozen_head_shortcut = True
+        frozen_head_shortcut = "auto" if shortcut_pays is not None else True
 
         @staticmethod
         def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config: OpConfig):
@@ -182,6 +191,8 @@ def make_backend_function(name: str, stream_forward: StreamForward, recompute_gr
             uniform_terms = config.uniform_nll or config.mean_logit
             shortcut = (Function.frozen_head_shortcut and ctx.needs_input_grad[0] and not head_grad
                         and not (config.entropy or config.kl or (uniform_terms and config.softcap is not None)))
+            if shortcut and Function.frozen_head_shortcut == "auto":
+                shortcut = shortcut_pays(hidden, weight)
             stats = stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config, shortcut)
             lse = stats.lse
             logp = stats.target_logit - lse
@@ -194,7 +205,7 @@ def make_backend_function(name: str, stream_forward: StreamForward, recompute_gr
 
             ctx.config, ctx.shortcut, ctx.vocab, ctx.hidden_dtype = config, shortcut, weight.shape[0], hidden.dtype
             if shortcut:
-                ctx.save_for_backward(weight, targets, stats.target_logit, stats.moments)
+                ctx.save_for_backward(weight, targets, stats.target_logit, stats.rest_mass, stats.moments)
             else:
                 ref = (ref_hidden, ref_weight, ref_bias) if config.kl else (None, None, None)
                 ctx.save_for_backward(hidden, weight, bias, targets, lse, stats.mean_logit, stats.mean_ref_logit, *ref)
@@ -213,10 +224,10 @@ def make_backend_function(name: str, stream_forward: StreamForward, recompute_gr
             g_uniform = g_uniform if config.uniform_nll else None
             g_mean_logit = g_mean_logit if config.mean_logit else None
             if ctx.shortcut:
-                weight, targets, target_logit, moments = ctx.saved_tensors
+                weight, targets, target_logit, rest_mass, moments = ctx.saved_tensors
                 coef = logit_grad_coefficients(g_logp, g_lse, None, None, g_uniform, g_mean_logit, None, None,
                                                ctx.vocab, target_logit)
-                grad = shortcut_grad_hidden(weight, targets, target_logit, moments, coef, config)
+                grad = shortcut_grad_hidden(weight, targets, target_logit, rest_mass, moments, coef, config)
                 return (grad.to(ctx.hidden_dtype),) + (None,) * 7
             (hidden, weight, bias, targets, lse, mean_logit, mean_ref_logit,
              ref_hidden, ref_weight, ref_bias) = ctx.saved_tensors

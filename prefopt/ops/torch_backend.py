@@ -7,8 +7,8 @@ finished before the next one starts (no ``[V, H]`` fp32 buffer), while ``d hidde
 fp32 ``[n, H]`` buffer.
 
 Frozen head (neither weight nor bias needs a gradient) with only log-probs asked for: forward also
-accumulates ``M = sum_v p_v f_v W_v`` per token (f is the softcap derivative), and backward is
-``d hidden = (a f_y W_y + c0 M) / temperature`` with no pass over the vocabulary.
+accumulates ``M' = sum_{v != y} p_v f_v W_v`` per token (f is the softcap derivative), and backward is
+``d hidden = (f_y W_y (a (1 - p_y) + g p_y) + c0 M') / temperature`` with no pass over the vocabulary.
 """
 from __future__ import annotations
 
@@ -23,8 +23,15 @@ from .common import ForwardStats, OpConfig, compute_dtype, make_backend_function
 CHUNK_SIZES = {"cpu": (1024, 4096), "cuda": (2048, 8192)}
 
 
-def chunk_sizes(device: torch.device) -> Tuple[int, int]:
-    return CHUNK_SIZES.get(device.type, CHUNK_SIZES["cuda"])
+def chunk_sizes(device: torch.device, n: int = 0) -> Tuple[int, int]:
+    """Tile (tokens, vocabulary entries) for ``n`` tokens: with fewer tokens than a tile holds, the tile
+    grows along the vocabulary instead (same size), so a small batch makes fewer, larger tile operations:
+    on CPU each is a parallel region whose start and join cost more than the work at small shapes (and
+    much more on a loaded machine)."""
+    chunk_t, chunk_v = CHUNK_SIZES.get(device.type, CHUNK_SIZES["cuda"])
+    if 0 < n < chunk_t:
+        chunk_v *= chunk_t // n
+    return chunk_t, chunk_v
 
 
 def logits_tile(
@@ -69,7 +76,7 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
     n, hidden_size = hidden.shape
     vocab = weight.shape[0]
     dtype = compute_dtype(hidden.dtype)
-    chunk_t, chunk_v = chunk_sizes(hidden.device)
+    chunk_t, chunk_v = chunk_sizes(hidden.device, n)
     want_ref = ref_hidden is not None
 
     def new():
@@ -82,6 +89,7 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
     argmax = torch.zeros(n, dtype=torch.long, device=hidden.device) if config.top1 else None
     ref_lse, ref_target_logit = (new(), new()) if want_ref else (None, None)
     moment = hidden.new_zeros(n, hidden_size, dtype=dtype) if moments else None
+    rest_mass = new() if moments else None
     # The probabilities themselves weight E_p[z], E_p[zr] and the moments; otherwise only lse is needed.
     needs_weights = mean_logit is not None or moment is not None
 
@@ -121,6 +129,9 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
                 if mean_logit is not None:
                     mean_logit[t0:t1] = mean_logit[t0:t1] * scale + (e * z).sum(1)
                 if moment is not None:
+                    # M' and 1 - p_y leave the target out (see common.shortcut_grad_hidden)
+                    e[rows, cols] = 0
+                    rest_mass[t0:t1] = rest_mass[t0:t1] * scale + e.sum(1)
                     weights = e if tanh is None else e.mul_(1 - tanh * tanh)
                     tile_moment = weights.to(hidden.dtype) @ weight[v0:v1].to(hidden.dtype)
                     moment[t0:t1] = moment[t0:t1] * scale[:, None] + tile_moment.to(dtype)
@@ -138,10 +149,11 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
             mean_ref_logit[t0:t1] /= run_sum
         if moment is not None:
             moment[t0:t1] /= run_sum[:, None]
+            rest_mass[t0:t1] /= run_sum
         if want_ref:
             ref_lse[t0:t1] = run_ref_lse
     return ForwardStats(lse, target_logit, mean_logit, logit_sum, ref_lse, ref_target_logit, mean_ref_logit, moment,
-                        argmax)
+                        argmax, rest_mass)
 
 
 def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, ref_bias, coef, config, want_h, want_w, want_b):
@@ -149,7 +161,7 @@ def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, 
     n, hidden_size = hidden.shape
     vocab = weight.shape[0]
     dtype = lse.dtype
-    chunk_t, chunk_v = chunk_sizes(hidden.device)
+    chunk_t, chunk_v = chunk_sizes(hidden.device, n)
     grad_hidden = hidden.new_zeros(n, hidden_size, dtype=dtype) if want_h else None
     grad_weight = torch.empty_like(weight) if want_w else None
     grad_bias = torch.empty_like(bias) if want_b else None

@@ -7,16 +7,19 @@ Forward: one Triton kernel streams the vocabulary once per token block and retur
 (split over the vocabulary when there are few tokens, merged here with an ``[splits, n]`` log-sum-exp).
 Nothing of size ``[n, V]`` is written.
 
-Frozen head (neither weight nor bias needs a gradient) with only log-probs / lse asked for: the same
-kernel also accumulates ``M = sum_v p_v f_v W_v`` (online rescaling, ``f`` the softcap derivative),
-and backward is ``d hidden = (a f_y W_y + c0 M) / temperature``: a gather and an axpy, no pass over
-the vocabulary. ``LinearLogprobsTriton.frozen_head_shortcut = False`` switches it off (backward then recomputes the logits
-like a trainable head, minus the weight gradient), for measuring one against the other.
+Frozen head (neither weight nor bias needs a gradient) with only log-probs / lse asked for: forward
+also returns ``M' = sum_{v != y} p_v f_v W_v`` (``f`` the softcap derivative), computed chunk by chunk
+(the kernel writes rescaled probability tiles in the product dtype, cuBLAS accumulates them against the
+head in fp32; :func:`prefopt.kernels.linear_logprobs.frozen_moments`), and backward is a gather and an
+axpy (:func:`prefopt.ops.common.shortcut_grad_hidden`), no pass over the vocabulary: 2 products in all
+instead of 3. ``LinearLogprobsTriton.frozen_head_shortcut = False`` switches it off (backward then
+recomputes the logits like a trainable head, minus the weight gradient), for measuring one against the
+other; the default ``"auto"`` asks :func:`shortcut_pays`.
 
 Backward otherwise: vocabulary chunk by chunk, a Triton kernel recomputes the logits tiles of the
 chunk (and the reference tiles when the KL gradient is live) and writes the logit gradient ``ds`` of
-the chunk into a ``[n, width]`` buffer whose size is bounded by :data:`CHUNK_BYTES`; then
-``d hidden += ds @ W[chunk]`` (fp32 accumulator) and ``d W[chunk] = ds^T @ hidden`` run as cuBLAS
+the chunk into a ``[n, width]`` buffer (width from :func:`prefopt.kernels.linear_logprobs.chunk_width`); then
+``d hidden += ds @ W[chunk]`` (accumulated in fp32 by cuBLAS itself where torch can, ``out_dtype``) and ``d W[chunk] = ds^T @ hidden`` run as cuBLAS
 products, ``d W[chunk]`` being complete after that one product (its token reduction is inside it, in
 fp32), so no fp32 ``[V, H]`` buffer exists either. Why not fuse those two products into the kernel:
 each tile of ``ds`` contributes to an ``[BLOCK_N, H]`` slab of ``d hidden`` and a ``[BLOCK_V, H]``
@@ -29,35 +32,26 @@ a trainable head (recompute, d hidden, d weight), 1 forward (+ the moments produ
 """
 from __future__ import annotations
 
+import functools
+from dataclasses import fields
+
 import torch
 
 from prefopt.kernels import linear_logprobs as K
 
 from .common import ForwardStats, OpConfig, make_backend_function
 
-#: Upper bound, in bytes, on the backward's logit-gradient chunk buffer ``[n, width]``, and on the
-#: temporary ``ds @ W[chunk]`` product (low-precision inputs) before it is added to the fp32 d hidden.
-CHUNK_BYTES = 32 * 2**20
-
-
-def chunk_width(n: int, vocab: int, dtype: torch.dtype, block_v: int) -> int:
-    """Vocabulary columns per backward chunk: as many as fit in :data:`CHUNK_BYTES`, a multiple of the tile."""
-    item = torch.empty((), dtype=dtype).element_size()
-    width = CHUNK_BYTES // max(1, n * item)
-    width = max(block_v, width // block_v * block_v)
-    return min(width, -(-vocab // block_v) * block_v)
-
 
 def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config: OpConfig,
                    moments: bool) -> ForwardStats:
     """One launch of the forward kernel (see the module docstring)."""
-    if config.top1:
-        raise ValueError("top1: not computed by the triton backend yet; use backend='torch'")
-    return K.forward(
+    stats = K.forward(
         hidden, weight, bias, targets, temperature=config.temperature, softcap=config.softcap,
         ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, mean_logit=config.needs_mean_logit,
-        logit_sum=config.needs_logit_sum, mean_ref_logit=config.kl, moments=moments,
+        logit_sum=config.needs_logit_sum, mean_ref_logit=config.kl, argmax=config.top1,
+        moments=moments,
     )
+    return ForwardStats(**{f.name: getattr(stats, f.name) for f in fields(stats)})
 
 
 def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, ref_bias, coef, config: OpConfig,
@@ -75,14 +69,13 @@ def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, 
                 g.zero_()
         return (grad_hidden.to(hidden.dtype) if want_h else None, grad_weight, grad_bias)
 
-    # ds is stored in the dtype of the products that consume it (the inputs' dtype when they agree)
-    mm_dtype = hidden.dtype if hidden.dtype == weight.dtype else dtype
+    # ds is stored in the dtype of the products that consume it: hidden's, as the torch backend multiplies
+    mm_dtype = hidden.dtype
     blocks = K.backward_blocks(n, vocab, hidden_size, hidden.dtype)
-    width = chunk_width(n, vocab, mm_dtype, blocks.block_v)
+    item = torch.empty((), dtype=mm_dtype).element_size()
+    width = K.chunk_width(n, vocab, hidden_size, item, blocks.block_v)
     buffer = torch.empty(n, width, dtype=mm_dtype, device=hidden.device)
-    h_mm = hidden if hidden.dtype == mm_dtype else None
-    item = buffer.element_size()
-    rows_per_product = max(1, _product_rows(CHUNK_BYTES // max(1, hidden_size * item)))
+    rows = K.product_rows(K.CHUNK_BYTES, hidden_size, 4)
     for v0 in range(0, vocab, width):
         v1 = min(v0 + width, vocab)
         ds = buffer[:, : v1 - v0]
@@ -91,29 +84,47 @@ def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, 
             temperature=config.temperature, softcap=config.softcap,
             ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, blocks=blocks,
         )
+        # the head is cast chunk by chunk (an fp32 head under bf16 autocast), never as a whole
+        w = weight[v0:v1].to(mm_dtype)
         if want_h:
-            w = weight[v0:v1].to(mm_dtype)
-            if mm_dtype == dtype:
-                grad_hidden.addmm_(ds, w)
-            else:  # low-precision product, fp32 accumulation across chunks (bounded temporary)
-                for t0 in range(0, n, rows_per_product):
-                    t1 = min(t0 + rows_per_product, n)
-                    grad_hidden[t0:t1] += ds[t0:t1] @ w
+            K.accumulate_product(grad_hidden, ds, w, rows)
         if want_w:
-            if h_mm is None:
-                h_mm = hidden.to(mm_dtype)
             if weight.dtype == mm_dtype:
-                torch.mm(ds.T, h_mm, out=grad_weight[v0:v1])
+                torch.mm(ds.T, hidden, out=grad_weight[v0:v1])
             else:
-                grad_weight[v0:v1] = ds.T @ h_mm
+                grad_weight[v0:v1] = ds.T @ hidden
         if want_b:
             grad_bias[v0:v1] = ds.sum(0, dtype=dtype)
     return (grad_hidden.to(hidden.dtype) if want_h else None, grad_weight, grad_bias)
 
 
-def _product_rows(rows: int) -> int:
-    """Token rows per ``ds @ W`` product: a multiple of 128 when large (tensor-core friendly)."""
-    return rows // 128 * 128 if rows >= 256 else rows
+def shortcut_pays(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Frozen head on CUDA: the moments shortcut or a recompute backward, whichever the IO model
+    (:mod:`prefopt.bench.io_model`, H100 peaks) predicts is faster, until a GPU has measured both;
+    elsewhere, the interpreter included, always the shortcut.
+
+    The shortcut saves the recompute product and pays for the probability tiles (written, rescaled,
+    read) and two fp32 passes over ``M`` per chunk: at bf16 it pays from H of about 1000 up.
+    """
+    if hidden.device.type != "cuda":
+        return True
+    return shortcut_pays_on_h100(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype)
 
 
-LinearLogprobsTriton = make_backend_function("LinearLogprobsTriton", stream_forward, recompute_grads)
+@functools.lru_cache(maxsize=256)
+def shortcut_pays_on_h100(n: int, vocab: int, hidden_size: int, dtype: torch.dtype) -> bool:
+    """:func:`shortcut_pays` from the shapes (the shortcut when the model is not installed with prefopt)."""
+    try:
+        from prefopt.bench.io_model import triton_model
+        from prefopt.bench.workloads import Shape, Workload
+    except ImportError:  # a source tree used without installing (prefopt.bench is bench/ once installed)
+        return True
+
+    frozen = Workload("frozen", "frozen head, log-probs only", False, False, False, True, False)
+    shape = Shape(1, n, hidden_size, vocab)
+    dtype = dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+    return triton_model(frozen, shape, dtype, shortcut=True).time() < triton_model(frozen, shape, dtype,
+                                                                                     shortcut=False).time()
+
+
+LinearLogprobsTriton = make_backend_function("LinearLogprobsTriton", stream_forward, recompute_grads, shortcut_pays)
