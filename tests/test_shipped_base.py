@@ -40,14 +40,16 @@ def base():
 
 @pytest.mark.parametrize("shuffle", [False, True], ids=["images", "shuffled-images"])
 def test_shipped_base_answers_from_the_image(base, shuffle):
-    """Held-out greedy accuracy >= 0.8 on every verifiable question type; within 0.15 of chance once the
-    images are dealt out among the records (the 200-record held-out split, seed 0)."""
+    """Held-out greedy accuracy >= 0.8 on every verifiable question type; no more than 0.15 above chance once
+    the images are dealt out among the records (the 200-record held-out split, seed 0). Position falls far
+    below chance then: every held-out position answer is a cell the training set never showed that object in,
+    and a model without the right image falls back on the cells training showed."""
     adapter, processor = base
     result = evaluate(adapter, processor=processor, size=200, seed=0, shuffle_images=shuffle, batch_size=50,
                       max_new_tokens=12)
     for kind in VERIFIABLE_TYPES:
         acc = result["per_type"][kind]["generation_accuracy"]
         if shuffle:
-            assert abs(acc - CHANCE[kind]) <= 0.15, (kind, acc)
+            assert acc <= CHANCE[kind] + 0.15, (kind, acc)
         else:
             assert acc >= 0.8, (kind, acc)

@@ -105,16 +105,16 @@ def test_parsing_is_exact_never_a_substring():
     assert parse_answer("count", ("square",), "I count one squares.") is None
     assert parse_answer("position", ("circle", "red"), "The red circle is in the bottom left.") == CELLS.index("bottom left")
     assert parse_answer("presence", ("circle",), answer_text("presence", ("circle",), "square")) is False
-    assert parse_answer("presence", ("circle",), "I see a circle, so yes.") is True
-    assert parse_answer("presence", ("circle",), "I see a square, so yes.") is None  # contradicts itself
+    assert parse_answer("presence", ("circle",), "I see a circle; circle? yes.") is True
+    assert parse_answer("presence", ("circle",), "I see a square; circle? yes.") is None  # contradicts itself
 
 
 def test_judge_hallucination_rules():
-    yes, no = "I see a circle, so yes.", "I see a square, so no."
+    yes, no = "I see a circle; circle? yes.", "I see a square; circle? no."
     q = "Is there a circle in the image?"
     assert judge(q, no, yes) == ("presence", False, True)  # asserts an absent object
     assert judge(q, yes, no) == ("presence", False, False)  # misses one: wrong, not a hallucination
-    assert judge(q, no, "I see a diamond, so no.") == ("presence", True, False)  # the verdict is what counts
+    assert judge(q, no, "I see a diamond; circle? no.") == ("presence", True, False)  # the verdict is what counts
     assert judge(q, yes, yes) == ("presence", True, False)
     c = "What colour is the circle?"
     assert judge(c, "The circle is red.", "The circle is blue.") == ("colour", False, True)

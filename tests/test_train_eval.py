@@ -133,10 +133,10 @@ def test_generation_judged_by_hand(tiny_text, monkeypatch):
     recs = [PreferenceRecord("What colour is the circle?", "The circle is red.", "The circle is blue."),
             PreferenceRecord("What colour is the square?", "The square is green.", "The square is red."),
             PreferenceRecord("What colour is the diamond?", "The diamond is blue.", "The diamond is red."),
-            PreferenceRecord("Is there a circle in the image?", "I see a circle, so yes.", "I see a square, so no."),
+            PreferenceRecord("Is there a circle in the image?", "I see a circle; circle? yes.", "I see a square; circle? no."),
             PreferenceRecord("Describe the shapes in the image.", "I see a red circle.", "I see a blue circle.")]
     answers = {0: "The circle is red.", 1: "The square is orange.", 2: "The diamond is blue and red.",
-               3: "I see a square, so no."}
+               3: "I see a square; circle? no."}
     seen = []
 
     def fake_generate(model, collator, records, *a, **k):

@@ -336,7 +336,7 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
                      if id(r) in training or not (r.where and _skip_record(collator, r, ["pair"], problems))]
     if not probe_records:
         raise ValueError("probe set: no usable record (give --probe-data)")
-    eval_records = _eval_records(cfg)
+    eval_records = [r for r in _eval_records(cfg, load) if not (r.where and _skip_record(collator, r, ["pair"], problems))]
     if len(problems) and state.is_main:
         print(f"prefopt train: note: {len(problems)} records skipped (listed above; --strict-data makes them errors)",
               file=sys.stderr, flush=True)
@@ -383,17 +383,16 @@ def model_source(cfg: TrainConfig) -> str:
     return init_source(cfg.init_from) if cfg.init_from else cfg.model
 
 
-def _eval_records(cfg: TrainConfig):
+def _eval_records(cfg: TrainConfig, load: Dict[str, Any]):
     """The held-out records of the final evaluation: the held-out split of 'synthetic' or of a folder with
     heldout.jsonl (``eval_size`` of them); none for other data or ``eval_size == 0``."""
     from .data import load_records
 
-    if cfg.eval_size == 0 or not (cfg.data == "synthetic" or os.path.isfile(os.path.join(cfg.data, "heldout.jsonl"))):
-        return []
     if cfg.eval_size is not None and cfg.eval_size < 0:
         raise ValueError(f"--eval-size: expected >= 0, got {cfg.eval_size}")
-    return [r for r in load_records(cfg.data, split="heldout", strict=cfg.strict_data, seed=cfg.seed,
-                                    size=cfg.eval_size) if r.rejected is not None]
+    if cfg.eval_size == 0 or not (cfg.data == "synthetic" or os.path.isfile(os.path.join(cfg.data, "heldout.jsonl"))):
+        return []
+    return [r for r in load_records(cfg.data, split="heldout", size=cfg.eval_size, **load) if r.rejected is not None]
 
 
 def _skip_record(collator, record, modes, problems) -> bool:
@@ -436,6 +435,7 @@ class Run:
         self.stale_files: List[str] = []  # set by prepare
         self.identity: Dict[str, Any] = {}  # set by prepare
         self.problems = DataProblems()  # set by prepare
+        self.eval_records: list = []  # set by prepare
         self.unusable: set = set()  # records that failed inside a step
         self.tokenizer = getattr(processor, "tokenizer", processor)
 

@@ -9,7 +9,7 @@ type        prompt                               chosen / rejected (same words, 
 colour      What colour is the circle?           The circle is red. / The circle is blue.
 count       How many squares are there?          I count two squares. / I count one square.
 position    Where is the red circle?             The red circle is in the top left. / ... bottom right.
-presence    Is there a triangle in the image?    I see a circle, so no. / I see a triangle, so yes.
+presence    Is there a triangle in the image?    I see a circle; triangle? no. / I see a triangle; triangle? yes.
 describe    Describe the shapes in the image.    I see a red circle and a blue square. / one object
                                                  swapped for one that is not there
 ==========  ===================================  ======================================================
@@ -119,8 +119,9 @@ def answer_text(kind: str, subject: Tuple[str, ...], value) -> str:
     """The answer of question ``kind`` about ``subject`` asserting ``value`` (the one form of each type).
 
     colour: subject (shape,), value a colour; count: (shape,), value 1-4; position: (shape, colour), value
-    a cell index; presence: (shape,), value the shape seen: the answer names what it sees, then its verdict
-    (the tiny model decides yes/no far sooner with the observation in front of it than as a first word).
+    a cell index; presence: (shape,), value the shape seen: the answer names what it sees, repeats the asked
+    shape, then gives its verdict (the tiny model named the shape it saw correctly long before it learned
+    to compare it with the prompt's; with both shapes a fixed distance before the verdict it need not search).
     """
     if kind == "colour":
         return f"The {subject[0]} is {value}."
@@ -129,7 +130,7 @@ def answer_text(kind: str, subject: Tuple[str, ...], value) -> str:
     if kind == "position":
         return f"The {subject[1]} {subject[0]} is in the {CELLS[value]}."
     if kind == "presence":
-        return f"I see a {value}, so {'yes' if value == subject[0] else 'no'}."
+        return f"I see a {value}; {subject[0]}? {'yes' if value == subject[0] else 'no'}."
     raise ValueError(f"answer_text: kind must be one of {VERIFIABLE_TYPES}, got {kind!r}")
 
 
@@ -324,7 +325,7 @@ def corpus_sentences() -> List[str]:
     ]
     for shape in SHAPES:
         out.append(f"How many {_plural(shape)} are there? Is there a {shape} in the image? What colour is the {shape}?")
-        out.append(f"I see a {shape}, so yes. I see a {shape}, so no. There is a {shape} in the image.")
+        out.append(f"I see a {shape}; {shape}? yes. I see a {shape}; {shape}? no. There is a {shape} in the image.")
         for n in range(1, 5):
             out.append(f"I count {NUMBERS[n]} {_plural(shape, n)}. There are not {NUMBERS[n]}.")
         for colour in COLOURS:
