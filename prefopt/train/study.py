@@ -319,8 +319,7 @@ def markdown(result: Dict[str, Any]) -> str:
         + f", {c['date']}; Python {c['python']}, torch {c['torch']}, {c['cpu_threads']} torch threads on "
         f"{c['cpu_count']} CPUs ({c['machine']}), device {c['device']}; {c['wall_seconds'] / 60:.1f} minutes in all.",
         "",
-        f"Conditions: model {c['model']}, synthetic visual set"
-        + (f" ({c['train_size']} training records)" if c["train_size"] else "")
+        "Conditions: synthetic visual set" + (f" ({c['train_size']} training records)" if c["train_size"] else "")
         + "; base: " + (f"SFT of {c['model']} for {c['base_steps']} steps here" if c["base"] == TRAIN_BASE
                         else c["base_model"]) + "; every variant "
         f"{c['steps']} optimizer steps of {c['batch_size']} records from that base, seeds 0..{c['seeds'] - 1}; "
@@ -342,10 +341,15 @@ def markdown(result: Dict[str, Any]) -> str:
                          f"{cl['other']} {cl['other_mean']:.3f} (spread {cl['spread']:.3f}) | {cl['verdict']} |")
         missed = [cl for cl in result["claims"] if cl["verdict"] != "reproduced"]
         lines += ["", f"{len(result['claims']) - len(missed)} of {len(result['claims'])} claims reproduced here."
-                  + (" Not reproduced or inconclusive: " + "; ".join(f"{cl['text']} ({cl['verdict']})" for cl in missed)
-                     + "." if missed else "")
+                  + (" Not reproduced, inconclusive or not testable: "
+                     + "; ".join(f"{cl['text']} ({cl['verdict']})" for cl in missed) + "." if missed else "")
                   + " The study is small (a tiny model, a synthetic task, few steps): a claim not reproduced here is "
                   "not refuted in general, and one reproduced is not confirmed in general."]
+        at_ceiling = [k for k in ("eval_generation_accuracy", "eval_pair_accuracy")
+                      if (table.get(BASE, {}).get(k, {}).get("mean") or 0) >= 0.99]
+        if at_ceiling:
+            lines += ["", f"The base is at the ceiling on {' and '.join(at_ceiling)}: on those metrics a preference "
+                      "stage can only keep or lose, so claims of improvement cannot show there."]
     else:
         lines.append("No claim could be checked (its variants or metrics were not run).")
     if result.get("plots"):
