@@ -42,7 +42,8 @@ def text_data(tmp_path_factory):
 
 def cli_args(data, out, *extra):
     return ["--model", "tiny-llama", "--data", data, "--out", str(out), "--batch-size", "2", "--probe-size", "2",
-            "--max-new-tokens", "6", "--no-progress", "--device", "cpu", "--save-minutes", "0", *extra]
+            "--max-new-tokens", "6", "--no-progress", "--device", "cpu", "--save-minutes", "0", "--eval-size", "0",
+            *extra]
 
 
 # cw-dpo with on-policy negatives: a reference point (step 2) and sampling, so the RNG state matters.
