@@ -1,4 +1,4 @@
-"""The ``prefopt`` command: ``prefopt train|eval|bench|demo [options]``; ``prefopt CMD --help`` for each."""
+"""The ``prefopt`` command: ``prefopt train|eval|export|study|bench|demo [options]``; ``prefopt CMD --help`` for each."""
 from __future__ import annotations
 
 import importlib
@@ -6,9 +6,11 @@ import sys
 from typing import List, Optional
 
 COMMANDS = {
-    "train": ("prefopt.train.cli", "train a (vision-)language model with DPO, CW-DPO, nSFT, SFT, SimPO or ORPO"),
+    "train": ("prefopt.train.cli", "train a (vision-)language model with DPO, CW-DPO, nSFT, SFT, SimPO, ORPO or GRPO"),
     "eval": ("prefopt.train.eval", "held-out evaluation of a model: preference and generation accuracy, "
              "hallucination, calibration, shift"),
+    "export": ("prefopt.train.export", "a Hugging Face model folder from a checkpoint of prefopt train"),
+    "study": ("prefopt.train.study", "the embedded comparison of the methods from one SFT base, with STUDY.md"),
     "bench": ("prefopt.bench.cli", "memory and throughput of the fused losses against the naive path and peers"),
     "demo": ("prefopt.demo", "the fused DPO loss against the naive path on random data: values and peak memory"),
 }

@@ -119,5 +119,5 @@ def test_a_short_run_of_the_default_method_prints_its_summary(tmp_path, capsys):
     # On-policy sampling ran in every CW-DPO step (the grounded base often samples the chosen answer
     # itself, which keeps the dataset negative, so the count may be 0).
     assert all("onpolicy/negatives" in r for r in rows if r.get("stage") == "cw-dpo")
-    assert sorted(os.listdir(out)) == ["checkpoint-4", "config.json", "eval", "latest", "metrics.jsonl",
-                                "reference-1.safetensors"]
+    assert sorted(os.listdir(out)) == ["checkpoint-4", "config.json", "eval", "latest", "metrics.jsonl", "model",
+                                       "reference-1.safetensors"]

@@ -102,6 +102,14 @@ def test_two_processes_match_one(tmp_path, text_data, case):
             # AdamW normalises the float noise to full-size steps, so these weights are noise in both runs.
             continue
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=2e-5, msg=k)
+    # Each run ends with OUT/model/: under ZeRO-3 too its weights are whole, the one-process run's.
+    from safetensors.torch import load_file
+
+    m2, m1 = (load_file(os.path.join(out, "model", "model.safetensors")) for out in (two, one))
+    assert m2.keys() == m1.keys()
+    for k in m1:
+        if not k.endswith("k_proj.bias"):
+            torch.testing.assert_close(m2[k], m1[k], rtol=1e-4, atol=2e-5, msg=k)
 
     if case == "zero2-llama-lora-cwdpo":
         # No file of a DeepSpeed run folder is unpickled on --resume (each replaced in turn by a crafted

@@ -43,7 +43,7 @@ def text_data(tmp_path_factory):
 def cli_args(data, out, *extra):
     return ["--model", "tiny-llama", "--data", data, "--out", str(out), "--batch-size", "2", "--probe-size", "2",
             "--max-new-tokens", "6", "--no-progress", "--device", "cpu", "--save-minutes", "0", "--eval-size", "0",
-            *extra]  # the final eval is tested in test_train_eval
+            *extra]
 
 
 # cw-dpo with on-policy negatives: a reference point (step 2) and sampling, so the RNG state matters.
@@ -404,9 +404,10 @@ def test_no_file_of_a_run_folder_is_unpickled_on_resume(tmp_path, text_data, cap
     capsys.readouterr()
     assert set(codes) == names
     # Every file that is read is refused with a one-line error (never a crash, never a silent resume);
-    # config.json and metrics.jsonl are only written (the finished run resumes and rewrites them).
-    # Exit 2: refused while preparing (the pointer, manifest, trainer state); 1: while loading the rest.
-    expected = {name: 1 for name in names}
+    # config.json, metrics.jsonl, the exported model/ and the eval/ report are only written (the finished
+    # run resumes and rewrites them). Exit 2: refused while preparing (the pointer, manifest, trainer
+    # state); 1: while loading the rest.
+    expected = {name: 0 if name.startswith(("model/", "eval/")) else 1 for name in names}
     expected.update({"config.json": 0, METRICS_FILE: 0, "latest": 2, f"checkpoint-2/{ckpt.MANIFEST_FILE}": 2,
                      f"checkpoint-2/{ckpt.STATE_FILE}": 2})
     assert codes == expected

@@ -9,6 +9,7 @@ nothing written to ``--out``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shlex
 import signal
@@ -24,10 +25,13 @@ examples:
   torchrun --nproc_per_node 8 -m prefopt.train.cli --method cw-dpo --model /models/Qwen2-VL-7B-Instruct \\
       --data prefs.jsonl --out runs/cw --deepspeed zero3 --gradient-checkpointing
   prefopt train --out runs/cw --resume             # continue a run from its latest checkpoint
+  prefopt train --method sft --out runs/sft && prefopt train --method dpo --init-from runs/sft --out runs/dpo
+  prefopt train --method grpo --num-generations 8 --grpo-loss-type dr_grpo --init-from runs/sft --out runs/grpo
 
 Data: JSONL records {"images": [paths], "prompt": ..., "chosen": ..., "rejected": ..., "corrections": [...]}
 (images relative to the file's folder), a folder with train.jsonl (and heldout.jsonl for the probes), or
-"synthetic". Metrics (TRL names, peak memory, tokens/s) go to OUT/metrics.jsonl, one line per step."""
+"synthetic". Metrics (TRL names, peak memory, tokens/s) go to OUT/metrics.jsonl, one line per step; the
+trained model to OUT/model/, a Hugging Face folder (prefopt export CHECKPOINT OUT writes one from any checkpoint)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,7 +43,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .loop import TrainConfig
-    from .methods import METHODS, MethodOptions
+    from .methods import GRPO_LOSS_TYPES, METHODS, MethodOptions
     from .models import TINY_MODELS
     from .reference import MODES
 
@@ -47,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="prefopt train",
         description="Preference-train a Hugging Face causal LM or VLM with prefopt's fused losses (logits are "
-                    "never materialised): SFT, SFT-C, DPO (every loss type), CW-DPO, nSFT, SimPO, ORPO; one "
+                    "never materialised): SFT, SFT-C, DPO (every loss type), CW-DPO, nSFT, SimPO, ORPO, GRPO; one "
                     "process, DDP, or DeepSpeed ZeRO-2/3.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -56,11 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training method (default %(default)s): sft = NLL of the chosen answers; sft-c = NLL(y+) + "
                         "lam*relu(C - NLL(y-)); dpo = DPO with --loss-type; cw-dpo = SFT-C for --sftc-fraction of the "
                         "steps, then cooling-weighted DPO with on-policy negatives; nsft = NLL of chosen and "
-                        "corrections + per-token KL to the reference; simpo, orpo = reference-free")
-    g.add_argument("--model", default=d.model, metavar="PATH|" + "|".join(TINY_MODELS),
+                        "corrections + per-token KL to the reference; simpo, orpo = reference-free; grpo = group-relative "
+                        "policy optimisation on answers sampled per prompt with an exact-answer reward")
+    g.add_argument("--model", default=None, metavar="PATH|" + "|".join(TINY_MODELS),
                    help="a local Hugging Face model folder (LLaVA, Qwen2-VL, Qwen2.5-VL or a causal LM; nothing is "
                         "downloaded), an embedded tiny model with random weights, or tiny-llava-sft: tiny-llava with the "
-                        "shipped weights of its SFT on the synthetic set, which reads its images (default %(default)s)")
+                        f"shipped weights of its SFT on the synthetic set, which reads its images (default {d.model})")
+    g.add_argument("--init-from", default=None, metavar="FOLDER|RUN",
+                   help="start from a model folder (e.g. an earlier run's RUN/model), a run folder (its newest intact "
+                        "checkpoint) or a checkpoint folder, with the defaults of the model family it came from "
+                        "(instead of --model)")
     g.add_argument("--data", default=d.data, metavar="PATH|synthetic",
                    help="preference data: a JSONL file, a folder with train.jsonl, or 'synthetic' (the built-in "
                         "visual set; default %(default)s)")
@@ -157,7 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="length limit of sampled negatives "
                    "(default %(default)s)")
     g.add_argument("--kl-coef", type=float, default=m.kl_coef, help="nSFT: weight of the per-token KL to the "
-                   "reference (default %(default)s)")
+                   "reference; 0 builds no reference (one model in memory) (default %(default)s)")
+    g.add_argument("--num-generations", type=int, default=m.num_generations, help="GRPO: answers sampled per prompt "
+                   "(at most --max-new-tokens tokens each), rewarded 1 when exactly the record's chosen answer "
+                   "(default %(default)s)")
+    g.add_argument("--grpo-loss-type", default=m.grpo_loss_type, choices=GRPO_LOSS_TYPES,
+                   help="GRPO: TRL's loss type, i.e. how the per-token losses are averaged (default %(default)s, as TRL)")
+    g.add_argument("--grpo-beta", type=float, default=m.grpo_beta, help="GRPO: weight of the per-token k3 KL to the "
+                   "reference; 0 builds no reference (default %(default)s, as TRL)")
 
     g = p.add_argument_group("probes, checkpoints, launch")
     g.add_argument("--probe-every", type=int, default=d.probe_every, help="score the probe set every K steps, 0 for "
@@ -173,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(a second signal stops at once)")
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="checkpoints kept, 0 for all "
                    "(default %(default)s)")
+    g.add_argument("--keep-adapter", action="store_true", help="with --lora: OUT/model/ keeps the adapters as a peft "
+                   "adapter beside the base weights (default: merged into the weights)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint "
                    "(same options)")
     g.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
@@ -197,16 +215,18 @@ def config_from_args(args) -> "TrainConfig":
         beta=args.beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing, rpo_alpha=args.rpo_alpha,
         simpo_gamma=args.simpo_gamma, cw_floor=args.cw_floor, cw_tau=args.cw_tau, sftc_lam=args.sftc_lam,
         sftc_margin=args.sftc_margin, sftc_fraction=args.sftc_fraction, onpolicy_fraction=args.onpolicy_fraction,
-        kl_coef=args.kl_coef,
+        kl_coef=args.kl_coef, num_generations=args.num_generations, grpo_loss_type=args.grpo_loss_type,
+        grpo_beta=args.grpo_beta,
     )
     out = args.out or time.strftime("runs/train-%Y%m%d-%H%M%S")
     return TrainConfig(
-        method=args.method, model=args.model, data=args.data, out=out, reference=args.reference, lora=args.lora,
+        method=args.method, model=args.model or args.init_from or TrainConfig.model, init_from=args.init_from,
+        keep_adapter=args.keep_adapter, data=args.data, out=out, reference=args.reference, lora=args.lora,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, dtype=args.dtype, device=args.device,
         gradient_checkpointing=args.gradient_checkpointing, op_backend=args.op_backend, train_size=args.train_size,
         max_length=args.max_length, strict_data=args.strict_data, allow_outside_images=args.allow_outside_images,
-        max_image_pixels=args.max_image_pixels, probe_data=args.probe_data,
-        probe_size=args.probe_size, eval_size=args.eval_size, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+        max_image_pixels=args.max_image_pixels, probe_data=args.probe_data, probe_size=args.probe_size,
+        eval_size=args.eval_size, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm, seed=args.seed, options=options, max_new_tokens=args.max_new_tokens,
         probe_every=args.probe_every, early_stop_chosen_drop=args.early_stop_chosen_drop, save_every=args.save_every,
@@ -214,6 +234,10 @@ def config_from_args(args) -> "TrainConfig":
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, stop_after=args.stop_after,
         deepspeed=args.deepspeed, dist_timeout=args.dist_timeout, progress=not args.no_progress,
     )
+
+
+REFERENCE_WORDS = {"none": "none, one model", "model": "a frozen copy, two models", "adapters": "adapters off, one model",
+                   "precompute": "precomputed log-probs, one model"}
 
 
 def format_summary(s: dict) -> str:
@@ -244,20 +268,40 @@ def format_summary(s: dict) -> str:
         lines.append("  held-out           n/a (no held-out data: --data synthetic or a folder with heldout.jsonl)")
     lines += [
         f"  loss               {num(s['loss'], '.4f')}   (mean of the last steps)",
-        f"  reward accuracy    {num(s['reward_accuracy'], '.3f')}   reward margin {num(s['reward_margin'], '.4f')}",
     ]
+    if s.get("reward") is not None:
+        lines.append(f"  GRPO reward        {s['reward']:.3f}   (share of sampled answers that are exactly right)")
+    else:
+        lines.append(f"  reward accuracy    {num(s['reward_accuracy'], '.3f')}   reward margin {num(s['reward_margin'], '.4f')}")
     if "probe/delta_logp_chosen" in s:
         lines.append(f"  probes (Δ log p/token since start)  positives {s['probe/delta_logp_chosen']:+.4f}   "
                      f"negatives {s['probe/delta_logp_rejected']:+.4f}")
     lines += [
         f"  peak memory        {s['peak_memory_mb']:.0f} MiB ("
         + ("torch's peak GPU allocation" if s["device"].startswith("cuda") else "peak resident set of the process")
-        + f")   throughput {num(s['tokens_per_second'], '.0f')} tokens/s",
+        + f"; reference: {REFERENCE_WORDS[s['reference']]})   throughput {num(s['tokens_per_second'], '.0f')} tokens/s",
         f"  checkpoint         {s['checkpoint']}",
+        f"  model folder       {s['model_folder']}   (Hugging Face from_pretrained)",
         *([f"  skipped records    {s['skipped_records']} (listed on stderr)"] if s.get("skipped_records") else []),
         f"  metrics            {s['metrics']}",
     ]
     return "\n".join(lines)
+
+
+#: Modules of the ``train`` extra that every run imports (deepspeed only with --deepspeed).
+TRAIN_EXTRA_MODULES = ("transformers", "tokenizers", "safetensors", "peft", "PIL")
+
+
+def missing_train_extra() -> Optional[str]:
+    """The first module of the train extra that is not installed, or None (found, not imported: importing
+    peft pulls in much of transformers)."""
+    for module in TRAIN_EXTRA_MODULES:
+        try:
+            if importlib.util.find_spec(module) is None:
+                return module
+        except ImportError:
+            return module
+    return None
 
 
 def resume_command(argv: List[str], out: str) -> str:
@@ -292,6 +336,11 @@ def one_thread_for_tiny_models(model: str, device: str) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run ``prefopt train`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    missing = missing_train_extra()
+    if missing is not None:
+        print(f"prefopt train: error: the trainer needs the train extra (no module {missing!r}): "
+              "pip install 'prefopt[train]'", file=sys.stderr)
+        return 2
     parser = build_parser()
     try:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -311,6 +360,9 @@ def _train(args, argv: List[str]) -> int:
     from .interrupts import Interrupted
     from .loop import prepare
 
+    if args.model is not None and args.init_from is not None:
+        print("prefopt train: error: give --model or --init-from, not both", file=sys.stderr)
+        return 2
     cfg = config_from_args(args)
     one_thread_for_tiny_models(cfg.model, cfg.device)
     try:

@@ -7,7 +7,8 @@
         reference            at the method's reference point (step 0; CW-DPO: the end of stage 1) the
                              reference becomes the current policy (frozen copy / adapters off /
                              precompute pass)
-        batches              this rank's micro-batches of the step (on-policy negatives sampled here)
+        batches              this rank's micro-batches of the step (on-policy negatives and GRPO's rollouts are
+                             sampled here)
         item count           the size of the whole accumulated global batch in the loss's unit
         forward/backward     every micro-batch's loss is normalised by that count
         step                 clip, AdamW, schedule; metrics (TRL names), probes, checkpoints (at the end,
@@ -45,6 +46,7 @@ from .probes import LogpProbe, ProbeResult, should_stop
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
+MODEL_DIR = "model"  # the Hugging Face folder every run ends with
 TINY_LR = 1e-3  # the embedded tiny models learn visibly in a few dozen steps at this rate
 # tiny-llava-sft is a trained model: at 1e-3, 64 steps of CW-DPO undid its grounding (held-out greedy colour
 # accuracy 1.0 -> 0.15); it takes a fine-tuning rate, and CW-DPO's floor for trained models.
@@ -62,6 +64,7 @@ class TrainConfig:
 
     method: str = "cw-dpo"
     model: str = "tiny-llava-sft"
+    init_from: Optional[str] = None  # a model folder, run folder or checkpoint to start from (replaces model)
     data: str = "synthetic"
     out: str = "runs/train"
     reference: str = "auto"  # model | adapters | precompute | auto (adapters with --lora, else model)
@@ -104,27 +107,34 @@ class TrainConfig:
     resume: bool = False
     stop_after: Optional[int] = None  # stop (with a checkpoint) after this many steps of the schedule
     deepspeed: Optional[str] = None
+    keep_adapter: bool = False  # OUT/model/ keeps LoRA as a peft adapter instead of merging it
     dist_timeout: float = dist.DEFAULT_TIMEOUT_S  # seconds a collective waits for a hung or dead rank
     progress: bool = True
+
+    def family(self) -> str:
+        """The model family the defaults are keyed on (:func:`~prefopt.train.export.model_family`): "tiny"
+        (the embedded models with random weights), "tiny-sft" (the shipped tiny-llava-sft) or "hf"; a model
+        trained from one of them keeps its family (recorded in an export's prefopt.json)."""
+        from .export import model_family
+
+        return model_family(self.model, self.init_from)
 
     def learning_rate(self) -> float:
         if self.lr is not None:
             return self.lr
-        from .models import TINY_MODELS
-
-        if self.model == TINY_BASE:
+        if self.family() == "tiny-sft":
             return TINY_BASE_LR
-        if self.model in TINY_MODELS:
+        if self.family() == "tiny":
             return TINY_LR
         return 1e-4 if self.lora else 5e-6
 
     def method_options(self) -> MethodOptions:
-        """The method options with the model-dependent defaults filled in (CW-DPO's floor)."""
-        from .models import TINY_MODELS
-
-        if self.options.cw_floor is None and self.model in TINY_MODELS and self.model != TINY_BASE:
-            return dataclasses.replace(self.options, cw_floor=TINY_CW_FLOOR)
-        return self.options
+        """The method options with the run-dependent defaults filled in (CW-DPO's floor for the tiny
+        models; GRPO's completion length is the sampling limit)."""
+        options = dataclasses.replace(self.options, max_completion_length=self.max_new_tokens)
+        if options.cw_floor is None and self.family() == "tiny":
+            options = dataclasses.replace(options, cw_floor=TINY_CW_FLOOR)
+        return options
 
     def reference_mode(self, method) -> str:
         if method.reference == "none":
@@ -136,7 +146,7 @@ class TrainConfig:
 
 #: Options that change a run's numbers: a resumed run must share them with the run it continues (``steps``
 #: and ``epochs`` may grow: the run is extended, with a note).
-RESUME_KEYS = ("method", "model", "reference", "lora", "lora_r", "lora_alpha", "train_size", "max_length",
+RESUME_KEYS = ("method", "model", "init_from", "reference", "lora", "lora_r", "lora_alpha", "train_size", "max_length",
                "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "seed", "options",
                "max_new_tokens", "deepspeed")
 
@@ -198,6 +208,22 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def count_items(loss, labels: torch.Tensor) -> int:
+    """The micro-batch's size in ``loss``'s unit (see :meth:`~prefopt.FusedLoss.count_items`); its scored
+    tokens for a loss that normalises within each call (unit None: GRPO's bnpo)."""
+    if loss.unit is None:
+        return int((loss.align(labels, loss.ignore_index) != loss.ignore_index).sum())
+    return loss.count_items(labels)
+
+
+def rollout_metrics(counters: Dict[str, float]) -> Dict[str, float]:
+    """GRPO's step metrics under TRL's names from the summed rollout counters: mean reward, mean
+    within-group reward standard deviation, share of groups whose rewards are all equal (no signal)."""
+    groups, completions = max(counters["groups"], 1), max(counters["completions"], 1)
+    return {"reward": counters["reward"] / completions, "reward_std": counters["reward_std"] / groups,
+            "frac_reward_zero_std": counters["frac_reward_zero_std"] / groups}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -225,6 +251,8 @@ def prepare(cfg: TrainConfig) -> "Run":
         raise ValueError("--steps, --probe-every, --save-every and --save-minutes must be >= 0 and --epochs > 0")
     if not 0.0 <= cfg.warmup_ratio < 1.0:
         raise ValueError(f"--warmup-ratio: expected a fraction in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.keep_adapter and not cfg.lora:
+        raise ValueError("--keep-adapter needs --lora (without adapters there is nothing to keep apart)")
     if cfg.deepspeed is not None and cfg.deepspeed not in dist.ZERO_PRESETS and not os.path.isfile(cfg.deepspeed):
         raise ValueError(f"--deepspeed: expected zero2, zero3 or a JSON config file, got {cfg.deepspeed!r}")
     resume_state, stale = _check_out_dir(cfg)
@@ -281,7 +309,7 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     method_probe = build_method(cfg.method, cfg.method_options(), total_steps=1)  # validates the method's options
     if cfg.reference_mode(method_probe) != "none":
         ref_mod.check_mode(cfg.reference_mode(method_probe), method_probe, lora=cfg.lora)
-    modes = sorted({s.mode for _, s in method_probe.stages})
+    modes = sorted({collated_mode(s) for _, s in method_probe.stages})
     if "pair" in modes:
         for i, r in enumerate(records):
             if r.rejected is None:
@@ -290,7 +318,8 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     if "nsft" in modes and not any(r.corrections for r in records):
         raise ValueError(f"--data {cfg.data}: no record has corrections, which nsft trains on")
 
-    policy, processor = build_model(cfg.model, dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r,
+    source = model_source(cfg)
+    policy, processor = build_model(source, dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r,
                                     lora_alpha=cfg.lora_alpha, gradient_checkpointing=cfg.gradient_checkpointing,
                                     device=state.device, seed=cfg.seed)
     collator = PreferenceCollator(processor, max_length=cfg.max_length)
@@ -339,6 +368,19 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     run.identity, run.problems = identity, problems
     run.eval_records = eval_records
     return run
+
+
+def collated_mode(stage: Stage) -> str:
+    """The collator mode of a stage's rows (GRPO's rollouts are SFT rows of the sampled answers)."""
+    return "sft" if stage.mode == "grpo" else stage.mode
+
+
+def model_source(cfg: TrainConfig) -> str:
+    """What ``build_model`` builds the run's model from: ``--model``, or the model folder of
+    ``--init-from`` (a checkpoint exported once per process)."""
+    from .export import model_source as init_source
+
+    return init_source(cfg.init_from) if cfg.init_from else cfg.model
 
 
 def _eval_records(cfg: TrainConfig, load: Dict[str, Any]):
@@ -499,6 +541,7 @@ class Run:
         if start_step >= last_step:  # resumed a finished run: nothing to train
             self.checkpoint_path = self.resume_state["path"]
         bar.close()
+        self.model_folder = self.export_model()
         # The held-out evaluation once the run has ended (not when it pauses with --stop-after).
         evaluation = self.evaluate(done) if done == self.total_steps or stopped_early else None
         summary = self.summary(history, done, stopped_early, time.perf_counter() - started, evaluation)
@@ -535,8 +578,8 @@ class Run:
         from .models import build_model
 
         cfg, state = self.cfg, self.state
-        start, _ = build_model(cfg.model, dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                               device=state.device, seed=cfg.seed)
+        start, _ = build_model(model_source(cfg), dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r,
+                               lora_alpha=cfg.lora_alpha, device=state.device, seed=cfg.seed)
         result = evaluate(self.policy, processor=self.processor, reference=start, records=self.eval_records,
                           batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
                           backend=cfg.op_backend, synced_gpus=state.zero_stage == 3,
@@ -586,21 +629,25 @@ class Run:
             return ref_mod.AdapterReference(self.policy, state, snapshot)
         from .models import build_model
 
-        copy, _ = build_model(cfg.model, dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                              device=state.device, seed=cfg.seed)
+        copy, _ = build_model(model_source(cfg), dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r,
+                              lora_alpha=cfg.lora_alpha, device=state.device, seed=cfg.seed)
         reference = ref_mod.ModelReference(copy, state, snapshot)
         copy.model = dist.wrap_frozen(state, copy.model, self.policy.head().weight.dtype)
         return reference
 
-    def micro_batch(self, step: int, micro: int, stage: Stage) -> Tuple[List[int], Dict[str, torch.Tensor], int]:
-        """(record indices, collated batch on the device, number of on-policy negatives) of one micro-batch."""
+    def micro_batch(self, step: int, micro: int, stage: Stage) -> Tuple[List[int], Dict[str, torch.Tensor], Dict[str, float]]:
+        """(record indices, collated batch on the device, counters of what was sampled) of one micro-batch."""
         idx = self.plan.indices(step, micro, self.state.rank)
         records = [self.records[i] for i in idx]
-        sampled = 0
+        if stage.mode == "grpo":
+            batch, counters = self.rollouts(records, stage.num_generations)
+            return idx, _to(batch, self.state.device), counters
+        counters = {}
         if stage.onpolicy_fraction > 0:
             records, sampled = self.onpolicy_negatives(records, stage.onpolicy_fraction, (step, micro))
+            counters["onpolicy/negatives"] = sampled
         idx, batch = self.collate(idx, records, stage.mode)
-        return idx, _to(batch, self.state.device), sampled
+        return idx, _to(batch, self.state.device), counters
 
     def collate(self, idx: List[int], records, mode: str) -> Tuple[List[int], Dict[str, torch.Tensor]]:
         """Collate ``records``; one that fails although the up-front check passed it is reported
@@ -621,6 +668,42 @@ class Run:
             return self.collate(idx, [self.records[i] for i in idx], mode)
 
     @torch.no_grad()
+    def sample_answers(self, records, num: int) -> List[str]:
+        """``num`` answers sampled from the current policy for each record's prompt (record by record, the
+        ``num`` answers of a record consecutive); every rank samples the same number (ZeRO-3 generation is
+        collective)."""
+        inputs = _to(self.collator.generation_inputs(records), self.state.device)
+        model = self.policy.model
+        was_training = model.training
+        model.eval()
+        out = model.generate(**inputs, do_sample=True, num_return_sequences=num, max_new_tokens=self.cfg.max_new_tokens,
+                             use_cache=True, pad_token_id=self.collator.pad_token_id,
+                             synced_gpus=self.state.zero_stage == 3)
+        model.train(was_training)
+        texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [t.strip() for t in texts]
+
+    def rollouts(self, records, num_generations: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
+        """GRPO's batch: ``num_generations`` answers sampled per prompt, each rewarded 1.0 when it is right
+        (:func:`~prefopt.train.methods.answer_reward`); the answers as SFT rows with their group
+        advantages, and the reward counters (TRL's metric names)."""
+        from .methods import answer_reward, group_advantages
+
+        answers = self.sample_answers(records, num_generations)
+        owners = [r for r in records for _ in range(num_generations)]
+        rewards = torch.tensor([answer_reward(r.prompt, r.chosen, a) for a, r in zip(answers, owners)])
+        # An empty sample still needs a scored token: it is the end of turn alone.
+        rows = [dataclasses.replace(r, chosen=a or " ", rejected=None) for a, r in zip(answers, owners)]
+        batch = self.collator(rows, mode="sft")
+        batch["advantages"] = group_advantages(rewards, num_generations)
+        groups = rewards.view(-1, num_generations)
+        std = groups.std(-1)
+        counters = {"reward": float(rewards.sum()), "reward_std": float(std.sum()),
+                    "frac_reward_zero_std": float((std == 0).sum()), "groups": len(records),
+                    "completions": len(rows)}
+        return batch, counters
+
+    @torch.no_grad()
     def onpolicy_negatives(self, records, fraction: float, key) -> Tuple[list, int]:
         """Replace the rejected answer of ``fraction * B`` records (rounded up or down at random, so the
         share is right on average; which records is drawn from ``(seed, step, micro, rank)``) with an
@@ -632,17 +715,9 @@ class Run:
             return records, 0
         rng = random.Random(repr((self.cfg.seed, *key, self.state.rank)))
         picks = sorted(rng.sample(range(len(records)), k))
-        inputs = _to(self.collator.generation_inputs([records[i] for i in picks]), self.state.device)
-        model = self.policy.model
-        was_training = model.training
-        model.eval()
-        out = model.generate(**inputs, do_sample=True, max_new_tokens=self.cfg.max_new_tokens, use_cache=True,
-                             pad_token_id=self.collator.pad_token_id, synced_gpus=self.state.zero_stage == 3)
-        model.train(was_training)
-        texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = self.sample_answers([records[i] for i in picks], 1)
         records, sampled = list(records), 0
         for i, text in zip(picks, texts):
-            text = text.strip()
             if text and text != records[i].chosen.strip():
                 records[i] = dataclasses.replace(records[i], rejected=text)
                 sampled += 1
@@ -655,29 +730,37 @@ class Run:
         micro = [self.micro_batch(step, a, stage) for a in range(cfg.grad_accum)]
         # The whole global batch's size in the loss's unit (pairs or tokens): every micro-batch loss is
         # divided by it, so the accumulated gradient is that of one big batch.
-        local_items = [stage.loss.count_items(batch["labels"]) for _, batch, _ in micro]
+        local_items = [count_items(stage.loss, batch["labels"]) for _, batch, _ in micro]
         (global_items,) = dist.all_reduce([sum(local_items)], state)
         global_items = max(1, int(global_items))
+        # A loss that normalises within each call (GRPO's bnpo, as TRL) gets no count; its micro-batch
+        # losses are averaged over the accumulation, and DDP averages them over ranks.
+        per_call = stage.loss.unit is None
         lr = engine.learning_rate
-        loss_sum, tokens, sampled = 0.0, 0, 0
+        loss_sum, tokens = 0.0, 0
         weighted: Dict[str, float] = {}
-        for a, (idx, batch, n_sampled) in enumerate(micro):
+        counters: Dict[str, float] = {}
+        for a, (idx, batch, drawn) in enumerate(micro):
             last = a == len(micro) - 1
             with contextlib.nullcontext() if last else engine.no_sync():
-                out = engine(batch, stage=stage, num_items=global_items, indices=idx)
+                out = engine(batch, stage=stage, num_items=None if per_call else global_items, indices=idx)
                 # DDP and DeepSpeed average gradients over ranks; the count is already global.
-                engine.backward(out.loss * state.world_size)
+                share = out.loss / len(micro) if per_call else out.loss * state.world_size
+                engine.backward(share)
             if not last:
                 engine.micro_step()
-            loss_sum += float(out.loss.detach())
+            loss_sum += float(share.detach()) / state.world_size
             tokens += int(batch["attention_mask"].sum())
-            sampled += n_sampled
+            for k, v in drawn.items():
+                counters[k] = counters.get(k, 0.0) + v
             for k, v in out.metrics.items():
                 weighted[k] = weighted.get(k, 0.0) + float(v) * local_items[a]
         grad_norm = engine.step()
-        keys = sorted(weighted)
-        totals = dist.all_reduce([loss_sum, tokens, sampled, sum(local_items)] + [weighted[k] for k in keys], state)
-        loss, tokens, sampled, items = totals[:4]
+        keys, counter_keys = sorted(weighted), sorted(counters)
+        totals = dist.all_reduce([loss_sum, tokens, sum(local_items)] + [weighted[k] for k in keys]
+                                 + [counters[k] for k in counter_keys], state)
+        loss, tokens, items = totals[:3]
+        counters = dict(zip(counter_keys, totals[3 + len(keys):]))
         elapsed = time.perf_counter() - t0
         (peak,) = dist.all_reduce([peak_memory_mb(state.device)], state, op="max")
         metrics: Dict[str, Any] = {
@@ -685,14 +768,16 @@ class Run:
             "epoch": round(self.plan.epoch(step + 1), 4),
             "stage": stage.name,
             "loss": loss,
-            **{k: v / max(items, 1) for k, v in zip(keys, totals[4:])},
+            **{k: v / max(items, 1) for k, v in zip(keys, totals[3:3 + len(keys)])},
             "learning_rate": lr,
             "grad_norm": grad_norm,
             "tokens_per_second": tokens / max(elapsed, 1e-9),
             "peak_memory_mb": peak,
         }
         if stage.onpolicy_fraction:
-            metrics["onpolicy/negatives"] = int(sampled)
+            metrics["onpolicy/negatives"] = int(counters["onpolicy/negatives"])
+        if stage.mode == "grpo":
+            metrics.update(rollout_metrics(counters))
         return metrics
 
     def save(self, step: int, probe: LogpProbe) -> None:
@@ -703,6 +788,22 @@ class Run:
                                     trainer_state={"total_steps": self.total_steps, "probe_start": start,
                                                    "config": asdict(self.cfg), "identity": self.identity})
         self.checkpoint_path, self.saved_step = path, step
+
+    def export_model(self) -> Optional[str]:
+        """Rank 0 writes the final checkpoint's model as a Hugging Face folder ``OUT/model/`` (replacing
+        one a finished run had written); returns its path."""
+        from .export import export_checkpoint
+
+        path = getattr(self, "checkpoint_path", None)
+        if path is None:
+            return None
+        out = os.path.join(self.cfg.out, MODEL_DIR)
+        if self.state.is_main:
+            shutil.rmtree(out, ignore_errors=True)
+            export_checkpoint(path, out, keep_adapter=self.cfg.keep_adapter)
+            self.log(f"model folder {out} (from {path})")
+        dist.barrier(self.state)
+        return out
 
     def write_metrics(self, metrics: Dict[str, Any]) -> None:
         if self.state.is_main:
@@ -747,11 +848,14 @@ class Run:
             "loss": mean("loss"),
             "reward_accuracy": mean("rewards/accuracies"),
             "reward_margin": mean("rewards/margins"),
+            "reward": mean("reward"),
+            "reference": self.ref_mode,
             **{k: v for k, v in probes.items() if k.startswith("probe/")},
             "peak_memory_mb": max((m["peak_memory_mb"] for m in history), default=peak_memory_mb(self.state.device)),
             "tokens_per_second": mean("tokens_per_second"),
             "wall_seconds": wall,
             "checkpoint": getattr(self, "checkpoint_path", None),
+            "model_folder": getattr(self, "model_folder", None),
             "skipped_records": len(self.problems),
             "metrics": os.path.join(self.cfg.out, METRICS_FILE),
             "device": str(self.state.device),

@@ -10,13 +10,18 @@ dpo         :class:`~prefopt.FusedDPOLoss` with ``loss_type`` (sigmoid, cdpo, ro
 cw-dpo      SFT-C for the first ``sftc_fraction`` of the steps, then                   pair    log-probs
             :class:`~prefopt.FusedCWDPOLoss` with a share of on-policy negatives
 nsft        :class:`~prefopt.FusedNSFTLoss` on chosen + corrections, per-token KL       nsft    hidden
+            (``kl_coef=0``: :class:`~prefopt.FusedSFTLoss` on the same rows)                   none
+grpo        :class:`~prefopt.FusedGRPOLoss` on ``num_generations`` answers sampled per   grpo    hidden
+            prompt, reward 1 for the exact reference answer, TRL's loss types                  none
+            (``grpo_beta=0``: no KL, no reference)
 simpo       :class:`~prefopt.FusedSimPOLoss`                                           pair    none
 orpo        :class:`~prefopt.FusedORPOLoss`                                            pair    none
 ==========  =========================================================================  ======  =========
 
 "log-probs": the loss needs the reference's per-sequence log-prob sums, which come either from the
 reference's hidden states in the same fused pass or from a precompute file; "hidden": nSFT's per-token
-full-vocabulary KL needs the reference's hidden states themselves (no precompute).
+full-vocabulary KL and GRPO's per-token k3 need the reference's hidden states themselves (no precompute).
+"none": no reference is built at all (one model in memory).
 
 :class:`PolicyObjective` is the module the loop (and DDP / DeepSpeed) wraps: its ``forward`` runs the
 reference (no grad), the policy backbone to its final hidden states and the stage's fused loss on the
@@ -30,15 +35,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .. import FusedCWDPOLoss, FusedDPOLoss, FusedLoss, FusedNSFTLoss, FusedORPOLoss, FusedSFTCLoss, FusedSFTLoss, FusedSimPOLoss
+from .. import (FusedCWDPOLoss, FusedDPOLoss, FusedGRPOLoss, FusedLoss, FusedNSFTLoss, FusedORPOLoss, FusedSFTCLoss,
+                FusedSFTLoss, FusedSimPOLoss)
 from .. import sequence_logps
 from ..objectives import DPO_LOSS_TYPES
 
-METHODS = ("sft", "sft-c", "dpo", "cw-dpo", "nsft", "simpo", "orpo")
+METHODS = ("sft", "sft-c", "dpo", "cw-dpo", "nsft", "simpo", "orpo", "grpo")
 
-#: What each method's loss needs from the reference policy (the strictest of its stages).
-REFERENCE_NEEDS = {"sft": "none", "sft-c": "none", "dpo": "logps", "cw-dpo": "logps", "nsft": "hidden",
-                   "simpo": "none", "orpo": "none"}
+#: What a stage can need of the reference, weakest first (a method needs the strictest of its stages').
+REFERENCE_NEEDS = ("none", "logps", "hidden")
+
+#: TRL's GRPO loss types (``GRPOConfig.loss_type``) the trainer offers (FusedGRPOLoss's, meaning what TRL means).
+GRPO_LOSS_TYPES = FusedGRPOLoss.LOSS_TYPES
 
 #: ``--beta`` when not given: each paper's usual value.
 DEFAULT_BETA = {"dpo": 0.1, "cw-dpo": 0.1, "simpo": 2.0, "orpo": 0.1}
@@ -59,20 +67,27 @@ class MethodOptions:
     sftc_margin: float = 2.0  # sft-c and cw-dpo stage 1
     sftc_fraction: float = 0.3  # cw-dpo: share of the steps spent in stage 1
     onpolicy_fraction: float = 0.25  # cw-dpo stage 2: share of the negatives sampled from the policy
-    kl_coef: float = 0.1  # nsft
+    kl_coef: float = 0.1  # nsft; 0: no KL term and no reference model
+    num_generations: int = 4  # grpo: sampled answers per prompt
+    grpo_loss_type: str = "dapo"  # grpo: TRL's loss type (TRL's default)
+    grpo_beta: float = 0.0  # grpo: weight of the k3 KL to the reference (TRL's default 0: no reference)
+    grpo_epsilon: float = 0.2  # grpo: clipping range of the ratio (TRL's default)
+    max_completion_length: int = 24  # grpo dr_grpo's constant normaliser (the sampling limit)
 
 
 @dataclass
 class Stage:
     """One phase of a method: ``loss`` (a fused loss module), the collator ``mode`` ("pair", "sft",
-    "nsft"), what it needs of the reference ("none", "logps", "hidden") and the share of the rejected
-    answers replaced by answers sampled from the policy."""
+    "nsft", or "grpo": rollouts sampled from the policy, collated as "sft" rows), what it needs of the
+    reference ("none", "logps", "hidden"), the share of the rejected answers replaced by answers sampled
+    from the policy, and GRPO's ``num_generations`` per prompt."""
 
     name: str
     loss: FusedLoss
     mode: str
     reference: str = "none"
     onpolicy_fraction: float = 0.0
+    num_generations: int = 0
 
 
 @dataclass
@@ -91,7 +106,8 @@ class Method:
 
     @property
     def reference(self) -> str:
-        return REFERENCE_NEEDS[self.name]
+        """The strictest need of its stages: "none", "logps" or "hidden"."""
+        return max((s.reference for _, s in self.stages), key=REFERENCE_NEEDS.index)
 
     @property
     def reference_point(self) -> Optional[int]:
@@ -101,7 +117,8 @@ class Method:
 
     @property
     def onpolicy(self) -> bool:
-        return any(s.onpolicy_fraction > 0 for _, s in self.stages)
+        """Whether it trains on answers sampled while training (which no precompute pass can score)."""
+        return any(s.onpolicy_fraction > 0 or s.mode == "grpo" for _, s in self.stages)
 
 
 def build_method(name: str, options: MethodOptions, *, total_steps: int, temperature: float = 1.0,
@@ -116,6 +133,14 @@ def build_method(name: str, options: MethodOptions, *, total_steps: int, tempera
     for field, value in (("--sftc-fraction", o.sftc_fraction), ("--onpolicy-fraction", o.onpolicy_fraction)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{field}: expected a fraction in [0, 1], got {value!r}")
+    if name == "grpo" and o.grpo_loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"--grpo-loss-type: expected one of {', '.join(GRPO_LOSS_TYPES)}, got {o.grpo_loss_type!r}")
+    if name == "grpo" and o.num_generations < 2:
+        raise ValueError(f"--num-generations: expected at least 2 (advantages compare answers within a group), "
+                         f"got {o.num_generations}")
+    for field, value in (("--kl-coef", o.kl_coef), ("--grpo-beta", o.grpo_beta)):
+        if value < 0:
+            raise ValueError(f"{field}: expected a weight >= 0, got {value!r}")
     common = dict(shift=True, temperature=temperature, softcap=softcap, backend=backend)
     beta = o.beta if o.beta is not None else DEFAULT_BETA.get(name)
 
@@ -137,13 +162,48 @@ def build_method(name: str, options: MethodOptions, *, total_steps: int, tempera
                    o.onpolicy_fraction)
         boundary = int(round(o.sftc_fraction * total_steps))
         stages = [(0, sftc()), (boundary, cw)] if boundary > 0 else [(0, cw)]
+    elif name == "nsft" and o.kl_coef == 0:
+        # Without its KL term nSFT is SFT on the chosen answers and corrections: one model, no reference.
+        stages = [(0, Stage("nsft", FusedSFTLoss(**common), "nsft"))]
     elif name == "nsft":
         stages = [(0, Stage("nsft", FusedNSFTLoss(kl_coef=o.kl_coef, **common), "nsft", "hidden"))]
+    elif name == "grpo":
+        loss = FusedGRPOLoss(loss_type=o.grpo_loss_type, max_completion_length=o.max_completion_length,
+                             beta=o.grpo_beta, epsilon_low=o.grpo_epsilon, epsilon_high=o.grpo_epsilon, **common)
+        stages = [(0, Stage("grpo", loss, "grpo", "hidden" if o.grpo_beta > 0 else "none",
+                            num_generations=o.num_generations))]
     elif name == "simpo":
         stages = [(0, Stage("simpo", FusedSimPOLoss(beta=beta, gamma=o.simpo_gamma, **common), "pair"))]
     else:  # orpo
         stages = [(0, Stage("orpo", FusedORPOLoss(beta=beta, **common), "pair"))]
     return Method(name, stages)
+
+
+def answer_reward(prompt: str, chosen: str, answer: str) -> float:
+    """GRPO's verifiable reward: 1.0 for a right answer, else 0.0. On the synthetic set's verifiable
+    questions (colour, count, position, presence) the answer is judged by the set's exact parser
+    (:func:`prefopt.train.synthetic.judge`: the whole answer must be one of the question's answer forms
+    stating the true fact); on any other record it must be the chosen answer itself, compared after
+    folding case, collapsing whitespace and dropping final punctuation. Never a substring test."""
+    from .synthetic import judge
+
+    verdict = judge(prompt, chosen, answer)
+    if verdict is not None:
+        return float(verdict[1])
+    return float(_normalise_answer(answer) == _normalise_answer(chosen))
+
+
+def _normalise_answer(text: str) -> str:
+    return " ".join(text.split()).rstrip(" .!").casefold()
+
+
+def group_advantages(rewards: Tensor, num_generations: int) -> Tensor:
+    """TRL's GRPO advantages (``scale_rewards="group"``): each reward minus its group's mean, divided by
+    the group's standard deviation (unbiased) + 1e-4; ``rewards`` holds ``num_generations`` consecutive
+    answers per prompt."""
+    groups = rewards.view(-1, num_generations)
+    advantages = (groups - groups.mean(-1, keepdim=True)) / (groups.std(-1, keepdim=True) + 1e-4)
+    return advantages.reshape(-1)
 
 
 class PolicyObjective(nn.Module):
@@ -167,13 +227,16 @@ class PolicyObjective(nn.Module):
                 indices: Optional[Sequence[int]] = None):
         if stage is None:
             return self.sequence_logps(batch)
+        batch = dict(batch)
+        extra = {"advantages": batch.pop("advantages")} if stage.mode == "grpo" else {}
         ref = {}
         if stage.reference != "none":
             with torch.no_grad():
                 ref = self.reference.loss_inputs(batch, indices, hidden=stage.reference == "hidden")
         hidden = self.policy.hidden_states(**batch)
         head = self.policy.head()
-        return stage.loss(head.weight, hidden, batch["labels"], head.bias, num_items_in_batch=num_items, **ref)
+        return stage.loss(head.weight, hidden, batch["labels"], bias=head.bias, num_items_in_batch=num_items, **extra,
+                          **ref)
 
     def sequence_logps(self, batch: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
         head = self.policy.head()
