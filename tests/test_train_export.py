@@ -138,3 +138,21 @@ def test_init_from_errors_are_one_line(tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
     assert prefopt_main(["train", "--keep-adapter", "--out", str(tmp_path / "o")]) == 2
     assert "--keep-adapter needs --lora" in capsys.readouterr().err
+
+
+def test_eval_loads_a_run_started_from_another_run(tmp_path, text_data):  # noqa: F811
+    """``prefopt eval --model RUN`` on a run started ``--init-from`` another run: the evaluated model is the
+    run's last checkpoint, and the reference it is compared with is the model it started from."""
+    from prefopt.train.eval import load_run
+
+    _, sft = trained(config(tmp_path / "sft", text_data, method="sft", steps=2))
+    sft_model, _, _ = load_trained_model(sft["checkpoint"])
+    dpo_dir = tmp_path / "dpo"
+    _, dpo = trained(config(dpo_dir, text_data, method="dpo", steps=1, model=str(tmp_path / "sft"),
+                            init_from=str(tmp_path / "sft")))
+    dpo_model, _, _ = load_trained_model(dpo["checkpoint"])
+    adapter, _, start = load_run(str(dpo_dir))
+    for want, got in ((dpo_model, adapter), (sft_model, start())):
+        params = dict(got.model.named_parameters())
+        for name, p in want.model.named_parameters():
+            torch.testing.assert_close(params[name], p, rtol=0, atol=0, msg=name)

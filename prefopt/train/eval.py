@@ -142,37 +142,29 @@ def _is_run_config(path: str) -> bool:
 
 
 def _run_start(run: str, *, device, dtype):
-    """The model a run started from (its --model, --lora and --seed) and its processor."""
+    """The model a run started from (its --model or --init-from, --lora and --seed) and its processor."""
+    from .export import model_source
     from .models import build_model
 
     with open(os.path.join(run, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
-    return build_model(cfg["model"], dtype=dtype or cfg.get("dtype"), lora=cfg.get("lora", False),
+    source = model_source(cfg["init_from"]) if cfg.get("init_from") else cfg["model"]
+    return build_model(source, dtype=dtype or cfg.get("dtype"), lora=cfg.get("lora", False),
                        lora_r=cfg.get("lora_r", 8), lora_alpha=cfg.get("lora_alpha", 16), device=device,
                        seed=cfg.get("seed", 0))
 
 
 def load_run(run: str, *, device="cpu", dtype=None):
-    """``(ModelAdapter, processor, start)`` of a run folder: the run's model with its latest checkpoint's
-    trainable weights (``trainable.safetensors``, names as the trainer saves them, under a ``model.``
-    prefix); ``start`` builds the model the run started from. The one place that knows the checkpoint
-    format."""
-    from safetensors.torch import load_file
-
+    """``(ModelAdapter, processor, start)`` of a run folder: the model of its latest intact checkpoint,
+    rebuilt by :func:`prefopt.train.export.load_trained_model`; ``start`` builds the model the run
+    started from."""
     from . import checkpoint as ckpt
+    from .export import load_trained_model
 
     path = ckpt.latest_checkpoint(run)
-    if path is None or not os.path.isfile(os.path.join(path, ckpt.WEIGHTS_FILE)):
-        raise ValueError(f"--model {run}: a run folder without a checkpoint holding {ckpt.WEIGHTS_FILE}")
-    adapter, processor = _run_start(run, device=device, dtype=dtype)
-    weights = load_file(os.path.join(path, ckpt.WEIGHTS_FILE))
-    params = dict(adapter.model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            key = name[len("model."):] if name.startswith("model.") else name
-            if key not in params:
-                raise ValueError(f"{path}: checkpoint parameter {name} is not in the model {adapter}")
-            params[key].copy_(tensor)
+    if path is None:
+        raise ValueError(f"--model {run}: a run folder without a checkpoint")
+    adapter, processor, _ = load_trained_model(path, device=device, dtype=dtype)
     return adapter, processor, lambda: _run_start(run, device=device, dtype=dtype)[0]
 
 

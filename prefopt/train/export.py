@@ -125,10 +125,11 @@ def read_metadata(folder: str) -> Dict[str, Any]:
 # ------------------------------------------------------------------------------------------ restore
 
 
-def load_trained_model(checkpoint: str, *, device: str = "cpu"):
+def load_trained_model(checkpoint: str, *, device: str = "cpu", dtype: Optional[str] = None):
     """``(ModelAdapter, processor, run config)`` of the model saved in ``checkpoint``, rebuilt as the run
     built it: the same source and LoRA structure, the base weights as the reference point left them
-    (``--reference adapters`` merges the adapters there), the checkpoint's trainable weights."""
+    (``--reference adapters`` merges the adapters there), the checkpoint's trainable weights; in the
+    run's dtype unless ``dtype`` is given."""
     from safetensors.torch import load_file
 
     from .models import build_model
@@ -140,7 +141,7 @@ def load_trained_model(checkpoint: str, *, device: str = "cpu"):
     state = ckpt.read_trainer_state(checkpoint)
     config = state["config"]
     source = model_source(config["init_from"]) if config.get("init_from") else config["model"]
-    adapter, processor = build_model(source, dtype=config.get("dtype"), lora=config["lora"],
+    adapter, processor = build_model(source, dtype=dtype or config.get("dtype"), lora=config["lora"],
                                      lora_r=config["lora_r"], lora_alpha=config["lora_alpha"], device=device,
                                      seed=config["seed"])
     point = _adapters_reference_point(config, state)
