@@ -206,8 +206,24 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _build_cce(workload: Workload, inp, device):
+def _token_logp_step(workload: Workload, inp, token_logp):
+    """A step for a peer that gives per-token log-probs: the policy's, the reference's under no_grad, then
+    the bench's own objective."""
     import torch
+
+    def step():
+        hidden, weight, targets = inp["hidden"], inp["weight"], inp["targets"]
+        logp = token_logp(hidden, weight, targets)
+        ref_logp = None
+        if workload.ref_head:
+            with torch.no_grad():
+                ref_logp = token_logp(inp["ref_hidden"], inp.get("ref_weight", weight), targets)
+        return objective(workload, inp, logp, ref_logp)
+
+    return step
+
+
+def _build_cce(workload: Workload, inp, device):
     from cut_cross_entropy import linear_cross_entropy
 
     impl = "cce" if device == "cuda" else "torch_compile"
@@ -217,20 +233,10 @@ def _build_cce(workload: Workload, inp, device):
     def token_logp(hidden, weight, targets):
         return -linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX, reduction="none", impl=impl)
 
-    def step():
-        hidden, weight, targets = inp["hidden"], inp["weight"], inp["targets"]
-        logp = token_logp(hidden, weight, targets)
-        ref_logp = None
-        if workload.ref_head:
-            with torch.no_grad():
-                ref_logp = token_logp(inp["ref_hidden"], inp.get("ref_weight", weight), targets)
-        return objective(workload, inp, logp, ref_logp)
-
-    return step, f"linear_cross_entropy(reduction='none', impl={impl!r}) for policy and (no_grad) reference log-probs"
+    return _token_logp_step(workload, inp, token_logp), f"linear_cross_entropy(reduction='none', impl={impl!r}) for policy and (no_grad) reference log-probs"
 
 
 def _build_trl(workload: Workload, inp, device):
-    import torch
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
 
@@ -240,16 +246,7 @@ def _build_trl(workload: Workload, inp, device):
         logp = ChunkedLogProbFunction.apply(hidden[mask], weight, None, targets[mask], 1.0, chunk, None, 1.0, ())[0]
         return logp.new_zeros(mask.shape).masked_scatter(mask, logp)
 
-    def step():
-        hidden, weight, targets = inp["hidden"], inp["weight"], inp["targets"]
-        logp = token_logp(hidden, weight, targets)
-        ref_logp = None
-        if workload.ref_head:
-            with torch.no_grad():
-                ref_logp = token_logp(inp["ref_hidden"], inp.get("ref_weight", weight), targets)
-        return objective(workload, inp, logp, ref_logp)
-
-    return step, (f"trl.kernels.ChunkedLogProbFunction(chunk_size={chunk}, outputs=()) on the scored positions for "
+    return _token_logp_step(workload, inp, token_logp), (f"trl.kernels.ChunkedLogProbFunction(chunk_size={chunk}, outputs=()) on the scored positions for "
                   "policy and (no_grad) reference log-probs; the bench's own objective")
 
 
