@@ -637,7 +637,7 @@ class Run:
 
     def micro_batch(self, step: int, micro: int, stage: Stage) -> Tuple[List[int], Dict[str, torch.Tensor], Dict[str, float]]:
         """(record indices, collated batch on the device, counters of what was sampled) of one micro-batch."""
-        idx = self.plan.indices(step, micro, self.state.rank)
+        idx = self.usable(self.plan.indices(step, micro, self.state.rank))
         records = [self.records[i] for i in idx]
         if stage.mode == "grpo":
             batch, counters = self.rollouts(records, stage.num_generations)
@@ -663,9 +663,50 @@ class Run:
             self.unusable.update(failed)
             if len(self.unusable) == len(self.records):
                 raise ValueError(f"--data {self.cfg.data}: no usable training records left") from None
-            n = len(self.records)
-            idx = [next((i + k) % n for k in range(n) if (i + k) % n not in self.unusable) for i in idx]
+            idx = self.usable(idx)
             return self.collate(idx, [self.records[i] for i in idx], mode)
+
+    def usable(self, idx: List[int]) -> List[int]:
+        """``idx`` with each unusable record replaced by the next usable one (in data order, wrapping)."""
+        n = len(self.records)
+        return [next((i + k) % n for k in range(n) if (i + k) % n not in self.unusable) for i in idx]
+
+    def drop_failing_records(self, idx: List[int], stage: Stage) -> bool:
+        """After a micro-batch's forward or backward raised: find the records of ``idx`` that fail alone
+        (collated and run forward one by one, under ``no_grad``), report each (``FILE:LINE: reason``),
+        never use them again, zero the gradients accumulated so far in the step and return True, so
+        the step can be redone with their replacements. False (the caller re-raises) when the failure is
+        not the data's: no record fails alone, or every one does and so does the record that would
+        replace them; and always in more than one process or under DeepSpeed (a rank that redid its
+        step alone would leave the others waiting in a collective) and for GRPO (its rows are sampled
+        answers, not records), where the error ends the run as any other."""
+        if self.state.backend != "single" or stage.mode == "grpo":
+            return False
+
+        def fails_alone(i: int) -> Optional[str]:
+            try:
+                with torch.no_grad():
+                    batch = _to(self.collator([self.records[i]], mode=stage.mode), self.state.device)
+                    self.engine(batch, stage=stage, num_items=count_items(stage.loss, batch["labels"]), indices=[i])
+            except (torch.OutOfMemoryError, MemoryError):
+                raise
+            except Exception as e:
+                return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            return None
+
+        reasons = {i: fails_alone(i) for i in dict.fromkeys(idx)}
+        failed = {i: r for i, r in reasons.items() if r is not None}
+        if not failed:
+            return False
+        self.unusable.update(failed)
+        if len(failed) == len(reasons):  # the model fails on everything, or these records do
+            if len(self.unusable) == len(self.records) or fails_alone(self.usable(idx)[0]) is not None:
+                self.unusable.difference_update(failed)
+                return False
+        self.engine.optimizer.zero_grad(set_to_none=True)
+        for i, reason in failed.items():
+            self.problems(self.records[i].where or f"record {i}", f"fails inside a training step ({reason})")
+        return True
 
     @torch.no_grad()
     def sample_answers(self, records, num: int) -> List[str]:
@@ -724,9 +765,12 @@ class Run:
         return records, sampled
 
     def train_step(self, step: int, stage: Stage) -> Dict[str, Any]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics (all ranks)."""
+        """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics (all ranks).
+        In one process, a micro-batch whose forward or backward raises because of a record is redone
+        without it (:meth:`drop_failing_records`); under DDP or DeepSpeed the error ends the run."""
         cfg, state, engine = self.cfg, self.state, self.engine
         t0 = time.perf_counter()
+        started = ckpt.rng_state()  # a step redone without a failing record draws as the first try did
         micro = [self.micro_batch(step, a, stage) for a in range(cfg.grad_accum)]
         # The whole global batch's size in the loss's unit (pairs or tokens): every micro-batch loss is
         # divided by it, so the accumulated gradient is that of one big batch.
@@ -743,10 +787,18 @@ class Run:
         for a, (idx, batch, drawn) in enumerate(micro):
             last = a == len(micro) - 1
             with contextlib.nullcontext() if last else engine.no_sync():
-                out = engine(batch, stage=stage, num_items=None if per_call else global_items, indices=idx)
-                # DDP and DeepSpeed average gradients over ranks; the count is already global.
-                share = out.loss / len(micro) if per_call else out.loss * state.world_size
-                engine.backward(share)
+                try:
+                    out = engine(batch, stage=stage, num_items=None if per_call else global_items, indices=idx)
+                    # DDP and DeepSpeed average gradients over ranks; the count is already global.
+                    share = out.loss / len(micro) if per_call else out.loss * state.world_size
+                    engine.backward(share)
+                except (torch.OutOfMemoryError, MemoryError):
+                    raise
+                except Exception:
+                    if not self.drop_failing_records(idx, stage):
+                        raise
+                    ckpt.set_rng_state(started)
+                    return self.train_step(step, stage)
             if not last:
                 engine.micro_step()
             loss_sum += float(share.detach()) / state.world_size
