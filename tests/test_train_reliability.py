@@ -24,7 +24,7 @@ pytest.importorskip("safetensors")
 from prefopt.train import checkpoint as ckpt  # noqa: E402
 from prefopt.train.cli import main  # noqa: E402
 from prefopt.train.distributed import _free_port as free_port  # noqa: E402
-from prefopt.train.loop import METRICS_FILE, TrainConfig, prepare, train  # noqa: E402
+from prefopt.train.loop import METRICS_FILE, DataPlan, TrainConfig, prepare, train  # noqa: E402
 from prefopt.train.methods import MethodOptions  # noqa: E402
 
 from test_train_loop import write_text_data  # noqa: E402
@@ -455,3 +455,90 @@ def test_a_hung_rank_is_a_clear_error_after_the_timeout(tmp_path, text_data):
     assert err.strip().splitlines()[-1].startswith("prefopt train: error: rank 0: a collective failed, another rank "
                                                    "hung past --dist-timeout 5 s or died"), err[-3000:]
     assert "Traceback" not in err and elapsed < 150
+
+
+# ------------------------------------------------------------------------------- a record failing in a step
+
+
+# The bad record passes the loader's checks and collates; its forward raises. It is the first record of the
+# second micro-batch of step 4 (the plan of 24 records, batch 2, accumulation 2, seed 0): a step of cw-dpo's
+# second stage, where on-policy sampling draws from the generators, after a micro-batch that backpropagated.
+BAD = DataPlan(24, 2, 2, 1, 0).indices(3, 1, 0)[0]
+
+
+def failing_forward(monkeypatch, fails):
+    """Make the objective's forward raise ``ValueError`` when ``fails(indices)``; returns the record indices
+    of every forward that trained (ran with gradients)."""
+    from prefopt.train.methods import PolicyObjective
+
+    real, trained = PolicyObjective.forward, []
+
+    def forward(self, batch, stage=None, num_items=None, indices=None):
+        if stage is not None and fails(indices):
+            raise ValueError("the model cannot take this record")
+        if stage is not None and torch.is_grad_enabled():
+            trained.append(list(indices))
+        return real(self, batch, stage=stage, num_items=num_items, indices=indices)
+
+    monkeypatch.setattr(PolicyObjective, "forward", forward)
+    return trained
+
+
+def reliability_config(data, out, **kw):
+    return TrainConfig(method="cw-dpo", model="tiny-llama", data=data, out=str(out), steps=6, batch_size=2,
+                       grad_accum=2, options=MethodOptions(sftc_fraction=0.34, onpolicy_fraction=0.5),
+                       max_new_tokens=6, probe_every=0, probe_size=2, progress=False, device="cpu", save_minutes=0,
+                       eval_size=0, **kw)
+
+
+def test_a_record_failing_inside_a_step_is_skipped_reported_and_replaced(tmp_path, text_data, monkeypatch, capsys):
+    from prefopt.train import loop
+
+    summaries, forwards = [], []
+    for name in ("a", "b"):  # the same run twice: the same numbers
+        trained = failing_forward(monkeypatch, lambda indices: BAD in indices)
+        summaries.append(train(reliability_config(text_data, tmp_path / name)))
+        forwards.append(trained)
+        monkeypatch.undo()
+    err = capsys.readouterr().err
+    problems = [line for line in err.splitlines() if "fails inside a training step" in line]
+    assert problems == [f"{os.path.join(text_data, 'train.jsonl')}:{BAD + 1}: fails inside a training step "
+                        f"(ValueError: the model cannot take this record) (skipped)"] * 2
+    # Every micro-batch full: the bad record replaced by the next one in data order; step 4's first
+    # micro-batch trained twice (its first try was abandoned with the step).
+    plan = DataPlan(24, 2, 2, 1, 0)
+    replaced = [[BAD + 1 if i == BAD else i for i in plan.indices(s, m, 0)] for s in range(6) for m in range(2)]
+    for summary, trained in zip(summaries, forwards):
+        assert summary["steps"] == 6 and summary["skipped_records"] == 1
+        assert trained == replaced[:7] + replaced[6:]
+    assert_same_run(tmp_path / "a", tmp_path / "b")
+
+    # The redone step is the step that would have run with the record known unusable from the start: the
+    # gradients of its first try are gone and the generators are where they were.
+    real_init = loop.Run.__init__
+
+    def known_unusable(self, *args, **kw):
+        real_init(self, *args, **kw)
+        self.unusable.add(BAD)
+
+    monkeypatch.setattr(loop.Run, "__init__", known_unusable)
+    train(reliability_config(text_data, tmp_path / "known"))
+    assert_same_run(tmp_path / "a", tmp_path / "known")
+
+
+def test_out_of_memory_in_a_step_is_not_a_data_problem(tmp_path, text_data, monkeypatch):
+    from prefopt.train.methods import PolicyObjective
+
+    def forward(self, *args, **kw):
+        raise torch.OutOfMemoryError("no memory left")
+
+    monkeypatch.setattr(PolicyObjective, "forward", forward)
+    with pytest.raises(torch.OutOfMemoryError):
+        train(reliability_config(text_data, tmp_path))
+
+
+def test_an_error_of_every_forward_still_ends_the_run_with_a_checkpoint(tmp_path, text_data, monkeypatch):
+    trained = failing_forward(monkeypatch, lambda indices: len(trained) >= 6)  # from step 4 on (3 steps x 2)
+    with pytest.raises(ValueError, match="the model cannot take this record"):
+        train(reliability_config(text_data, tmp_path))
+    assert ckpt.latest_checkpoint(str(tmp_path)).endswith("checkpoint-3")
