@@ -485,10 +485,10 @@ def failing_forward(monkeypatch, fails):
 
 
 def reliability_config(data, out, **kw):
-    return TrainConfig(method="cw-dpo", model="tiny-llama", data=data, out=str(out), steps=6, batch_size=2,
-                       grad_accum=2, options=MethodOptions(sftc_fraction=0.34, onpolicy_fraction=0.5),
-                       max_new_tokens=6, probe_every=0, probe_size=2, progress=False, device="cpu", save_minutes=0,
-                       eval_size=0, **kw)
+    base = dict(method="cw-dpo", model="tiny-llama", data=data, out=str(out), steps=6, batch_size=2, grad_accum=2,
+                options=MethodOptions(sftc_fraction=0.34, onpolicy_fraction=0.5), max_new_tokens=6, probe_every=0,
+                probe_size=2, progress=False, device="cpu", save_minutes=0, eval_size=0)
+    return TrainConfig(**{**base, **kw})
 
 
 def test_a_record_failing_inside_a_step_is_skipped_reported_and_replaced(tmp_path, text_data, monkeypatch, capsys):
@@ -524,6 +524,16 @@ def test_a_record_failing_inside_a_step_is_skipped_reported_and_replaced(tmp_pat
     monkeypatch.setattr(loop.Run, "__init__", known_unusable)
     train(reliability_config(text_data, tmp_path / "known"))
     assert_same_run(tmp_path / "a", tmp_path / "known")
+
+
+def test_a_micro_batch_of_one_failing_record_is_skipped_when_its_replacement_runs(tmp_path, text_data, monkeypatch,
+                                                                                    capsys):
+    # Every record of the micro-batch fails alone: a data problem only because the next record does not.
+    trained = failing_forward(monkeypatch, lambda indices: BAD in indices)
+    summary = train(reliability_config(text_data, tmp_path, batch_size=1, steps=12))  # one epoch
+    assert summary["steps"] == 12 and summary["skipped_records"] == 1
+    assert f"train.jsonl:{BAD + 1}: fails inside a training step" in capsys.readouterr().err
+    assert len(trained) >= 24 and all(len(idx) == 1 and BAD not in idx for idx in trained)
 
 
 def test_out_of_memory_in_a_step_is_not_a_data_problem(tmp_path, text_data, monkeypatch):
