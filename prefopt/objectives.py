@@ -88,12 +88,18 @@ def _log_odds(avg: Tensor) -> Tensor:
     return avg - torch.log(-torch.expm1(avg))
 
 
+def orpo_log_odds_ratio(chosen_avg: Tensor, rejected_avg: Tensor) -> Tensor:
+    """ORPO's log odds ratio ``log(odds_c / odds_r)``, ``odds = p / (1 - p)`` with ``p = exp(avg)``:
+    ``(avg_c - avg_r) - (log(1 - exp(avg_c)) - log(1 - exp(avg_r)))``, finite at ``avg = 0``."""
+    return _log_odds(chosen_avg) - _log_odds(rejected_avg)
+
+
 def orpo_loss(chosen_avg: Tensor, rejected_avg: Tensor, chosen_nll: Tensor, *, beta: float = 0.1) -> Tensor:
     """ORPO (Hong et al. 2024): ``NLL(chosen) - beta * logsig(log odds_c - log odds_r)``.
 
     ``odds = p / (1 - p)`` with ``p = exp(avg)`` the per-token mean probability of the answer.
     """
-    return chosen_nll - beta * F.logsigmoid(_log_odds(chosen_avg) - _log_odds(rejected_avg))
+    return chosen_nll - beta * F.logsigmoid(orpo_log_odds_ratio(chosen_avg, rejected_avg))
 
 
 class CWDPOOutput(NamedTuple):
@@ -206,8 +212,7 @@ def grpo_loss(
         clipped = torch.zeros_like(ratio, dtype=torch.bool)
     k3 = None
     if ref_logps is not None:
-        diff = ref_logps - logps
-        k3 = torch.exp(diff) - diff - 1
+        k3 = k3_kl(logps, ref_logps)
         loss = loss + beta * (k3 * ratio if use_bias_correction_kl else k3)
     elif beta != 0:
         raise ValueError("ref_logps: required when beta != 0 (the KL term needs the reference)")
@@ -279,12 +284,6 @@ def cpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, *, beta: float = 0.1,
     """
     x = beta * (chosen_logps - rejected_logps) - gamma
     return -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
-
-
-def orpo_log_odds_ratio(chosen_avg: Tensor, rejected_avg: Tensor) -> Tensor:
-    """ORPO's log odds ratio ``log(odds_c / odds_r)``, ``odds = p / (1 - p)`` with ``p = exp(avg)``:
-    ``(avg_c - avg_r) - (log(1 - exp(avg_c)) - log(1 - exp(avg_r)))``."""
-    return (chosen_avg - rejected_avg) - (torch.log1p(-torch.exp(chosen_avg)) - torch.log1p(-torch.exp(rejected_avg)))
 
 
 def kto_loss(logratios: Tensor, desirable: Tensor, kl: Optional[Tensor] = None, *, beta: float = 0.1) -> Tensor:

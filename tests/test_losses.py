@@ -388,3 +388,17 @@ def test_grpo_loss_types_match_installed_trl(loss_type, seed):
     if loss_type in ("grpo", "dapo"):
         trl_clip = stand_in._metrics["train"]["clip_ratio/region_mean"][-1]
         assert_close(out.metrics["clip_fraction"], torch.tensor(trl_clip), 1e-6, "clip_fraction", seed)
+
+
+def test_orpo_log_odds_ratio_is_finite_at_a_certain_answer():
+    # A per-token mean log-prob of 0 (p = 1) gives infinite odds; ORPO's loss and its log odds ratio (an
+    # aux output of prefopt.liger's ORPO) share one clamped formula, so both stay finite.
+    chosen, rejected = torch.tensor([0.0, -0.5]), torch.tensor([-1.0, -1.0])
+    from prefopt import objectives
+
+    ratio = objectives.orpo_log_odds_ratio(chosen, rejected)
+    assert torch.isfinite(ratio).all()
+    expected = (chosen[1] - rejected[1]) - (torch.log1p(-chosen[1].exp()) - torch.log1p(-rejected[1].exp()))
+    torch.testing.assert_close(ratio[1], expected)
+    loss = objectives.orpo_loss(chosen, rejected, torch.zeros(2), beta=0.1)
+    torch.testing.assert_close(loss, -0.1 * torch.nn.functional.logsigmoid(ratio))
