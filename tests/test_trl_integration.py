@@ -282,6 +282,11 @@ def test_prefopt_loss_types_run_alone():
         PrefoptDPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, loss_type=["cw-dpo", "sigmoid"])
     with pytest.raises(ValueError, match="precompute_ref_log_probs"):
         PrefoptDPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, loss_type="nsft", precompute_ref_log_probs=True)
+    # Options TRL applies in its own losses that prefopt's loss types would silently ignore.
+    with pytest.raises(ValueError, match="ld_alpha"):
+        PrefoptDPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, loss_type="cw-dpo", ld_alpha=0.5)
+    with pytest.raises(ValueError, match="loss_weights"):
+        PrefoptDPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, loss_type="sft-c", loss_weights=[2.0])
 
 
 def test_zero3_path_gathers_and_recomputes_to_the_same_numbers(monkeypatch):

@@ -268,6 +268,11 @@ class PrefoptDPOConfig(DPOConfig):
         ours = [t for t in self.loss_type if t in PREFOPT_DPO_LOSS_TYPES]
         if ours and len(self.loss_type) > 1:
             raise ValueError(f"loss_type: prefopt's {ours[0]!r} runs alone, not mixed with {self.loss_type}")
+        # prefopt's loss types sum log-probs and weight losses their own way: refuse what they would ignore.
+        if ours and self.ld_alpha is not None:
+            raise ValueError(f"ld_alpha: not supported with loss_type={ours[0]!r} (TRL's LD-DPO weighting)")
+        if ours and self.loss_weights is not None and any(w != 1.0 for w in self.loss_weights):
+            raise ValueError(f"loss_weights: not supported with loss_type={ours[0]!r}, got {self.loss_weights}")
         if "nsft" in self.loss_type and self.precompute_ref_log_probs:
             raise ValueError("precompute_ref_log_probs: loss_type='nsft' needs the reference's hidden states")
         if self.cw_tau <= 0:
