@@ -552,3 +552,22 @@ def test_an_error_of_every_forward_still_ends_the_run_with_a_checkpoint(tmp_path
     with pytest.raises(ValueError, match="the model cannot take this record"):
         train(reliability_config(text_data, tmp_path))
     assert ckpt.latest_checkpoint(str(tmp_path)).endswith("checkpoint-3")
+
+
+def test_a_failure_after_the_optimizer_step_writes_no_mislabelled_checkpoint(tmp_path, text_data, monkeypatch):
+    """Step 3's weights are updated before its metrics are written; a failure there must not save them as
+    checkpoint-2 (a resume would train step 3 twice): the last intact checkpoint stands, here none."""
+    from prefopt.train import loop
+
+    written = []
+
+    def write_metrics(self, metrics):
+        written.append(metrics["step"])
+        if metrics["step"] == 3:
+            raise OSError("metrics.jsonl: injected failure")
+
+    monkeypatch.setattr(loop.Run, "write_metrics", write_metrics)
+    with pytest.raises(OSError, match="injected failure"):
+        train(reliability_config(text_data, tmp_path))
+    assert written == [1, 2, 3]
+    assert ckpt.latest_checkpoint(str(tmp_path)) is None

@@ -437,6 +437,9 @@ class Run:
         self.problems = DataProblems()  # set by prepare
         self.eval_records: list = []  # set by prepare
         self.unusable: set = set()  # records that failed inside a step
+        # True while the weights hold more than the steps counted so far (from the optimizer step or the
+        # reference point's adapter merge until the step is counted): no checkpoint may be written then.
+        self.ahead_of_count = False
         self.tokenizer = getattr(processor, "tokenizer", processor)
 
     def log(self, message: str) -> None:
@@ -509,6 +512,7 @@ class Run:
             for step in range(start_step, last_step):
                 stage = self.method.stage_at(step)
                 if step == self.method.reference_point:
+                    self.ahead_of_count = True
                     objective.reference = self.make_reference(step, step)
                 if stage.name != stage_name:
                     self.log(f"step {step}: stage {stage.name}" + (
@@ -525,6 +529,7 @@ class Run:
                 bar.set_postfix({k: f"{metrics[m]:.3g}" for k, m in shown if m in metrics})
                 done = step + 1
                 self.boundary_rng = ckpt.rng_state()
+                self.ahead_of_count = False
                 if stopped_early:
                     self.log(f"step {done}: early stop, probe positives fell "
                              f"{-metrics['probe/delta_logp_chosen']:.3f} nats/token below their start")
@@ -551,12 +556,15 @@ class Run:
     @contextlib.contextmanager
     def checkpoint_on_failure(self, trained, probe: LogpProbe):
         """In one process, an exception first checkpoints the steps trained since the last checkpoint
-        (``trained()`` of them; under DDP/DeepSpeed the other ranks would wait alone in its collectives)."""
+        (``trained()`` of them; under DDP/DeepSpeed the other ranks would wait alone in its collectives).
+        Not when the weights are already past that count (the failure came after an optimizer step or the
+        reference point's merge): such a checkpoint would resume to other numbers, so the last one stands."""
         try:
             yield
         except Exception as e:
             step = trained()
-            if self.state.distributed or step <= self.saved_step or isinstance(e, ckpt.CheckpointError):
+            if (self.state.distributed or self.ahead_of_count or step <= self.saved_step
+                    or isinstance(e, ckpt.CheckpointError)):
                 raise
             try:
                 self.save(step, probe)
@@ -807,6 +815,7 @@ class Run:
                 counters[k] = counters.get(k, 0.0) + v
             for k, v in out.metrics.items():
                 weighted[k] = weighted.get(k, 0.0) + float(v) * local_items[a]
+        self.ahead_of_count = True
         grad_norm = engine.step()
         keys, counter_keys = sorted(weighted), sorted(counters)
         totals = dist.all_reduce([loss_sum, tokens, sum(local_items)] + [weighted[k] for k in keys]
