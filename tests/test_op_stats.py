@@ -117,3 +117,17 @@ def test_infinite_weight_gives_what_float64_gives(backend, seed, entropy):
         finite = torch.isfinite(expected)
         assert torch.equal(got[~finite & ~torch.isnan(expected)], expected[~finite & ~torch.isnan(expected)]), k
         assert_close(got[finite], expected[finite], 2e-5, k, seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float64), (torch.float64, torch.float32)],
+                         ids=["fp32-policy-fp64-ref", "fp64-policy-fp32-ref"])
+def test_reference_of_another_precision_runs_in_the_policys(backend, seed, dtypes):
+    # One accumulator type per kernel: the reference's hidden states are brought to the policy's dtype.
+    policy, reference = dtypes
+    h, w, y = torch.randn(2, 5, 8, dtype=policy), torch.randn(23, 8, dtype=policy) / 3, torch.randint(0, 23, (2, 5))
+    rh, rw = torch.randn(2, 5, 8, dtype=reference), torch.randn(23, 8, dtype=reference) / 3
+    out = linear_logprobs(h, w, y, ref_hidden=rh, ref_weight=rw, kl=True, backend=backend)
+    want = oracle_linear_logprobs(h, w, y, ref_hidden=rh.to(policy), ref_weight=rw)
+    assert_close(out.kl, want.kl, 2e-5, "kl", seed)
+    assert_close(out.ref_logp, want.ref_logp, 2e-5, "ref_logp", seed)

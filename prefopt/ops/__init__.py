@@ -218,6 +218,10 @@ def linear_logprobs(
     if ref_hidden is not None:
         packed_ref = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1])
         packed_ref = packed_ref if index is None else packed_ref.index_select(0, index)
+        if compute_dtype(packed_ref.dtype) != compute_dtype(hidden.dtype):
+            # Both heads accumulate in one precision (a kernel has one accumulator type): a float64
+            # reference beside a float32 policy, or the reverse, runs in the policy's dtype (no gradient).
+            packed_ref = packed_ref.to(hidden.dtype)
         ref_weight = ref_weight.detach()
         ref_bias = ref_bias.detach() if ref_bias is not None else None
 

@@ -6,7 +6,8 @@ chunks outside and token chunks inside, recomputing each logits tile: a weight-g
 finished before the next one starts (no ``[V, H]`` fp32 buffer), while ``d hidden`` accumulates in an
 fp32 ``[n, H]`` buffer.
 
-Frozen head (neither weight nor bias needs a gradient) with only log-probs asked for: forward also
+Frozen head (neither weight nor bias needs a gradient) with only log-probs, lse and, without softcap,
+the uniform terms asked for: forward also
 accumulates ``M' = sum_{v != y} p_v f_v W_v`` per token (f is the softcap derivative), and backward is
 ``d hidden = (f_y W_y (a (1 - p_y) + g p_y) + c0 M') / temperature`` with no pass over the vocabulary.
 """

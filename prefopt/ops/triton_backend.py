@@ -7,7 +7,8 @@ Forward: one Triton kernel streams the vocabulary once per token block and retur
 (split over the vocabulary when there are few tokens, merged here with an ``[splits, n]`` log-sum-exp).
 Nothing of size ``[n, V]`` is written.
 
-Frozen head (neither weight nor bias needs a gradient) with only log-probs / lse asked for: forward
+Frozen head (neither weight nor bias needs a gradient) with only log-probs / lse and, without softcap,
+the uniform terms (uniform_nll, mean_logit) asked for: forward
 also returns ``M' = sum_{v != y} p_v f_v W_v`` (``f`` the softcap derivative), computed chunk by chunk
 (the kernel writes rescaled probability tiles in the product dtype, cuBLAS accumulates them against the
 head in fp32; :func:`prefopt.kernels.linear_logprobs.frozen_moments`), and backward is a gather and an
