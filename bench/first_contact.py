@@ -122,7 +122,8 @@ def _variant(name, device, dtype, tol, size, *, frozen=False, softcap=None, temp
     if ref:
         extra = dict(ref_hidden=torch.randn(n, hidden, generator=g).to(device, dtype),
                      ref_weight=(torch.randn(vocab, hidden, generator=g) / hidden**0.5).to(device, dtype))
-    stats = dict(entropy=not frozen, kl=ref and not frozen, mean_logit=True, top1=True)
+    # With softcap the shortcut covers log-probs only (mean_logit's gradient is per entry there).
+    stats = dict(entropy=not frozen, kl=ref and not frozen, mean_logit=not (frozen and softcap is not None), top1=True)
     old_shortcut, old_precision = LinearLogprobsTriton.frozen_head_shortcut, _get_tf32()
     try:
         if shortcut is not None:

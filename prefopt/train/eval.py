@@ -161,7 +161,7 @@ def load_run(run: str, *, device="cpu", dtype=None):
     from . import checkpoint as ckpt
     from .export import load_trained_model
 
-    path = ckpt.latest_checkpoint(run)
+    path = ckpt.latest_checkpoint(run, warn=True)
     if path is None:
         raise ValueError(f"--model {run}: a run folder without a checkpoint")
     adapter, processor, _ = load_trained_model(path, device=device, dtype=dtype)
@@ -468,6 +468,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as e:
         return int(e.code or 0)
+    from .checkpoint import CheckpointError
+
     threads = torch.get_num_threads()
     try:
         if args.batch_size < 1 or args.max_new_tokens < 1:
@@ -479,8 +481,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         reference = args.reference if args.reference is not None else (start() if start is not None else None)
         result = evaluate(model, processor=processor, reference=reference, data=args.data, size=args.size,
                           seed=args.seed, shuffle_images=args.shuffle_images, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+                          max_new_tokens=args.max_new_tokens, device=args.device)
+    except (ValueError, TypeError, OSError, CheckpointError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"prefopt eval: error: {message}", file=sys.stderr)
         return 2

@@ -57,24 +57,24 @@ def is_model_folder(path: str) -> bool:
         return False
 
 
-def resolve_init_from(path: str) -> Tuple[str, str]:
+def resolve_init_from(path: str, option: str = "--init-from") -> Tuple[str, str]:
     """``("folder", path)`` for a model folder, ``("checkpoint", path)`` for a checkpoint folder or a run
-    folder's newest intact checkpoint; ``ValueError`` (one line) for anything else."""
+    folder's newest intact checkpoint; ``ValueError`` (one line, naming ``option``) for anything else."""
     if not os.path.isdir(path):
-        raise ValueError(f"--init-from {path}: not a folder (expected a model folder, a run folder or a checkpoint)")
+        raise ValueError(f"{option} {path}: not a folder (expected a model folder, a run folder or a checkpoint)")
     if is_model_folder(path):
         return "folder", path
     if os.path.isfile(os.path.join(path, ckpt.STATE_FILE)):
         problem = ckpt.verify(path)
         if problem is not None:
-            raise ValueError(f"--init-from {path}: {problem}")
+            raise ValueError(f"{option} {path}: {problem}")
         return "checkpoint", path
     try:
         latest = ckpt.latest_checkpoint(path, warn=True)
     except ckpt.CheckpointError as e:
-        raise ValueError(f"--init-from {path}: {e}") from None
+        raise ValueError(f"{option} {path}: {e}") from None
     if latest is None:
-        raise ValueError(f"--init-from {path}: no model folder (config.json) and no intact checkpoint")
+        raise ValueError(f"{option} {path}: no model folder (config.json) and no intact checkpoint")
     return "checkpoint", latest
 
 
@@ -275,7 +275,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if os.path.isdir(args.out) and os.listdir(args.out):
             raise ValueError(f"{args.out}: already holds files; choose a new folder")
-        kind, path = resolve_init_from(args.checkpoint)
+        kind, path = resolve_init_from(args.checkpoint, option="CHECKPOINT")
         if kind != "checkpoint":
             raise ValueError(f"{args.checkpoint}: already a model folder, nothing to export")
         out = export_checkpoint(path, args.out, keep_adapter=args.keep_adapter)
