@@ -410,6 +410,7 @@ class FusedGRPOLoss(FusedLoss):
         if loss_type == "dr_grpo" and not (isinstance(max_completion_length, int) and max_completion_length > 0):
             raise ValueError("max_completion_length: loss_type='dr_grpo' needs a positive int, "
                              f"got {max_completion_length!r}")
+        objectives.check_grpo_options(sapo_temperature_pos, sapo_temperature_neg, delta)
         self.beta, self.epsilon_low, self.epsilon_high = beta, epsilon_low, epsilon_high
         self.loss_type, self.max_completion_length, self.delta = loss_type, max_completion_length, delta
         self.sapo_temperature_pos, self.sapo_temperature_neg = sapo_temperature_pos, sapo_temperature_neg

@@ -303,6 +303,16 @@ def k3_kl(logps: Tensor, ref_logps: Tensor) -> Tensor:
     return torch.exp(delta) - delta - 1
 
 
+def check_grpo_options(sapo_temperature_pos: float, sapo_temperature_neg: float, delta: Optional[float]) -> None:
+    """ValueError naming the option unless the SAPO temperatures are > 0 and ``delta`` is None or > 0."""
+    if not sapo_temperature_pos > 0:
+        raise ValueError(f"sapo_temperature_pos: expected > 0, got {sapo_temperature_pos!r}")
+    if not sapo_temperature_neg > 0:
+        raise ValueError(f"sapo_temperature_neg: expected > 0, got {sapo_temperature_neg!r}")
+    if delta is not None and not delta > 0:
+        raise ValueError(f"delta: expected None or > 0, got {delta!r}")
+
+
 POLICY_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 
 
@@ -357,9 +367,7 @@ def policy_gradient_loss(
         )
     if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):
         raise ValueError(f"importance_sampling_level: 'sequence' is not defined for loss_type={loss_type!r}")
-    if loss_type == "sapo" and not (sapo_temperature_pos > 0 and sapo_temperature_neg > 0):
-        raise ValueError(f"sapo_temperature_pos/sapo_temperature_neg: expected > 0, got "
-                         f"{sapo_temperature_pos!r}, {sapo_temperature_neg!r}")
+    check_grpo_options(sapo_temperature_pos, sapo_temperature_neg, delta)
     mask = mask.to(logps.dtype)
     advantage = advantages.to(logps.dtype).unsqueeze(-1)
     log_ratio = logps - old_logps

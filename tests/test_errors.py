@@ -80,6 +80,8 @@ LOSS_CASES = [
     (lambda: prefopt.FusedGRPOLoss()(*paired(), torch.zeros(4), old_logps=torch.zeros(4, 4)), ValueError, "old_logps"),
     (lambda: prefopt.FusedGRPOLoss(beta=0.1)(*paired(), torch.zeros(4)), ValueError, "ref_logps"),
     (lambda: prefopt.FusedGRPOLoss(loss_type="luspo"), ValueError, "loss_type"),
+    (lambda: prefopt.FusedGRPOLoss(loss_type="sapo", sapo_temperature_neg=0.0), ValueError, "sapo_temperature_neg"),
+    (lambda: prefopt.FusedGRPOLoss(delta=0.0), ValueError, "delta"),
     (lambda: prefopt.FusedGRPOLoss(loss_type="vespo"), ValueError, "loss_type"),
     (lambda: prefopt.FusedGRPOLoss(loss_type="ppo"), ValueError, "loss_type"),
     (lambda: prefopt.FusedGRPOLoss(loss_type="dr_grpo"), ValueError, "max_completion_length"),

@@ -172,6 +172,11 @@ def test_errors_where_liger_has_no_check():
         ours.LigerFusedLinearKTOLoss()(hidden, weight, target, None, torch.ones(4))
     with pytest.raises(ValueError, match="targets"):
         ours.LigerFusedLinearCPOLoss()(weight, hidden, target + 20)
+    # The functional form checks what the module checks at construction (Liger's functional gives loss 0).
+    ids = target.clamp(min=0)
+    with pytest.raises(ValueError, match="delta"):
+        ours.functional.liger_fused_linear_grpo(hidden, weight, ids, torch.ones_like(ids), torch.zeros(4),
+                                                use_ref_model=False, delta=0.0)
 
 
 def test_one_fused_pass_per_call(monkeypatch):

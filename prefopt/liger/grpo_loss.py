@@ -22,15 +22,6 @@ from ._common import ArgumentAssertionError, LigerFunction
 _UNSCORED = -100
 
 
-def _check_grpo_options(sapo_temperature_pos, sapo_temperature_neg, delta):
-    if sapo_temperature_pos <= 0:
-        raise ValueError(f"sapo_temperature_pos: expected > 0, got {sapo_temperature_pos!r}")
-    if sapo_temperature_neg <= 0:
-        raise ValueError(f"sapo_temperature_neg: expected > 0, got {sapo_temperature_neg!r}")
-    if delta is not None and delta <= 0:
-        raise ValueError(f"delta: expected None or > 0, got {delta!r}")
-
-
 def _vllm_ratio(vllm_is_ratio, attention_mask):
     """Liger's accepted shapes ``[B]``, ``[B, 1]`` or ``[B, T]``; ``[B]`` becomes ``[B, 1]``."""
     if vllm_is_ratio is None:
@@ -78,6 +69,7 @@ class LigerFusedLinearGRPOFunction(LigerFunction):
                 use_ref_model=True, chunk_size=1, vllm_is_ratio=None, delta=None, use_bias_correction_kl=False,
                 vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0,
                 num_items_in_batch=None):
+        objectives.check_grpo_options(sapo_temperature_pos, sapo_temperature_neg, delta)
         if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):
             raise ValueError(f"importance_sampling_level: 'sequence' is not supported for loss_type={loss_type!r}")
         if use_ref_model and ref_per_token_logps is None and ref_input is None:
@@ -152,7 +144,7 @@ class LigerFusedLinearGRPOLoss(nn.Module):
                  delta: Optional[float] = None, use_bias_correction_kl: bool = False, vespo_k_pos: float = 2.0,
                  vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0):
         super().__init__()
-        _check_grpo_options(sapo_temperature_pos, sapo_temperature_neg, delta)
+        objectives.check_grpo_options(sapo_temperature_pos, sapo_temperature_neg, delta)
         self.beta, self.compiled, self.use_ref_model, self.chunk_size = beta, compiled, use_ref_model, chunk_size
         self.epsilon_low, self.epsilon_high, self.loss_type = epsilon_low, epsilon_high, loss_type
         self.max_completion_length, self.importance_sampling_level = max_completion_length, importance_sampling_level
