@@ -156,3 +156,15 @@ def test_eval_loads_a_run_started_from_another_run(tmp_path, text_data):  # noqa
         params = dict(got.model.named_parameters())
         for name, p in want.model.named_parameters():
             torch.testing.assert_close(params[name], p, rtol=0, atol=0, msg=name)
+
+
+def test_resume_refuses_when_init_from_a_run_resolves_elsewhere(tmp_path, text_data):  # noqa: F811
+    """--init-from RUN resolves to the run's newest checkpoint: once that run has trained on, a paused run
+    started from it would resume from other weights, so --resume names the change."""
+    sft_dir, dpo_dir = tmp_path / "sft", tmp_path / "dpo"
+    trained(config(sft_dir, text_data, method="sft", steps=2))
+    dpo = dict(method="dpo", steps=2, model=str(sft_dir), init_from=str(sft_dir))
+    trained(config(dpo_dir, text_data, stop_after=1, **dpo))
+    trained(config(sft_dir, text_data, method="sft", steps=3, resume=True))  # the source run trains on
+    with pytest.raises(ValueError, match="--init-from resolves to"):
+        prepare(config(dpo_dir, text_data, resume=True, **dpo))

@@ -214,7 +214,8 @@ def load_rng(path: str) -> None:
 # --------------------------------------------------------------------------------------- manifest
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -231,7 +232,7 @@ def _files(folder: str) -> List[str]:
 
 
 def write_manifest(folder: str) -> None:
-    files = {rel: _sha256(os.path.join(folder, rel)) for rel in _files(folder) if rel != MANIFEST_FILE}
+    files = {rel: sha256_file(os.path.join(folder, rel)) for rel in _files(folder) if rel != MANIFEST_FILE}
     _write_json(os.path.join(folder, MANIFEST_FILE), {"files": files})
 
 
@@ -254,7 +255,7 @@ def verify(folder: str) -> Optional[str]:
             return f"manifest names {rel!r}, outside the checkpoint"
         if os.path.islink(path) or not os.path.isfile(path):
             return f"{rel} is missing or not a regular file"
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             return f"{rel} does not match its sha256 in the manifest"
     return None
 

@@ -157,14 +157,29 @@ def run_identity(cfg: TrainConfig, world_size: int, dtype: torch.dtype, data_fin
     options = asdict(cfg)
     identity = {k: options[k] for k in RESUME_KEYS}
     identity.update(lr=cfg.learning_rate(), options=asdict(cfg.method_options()), world_size=world_size,
-                    dtype=str(dtype).replace("torch.", ""), data_fingerprint=data_fingerprint)
+                    dtype=str(dtype).replace("torch.", ""), data_fingerprint=data_fingerprint,
+                    init_source=init_source(cfg.init_from))
     return identity
+
+
+def init_source(init_from: Optional[str]) -> Optional[str]:
+    """What ``--init-from`` resolves to now: a model folder, or a checkpoint with its manifest's hash (a run
+    folder resolves to its newest checkpoint, which may change while the path stays the same)."""
+    if init_from is None:
+        return None
+    from .export import resolve_init_from
+
+    kind, path = resolve_init_from(init_from)
+    if kind == "checkpoint":
+        return f"checkpoint {os.path.realpath(path)} ({ckpt.sha256_file(os.path.join(path, ckpt.MANIFEST_FILE))[:16]})"
+    return f"folder {os.path.realpath(path)}"
 
 
 def check_resume_identity(saved: Dict[str, Any], now: Dict[str, Any], out: str) -> None:
     """``ValueError`` naming the first difference between the saved run's identity and this run's."""
     names = {"world_size": "the world size", "dtype": "the parameter dtype (--dtype)",
-             "data_fingerprint": "the data content (JSONL bytes or image sizes)"}
+             "data_fingerprint": "the data content (JSONL bytes or image sizes)",
+             "init_source": "the model --init-from resolves to"}
     flat_saved = {**saved, **(saved.get("options") or {})}
     for key, value in {**now, **now["options"]}.items():
         if key != "options" and flat_saved.get(key) != value:
