@@ -66,8 +66,8 @@ class DataProblems:
     """The problems found in the data, one line each (``FILE:LINE: reason``): printed to stderr (rank 0)
     as they are found and counted for the summary; with ``strict`` the first one raises ``ValueError``."""
 
-    def __init__(self, strict: bool = False, quiet: bool = False):
-        self.strict, self.quiet = strict, quiet
+    def __init__(self, strict: bool = False):
+        self.strict = strict
         self.lines: List[str] = []
 
     def __call__(self, where: str, reason: str) -> None:
@@ -75,7 +75,7 @@ class DataProblems:
         if self.strict:
             raise ValueError(line + " (--strict-data)")
         self.lines.append(line)
-        if not self.quiet and os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0":
             print(f"{line} (skipped)", file=sys.stderr, flush=True)
 
     def __len__(self) -> int:
@@ -213,14 +213,14 @@ def load_records(
     return records
 
 
-def data_fingerprint(source: str, records: Sequence[PreferenceRecord], split: str = "train") -> str:
+def data_fingerprint(source: str, records: Sequence[PreferenceRecord]) -> str:
     """A cheap fingerprint of the training data: sha256 of the JSONL file's bytes and of each record's
     images' sizes in bytes (``"synthetic"`` for the built-in set, whose options fix it)."""
     import hashlib
 
     if source == "synthetic":
         return "synthetic"
-    path = os.path.join(source, f"{split}.jsonl") if os.path.isdir(source) else source
+    path = os.path.join(source, "train.jsonl") if os.path.isdir(source) else source
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

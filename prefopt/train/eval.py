@@ -143,13 +143,12 @@ def _is_run_config(path: str) -> bool:
 
 def _run_start(run: str, *, device, dtype):
     """The model a run started from (its --model or --init-from, --lora and --seed) and its processor."""
-    from .export import model_source
+    from .export import run_model_source
     from .models import build_model
 
     with open(os.path.join(run, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
-    source = model_source(cfg["init_from"]) if cfg.get("init_from") else cfg["model"]
-    return build_model(source, dtype=dtype or cfg.get("dtype"), lora=cfg.get("lora", False),
+    return build_model(run_model_source(cfg), dtype=dtype or cfg.get("dtype"), lora=cfg.get("lora", False),
                        lora_r=cfg.get("lora_r", 8), lora_alpha=cfg.get("lora_alpha", 16), device=device,
                        seed=cfg.get("seed", 0))
 

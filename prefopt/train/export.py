@@ -93,6 +93,11 @@ def model_source(init_from: str) -> str:
     return _exported[key]
 
 
+def run_model_source(config: Dict[str, Any]) -> str:
+    """What a run (its saved config) built its model from: its ``--init-from`` source, or ``--model``."""
+    return model_source(config["init_from"]) if config.get("init_from") else config["model"]
+
+
 def model_family(model: str, init_from: Optional[str] = None) -> str:
     """The family of the model a run trains, which its defaults are keyed on: ``"tiny-sft"`` for the
     shipped tiny-llava-sft, ``"tiny"`` for the other embedded tiny models (random weights), ``"hf"``
@@ -140,7 +145,7 @@ def load_trained_model(checkpoint: str, *, device: str = "cpu", dtype: Optional[
         raise ValueError(f"{checkpoint}: {problem}")
     state = ckpt.read_trainer_state(checkpoint)
     config = state["config"]
-    source = model_source(config["init_from"]) if config.get("init_from") else config["model"]
+    source = run_model_source(config)
     adapter, processor = build_model(source, dtype=dtype or config.get("dtype"), lora=config["lora"],
                                      lora_r=config["lora_r"], lora_alpha=config["lora_alpha"], device=device,
                                      seed=config["seed"])
@@ -286,5 +291,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-__all__ = ["export_checkpoint", "export_model", "load_trained_model", "model_family", "model_source",
+__all__ = ["export_checkpoint", "export_model", "load_trained_model", "model_family", "model_source", "run_model_source",
            "resolve_init_from", "METADATA_FILE"]
