@@ -291,5 +291,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-__all__ = ["export_checkpoint", "export_model", "load_trained_model", "model_family", "model_source", "run_model_source",
-           "resolve_init_from", "METADATA_FILE"]
+__all__ = ["export_checkpoint", "export_model", "load_trained_model", "model_family", "model_source",
+           "run_model_source", "resolve_init_from", "METADATA_FILE"]
