@@ -36,10 +36,14 @@ NO_CUDA = "skipped: no CUDA device"
 
 
 def _features() -> Dict[str, object]:
+    """The versions, and what the kernels' launcher decided from them (not a second detection)."""
+    from prefopt.kernels import linear_logprobs as K
+
     feats: Dict[str, object] = {
         "python": platform.python_version(), "torch": torch.__version__,
-        "addmm_out_dtype": "dtype_out" in torch.ops.aten.addmm.overloads(),
+        "addmm_out_dtype": K.ADDMM_OUT_DTYPE,
         "matmul_fp32_precision": hasattr(torch.backends.cuda.matmul, "fp32_precision"),
+        "tf32_allowed": K.tf32_allowed(),
         "cuda": torch.cuda.is_available(),
     }
     try:

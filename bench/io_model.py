@@ -182,9 +182,8 @@ def triton_model(workload: Workload, shape: Shape, dtype: torch.dtype, shortcut:
         if not frozen:
             model.launches.append(_cublas(f"d W_chunk = ds^T @ hidden (cuBLAS, {width} columns)", width, h, n,
                                           n * width * e + n * h * e + width * h * e, times))
-    width = full_width
     model.launches.append(Launch("d hidden: zero, cast to the input dtype", 0.0, n * h * (4 + 4 + e)))
-    model.note = f"split {split}, backward {chunks} chunks of {width} columns"
+    model.note = f"split {split}, backward {chunks} chunks of {full_width} columns"
     return model
 
 
