@@ -121,3 +121,10 @@ def test_a_short_run_of_the_default_method_prints_its_summary(tmp_path, capsys):
     assert all("onpolicy/negatives" in r for r in rows if r.get("stage") == "cw-dpo")
     assert sorted(os.listdir(out)) == ["checkpoint-4", "config.json", "eval", "latest", "metrics.jsonl", "model",
                                        "reference-1.safetensors"]
+
+
+def test_error_lines_are_the_first_line_or_the_type():
+    from prefopt.train.errors import first_line
+
+    assert first_line(ValueError("  --data x: not found\n  detail\n")) == "--data x: not found"
+    assert first_line(RuntimeError("")) == "RuntimeError"  # an empty message still makes a line

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from .distributed import DistState, barrier, gathered
+from .errors import first_line
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -309,7 +310,7 @@ def read_trainer_state(path: str) -> Dict[str, Any]:
             raise ValueError("no step")
         return state
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise CheckpointError(f"{file}: unreadable trainer state ({str(e).splitlines()[0][:80]})") from None
+        raise CheckpointError(f"{file}: unreadable trainer state ({first_line(e)[:80]})") from None
 
 
 # --------------------------------------------------------------------------------------- save / load
@@ -406,7 +407,7 @@ def load_checkpoint(path: str, *, engine, state: DistState) -> Dict[str, Any]:
     except CheckpointError:
         raise
     except Exception as e:  # safetensors, JSON and the optimizer's own checks raise many types
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        reason = first_line(e)[:120]
         raise CheckpointError(f"{path}: unreadable checkpoint ({reason})") from None
 
 

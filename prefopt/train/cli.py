@@ -17,6 +17,8 @@ import sys
 import time
 from typing import List, Optional
 
+from .errors import first_line
+
 EXAMPLES = """\
 examples:
   prefopt train                                   # the embedded default (tiny VLM, synthetic data, CW-DPO)
@@ -371,7 +373,7 @@ def _train(args, argv: List[str]) -> int:
         print("prefopt train: interrupted before training started; nothing was written", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        message = first_line(e)
         print(f"prefopt train: error: {message}", file=sys.stderr)
         return 2
     try:
@@ -386,13 +388,13 @@ def _train(args, argv: List[str]) -> int:
                   f"{e.checkpoint}; resume with: {resume_command(argv, cfg.out)}", file=sys.stderr, flush=True)
         return 128 + e.signum
     except (CheckpointError, OSError, ValueError) as e:
-        message = os_error_line(e, cfg.out) if isinstance(e, OSError) else str(e).strip().splitlines()[0]
+        message = os_error_line(e, cfg.out) if isinstance(e, OSError) else first_line(e)
         print(f"prefopt train: error: {message}", file=sys.stderr, flush=True)
         return 1
     except RuntimeError as e:  # a collective that failed: another rank hung (--dist-timeout) or died
         if not run.state.distributed:
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         print(f"prefopt train: error: rank {run.state.rank}: a collective failed, another rank hung past "
               f"--dist-timeout {cfg.dist_timeout:g} s or died ({first})", file=sys.stderr, flush=True)
         return 1

@@ -33,6 +33,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from .errors import first_line
+
 __all__ = ["PreferenceRecord", "load_records", "data_fingerprint", "DataProblems", "check_image", "PreferenceCollator", "EXTRA_BATCH_KEYS", "model_inputs"]
 
 #: Default pixel limit of one image (width x height); larger ones are refused as decompression bombs.
@@ -117,7 +119,7 @@ def check_image(path: str, folder: str, *, allow_outside: bool = False, max_pixe
     except ValueError:
         raise
     except Exception as e:  # PIL raises many types for broken files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise ValueError(f"image {path} does not decode ({reason})") from None
 
 
@@ -309,7 +311,7 @@ class PreferenceCollator:
             try:
                 self([record], mode=mode)
             except Exception as e:  # the processor's own errors come in many types
-                message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                message = first_line(e)
                 return message[len(record.where) + 2:] if record.where and message.startswith(record.where) else message
         return None
 

@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import linear_logprobs
+from .errors import first_line
 
 __all__ = ["evaluate", "ece", "reliability_bins", "shift_and_confidence", "load_model", "EVAL_KEYS", "main"]
 
@@ -482,7 +483,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                           seed=args.seed, shuffle_images=args.shuffle_images, batch_size=args.batch_size,
                           max_new_tokens=args.max_new_tokens, device=args.device)
     except (ValueError, TypeError, OSError, CheckpointError) as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        message = first_line(e)
         print(f"prefopt eval: error: {message}", file=sys.stderr)
         return 2
     finally:

@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from . import checkpoint as ckpt
+from .errors import first_line
 
 METADATA_FILE = "prefopt.json"
 #: The trainable parameters' names in a checkpoint carry the prefix of the module the loop wraps.
@@ -285,7 +286,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError(f"{args.checkpoint}: already a model folder, nothing to export")
         out = export_checkpoint(path, args.out, keep_adapter=args.keep_adapter)
     except (ValueError, OSError) as e:
-        print(f"prefopt export: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"prefopt export: error: {first_line(e)}", file=sys.stderr)
         return 2
     print(f"prefopt export: {path} -> {out}")
     return 0

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .data import EXTRA_BATCH_KEYS
+from .errors import first_line
 
 __all__ = ["HeadSpec", "ModelAdapter", "build_model", "TINY_MODELS", "SUPPORTED_VLMS"]
 
@@ -437,7 +438,7 @@ def _load_local(path: str, *, dtype, attn: str):
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read a model config in {path!r}: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"cannot read a model config in {path!r}: {first_line(e)}") from None
     archs = list(getattr(config, "architectures", None) or [])
     vlm = next((a for a in archs if a in SUPPORTED_VLMS), None)
     kwargs = dict(local_files_only=True, dtype=dtype, attn_implementation=attn)
@@ -449,7 +450,7 @@ def _load_local(path: str, *, dtype, attn: str):
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except ValueError as e:
-        raise ValueError(f"cannot load {path!r} as a causal LM or supported VLM: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"cannot load {path!r} as a causal LM or supported VLM: {first_line(e)}") from None
     processor = None
     try:
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)

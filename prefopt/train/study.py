@@ -35,6 +35,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .errors import first_line
+
 #: Variant name -> (method, method options): the comparison's arms.
 VARIANTS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "dpo": ("dpo", {}),
@@ -458,7 +460,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         result = run_study(study)
     except ValueError as e:
-        print(f"prefopt study: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"prefopt study: error: {first_line(e)}", file=sys.stderr)
         return 2
     print(f"prefopt study: {len(result['runs'])} runs in {result['conditions']['wall_seconds'] / 60:.1f} min; "
           f"{os.path.join(study.out, 'STUDY.md')}")
