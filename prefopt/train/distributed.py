@@ -158,15 +158,6 @@ def all_gather_object(obj: Any, state: DistState) -> List[Any]:
     return out
 
 
-def broadcast_object(obj: Any, state: DistState) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not state.distributed:
-        return obj
-    box = [obj]
-    torch_dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def barrier(state: DistState) -> None:
     if state.distributed:
         torch_dist.barrier()
