@@ -411,12 +411,13 @@ def load_checkpoint(path: str, *, engine, state: DistState) -> Dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable checkpoint ({reason})") from None
 
 
-def load_weights(module: torch.nn.Module, path: str) -> None:
-    """Copy the checkpoint's trainable parameters into ``module`` (not partitioned)."""
+def load_weights(module: torch.nn.Module, path: str, prefix: str = "") -> None:
+    """Copy the checkpoint's trainable parameters into ``module`` (not partitioned), whose parameter names
+    are the checkpoint's less ``prefix``."""
     from safetensors.torch import load_file
 
     weights = load_file(os.path.join(path, WEIGHTS_FILE))
-    params = dict(module.named_parameters())
+    params = {prefix + n: p for n, p in module.named_parameters()}
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks trainable parameter {missing[0]} (another model or --lora?)")

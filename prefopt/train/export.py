@@ -31,8 +31,6 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
-import torch
-
 from . import checkpoint as ckpt
 from .errors import first_line
 
@@ -136,8 +134,6 @@ def load_trained_model(checkpoint: str, *, device: str = "cpu", dtype: Optional[
     built it: the same source and LoRA structure, the base weights as the reference point left them
     (``--reference adapters`` merges the adapters there), the checkpoint's trainable weights; in the
     run's dtype unless ``dtype`` is given."""
-    from safetensors.torch import load_file
-
     from .models import build_model
     from .reference import load_tensors, merge_adapters
 
@@ -159,14 +155,10 @@ def load_trained_model(checkpoint: str, *, device: str = "cpu", dtype: Optional[
         from .distributed import DistState
 
         merge_adapters(adapter.model, snapshot, DistState())
-    weights = load_file(os.path.join(checkpoint, ckpt.WEIGHTS_FILE))
-    params = dict(adapter.model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            target = params.get(name[len(CHECKPOINT_PREFIX):] if name.startswith(CHECKPOINT_PREFIX) else name)
-            if target is None:
-                raise ValueError(f"{checkpoint}: parameter {name} is not in the model the run built")
-            target.copy_(tensor)
+    try:
+        ckpt.load_weights(adapter.model, checkpoint, prefix=CHECKPOINT_PREFIX)
+    except ckpt.CheckpointError as e:  # the callers' one-line errors are ValueErrors
+        raise ValueError(str(e)) from None
     adapter.model.eval()
     return adapter, processor, config
 
