@@ -121,7 +121,8 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
             else:
                 new_max = torch.maximum(run_max, tile_max)
                 # Nothing accumulated yet (run_max = -inf): scale 0, whatever the new max.
-                scale = torch.exp(_finite_or_zero(run_max) - _finite_or_zero(new_max)).masked_fill_(run_max == float("-inf"), 0)
+                scale = torch.exp(_finite_or_zero(run_max) - _finite_or_zero(new_max))
+                scale.masked_fill_(run_max == float("-inf"), 0)
                 run_max = new_max
                 shift = _finite_or_zero(new_max)[:, None]
                 # e = exp(z - max); z itself is only needed afterwards for E_p[z], else overwrite it.
