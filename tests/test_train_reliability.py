@@ -457,6 +457,17 @@ def test_a_hung_rank_is_a_clear_error_after_the_timeout(tmp_path, text_data):
     assert "Traceback" not in err and elapsed < 150
 
 
+def test_a_rank_missing_at_setup_is_a_clear_error_after_the_timeout(tmp_path, text_data):
+    """Rank 0 alone of 2: the rendezvous gives up after --dist-timeout with one line, no traceback."""
+    env = dict(ENV, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = spawn(cli_args(text_data, tmp_path / "run", "--method", "dpo", "--steps", "2", "--dist-timeout", "3"), env=env)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-3000:]
+    (line,) = err.strip().splitlines()
+    assert line.startswith("prefopt train: error: rank 0: setting up the run failed (") and "1/2 clients" in line
+    assert line.endswith("a rank that hung past --dist-timeout 3 s or died says why in its own output")
+
+
 # ------------------------------------------------------------------------------- a record failing in a step
 
 
@@ -571,3 +582,91 @@ def test_a_failure_after_the_optimizer_step_writes_no_mislabelled_checkpoint(tmp
         train(reliability_config(text_data, tmp_path))
     assert written == [1, 2, 3]
     assert ckpt.latest_checkpoint(str(tmp_path)) is None
+
+
+# ------------------------------------------------------------------- a record failing in a step, two ranks
+
+# Rank 1's record of step 3's second micro-batch (the plan of 24 records, batch 1, accumulation 2, 2 ranks,
+# seed 0): rank 0's forward of that micro-batch succeeded and expects its backward (DDP's reducer is armed).
+BAD_RANK1 = DataPlan(24, 1, 2, 2, 0).indices(2, 1, 1)[0]
+
+# Runs prefopt train with the objective's forward patched (argv[1] a number, argv[2] how): "fails" raises
+# for record argv[1]; "known" marks that record unusable from the start instead; "broken" raises for every
+# forward on rank 1 once it has trained argv[1] micro-batches (an error that is not the data's).
+FAILING_RECORD_PROGRAM = """
+import os, sys
+import torch
+from prefopt.train import loop
+from prefopt.train.cli import main
+from prefopt.train.methods import PolicyObjective
+number, how = int(sys.argv[1]), sys.argv[2]
+real_forward, real_init, trained = PolicyObjective.forward, loop.Run.__init__, []
+def forward(self, batch, stage=None, num_items=None, indices=None):
+    if stage is not None and how == "fails" and number in indices:
+        raise ValueError("the model cannot take this record")
+    if stage is not None and how == "broken" and os.environ["RANK"] == "1" and len(trained) >= number:
+        raise ValueError("the model is broken")
+    if stage is not None and torch.is_grad_enabled():
+        trained.append(indices)
+    return real_forward(self, batch, stage=stage, num_items=num_items, indices=indices)
+def known(self, *args, **kw):
+    real_init(self, *args, **kw)
+    self.unusable.add(number)
+PolicyObjective.forward = forward
+if how == "known":
+    loop.Run.__init__ = known
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def launch_ranks(program_args, args, world=2, timeout=240):
+    """``world`` ranks of FAILING_RECORD_PROGRAM; returns [(exit code, stderr)] by rank."""
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", FAILING_RECORD_PROGRAM, *program_args, *args], cwd=REPO,
+                              env=dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    try:
+        return [(p.wait(timeout=timeout), p.communicate()[1]) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def two_rank_dpo(data, out, *extra):
+    return cli_args(data, out, "--method", "dpo", "--batch-size", "1", "--grad-accum", "2", "--probe-every", "0",
+                    *extra)
+
+
+def test_a_record_failing_inside_a_step_on_one_rank_is_skipped_by_every_rank(tmp_path, text_data):
+    """DDP: rank 1's forward raises for a record; the ranks agree before any backward, rank 1 reports the
+    record, both redo the step with its replacement, and the run is the one that never used the record."""
+    (code0, err0), (code1, err1) = launch_ranks([str(BAD_RANK1), "fails"],
+                                                two_rank_dpo(text_data, tmp_path / "failing", "--steps", "4"))
+    assert code0 == code1 == 0, err0[-3000:] + err1[-3000:]
+    line = (f"{os.path.join(text_data, 'train.jsonl')}:{BAD_RANK1 + 1}: fails inside a training step "
+            f"(ValueError: the model cannot take this record) (skipped)")
+    assert [ln for ln in err1.splitlines() if "fails inside a training step" in ln] == [line]
+    assert "fails inside a training step" not in err0 and "Traceback" not in err0 + err1
+    saved = json.loads((tmp_path / "failing" / "checkpoint-4" / ckpt.STATE_FILE).read_text())
+    assert saved["unusable_records"] == [BAD_RANK1]
+
+    known = launch_ranks([str(BAD_RANK1), "known"], two_rank_dpo(text_data, tmp_path / "known", "--steps", "4"))
+    assert [code for code, _ in known] == [0, 0], known[0][1][-3000:]
+    assert_same_run(tmp_path / "failing", tmp_path / "known")
+
+
+def test_an_error_of_one_ranks_forward_stops_every_rank_with_a_checkpoint(tmp_path, text_data):
+    """Not the data's: from step 3 every forward of rank 1 fails. Both ranks stop together, after writing a
+    checkpoint of the 2 steps trained; rank 1 gives its error, rank 0 names the rank that failed."""
+    out = tmp_path / "run"
+    (code0, err0), (code1, err1) = launch_ranks(["4", "broken"], two_rank_dpo(text_data, out, "--steps", "6",
+                                                                              "--save-every", "10"))
+    assert (code0, code1) == (1, 1), err0[-3000:] + err1[-3000:]
+    assert err1.strip().splitlines()[-1] == "prefopt train: error: the model is broken"
+    assert err0.strip().splitlines()[-2:] == [
+        f"prefopt train: the run failed after step 2; the steps trained so far are in {out / 'checkpoint-2'} "
+        "(continue with --resume)",
+        "prefopt train: error: rank 1 failed in a training step (its error is on its stderr)"]
+    assert ckpt.latest_checkpoint(str(out)).endswith("checkpoint-2")

@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import shlex
 import signal
 import sys
 import time
 from typing import List, Optional
 
-from .errors import first_line
+from .errors import RankFailed, StepNotRedone, first_line
 
 EXAMPLES = """\
 examples:
@@ -376,6 +377,13 @@ def _train(args, argv: List[str]) -> int:
         message = first_line(e)
         print(f"prefopt train: error: {message}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # in more than one process: a rendezvous or collective another rank missed
+        if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            raise
+        print(f"prefopt train: error: rank {os.environ.get('RANK', '0')}: setting up the run failed ({first_line(e)}); "
+              f"a rank that hung past --dist-timeout {cfg.dist_timeout:g} s or died says why in its own output",
+              file=sys.stderr, flush=True)
+        return 1
     try:
         summary = run.execute()
     except KeyboardInterrupt:  # outside the steps (where SIGINT only asks for a checkpoint and a stop)
@@ -387,12 +395,12 @@ def _train(args, argv: List[str]) -> int:
             print(f"prefopt train: stopped by {signal.Signals(e.signum).name} at step {e.step}/{e.total}; checkpoint "
                   f"{e.checkpoint}; resume with: {resume_command(argv, cfg.out)}", file=sys.stderr, flush=True)
         return 128 + e.signum
-    except (CheckpointError, OSError, ValueError) as e:
+    except (CheckpointError, OSError, ValueError, RankFailed, StepNotRedone) as e:
         message = os_error_line(e, cfg.out) if isinstance(e, OSError) else first_line(e)
         print(f"prefopt train: error: {message}", file=sys.stderr, flush=True)
         return 1
     except RuntimeError as e:  # a collective that failed: another rank hung (--dist-timeout) or died
-        if not run.state.distributed:
+        if not run.state.distributed or run.failure_agreed:  # not a collective: this rank's own error
             raise
         first = first_line(e)
         print(f"prefopt train: error: rank {run.state.rank}: a collective failed, another rank hung past "

@@ -72,12 +72,13 @@ class DataProblems:
         self.strict = strict
         self.lines: List[str] = []
 
-    def __call__(self, where: str, reason: str) -> None:
+    def __call__(self, where: str, reason: str, echo: Optional[bool] = None) -> None:
+        """Count (and, with ``echo``, print; default: on rank 0) the problem ``reason`` of record ``where``."""
         line = f"{where}: {reason}"
         if self.strict:
             raise ValueError(line + " (--strict-data)")
         self.lines.append(line)
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0" if echo is None else echo:
             print(f"{line} (skipped)", file=sys.stderr, flush=True)
 
     def __len__(self) -> int:

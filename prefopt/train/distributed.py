@@ -48,6 +48,9 @@ class DistState:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     zero_stage: int = 0
+    #: The group of the few host-side flags the ranks agree on every micro-batch: gloo, so that agreeing
+    #: does not wait for the GPU's queued work (None: the default group, already gloo).
+    control: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -122,12 +125,16 @@ def setup(deepspeed: Optional[str], device: str = "auto", timeout_s: float = DEF
 
         if not torch_dist.is_initialized():
             ds.init_distributed(dist_backend=comm, timeout=timeout)
-        return DistState("deepspeed", rank, world, local_rank, dev)
+        return DistState("deepspeed", rank, world, local_rank, dev, control=_control_group(comm, timeout))
     if world > 1:
         if not torch_dist.is_initialized():
             torch_dist.init_process_group(backend=comm, device_id=dev if dev.type == "cuda" else None, timeout=timeout)
-        return DistState("ddp", rank, world, local_rank, dev)
+        return DistState("ddp", rank, world, local_rank, dev, control=_control_group(comm, timeout))
     return DistState("single", 0, 1, 0, dev)
+
+
+def _control_group(comm: str, timeout):
+    return torch_dist.new_group(backend="gloo", timeout=timeout) if comm != "gloo" else None
 
 
 def teardown(state: DistState, wait: bool = True) -> None:
@@ -148,6 +155,30 @@ def all_reduce(values: List[float], state: DistState, op: str = "sum") -> List[f
     t = torch.tensor(values, dtype=torch.float64, device=state.device if state.device.type == "cuda" else "cpu")
     torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX if op == "max" else torch_dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def ranks_with(flag: bool, state: DistState) -> List[int]:
+    """The ranks whose ``flag`` is set (every rank calls this; over the host-side control group)."""
+    if not state.distributed:
+        return [0] if flag else []
+    t = torch.zeros(state.world_size, dtype=torch.int32)
+    t[state.rank] = int(flag)
+    torch_dist.all_reduce(t, group=state.control)
+    return t.nonzero().flatten().tolist()
+
+
+def all_gather_ints(values: List[int], state: DistState) -> List[List[int]]:
+    """Every rank's list of integers, by rank (over the host-side control group)."""
+    if not state.distributed:
+        return [list(values)]
+    size = torch.tensor([len(values)], dtype=torch.int64)
+    torch_dist.all_reduce(size, op=torch_dist.ReduceOp.MAX, group=state.control)
+    mine = torch.full((int(size) + 1,), -1, dtype=torch.int64)
+    mine[0] = len(values)
+    mine[1:1 + len(values)] = torch.tensor(values, dtype=torch.int64)
+    out = [torch.empty_like(mine) for _ in range(state.world_size)]
+    torch_dist.all_gather(out, mine, group=state.control)
+    return [t[1:1 + int(t[0])].tolist() for t in out]
 
 
 def all_gather_object(obj: Any, state: DistState) -> List[Any]:
@@ -259,6 +290,15 @@ class Engine:
             return self.wrapped.no_sync()
         return contextlib.nullcontext()
 
+    def drop_gradients(self) -> None:
+        """Forget the gradients of a step that is abandoned before its optimizer step (every rank at once;
+        not under DeepSpeed once a micro-batch has backpropagated). A DDP wrapper is rebuilt: after a
+        forward whose backward never ran, its reducer would refuse the next forward."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.state.backend == "ddp":
+            self.wrapped._remove_autograd_hooks()
+            self.wrapped = _ddp(self.state, self.module)
+
     def micro_step(self) -> None:
         """DeepSpeed counts micro-batches itself and steps at its accumulation boundary."""
         if self.state.backend == "deepspeed":
@@ -288,12 +328,7 @@ def wrap(state: DistState, module: nn.Module, optimizer, scheduler, *, max_grad_
     if state.backend == "single":
         return Engine(state, module, optimizer, scheduler, max_grad_norm)
     if state.backend == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        # find_unused_parameters: a text-only batch leaves a VLM's vision tower without gradients.
-        ddp = DistributedDataParallel(module, device_ids=[state.device.index] if state.device.type == "cuda" else None,
-                                      find_unused_parameters=True)
-        return Engine(state, module, optimizer, scheduler, max_grad_norm, wrapped=ddp)
+        return Engine(state, module, optimizer, scheduler, max_grad_norm, wrapped=_ddp(state, module))
     import deepspeed as ds
 
     config = deepspeed_config(deepspeed_spec, micro_batch=micro_batch, grad_accum=grad_accum,
@@ -307,6 +342,14 @@ def wrap(state: DistState, module: nn.Module, optimizer, scheduler, *, max_grad_
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config
     )
     return Engine(state, module, ds_optimizer, ds_scheduler, max_grad_norm, wrapped=engine)
+
+
+def _ddp(state: DistState, module: nn.Module) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    # find_unused_parameters: a text-only batch leaves a VLM's vision tower without gradients.
+    return DistributedDataParallel(module, device_ids=[state.device.index] if state.device.type == "cuda" else None,
+                                   find_unused_parameters=True)
 
 
 def wrap_frozen(state: DistState, model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -5,3 +5,16 @@ def first_line(e: BaseException) -> str:
     """The first line of an exception's message, or its type's name when the message is empty."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+class RankFailed(Exception):
+    """Another rank's training step failed: every rank stops there together (that rank prints its error)."""
+
+    def __init__(self, ranks):
+        self.ranks = list(ranks)
+        super().__init__(f"rank {', '.join(map(str, self.ranks))} failed in a training step (its error is on its stderr)")
+
+
+class StepNotRedone(Exception):
+    """A record failed inside a step that cannot be redone in this process; the checkpoint written on the
+    way out knows the record, and ``--resume`` continues without it."""

@@ -40,6 +40,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from . import reference as ref_mod
 from .data import DataProblems
+from .errors import RankFailed, StepNotRedone, first_line
 from .interrupts import Cadence, Interrupted, StopSignals, at_boundary, stale_run_files
 from .methods import METHODS, MethodOptions, PolicyObjective, Stage, build_method
 from .probes import LogpProbe, ProbeResult, should_stop
@@ -451,7 +452,9 @@ class Run:
         self.identity: Dict[str, Any] = {}  # set by prepare
         self.problems = DataProblems()  # set by prepare
         self.eval_records: list = []  # set by prepare
-        self.unusable: set = set()  # records that failed inside a step
+        self.unusable: set = set()  # records that failed inside a step (kept in the checkpoints)
+        self.saved_unusable: set = set()
+        self.failure_agreed = False  # every rank is raising the same step's failure together
         # True while the weights hold more than the steps counted so far (from the optimizer step or the
         # reference point's adapter merge until the step is counted): no checkpoint may be written then.
         self.ahead_of_count = False
@@ -501,6 +504,7 @@ class Run:
         start_step = 0
         if self.resume_state is not None:
             start_step = self.resume_state["step"]
+            self.unusable = self.saved_unusable = set(self.resume_state.get("unusable_records", []))
             point = self.method.reference_point
             if point is not None and start_step > point:
                 objective.reference = self.make_reference(point, start_step)
@@ -570,21 +574,25 @@ class Run:
 
     @contextlib.contextmanager
     def checkpoint_on_failure(self, trained, probe: LogpProbe):
-        """In one process, an exception first checkpoints the steps trained since the last checkpoint
-        (``trained()`` of them; under DDP/DeepSpeed the other ranks would wait alone in its collectives).
-        Not when the weights are already past that count (the failure came after an optimizer step or the
-        reference point's merge): such a checkpoint would resume to other numbers, so the last one stands."""
+        """An exception first checkpoints the steps trained since the last checkpoint (``trained()`` of
+        them) and the records found failing since; in more than one process only a failure every rank
+        raises together (:meth:`skip_failing_records`), since the others would wait alone in the
+        checkpoint's collectives. Not when the weights are already past that count (the failure came
+        after an optimizer step or the reference point's merge): such a checkpoint would resume to other
+        numbers, so the last one stands."""
         try:
             yield
         except Exception as e:
             step = trained()
-            if (self.state.distributed or self.ahead_of_count or step <= self.saved_step
+            if ((self.state.distributed and not self.failure_agreed) or self.ahead_of_count
+                    or (step <= self.saved_step and self.unusable == self.saved_unusable)
                     or isinstance(e, ckpt.CheckpointError)):
                 raise
             try:
                 self.save(step, probe)
-                print(f"prefopt train: the run failed after step {step}; the steps trained so far are in "
-                      f"{self.checkpoint_path} (continue with --resume)", file=sys.stderr, flush=True)
+                if self.state.is_main:
+                    print(f"prefopt train: the run failed after step {step}; the steps trained so far are in "
+                          f"{self.checkpoint_path} (continue with --resume)", file=sys.stderr, flush=True)
             except Exception as failed:
                 print(f"prefopt train: could not checkpoint step {step}: {failed}", file=sys.stderr, flush=True)
             raise
@@ -689,47 +697,93 @@ class Run:
             idx = self.usable(idx)
             return self.collate(idx, [self.records[i] for i in idx], mode)
 
-    def usable(self, idx: List[int]) -> List[int]:
-        """``idx`` with each unusable record replaced by the next usable one (in data order, wrapping)."""
-        n = len(self.records)
-        return [next((i + k) % n for k in range(n) if (i + k) % n not in self.unusable) for i in idx]
+    def usable(self, idx: List[int], unusable: Optional[set] = None) -> List[int]:
+        """``idx`` with each unusable record (default :attr:`unusable`) replaced by the next usable one (in
+        data order, wrapping)."""
+        n, unusable = len(self.records), self.unusable if unusable is None else unusable
+        return [next((i + k) % n for k in range(n) if (i + k) % n not in unusable) for i in idx]
 
-    def drop_failing_records(self, idx: List[int], stage: Stage) -> bool:
-        """After a micro-batch's forward or backward raised: find the records of ``idx`` that fail alone
-        (collated and run forward one by one, under ``no_grad``), report each (``FILE:LINE: reason``),
-        never use them again, zero the gradients accumulated so far in the step and return True, so
-        the step can be redone with their replacements. False (the caller re-raises) when the failure is
-        not the data's: no record fails alone, or every one does and so does the record that would
-        replace them; and always in more than one process or under DeepSpeed (a rank that redid its
-        step alone would leave the others waiting in a collective) and for GRPO (its rows are sampled
-        answers, not records), where the error ends the run as any other."""
-        if self.state.backend != "single" or stage.mode == "grpo":
-            return False
+    def forward(self, batch, stage: Stage, num_items: Optional[int], idx: List[int]):
+        """(the objective's output, None), or (None, the error) when this micro-batch's forward raised, here
+        or on another rank (:class:`RankFailed`). In more than one process every rank all-reduces a failure
+        flag after its forward, before any backward, so no rank enters the backward's collectives alone;
+        not under ZeRO-3, whose forward is itself collective (a failure there ends the run)."""
+        out, failure = None, None
+        try:
+            out = self.engine(batch, stage=stage, num_items=num_items, indices=idx)
+        except (torch.OutOfMemoryError, MemoryError):
+            raise
+        except Exception as e:
+            failure = e
+        if self.state.distributed and self.state.zero_stage != 3:
+            failed = dist.ranks_with(failure is not None, self.state)
+            if failed and failure is None:
+                failure = RankFailed(failed)
+        return out, failure
+
+    def skip_failing_records(self, failure: Exception, idx: List[int], stage: Stage, step: int,
+                             first_micro_batch: bool) -> None:
+        """After a micro-batch's forward (in one process, also its backward) raised, here or on another rank:
+        each rank finds the records of its ``idx`` that fail alone (collated and run forward one by one,
+        under ``no_grad``, on the unwrapped module); they are reported (``FILE:LINE: reason``, by the rank
+        that found them), every rank stops using them, the step's gradients are dropped and the caller
+        redoes the step with their replacements.
+
+        Raises instead, on every rank together (so each can checkpoint the steps trained so far): when on
+        some rank the failure is not the data's (no record fails alone, or every one does and so does the
+        record that would replace them), for GRPO (its rows are sampled answers, not records), with
+        ``--strict-data``, and under DeepSpeed once a micro-batch of the step has backpropagated (its
+        gradients are inside DeepSpeed's partitions): then the checkpoint holds the skipped records and
+        ``--resume`` continues without them. Under ZeRO-3 the failing rank raises alone."""
+        state = self.state
+        if state.zero_stage == 3:
+            raise failure
+        found = None if isinstance(failure, RankFailed) else self.records_failing_alone(idx, stage)
+        (not_data,) = dist.all_reduce([float(found is None and not isinstance(failure, RankFailed))], state, op="max")
+        self.failure_agreed = True  # from here every rank raises or redoes the step together
+        if not_data:
+            raise failure
+        for rank, indices in enumerate(dist.all_gather_ints(sorted(found or ()), state)):
+            for i in indices:
+                where = self.records[i].where or f"record {i}"
+                if i in (found or {}) and rank == state.rank:
+                    self.problems(where, f"fails inside a training step ({found[i]})", echo=True)
+                else:
+                    self.problems(where, f"fails inside a training step on rank {rank}", echo=False)
+                self.unusable.add(i)
+        if state.backend == "deepspeed" and not first_micro_batch:
+            raise StepNotRedone(f"a record failed inside step {step + 1} after a micro-batch of it backpropagated; "
+                                f"under DeepSpeed the step cannot be redone in place")
+        self.engine.drop_gradients()
+        self.failure_agreed = False
+
+    def records_failing_alone(self, idx: List[int], stage: Stage) -> Optional[Dict[int, str]]:
+        """The records of ``idx`` that fail alone, each with its reason, and never used again; None when the
+        failure is not the data's."""
+        if stage.mode == "grpo":
+            return None
 
         def fails_alone(i: int) -> Optional[str]:
             try:
                 with torch.no_grad():
                     batch = _to(self.collator([self.records[i]], mode=stage.mode), self.state.device)
-                    self.engine(batch, stage=stage, num_items=count_items(stage.loss, batch["labels"]), indices=[i])
+                    self.engine.module(batch, stage=stage, num_items=count_items(stage.loss, batch["labels"]),
+                                       indices=[i])
             except (torch.OutOfMemoryError, MemoryError):
                 raise
             except Exception as e:
-                return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+                return f"{type(e).__name__}: {first_line(e)}"
             return None
 
         reasons = {i: fails_alone(i) for i in dict.fromkeys(idx)}
         failed = {i: r for i, r in reasons.items() if r is not None}
         if not failed:
-            return False
-        self.unusable.update(failed)
+            return None
         if len(failed) == len(reasons):  # the model fails on everything, or these records do
-            if len(self.unusable) == len(self.records) or fails_alone(self.usable(idx)[0]) is not None:
-                self.unusable.difference_update(failed)
-                return False
-        self.engine.optimizer.zero_grad(set_to_none=True)
-        for i, reason in failed.items():
-            self.problems(self.records[i].where or f"record {i}", f"fails inside a training step ({reason})")
-        return True
+            excluded = self.unusable | set(failed)
+            if len(excluded) == len(self.records) or fails_alone(self.usable(idx, excluded)[0]) is not None:
+                return None
+        return failed
 
     @torch.no_grad()
     def sample_answers(self, records, num: int) -> List[str]:
@@ -789,8 +843,8 @@ class Run:
 
     def train_step(self, step: int, stage: Stage) -> Dict[str, Any]:
         """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics (all ranks).
-        In one process, a micro-batch whose forward or backward raises because of a record is redone
-        without it (:meth:`drop_failing_records`); under DDP or DeepSpeed the error ends the run."""
+        A micro-batch whose forward raises because of a record is redone without it (:meth:`skip_failing_records`);
+        in more than one process the ranks first agree, before any backward, whether a forward failed."""
         cfg, state, engine = self.cfg, self.state, self.engine
         t0 = time.perf_counter()
         started = ckpt.rng_state()  # a step redone without a failing record draws as the first try did
@@ -810,18 +864,23 @@ class Run:
         for a, (idx, batch, drawn) in enumerate(micro):
             last = a == len(micro) - 1
             with contextlib.nullcontext() if last else engine.no_sync():
-                try:
-                    out = engine(batch, stage=stage, num_items=None if per_call else global_items, indices=idx)
+                out, failure = self.forward(batch, stage, None if per_call else global_items, idx)
+                if failure is None:
                     # DDP and DeepSpeed average gradients over ranks; the count is already global.
                     share = out.loss / len(micro) if per_call else out.loss * state.world_size
-                    engine.backward(share)
-                except (torch.OutOfMemoryError, MemoryError):
-                    raise
-                except Exception:
-                    if not self.drop_failing_records(idx, stage):
+                    try:
+                        engine.backward(share)
+                    except (torch.OutOfMemoryError, MemoryError):
                         raise
-                    ckpt.set_rng_state(started)
-                    return self.train_step(step, stage)
+                    except Exception as e:
+                        if state.distributed:  # the other ranks are inside this backward's collectives
+                            raise
+                        failure = e
+            if failure is not None:
+                out = share = None
+                self.skip_failing_records(failure, idx, stage, step, first_micro_batch=a == 0)
+                ckpt.set_rng_state(started)
+                return self.train_step(step, stage)
             if not last:
                 engine.micro_step()
             loss_sum += float(share.detach()) / state.world_size
@@ -862,8 +921,9 @@ class Run:
         path = ckpt.save_checkpoint(self.cfg.out, step, engine=self.engine, state=self.state,
                                     keep=self.cfg.keep_checkpoints, rng=self.boundary_rng,
                                     trainer_state={"total_steps": self.total_steps, "probe_start": start,
-                                                   "config": asdict(self.cfg), "identity": self.identity})
-        self.checkpoint_path, self.saved_step = path, step
+                                                   "config": asdict(self.cfg), "identity": self.identity,
+                                                   "unusable_records": sorted(self.unusable)})
+        self.checkpoint_path, self.saved_step, self.saved_unusable = path, step, set(self.unusable)
 
     def export_model(self) -> Optional[str]:
         """Rank 0 writes the final checkpoint's model as a Hugging Face folder ``OUT/model/`` (replacing
