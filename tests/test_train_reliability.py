@@ -590,28 +590,28 @@ def test_a_failure_after_the_optimizer_step_writes_no_mislabelled_checkpoint(tmp
 # seed 0): rank 0's forward of that micro-batch succeeded and expects its backward (DDP's reducer is armed).
 BAD_RANK1 = DataPlan(24, 1, 2, 2, 0).indices(2, 1, 1)[0]
 
-# Runs prefopt train with the objective's forward patched (argv[1] a number, argv[2] how): "fails" raises
-# for record argv[1]; "known" marks that record unusable from the start instead; "broken" raises for every
-# forward on rank 1 once it has trained argv[1] micro-batches (an error that is not the data's).
+# Runs prefopt train with the objective's forward patched (argv[1] numbers, comma-separated; argv[2] how):
+# "fails" raises for those records; "known" marks them unusable from the start instead; "broken" raises for
+# every forward on rank 1 once it has trained argv[1] micro-batches (an error that is not the data's).
 FAILING_RECORD_PROGRAM = """
 import os, sys
 import torch
 from prefopt.train import loop
 from prefopt.train.cli import main
 from prefopt.train.methods import PolicyObjective
-number, how = int(sys.argv[1]), sys.argv[2]
+numbers, how = [int(n) for n in sys.argv[1].split(",")], sys.argv[2]
 real_forward, real_init, trained = PolicyObjective.forward, loop.Run.__init__, []
 def forward(self, batch, stage=None, num_items=None, indices=None):
-    if stage is not None and how == "fails" and number in indices:
+    if stage is not None and how == "fails" and set(numbers) & set(indices):
         raise ValueError("the model cannot take this record")
-    if stage is not None and how == "broken" and os.environ["RANK"] == "1" and len(trained) >= number:
+    if stage is not None and how == "broken" and os.environ["RANK"] == "1" and len(trained) >= numbers[0]:
         raise ValueError("the model is broken")
     if stage is not None and torch.is_grad_enabled():
         trained.append(indices)
     return real_forward(self, batch, stage=stage, num_items=num_items, indices=indices)
 def known(self, *args, **kw):
     real_init(self, *args, **kw)
-    self.unusable.add(number)
+    self.unusable.update(numbers)
 PolicyObjective.forward = forward
 if how == "known":
     loop.Run.__init__ = known
@@ -670,3 +670,32 @@ def test_an_error_of_one_ranks_forward_stops_every_rank_with_a_checkpoint(tmp_pa
         "(continue with --resume)",
         "prefopt train: error: rank 1 failed in a training step (its error is on its stderr)"]
     assert ckpt.latest_checkpoint(str(out)).endswith("checkpoint-2")
+
+
+# Rank 0's record of step 2's first micro-batch: under DeepSpeed that step is redone in place.
+BAD_RANK0 = DataPlan(24, 1, 2, 2, 0).indices(1, 0, 0)[0]
+
+
+def test_under_deepspeed_a_failing_record_is_skipped_in_place_or_by_resuming(tmp_path, text_data):
+    """ZeRO-2: a record failing in a step's first micro-batch is skipped and the step redone in place; one
+    failing after a micro-batch backpropagated (its gradients are in DeepSpeed's partitions) stops both
+    ranks with a checkpoint that knows the record, and --resume continues without it: the numbers of the
+    run that never used either record."""
+    pytest.importorskip("deepspeed")
+    bad = f"{BAD_RANK0},{BAD_RANK1}"
+    args = two_rank_dpo(text_data, tmp_path / "failing", "--steps", "4", "--deepspeed", "zero2")
+    (code0, err0), (code1, err1) = launch_ranks([bad, "fails"], args)
+    assert (code0, code1) == (1, 1), err0[-3000:] + err1[-3000:]
+    assert f"train.jsonl:{BAD_RANK0 + 1}: fails inside a training step" in err0
+    assert f"train.jsonl:{BAD_RANK1 + 1}: fails inside a training step" in err1
+    assert err0.strip().splitlines()[-1] == ("prefopt train: error: a record failed inside step 3 after a micro-batch "
+                                             "of it backpropagated; under DeepSpeed the step cannot be redone in place")
+    saved = json.loads((tmp_path / "failing" / "checkpoint-2" / ckpt.STATE_FILE).read_text())
+    assert saved["unusable_records"] == sorted([BAD_RANK0, BAD_RANK1])
+    (code0, err0), (code1, err1) = launch_ranks([bad, "fails"], [*args, "--resume"])
+    assert (code0, code1) == (0, 0), err0[-3000:] + err1[-3000:]
+
+    known = launch_ranks([bad, "known"], two_rank_dpo(text_data, tmp_path / "known", "--steps", "4",
+                                                      "--deepspeed", "zero2"))
+    assert [code for code, _ in known] == [0, 0], known[0][1][-3000:]
+    assert_same_run(tmp_path / "failing", tmp_path / "known")
