@@ -151,7 +151,7 @@ def test_grpo_nonzero_advantages_reach_the_gradient():
 def _answers_from(pattern):
     """A ``Run.sample_answers`` stand-in: answer i of each prompt is the chosen answer when
     ``pattern[i]`` is True, else a wrong one."""
-    def sample_answers(self, records, num):
+    def sample_answers(self, records, num, prompts=None):
         return [r.chosen if pattern[i % len(pattern)] else "I do not know." for r in records for i in range(num)]
     return sample_answers
 

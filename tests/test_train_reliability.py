@@ -547,6 +547,35 @@ def test_a_micro_batch_of_one_failing_record_is_skipped_when_its_replacement_run
     assert len(trained) >= 24 and all(len(idx) == 1 and BAD not in idx for idx in trained)
 
 
+def test_a_grpo_prompt_failing_inside_a_step_is_skipped_reported_and_replaced(tmp_path, text_data, monkeypatch,
+                                                                              capsys):
+    """GRPO's prompts are collated for sampling inside the step: one that fails there (its image went bad
+    after the up-front check, say) is reported, skipped and replaced by the next record."""
+    from prefopt.train import loop
+    from prefopt.train.data import PreferenceCollator, load_records
+
+    bad_prompt = load_records(text_data)[BAD].prompt
+    real_features, sampled = PreferenceCollator._features, []
+
+    def features(self, text, images, where):
+        if bad_prompt in text and len(sampled) > 0:  # the up-front check (before any sampling) passes
+            raise OSError("image file is truncated")
+        return real_features(self, text, images, where)
+
+    def sample_answers(self, records, num, prompts=None):
+        sampled.append([r.prompt for r in records])
+        return [r.chosen for r in records for _ in range(num)]
+
+    monkeypatch.setattr(PreferenceCollator, "_features", features)
+    monkeypatch.setattr(loop.Run, "sample_answers", sample_answers)
+    summary = train(reliability_config(text_data, tmp_path, method="grpo", steps=12, grad_accum=1,
+                                       options=MethodOptions(num_generations=2)))  # one epoch
+    assert summary["steps"] == 12 and summary["skipped_records"] == 1
+    assert (f"train.jsonl:{BAD + 1}: image file is truncated (skipped)"
+            in capsys.readouterr().err)
+    assert all(len(prompts) == 2 and bad_prompt not in prompts for prompts in sampled[1:])
+
+
 def test_out_of_memory_in_a_step_is_not_a_data_problem(tmp_path, text_data, monkeypatch):
     from prefopt.train.methods import PolicyObjective
 

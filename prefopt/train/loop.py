@@ -671,7 +671,8 @@ class Run:
         idx = self.usable(self.plan.indices(step, micro, self.state.rank))
         records = [self.records[i] for i in idx]
         if stage.mode == "grpo":
-            batch, counters = self.rollouts(records, stage.num_generations)
+            idx, prompts = self.collate(idx, records, "sft", self.collator.generation_inputs)
+            batch, counters = self.rollouts([self.records[i] for i in idx], prompts, stage.num_generations)
             return idx, _to(batch, self.state.device), counters
         counters = {}
         if stage.onpolicy_fraction > 0:
@@ -680,12 +681,13 @@ class Run:
         idx, batch = self.collate(idx, records, stage.mode)
         return idx, _to(batch, self.state.device), counters
 
-    def collate(self, idx: List[int], records, mode: str) -> Tuple[List[int], Dict[str, torch.Tensor]]:
-        """Collate ``records``; one that fails although the up-front check passed it is reported
-        (``FILE:LINE: reason``), never used again, and replaced by the next usable record, so every rank
-        keeps its batch size and no collective waits for a rank that skipped."""
+    def collate(self, idx: List[int], records, mode: str, build=None) -> Tuple[List[int], Dict[str, torch.Tensor]]:
+        """Collate ``records`` in ``mode`` (or ``build(records)``: GRPO's prompts); one that fails although
+        the up-front check passed it is reported (``FILE:LINE: reason``), never used again, and replaced by
+        the next usable record, so every rank keeps its batch size and no collective waits for a rank that
+        skipped."""
         try:
-            return idx, self.collator(records, mode=mode)
+            return idx, self.collator(records, mode=mode) if build is None else build(records)
         except Exception:
             failed = [i for i, r in zip(idx, records)
                       if i in self.unusable or _skip_record(self.collator, r, [mode], self.problems)]
@@ -695,7 +697,7 @@ class Run:
             if len(self.unusable) == len(self.records):
                 raise ValueError(f"--data {self.cfg.data}: no usable training records left") from None
             idx = self.usable(idx)
-            return self.collate(idx, [self.records[i] for i in idx], mode)
+            return self.collate(idx, [self.records[i] for i in idx], mode, build)
 
     def usable(self, idx: List[int], unusable: Optional[set] = None) -> List[int]:
         """``idx`` with each unusable record (default :attr:`unusable`) replaced by the next usable one (in
@@ -786,11 +788,11 @@ class Run:
         return failed
 
     @torch.no_grad()
-    def sample_answers(self, records, num: int) -> List[str]:
+    def sample_answers(self, records, num: int, prompts: Optional[Dict[str, torch.Tensor]] = None) -> List[str]:
         """``num`` answers sampled from the current policy for each record's prompt (record by record, the
-        ``num`` answers of a record consecutive); every rank samples the same number (ZeRO-3 generation is
-        collective)."""
-        inputs = _to(self.collator.generation_inputs(records), self.state.device)
+        ``num`` answers of a record consecutive; ``prompts``: the records' collated prompts, else collated
+        here); every rank samples the same number (ZeRO-3 generation is collective)."""
+        inputs = _to(self.collator.generation_inputs(records) if prompts is None else prompts, self.state.device)
         model = self.policy.model
         was_training = model.training
         model.eval()
@@ -801,13 +803,13 @@ class Run:
         texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         return [t.strip() for t in texts]
 
-    def rollouts(self, records, num_generations: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
-        """GRPO's batch: ``num_generations`` answers sampled per prompt, each rewarded 1.0 when it is right
-        (:func:`~prefopt.train.methods.answer_reward`); the answers as SFT rows with their group
-        advantages, and the reward counters (TRL's metric names)."""
+    def rollouts(self, records, prompts, num_generations: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
+        """GRPO's batch: ``num_generations`` answers sampled per prompt (``prompts``: the records' collated
+        prompts), each rewarded 1.0 when it is right (:func:`~prefopt.train.methods.answer_reward`); the
+        answers as SFT rows with their group advantages, and the reward counters (TRL's metric names)."""
         from .methods import answer_reward, group_advantages
 
-        answers = self.sample_answers(records, num_generations)
+        answers = self.sample_answers(records, num_generations, prompts)
         owners = [r for r in records for _ in range(num_generations)]
         rewards = torch.tensor([answer_reward(r.prompt, r.chosen, a) for a, r in zip(answers, owners)])
         # An empty sample still needs a scored token: it is the end of turn alone.
