@@ -584,17 +584,18 @@ class Run:
             yield
         except Exception as e:
             step = trained()
-            if ((self.state.distributed and not self.failure_agreed) or self.ahead_of_count
+            if not ((self.state.distributed and not self.failure_agreed) or self.ahead_of_count
                     or (step <= self.saved_step and self.unusable == self.saved_unusable)
                     or isinstance(e, ckpt.CheckpointError)):
-                raise
-            try:
-                self.save(step, probe)
-                if self.state.is_main:
-                    print(f"prefopt train: the run failed after step {step}; the steps trained so far are in "
-                          f"{self.checkpoint_path} (continue with --resume)", file=sys.stderr, flush=True)
-            except Exception as failed:
-                print(f"prefopt train: could not checkpoint step {step}: {failed}", file=sys.stderr, flush=True)
+                try:
+                    self.save(step, probe)
+                    if self.state.is_main:
+                        print(f"prefopt train: the run failed after step {step}; the steps trained so far are in "
+                              f"{self.checkpoint_path} (continue with --resume)", file=sys.stderr, flush=True)
+                except Exception as failed:
+                    print(f"prefopt train: could not checkpoint step {step}: {failed}", file=sys.stderr, flush=True)
+            if self.failure_agreed:
+                dist.teardown(self.state)  # every rank is here: leave the process group together
             raise
 
     # ---------------------------------------------------------------------------------------- pieces
