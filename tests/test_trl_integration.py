@@ -18,7 +18,7 @@ Sampled parity matrix (about a minute of CI on 2 cores; the budget is 240 s), an
   dr_grpo, cispo, sapo, luspo, vespo).
 - prefopt's own cw-dpo, sft-c and nsft (PrefoptDPOConfig) against full logits; the ZeRO-3 code path (gather,
   recompute in backward) against the direct one without DeepSpeed; unsupported options.
-A real 2-process ZeRO-3 launch is in test_trl_zero3.py. Not covered: FSDP2, DDP.
+Real 2-process DDP and ZeRO-3 launches are in test_trl_distributed.py. Not covered: FSDP2.
 """
 import contextlib
 import math
