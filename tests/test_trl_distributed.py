@@ -38,14 +38,13 @@ def worker(mode, out_dir):
         "chosen": [" on the table", " under the chair", " near the box", " runs fast"],
         "rejected": [" in the sky above", " on the moon", " inside the cup", " flies"],
     })
-    extra = {}
-    gathered = lambda head: contextlib.nullcontext()  # noqa: E731
+    extra, gathered = {}, contextlib.nullcontext  # DDP: every rank holds the whole head
     if mode == "zero3":
         import deepspeed
 
         extra["deepspeed"] = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
                               "gradient_accumulation_steps": "auto", "zero_allow_untested_optimizer": True}
-        gathered = lambda head: deepspeed.zero.GatheredParameters([head])  # noqa: E731
+        gathered = deepspeed.zero.GatheredParameters  # the head is partitioned: gather it to read it
     result = {}
     for cls in (trl.DPOTrainer, PrefoptDPOTrainer):
         args = trl.DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=1, max_steps=3,
@@ -56,7 +55,7 @@ def worker(mode, out_dir):
                       train_dataset=data, processing_class=tokenizer)
         trainer.train()
         head = trainer.accelerator.unwrap_model(trainer.model).get_output_embeddings().weight
-        with gathered(head):
+        with gathered([head]):  # every rank's head, to rank 0: DDP's replicas must stay equal
             heads = [torch.empty_like(head) for _ in range(dist.get_world_size())]
             dist.all_gather(heads, head.detach())
         if dist.get_rank() == 0:
