@@ -547,10 +547,12 @@ def test_a_micro_batch_of_one_failing_record_is_skipped_when_its_replacement_run
     assert len(trained) >= 24 and all(len(idx) == 1 and BAD not in idx for idx in trained)
 
 
-def test_a_grpo_prompt_failing_inside_a_step_is_skipped_reported_and_replaced(tmp_path, text_data, monkeypatch,
-                                                                              capsys):
-    """GRPO's prompts are collated for sampling inside the step: one that fails there (its image went bad
-    after the up-front check, say) is reported, skipped and replaced by the next record."""
+@pytest.mark.parametrize("method", ["grpo", "cw-dpo"])
+def test_a_prompt_failing_before_sampling_is_skipped_reported_and_replaced(tmp_path, text_data, monkeypatch, capsys,
+                                                                           method):
+    """GRPO's prompts, and on-policy negatives' (cw-dpo, every record sampled), are collated for sampling
+    inside the step: one that fails there (its image went bad after the up-front check, say) is reported,
+    skipped and replaced by the next record."""
     from prefopt.train import loop
     from prefopt.train.data import PreferenceCollator, load_records
 
@@ -562,14 +564,17 @@ def test_a_grpo_prompt_failing_inside_a_step_is_skipped_reported_and_replaced(tm
             raise OSError("image file is truncated")
         return real_features(self, text, images, where)
 
-    def sample_answers(self, records, num, prompts=None):
+    def sample_answers(self, records, num, prompts=None):  # collates as the real one does, samples nothing
+        if prompts is None:
+            self.collator.generation_inputs(records)
         sampled.append([r.prompt for r in records])
         return [r.chosen for r in records for _ in range(num)]
 
     monkeypatch.setattr(PreferenceCollator, "_features", features)
     monkeypatch.setattr(loop.Run, "sample_answers", sample_answers)
-    summary = train(reliability_config(text_data, tmp_path, method="grpo", steps=12, grad_accum=1,
-                                       options=MethodOptions(num_generations=2)))  # one epoch
+    options = MethodOptions(num_generations=2, sftc_fraction=0.34, onpolicy_fraction=1.0)
+    summary = train(reliability_config(text_data, tmp_path, method=method, steps=12, grad_accum=1,
+                                       options=options))  # one epoch
     assert summary["steps"] == 12 and summary["skipped_records"] == 1
     assert (f"train.jsonl:{BAD + 1}: image file is truncated (skipped)"
             in capsys.readouterr().err)

@@ -677,7 +677,10 @@ class Run:
             return idx, _to(batch, self.state.device), counters
         counters = {}
         if stage.onpolicy_fraction > 0:
-            records, sampled = self.onpolicy_negatives(records, stage.onpolicy_fraction, (step, micro))
+            # A record whose prompt fails to collate is replaced before any is drawn for sampling.
+            idx, _ = self.collate(idx, records, "sft", self.collator.generation_inputs)
+            records, sampled = self.onpolicy_negatives([self.records[i] for i in idx], stage.onpolicy_fraction,
+                                                       (step, micro))
             counters["onpolicy/negatives"] = sampled
         idx, batch = self.collate(idx, records, stage.mode)
         return idx, _to(batch, self.state.device), counters
