@@ -4,9 +4,12 @@ and is the same on both ranks. Under DDP the head is a replica whose gradient DD
 it is partitioned, gathered for prefopt's op in forward and again in backward. One case each (tiny Llama,
 explicit reference, 3 steps, one pair per rank): the launch costs most of the time.
 
-Not covered: FSDP2. accelerate 1.15 enables FSDP only on accelerators: on CPU (``MULTI_CPU``, gloo) it drops
-the ``fsdp_plugin`` that ``TrainingArguments(fsdp=..., fsdp_config=...)`` builds, and the Trainer runs
-plain DDP (``AcceleratorState.__init__``), so FSDP2 cannot be launched here."""
+FSDP2 through the Trainer is not covered: accelerate 1.15 enables FSDP only on accelerators: on CPU
+(``MULTI_CPU``, gloo) it drops the ``fsdp_plugin`` that ``TrainingArguments(fsdp=..., fsdp_config=...)``
+builds, and the Trainer runs plain DDP (``AcceleratorState.__init__``). accelerate's FSDP2 layout puts the
+head in a group that is already unsharded when the head reads it; the one case where prefopt's head reads a
+sharded (DTensor) weight, the untied head in its own ``fully_shard`` group, is tested with torch's
+``fully_shard`` directly: the head's gradient must be every rank's, averaged as FSDP averages."""
 import contextlib
 import json
 import os
@@ -106,5 +109,70 @@ def test_two_processes_match_stock_trl(mode, tmp_path):
     assert float((our_head - stock_head).norm()) <= 1e-5 * float(update.norm())
 
 
+def fsdp2_worker(out_dir):
+    """Tiny Llama with an untied head in its own FSDP2 group; prefopt's head reads that weight sharded. Rank
+    0 writes the log-probs and the head's gradient (times the world size: FSDP averages over ranks) next
+    to those of one process over every rank's rows."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from prefopt.integrations.trl import add_prefopt_lm_head
+    from prefopt.train.models import build_model
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ids = torch.randint(5, 200, (world, 2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :, :3] = -100
+
+    def run(sharded):
+        model = build_model("tiny-llama", seed=0)[0].hf_model
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        add_prefopt_lm_head(model, outputs=("log_probs",))
+        x, y = ids.reshape(-1, 9), labels.reshape(-1, 9)
+        if sharded:
+            mesh = init_device_mesh("cpu", (world,))
+            for module in (*model.model.layers, model.lm_head, model):
+                fully_shard(module, mesh=mesh)
+            x, y = ids[rank], labels[rank]
+        out = model(input_ids=x, labels=y, fused_lm_head=True)
+        (-out.log_probs.sum() / ids[..., 0].numel()).backward()
+        grad = model.lm_head.weight.grad
+        if sharded:
+            assert type(model.lm_head.weight).__name__ == "DTensor"
+            grad = grad.full_tensor() * world
+        return out.log_probs.detach(), grad
+
+    one_logp, one_grad = run(False)
+    logp, grad = run(True)
+    if rank == 0:
+        torch.save({"logp": logp, "one_logp": one_logp.reshape(world, 2, -1)[rank], "grad": grad,
+                    "one_grad": one_grad}, os.path.join(out_dir, "fsdp2.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_head_gets_the_gradient_of_every_rank(tmp_path):
+    import torch
+
+    from prefopt.train.distributed import _free_port as free_port
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), os.path.abspath(__file__), "fsdp2", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    r = torch.load(tmp_path / "fsdp2.pt", weights_only=True)
+    torch.testing.assert_close(r["logp"], r["one_logp"], rtol=1e-5, atol=1e-6)
+    assert float((r["grad"] - r["one_grad"]).norm()) <= 1e-5 * float(r["one_grad"].norm())
+
+
 if __name__ == "__main__":
-    worker(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "fsdp2":
+        fsdp2_worker(sys.argv[2])
+    else:
+        worker(sys.argv[1], sys.argv[2])

@@ -57,6 +57,18 @@ def _head_stats(hidden, weight, bias, *, targets, temperature, softcap, backend,
     return stats.logp, stats.entropy, stats.mean_logit, stats.top1
 
 
+def _gathered_fsdp2(param):
+    """The full value of an FSDP2-sharded parameter (a DTensor, or None), read outside its FSDP group's
+    forward, so FSDP will not reduce its gradient: each rank's gradient comes from its own batch, and is
+    averaged over ranks here (``Partial("avg")``, FSDP's own reduction), where TRL's ``full_tensor()``
+    keeps each rank's shard of its own batch's gradient only."""
+    if not hasattr(param, "full_tensor"):
+        return param
+    from torch.distributed.tensor import Partial
+
+    return param.full_tensor(grad_placements=[Partial("avg")] * param.device_mesh.ndim)
+
+
 def _zero3_enabled() -> bool:
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
@@ -108,7 +120,7 @@ def add_prefopt_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: b
     Like TRL's, it wraps the model's current ``forward``: add it before accelerate or PEFT wrap the model
     (the trainers below have TRL add it where TRL adds its own). Under DeepSpeed ZeRO-3 the head's weight
     is gathered for the op with TRL's ``maybe_gather_lm_head_ctx`` (forward and backward); an FSDP2
-    (DTensor) head with ``full_tensor()``, as TRL's own head does.
+    (DTensor) head with its gradient averaged over ranks (:func:`_gathered_fsdp2`).
 
     prefopt's own additions (nSFT): ``fused_lm_head="hidden"`` returns the scored positions' final hidden
     states; ``prefopt_ref_hidden`` (those of the reference) with ``prefopt_ref_head`` (its ``(weight,
@@ -142,8 +154,7 @@ def add_prefopt_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: b
         head = self.get_output_embeddings()
         weight, bias = head.weight, head.bias
         if hasattr(weight, "full_tensor"):  # FSDP2 shards parameters as DTensors
-            weight = weight.full_tensor()
-            bias = bias.full_tensor() if bias is not None else None
+            weight, bias = (_gathered_fsdp2(p) for p in (weight, bias))
         hidden, targets = hidden.to(weight.device), targets.to(weight.device)
         autocast = nullcontext()
         if cast_lm_head_to_fp32:
