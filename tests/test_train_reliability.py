@@ -24,6 +24,7 @@ pytest.importorskip("safetensors")
 from prefopt.train import checkpoint as ckpt  # noqa: E402
 from prefopt.train.cli import main  # noqa: E402
 from prefopt.train.distributed import _free_port as free_port  # noqa: E402
+from prefopt.train.interrupts import SKIPPED_FILE  # noqa: E402
 from prefopt.train.loop import METRICS_FILE, DataPlan, TrainConfig, prepare, train  # noqa: E402
 from prefopt.train.methods import MethodOptions  # noqa: E402
 
@@ -624,17 +625,27 @@ def test_a_failure_after_the_optimizer_step_writes_no_mislabelled_checkpoint(tmp
 # seed 0): rank 0's forward of that micro-batch succeeded and expects its backward (DDP's reducer is armed).
 BAD_RANK1 = DataPlan(24, 1, 2, 2, 0).indices(2, 1, 1)[0]
 
-# Runs prefopt train with the objective's forward patched (argv[1] numbers, comma-separated; argv[2] how):
-# "fails" raises for those records; "known" marks them unusable from the start instead; "broken" raises for
-# every forward on rank 1 once it has trained argv[1] micro-batches (an error that is not the data's).
+# Runs prefopt train with the objective's forward patched (argv[1] record numbers, comma-separated; argv[2]
+# how): "fails" raises in the forward of those records, or, for a number written cN, in the collation of
+# record N once training has started; "known" marks them unusable from the start instead; "broken" raises
+# for every forward on rank 1 once it has trained argv[1] micro-batches (an error that is not the data's).
 FAILING_RECORD_PROGRAM = """
 import os, sys
 import torch
 from prefopt.train import loop
 from prefopt.train.cli import main
+from prefopt.train.data import PreferenceCollator, load_records
 from prefopt.train.methods import PolicyObjective
-numbers, how = [int(n) for n in sys.argv[1].split(",")], sys.argv[2]
-real_forward, real_init, trained = PolicyObjective.forward, loop.Run.__init__, []
+names, how = sys.argv[1].split(","), sys.argv[2]
+numbers = [int(n) for n in names if not n.startswith("c")]
+collated = [int(n[1:]) for n in names if n.startswith("c")]
+real_forward, real_init, real_features, trained = PolicyObjective.forward, loop.Run.__init__, PreferenceCollator._features, []
+texts = [(r.prompt, r.chosen) for r in load_records(sys.argv[sys.argv.index("--data") + 1])]
+def features(self, text, images, where):
+    if how == "fails" and trained and any(all(t in text for t in texts[i]) for i in collated):
+        raise OSError("image file is truncated")
+    return real_features(self, text, images, where)
+PreferenceCollator._features = features
 def forward(self, batch, stage=None, num_items=None, indices=None):
     if stage is not None and how == "fails" and set(numbers) & set(indices):
         raise ValueError("the model cannot take this record")
@@ -645,7 +656,7 @@ def forward(self, batch, stage=None, num_items=None, indices=None):
     return real_forward(self, batch, stage=stage, num_items=num_items, indices=indices)
 def known(self, *args, **kw):
     real_init(self, *args, **kw)
-    self.unusable.update(numbers)
+    self.unusable.update(numbers + collated)
 PolicyObjective.forward = forward
 if how == "known":
     loop.Run.__init__ = known
@@ -673,20 +684,29 @@ def two_rank_dpo(data, out, *extra):
                     *extra)
 
 
+# Rank 0's record of step 3's first micro-batch, failing to collate.
+BAD_COLLATE = DataPlan(24, 1, 2, 2, 0).indices(2, 0, 0)[0]
+
+
 def test_a_record_failing_inside_a_step_on_one_rank_is_skipped_by_every_rank(tmp_path, text_data):
     """DDP: rank 1's forward raises for a record; the ranks agree before any backward, rank 1 reports the
-    record, both redo the step with its replacement, and the run is the one that never used the record."""
-    (code0, err0), (code1, err1) = launch_ranks([str(BAD_RANK1), "fails"],
+    record, both redo the step with its replacement. In the same step a record fails to collate on rank 0,
+    which reports and replaces it. Both are listed for a resume, and the run is the one that never used
+    either record."""
+    bad = f"{BAD_RANK1},c{BAD_COLLATE}"
+    (code0, err0), (code1, err1) = launch_ranks([bad, "fails"],
                                                 two_rank_dpo(text_data, tmp_path / "failing", "--steps", "4"))
     assert code0 == code1 == 0, err0[-3000:] + err1[-3000:]
-    line = (f"{os.path.join(text_data, 'train.jsonl')}:{BAD_RANK1 + 1}: fails inside a training step "
-            f"(ValueError: the model cannot take this record) (skipped)")
-    assert [ln for ln in err1.splitlines() if "fails inside a training step" in ln] == [line]
-    assert "fails inside a training step" not in err0 and "Traceback" not in err0 + err1
-    saved = json.loads((tmp_path / "failing" / "checkpoint-4" / ckpt.STATE_FILE).read_text())
-    assert saved["unusable_records"] == [BAD_RANK1]
+    data = os.path.join(text_data, "train.jsonl")
+    line = (f"{data}:{BAD_RANK1 + 1}: fails inside a training step (ValueError: the model cannot take this record) "
+            "(skipped)")
+    assert [ln for ln in err1.splitlines() if ln.startswith(data)] == [line]
+    assert [ln for ln in err0.splitlines() if ln.startswith(data)] == [
+        f"{data}:{BAD_COLLATE + 1}: image file is truncated (skipped)"]
+    assert "Traceback" not in err0 + err1
+    assert json.loads((tmp_path / "failing" / SKIPPED_FILE).read_text())["records"] == sorted([BAD_RANK1, BAD_COLLATE])
 
-    known = launch_ranks([str(BAD_RANK1), "known"], two_rank_dpo(text_data, tmp_path / "known", "--steps", "4"))
+    known = launch_ranks([bad, "known"], two_rank_dpo(text_data, tmp_path / "known", "--steps", "4"))
     assert [code for code, _ in known] == [0, 0], known[0][1][-3000:]
     assert_same_run(tmp_path / "failing", tmp_path / "known")
 
@@ -698,36 +718,40 @@ def test_an_error_of_one_ranks_forward_stops_every_rank_with_a_checkpoint(tmp_pa
     (code0, err0), (code1, err1) = launch_ranks(["4", "broken"], two_rank_dpo(text_data, out, "--steps", "6",
                                                                               "--save-every", "10"))
     assert (code0, code1) == (1, 1), err0[-3000:] + err1[-3000:]
-    assert err1.strip().splitlines()[-1] == "prefopt train: error: the model is broken"
+    assert err1.strip().splitlines()[-1] == "prefopt train: error: rank 1: the model is broken"
     assert err0.strip().splitlines()[-2:] == [
         f"prefopt train: the run failed after step 2; the steps trained so far are in {out / 'checkpoint-2'} "
         "(continue with --resume)",
-        "prefopt train: error: rank 1 failed in a training step (its error is on its stderr)"]
+        "prefopt train: error: rank 0: rank 1 failed in a training step (its error is on its stderr)"]
     assert ckpt.latest_checkpoint(str(out)).endswith("checkpoint-2")
 
 
-# Rank 0's record of step 2's first micro-batch: under DeepSpeed that step is redone in place.
+# Under DeepSpeed: rank 0's record of step 2's first micro-batch (that step is redone in place), and rank 1's
+# of step 1's second micro-batch (the run stops before its first checkpoint).
 BAD_RANK0 = DataPlan(24, 1, 2, 2, 0).indices(1, 0, 0)[0]
+BAD_STEP1 = DataPlan(24, 1, 2, 2, 0).indices(0, 1, 1)[0]
 
 
-def test_under_deepspeed_a_failing_record_is_skipped_in_place_or_by_resuming(tmp_path, text_data):
+def test_under_deepspeed_a_failing_record_is_skipped_in_place_or_by_running_again(tmp_path, text_data):
     """ZeRO-2: a record failing in a step's first micro-batch is skipped and the step redone in place; one
     failing after a micro-batch backpropagated (its gradients are in DeepSpeed's partitions) stops both
-    ranks with a checkpoint that knows the record, and --resume continues without it: the numbers of the
-    run that never used either record."""
+    ranks, here before the first checkpoint, and the record is listed in OUT/skipped_records.json: the
+    same command again starts the run over without it, to the numbers of the run that never used either
+    record."""
     pytest.importorskip("deepspeed")
-    bad = f"{BAD_RANK0},{BAD_RANK1}"
+    bad = f"{BAD_RANK0},{BAD_STEP1}"
     args = two_rank_dpo(text_data, tmp_path / "failing", "--steps", "4", "--deepspeed", "zero2")
     (code0, err0), (code1, err1) = launch_ranks([bad, "fails"], args)
     assert (code0, code1) == (1, 1), err0[-3000:] + err1[-3000:]
-    assert f"train.jsonl:{BAD_RANK0 + 1}: fails inside a training step" in err0
-    assert f"train.jsonl:{BAD_RANK1 + 1}: fails inside a training step" in err1
-    assert err0.strip().splitlines()[-1] == ("prefopt train: error: a record failed inside step 3 after a micro-batch "
-                                             "of it backpropagated; under DeepSpeed the step cannot be redone in place")
-    saved = json.loads((tmp_path / "failing" / "checkpoint-2" / ckpt.STATE_FILE).read_text())
-    assert saved["unusable_records"] == sorted([BAD_RANK0, BAD_RANK1])
-    (code0, err0), (code1, err1) = launch_ranks([bad, "fails"], [*args, "--resume"])
+    assert f"train.jsonl:{BAD_STEP1 + 1}: fails inside a training step" in err1
+    assert err0.strip().splitlines()[-1].startswith(
+        "prefopt train: error: rank 0: a record failed inside step 1 after a micro-batch of it backpropagated")
+    assert ckpt.latest_checkpoint(str(tmp_path / "failing")) is None
+    assert json.loads((tmp_path / "failing" / SKIPPED_FILE).read_text())["records"] == [BAD_STEP1]
+    (code0, err0), (code1, err1) = launch_ranks([bad, "fails"], args)
     assert (code0, code1) == (0, 0), err0[-3000:] + err1[-3000:]
+    assert f"train.jsonl:{BAD_RANK0 + 1}: fails inside a training step" in err0
+    assert "1 records that failed inside a step before are skipped" in err0
 
     known = launch_ranks([bad, "known"], two_rank_dpo(text_data, tmp_path / "known", "--steps", "4",
                                                       "--deepspeed", "zero2"))

@@ -328,6 +328,11 @@ def trainable_state(module: torch.nn.Module, state: DistState, everywhere: bool 
     return out
 
 
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename (never half written)."""
+    _write_text_atomic(path, json.dumps(obj, indent=1))
+
+
 def _write_text_atomic(path: str, text: str) -> None:
     tmp = path + ".tmp"
     try:
@@ -492,5 +497,5 @@ def _load_checkpoint(path: str, *, engine, state: DistState) -> Dict[str, Any]:
     return trainer_state
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoints", "verify", "read_trainer_state",
+__all__ = ["save_checkpoint", "write_json_atomic", "load_checkpoint", "latest_checkpoint", "checkpoints", "verify", "read_trainer_state",
            "trainable_state", "rng_state", "set_rng_state", "CheckpointError"]

@@ -359,6 +359,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _train(args, argv: List[str]) -> int:
+    import torch
+
     from .checkpoint import CheckpointError, os_error_line
     from .interrupts import Interrupted
     from .loop import prepare
@@ -395,13 +397,16 @@ def _train(args, argv: List[str]) -> int:
             print(f"prefopt train: stopped by {signal.Signals(e.signum).name} at step {e.step}/{e.total}; checkpoint "
                   f"{e.checkpoint}; resume with: {resume_command(argv, cfg.out)}", file=sys.stderr, flush=True)
         return 128 + e.signum
-    except (CheckpointError, OSError, ValueError, RankFailed, StepNotRedone) as e:
+    except (CheckpointError, OSError, ValueError, RankFailed, StepNotRedone, MemoryError, torch.OutOfMemoryError) as e:
         message = os_error_line(e, cfg.out) if isinstance(e, OSError) else first_line(e)
-        print(f"prefopt train: error: {message}", file=sys.stderr, flush=True)
+        if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+            message = f"out of memory ({message})"
+        rank = f"rank {run.state.rank}: " if run.state.distributed else ""
+        print(f"prefopt train: error: {rank}{message}", file=sys.stderr, flush=True)
         return 1
     except RuntimeError as e:  # a collective that failed: another rank hung (--dist-timeout) or died
-        if not run.state.distributed or run.failure_agreed:  # not a collective: this rank's own error
-            raise
+        if not run.state.distributed or run.failure_agreed:
+            raise  # this rank's own error
         first = first_line(e)
         print(f"prefopt train: error: rank {run.state.rank}: a collective failed, another rank hung past "
               f"--dist-timeout {cfg.dist_timeout:g} s or died ({first})", file=sys.stderr, flush=True)

@@ -41,7 +41,7 @@ from . import distributed as dist
 from . import reference as ref_mod
 from .data import DataProblems
 from .errors import RankFailed, StepNotRedone, first_line
-from .interrupts import Cadence, Interrupted, StopSignals, at_boundary, stale_run_files
+from .interrupts import SKIPPED_FILE, Cadence, Interrupted, StopSignals, at_boundary, stale_run_files
 from .methods import METHODS, MethodOptions, PolicyObjective, Stage, build_method
 from .probes import LogpProbe, ProbeResult, should_stop
 
@@ -383,7 +383,30 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
               cfg.reference_mode(method), total, resume_state)
     run.identity, run.problems = identity, problems
     run.eval_records = eval_records
+    known = read_skipped_records(cfg.out, identity["data_fingerprint"], len(records))
+    run.unusable.update(known)
+    for i in sorted(known):
+        problems.lines.append(f"{records[i].where or f'record {i}'}: failed inside a step of this run before")
+    if known and state.is_main:
+        print(f"prefopt train: note: {len(known)} records that failed inside a step before are skipped "
+              f"(listed in {os.path.join(cfg.out, SKIPPED_FILE)})", file=sys.stderr, flush=True)
     return run
+
+
+def read_skipped_records(out: str, data_fingerprint: str, n: int) -> set:
+    """The record indices ``OUT/skipped_records.json`` lists, when it was written for this data."""
+    path = os.path.join(out, SKIPPED_FILE)
+    if not os.path.isfile(path):
+        return set()
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        indices = saved["records"] if saved["data_fingerprint"] == data_fingerprint else []
+        if not all(isinstance(i, int) and 0 <= i < n for i in indices):
+            raise ValueError("record indices out of range")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable ({first_line(e)}); remove it to start over") from None
+    return set(indices)
 
 
 def collated_mode(stage: Stage) -> str:
@@ -452,8 +475,8 @@ class Run:
         self.identity: Dict[str, Any] = {}  # set by prepare
         self.problems = DataProblems()  # set by prepare
         self.eval_records: list = []  # set by prepare
-        self.unusable: set = set()  # records that failed inside a step (kept in the checkpoints)
-        self.saved_unusable: set = set()
+        self.unusable: set = set()  # records that failed inside a step (every rank's; OUT/skipped_records.json)
+        self.found: Dict[int, str] = {}  # records this rank found failing since the ranks last shared theirs
         self.failure_agreed = False  # every rank is raising the same step's failure together
         # True while the weights hold more than the steps counted so far (from the optimizer step or the
         # reference point's adapter merge until the step is counted): no checkpoint may be written then.
@@ -504,7 +527,6 @@ class Run:
         start_step = 0
         if self.resume_state is not None:
             start_step = self.resume_state["step"]
-            self.unusable = self.saved_unusable = set(self.resume_state.get("unusable_records", []))
             point = self.method.reference_point
             if point is not None and start_step > point:
                 objective.reference = self.make_reference(point, start_step)
@@ -575,18 +597,16 @@ class Run:
     @contextlib.contextmanager
     def checkpoint_on_failure(self, trained, probe: LogpProbe):
         """An exception first checkpoints the steps trained since the last checkpoint (``trained()`` of
-        them) and the records found failing since; in more than one process only a failure every rank
-        raises together (:meth:`skip_failing_records`), since the others would wait alone in the
-        checkpoint's collectives. Not when the weights are already past that count (the failure came
-        after an optimizer step or the reference point's merge): such a checkpoint would resume to other
-        numbers, so the last one stands."""
+        them); in more than one process only a failure every rank raises together
+        (:meth:`skip_failing_records`), since the others would wait alone in the checkpoint's collectives.
+        Not when the weights are already past that count (the failure came after an optimizer step or the
+        reference point's merge): such a checkpoint would resume to other numbers, so the last one stands."""
         try:
             yield
         except Exception as e:
             step = trained()
             if not ((self.state.distributed and not self.failure_agreed) or self.ahead_of_count
-                    or (step <= self.saved_step and self.unusable == self.saved_unusable)
-                    or isinstance(e, ckpt.CheckpointError)):
+                    or step <= self.saved_step or isinstance(e, ckpt.CheckpointError)):
                 try:
                     self.save(step, probe)
                     if self.state.is_main:
@@ -594,8 +614,11 @@ class Run:
                               f"{self.checkpoint_path} (continue with --resume)", file=sys.stderr, flush=True)
                 except Exception as failed:
                     print(f"prefopt train: could not checkpoint step {step}: {failed}", file=sys.stderr, flush=True)
-            if self.failure_agreed:
-                dist.teardown(self.state)  # every rank is here: leave the process group together
+            if self.failure_agreed:  # every rank is here: leave the process group together
+                try:
+                    dist.teardown(self.state)
+                except Exception:  # a peer already gone: the error being raised is the one to report
+                    pass
             raise
 
     # ---------------------------------------------------------------------------------------- pieces
@@ -677,31 +700,39 @@ class Run:
             return idx, _to(batch, self.state.device), counters
         counters = {}
         if stage.onpolicy_fraction > 0:
-            # A record whose prompt fails to collate is replaced before any is drawn for sampling.
-            idx, _ = self.collate(idx, records, "sft", self.collator.generation_inputs)
-            records, sampled = self.onpolicy_negatives([self.records[i] for i in idx], stage.onpolicy_fraction,
-                                                       (step, micro))
+            idx, records, sampled = self.onpolicy_negatives(idx, records, stage.onpolicy_fraction, (step, micro))
             counters["onpolicy/negatives"] = sampled
         idx, batch = self.collate(idx, records, stage.mode)
         return idx, _to(batch, self.state.device), counters
 
     def collate(self, idx: List[int], records, mode: str, build=None) -> Tuple[List[int], Dict[str, torch.Tensor]]:
-        """Collate ``records`` in ``mode`` (or ``build(records)``: GRPO's prompts); one that fails although
-        the up-front check passed it is reported (``FILE:LINE: reason``), never used again, and replaced by
-        the next usable record, so every rank keeps its batch size and no collective waits for a rank that
-        skipped."""
+        """Collate ``records`` in ``mode`` (or ``build(records)``: prompts to sample from); a record that
+        fails although the up-front check passed it is replaced by the next usable record, so every rank
+        keeps its batch size and no collective waits for a rank that skipped. The ranks share what they
+        found at the start of the step's training (:meth:`share_found_records`)."""
         try:
             return idx, self.collator(records, mode=mode) if build is None else build(records)
         except Exception:
-            failed = [i for i, r in zip(idx, records)
-                      if i in self.unusable or _skip_record(self.collator, r, [mode], self.problems)]
+            failed = {i: self.collate_problem(r, mode, build) for i, r in zip(idx, records) if i not in self.unusable}
+            failed = {i: reason for i, reason in failed.items() if reason is not None}
             if not failed:
                 raise
+            self.found.update(failed)
             self.unusable.update(failed)
             if len(self.unusable) == len(self.records):
                 raise ValueError(f"--data {self.cfg.data}: no usable training records left") from None
             idx = self.usable(idx)
             return self.collate(idx, [self.records[i] for i in idx], mode, build)
+
+    def collate_problem(self, record, mode: str, build=None) -> Optional[str]:
+        """Why ``record`` alone cannot be collated in ``mode`` (or by ``build``), or None."""
+        if build is None:
+            return self.collator.check_record(record, [mode])
+        try:
+            build([record])
+        except Exception as e:  # the processor's own errors come in many types
+            return first_line(e)
+        return None
 
     def usable(self, idx: List[int], unusable: Optional[set] = None) -> List[int]:
         """``idx`` with each unusable record (default :attr:`unusable`) replaced by the next usable one (in
@@ -709,16 +740,43 @@ class Run:
         n, unusable = len(self.records), self.unusable if unusable is None else unusable
         return [next((i + k) % n for k in range(n) if (i + k) % n not in unusable) for i in idx]
 
+    def share_found_records(self) -> None:
+        """Every rank's records found failing since the last call (:attr:`found`), to every rank: each is
+        reported (``FILE:LINE: reason``, by the rank that found it; under ``--strict-data`` every rank
+        raises here), counted, never used again, and rank 0 lists them in ``OUT/skipped_records.json``
+        for a restart or a resume. Every rank calls this at the same points."""
+        state = self.state
+        found, self.found = self.found, {}
+        union = sorted({i for part in dist.all_gather_ints(sorted(found), state) for i in part})
+        if not union:
+            return
+        self.failure_agreed = True  # --strict-data raises on every rank here
+        for i in union:
+            where = self.records[i].where or f"record {i}"
+            if i in found:
+                self.problems(where, found[i], echo=True)
+            else:
+                self.problems(where, "failed on another rank (reported there)", echo=False)
+        self.failure_agreed = False
+        self.unusable.update(union)
+        if state.is_main:
+            path = os.path.join(self.cfg.out, SKIPPED_FILE)
+            try:
+                ckpt.write_json_atomic(path, {"data_fingerprint": self.identity["data_fingerprint"],
+                                              "records": sorted(self.unusable)})
+            except OSError as e:
+                print(f"prefopt train: warning: {ckpt.os_error_line(e, path)}; a resume may meet these records "
+                      "again", file=sys.stderr, flush=True)
+
     def forward(self, batch, stage: Stage, num_items: Optional[int], idx: List[int]):
-        """(the objective's output, None), or (None, the error) when this micro-batch's forward raised, here
-        or on another rank (:class:`RankFailed`). In more than one process every rank all-reduces a failure
-        flag after its forward, before any backward, so no rank enters the backward's collectives alone;
-        not under ZeRO-3, whose forward is itself collective (a failure there ends the run)."""
+        """(the objective's output, None), or (output or None, the error) when this micro-batch's forward
+        raised here (out of memory included) or on another rank (:class:`RankFailed`). In more than one
+        process every rank all-reduces a failure flag after its forward, before any backward, so no rank
+        enters the backward's collectives alone; not under ZeRO-3, whose forward is itself collective (a
+        failure there ends the run)."""
         out, failure = None, None
         try:
             out = self.engine(batch, stage=stage, num_items=num_items, indices=idx)
-        except (torch.OutOfMemoryError, MemoryError):
-            raise
         except Exception as e:
             failure = e
         if self.state.distributed and self.state.zero_stage != 3:
@@ -730,42 +788,40 @@ class Run:
     def skip_failing_records(self, failure: Exception, idx: List[int], stage: Stage, step: int,
                              first_micro_batch: bool) -> None:
         """After a micro-batch's forward (in one process, also its backward) raised, here or on another rank:
-        each rank finds the records of its ``idx`` that fail alone (collated and run forward one by one,
-        under ``no_grad``, on the unwrapped module); they are reported (``FILE:LINE: reason``, by the rank
-        that found them), every rank stops using them, the step's gradients are dropped and the caller
+        each rank finds the records of its ``idx`` that fail alone (:meth:`records_failing_alone`); the
+        ranks share them (:meth:`share_found_records`), the step's gradients are dropped and the caller
         redoes the step with their replacements.
 
         Raises instead, on every rank together (so each can checkpoint the steps trained so far): when on
-        some rank the failure is not the data's (no record fails alone, or every one does and so does the
-        record that would replace them), for GRPO (its rows are sampled answers, not records), with
-        ``--strict-data``, and under DeepSpeed once a micro-batch of the step has backpropagated (its
-        gradients are inside DeepSpeed's partitions): then the checkpoint holds the skipped records and
-        ``--resume`` continues without them. Under ZeRO-3 the failing rank raises alone."""
+        some rank the failure is not the data's (out of memory; no record fails alone; or every one does
+        and so does the record that would replace them), for GRPO (its rows are sampled answers, not
+        records), with ``--strict-data``, and under DeepSpeed once a micro-batch of the step has
+        backpropagated (its gradients are inside DeepSpeed's partitions; ``--resume`` continues without the
+        records). Under ZeRO-3 the failing rank raises alone."""
         state = self.state
         if state.zero_stage == 3:
             raise failure
-        found = None if isinstance(failure, RankFailed) else self.records_failing_alone(idx, stage)
-        (not_data,) = dist.all_reduce([float(found is None and not isinstance(failure, RankFailed))], state, op="max")
-        self.failure_agreed = True  # from here every rank raises or redoes the step together
-        if not_data:
+        found = None
+        if not isinstance(failure, (RankFailed, torch.OutOfMemoryError, MemoryError)):
+            try:
+                found = self.records_failing_alone(idx, stage)
+            except (torch.OutOfMemoryError, MemoryError):
+                found = None
+        if dist.ranks_with(found is None and not isinstance(failure, RankFailed), state):
+            self.failure_agreed = True
             raise failure
-        for rank, indices in enumerate(dist.all_gather_ints(sorted(found or ()), state)):
-            for i in indices:
-                where = self.records[i].where or f"record {i}"
-                if i in (found or {}) and rank == state.rank:
-                    self.problems(where, f"fails inside a training step ({found[i]})", echo=True)
-                else:
-                    self.problems(where, f"fails inside a training step on rank {rank}", echo=False)
-                self.unusable.add(i)
+        self.found.update({i: f"fails inside a training step ({reason})" for i, reason in (found or {}).items()})
+        self.share_found_records()
         if state.backend == "deepspeed" and not first_micro_batch:
-            raise StepNotRedone(f"a record failed inside step {step + 1} after a micro-batch of it backpropagated; "
-                                f"under DeepSpeed the step cannot be redone in place")
+            self.failure_agreed = True
+            raise StepNotRedone(f"a record failed inside step {step + 1} after a micro-batch of it backpropagated, "
+                                f"and under DeepSpeed the step cannot be redone in place; a resume or a restart "
+                                f"of this run skips it ({os.path.join(self.cfg.out, SKIPPED_FILE)})")
         self.engine.drop_gradients()
-        self.failure_agreed = False
 
     def records_failing_alone(self, idx: List[int], stage: Stage) -> Optional[Dict[int, str]]:
-        """The records of ``idx`` that fail alone, each with its reason, and never used again; None when the
-        failure is not the data's."""
+        """The records of ``idx`` that fail alone (collated and run forward one by one, under ``no_grad``,
+        on the unwrapped module), each with its reason; None when the failure is not the data's."""
         if stage.mode == "grpo":
             return None
 
@@ -828,33 +884,49 @@ class Run:
         return batch, counters
 
     @torch.no_grad()
-    def onpolicy_negatives(self, records, fraction: float, key) -> Tuple[list, int]:
+    def onpolicy_negatives(self, idx: List[int], records, fraction: float, key) -> Tuple[List[int], list, int]:
         """Replace the rejected answer of ``fraction * B`` records (rounded up or down at random, so the
         share is right on average; which records is drawn from ``(seed, step, micro, rank)``) with an
         answer sampled from the current policy; a sample that is empty or equals the chosen answer keeps
-        the dataset negative. Every rank samples the same number of prompts (ZeRO-3 generation is
-        collective)."""
+        the dataset negative. A drawn record whose prompt fails to collate is replaced (:meth:`collate`).
+        Returns (indices, records, number sampled). Every rank samples the same number of prompts (ZeRO-3
+        generation is collective)."""
         k = int(fraction * len(records) + random.Random(repr((self.cfg.seed, *key))).random())
         if k == 0:
-            return records, 0
+            return idx, records, 0
         rng = random.Random(repr((self.cfg.seed, *key, self.state.rank)))
         picks = sorted(rng.sample(range(len(records)), k))
-        texts = self.sample_answers([records[i] for i in picks], 1)
-        records, sampled = list(records), 0
-        for i, text in zip(picks, texts):
-            if text and text != records[i].chosen.strip():
-                records[i] = dataclasses.replace(records[i], rejected=text)
+        picked, prompts = self.collate([idx[p] for p in picks], [records[p] for p in picks], "sft",
+                                       self.collator.generation_inputs)
+        idx, records, sampled = list(idx), list(records), 0
+        for p, i in zip(picks, picked):
+            if i != idx[p]:  # its prompt failed to collate: replaced
+                idx[p], records[p] = i, self.records[i]
+        texts = self.sample_answers([records[p] for p in picks], 1, prompts)
+        for p, text in zip(picks, texts):
+            if text and text != records[p].chosen.strip():
+                records[p] = dataclasses.replace(records[p], rejected=text)
                 sampled += 1
-        return records, sampled
+        return idx, records, sampled
 
     def train_step(self, step: int, stage: Stage) -> Dict[str, Any]:
         """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics (all ranks).
-        A micro-batch whose forward raises because of a record is redone without it (:meth:`skip_failing_records`);
-        in more than one process the ranks first agree, before any backward, whether a forward failed."""
+        A micro-batch whose forward raises because of a record is redone without it, from the same
+        generator state (:meth:`skip_failing_records`); in more than one process the ranks first agree,
+        before any backward, whether a forward failed."""
+        started = ckpt.rng_state()  # a step redone without a failing record draws as the first try did
+        while True:
+            metrics = self.try_step(step, stage)
+            if metrics is not None:
+                return metrics
+            ckpt.set_rng_state(started)
+
+    def try_step(self, step: int, stage: Stage) -> Optional[Dict[str, Any]]:
+        """:meth:`train_step`'s one try: its metrics, or None when it must be redone."""
         cfg, state, engine = self.cfg, self.state, self.engine
         t0 = time.perf_counter()
-        started = ckpt.rng_state()  # a step redone without a failing record draws as the first try did
         micro = [self.micro_batch(step, a, stage) for a in range(cfg.grad_accum)]
+        self.share_found_records()  # records that failed to collate on any rank
         # The whole global batch's size in the loss's unit (pairs or tokens): every micro-batch loss is
         # divided by it, so the accumulated gradient is that of one big batch.
         local_items = [count_items(stage.loss, batch["labels"]) for _, batch, _ in micro]
@@ -876,17 +948,14 @@ class Run:
                     share = out.loss / len(micro) if per_call else out.loss * state.world_size
                     try:
                         engine.backward(share)
-                    except (torch.OutOfMemoryError, MemoryError):
-                        raise
                     except Exception as e:
                         if state.distributed:  # the other ranks are inside this backward's collectives
                             raise
                         failure = e
             if failure is not None:
-                out = share = None
+                out = None  # the failed try's graph goes before the records are run alone
                 self.skip_failing_records(failure, idx, stage, step, first_micro_batch=a == 0)
-                ckpt.set_rng_state(started)
-                return self.train_step(step, stage)
+                return None
             if not last:
                 engine.micro_step()
             loss_sum += float(share.detach()) / state.world_size
@@ -927,9 +996,8 @@ class Run:
         path = ckpt.save_checkpoint(self.cfg.out, step, engine=self.engine, state=self.state,
                                     keep=self.cfg.keep_checkpoints, rng=self.boundary_rng,
                                     trainer_state={"total_steps": self.total_steps, "probe_start": start,
-                                                   "config": asdict(self.cfg), "identity": self.identity,
-                                                   "unusable_records": sorted(self.unusable)})
-        self.checkpoint_path, self.saved_step, self.saved_unusable = path, step, set(self.unusable)
+                                                   "config": asdict(self.cfg), "identity": self.identity})
+        self.checkpoint_path, self.saved_step = path, step
 
     def export_model(self) -> Optional[str]:
         """Rank 0 writes the final checkpoint's model as a Hugging Face folder ``OUT/model/`` (replacing
