@@ -27,6 +27,9 @@ def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
         assert [row["step"] for row in r["curve"]] == [0, 1, 2]
         assert os.path.isfile(os.path.join(r["run"], "model", "model.safetensors"))
     table = result["table"]
+    # The trained base's shift and probes are from its random init, not from the base: not in its row.
+    assert "eval_pair_accuracy" in table["sft base"] and "eval_kl_shift" in table["dpo"]
+    assert not {"eval_kl_shift", "eval_tv_shift", "probe/delta_logp_chosen"} & set(table["sft base"])
     assert {"eval_pair_accuracy", "eval_hallucination_rate", "eval_ece_pair", "eval_kl_shift"} <= set(table["dpo"])
     assert table["dpo"]["probe/delta_logp_chosen"]["n"] == 1 and table["dpo"]["probe/delta_logp_chosen"]["std"] is None
     study_md = (out / "STUDY.md").read_text(encoding="utf-8")
