@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from prefopt.cli import main as prefopt_main  # noqa: E402
+from prefopt.train.loop import TINY_BASE_LR  # noqa: E402
 from prefopt.train.study import CLAIMS, aggregate, check_claims  # noqa: E402
 
 
@@ -24,6 +25,7 @@ def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
     for r in result["runs"][1:]:
         config = json.loads(open(os.path.join(r["run"], "config.json"), encoding="utf-8").read())
         assert config["init_from"] == base and config["steps"] == 2 and config["batch_size"] == 2
+        assert config["lr"] == TINY_BASE_LR  # a trained base's rate, not its random-weight family's
         assert [row["step"] for row in r["curve"]] == [0, 1, 2]
         assert os.path.isfile(os.path.join(r["run"], "model", "model.safetensors"))
     table = result["table"]

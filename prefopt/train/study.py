@@ -5,7 +5,9 @@
    ceiling (held-out generation accuracy between 0.5 and 0.8, some hallucination: STUDY.md's first column),
    so that a preference stage can show an improvement as well as a loss. ``--base tiny-llava-sft`` takes the
    shipped base (generation accuracy 1.0, no hallucination: from there a method can only keep or lose);
-   ``--base`` also names a model folder or run.
+   ``--base`` also names a model folder or run. The variants from a base trained here run at the trainer's
+   defaults for a trained base, as from tiny-llava-sft (lr 1e-4, CW-DPO's floor -3), not at those of the
+   random-weight family it came from (lr 1e-3, floor -6, which undo a trained model's grounding).
 2. Every variant starts from it (``--init-from``) with the same number of optimizer steps and the same
    records per step, for each seed (the seed sets data order and sampling; the base is shared):
 
@@ -55,6 +57,7 @@ BASE = "sft base"
 TRAIN_BASE = "train"  # --base value: train the SFT base in the study
 PROBE_KEYS = ("probe/delta_logp_chosen", "probe/delta_logp_rejected")
 SHIFT_KEYS = ("eval_tv_shift", "eval_kl_shift")
+TRAINED_CW_FLOOR = -3.0  # FusedCWDPOLoss's default floor: the trainer's CW-DPO floor for a trained base
 
 
 @dataclass
@@ -157,7 +160,7 @@ def run_study(study: StudyConfig) -> Dict[str, Any]:
     from tqdm import tqdm
 
     from .export import quiet_transformers
-    from .loop import train
+    from .loop import TINY_BASE_LR, train
     from .models import TINY_MODELS
 
     unknown = [v for v in study.variants if v not in VARIANTS]
@@ -188,12 +191,18 @@ def run_study(study: StudyConfig) -> Dict[str, Any]:
             runs.append({"variant": BASE, "seed": 0, "run": None, "metrics": evaluate_base(study, base), "curve": []})
         for variant in study.variants:
             method, options = VARIANTS[variant]
+            lr = None
+            if study.base == TRAIN_BASE:
+                # The base keeps its family's defaults (lr 1e-3, CW-DPO floor -6), meant for random weights, which
+                # undo a trained model's grounding; its variants run at a trained base's, as from tiny-llava-sft.
+                lr = TINY_BASE_LR
+                options = {**({"cw_floor": TRAINED_CW_FLOOR} if method == "cw-dpo" else {}), **options}
             for seed in range(study.seeds):
                 bar.set_postfix_str(f"{variant} seed {seed}")
                 run_dir = os.path.join(study.out, "runs", f"{variant}-seed{seed}")
                 summary = train(_train_config(study, method=method, model=base,
                                               init_from=None if base in TINY_MODELS else base, out=run_dir,
-                                              steps=study.steps, seed=seed, options=options))
+                                              steps=study.steps, seed=seed, lr=lr, options=options))
                 runs.append({"variant": variant, "seed": seed, "run": run_dir, "metrics": _scalars(summary),
                              "curve": _curve(run_dir)})
                 bar.update(1)
@@ -317,6 +326,8 @@ def _cell(entry: Optional[Dict[str, Optional[float]]]) -> str:
 
 def markdown(result: Dict[str, Any]) -> str:
     """STUDY.md: conditions, the table (mean ± sample std over seeds), the claims, the plots."""
+    from .loop import TINY_BASE_LR
+
     c, table = result["conditions"], result["table"]
     variants = list(table)
     metrics = sorted({k for v in variants for k in table[v]}, key=lambda k: (not k.startswith("eval_"), k))
@@ -328,8 +339,9 @@ def markdown(result: Dict[str, Any]) -> str:
         f"{c['cpu_count']} CPUs ({c['machine']}), device {c['device']}; {c['wall_seconds'] / 60:.1f} minutes in all.",
         "",
         "Conditions: synthetic visual set" + (f" ({c['train_size']} training records)" if c["train_size"] else "")
-        + "; base: " + (f"SFT of {c['model']} for {c['base_steps']} steps here" if c["base"] == TRAIN_BASE
-                        else c["base_model"]) + "; every variant "
+        + "; base: " + (f"SFT of {c['model']} for {c['base_steps']} steps here (the variants at a trained "
+                        f"base's defaults, as from tiny-llava-sft: lr {TINY_BASE_LR:g}, CW-DPO floor {TRAINED_CW_FLOOR:g})"
+                        if c["base"] == TRAIN_BASE else c["base_model"]) + "; every variant "
         f"{c['steps']} optimizer steps of {c['batch_size']} records from that base, seeds 0..{c['seeds'] - 1}; "
         f"held-out evaluation on {c['eval_size'] if c['eval_size'] is not None else 'all'} records against the "
         "base (shift metrics); probes every " + f"{c['probe_every']} steps on {c['probe_size']} held-out records. "
