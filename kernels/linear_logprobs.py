@@ -107,8 +107,8 @@ def forward_blocks(n: int, vocab: int, hidden_size: int, dtype: torch.dtype, *, 
     From ``tests/aot_compile_kernels.py`` (sm_90, ptxas registers / spill bytes, 8 warps): bf16 128 x 128
     compiles without spills for the plain variant (222 registers), with statistics (255, log sum p^2
     included) and with the reference head (255), but spills with both (388 B) and with the probability
-    tiles (220 B), which keep 64 x 128 (252 and 192 registers, 188 with log sum p^2); fp64 32 x 64 spills (1256 B), 32 x 32 too (36 B) since the
-    infinite-max guards, 16 x 32 does not."""
+    tiles (220 B), which keep 64 x 128 (252 and 192 registers, 188 with log sum p^2); fp64 32 x 64 spills
+    (1256 B), 32 x 32 too (36 B) since the infinite-max guards, 16 x 32 does not."""
     if INTERPRET if interpret is None else interpret:
         return Blocks(_pow2(n, 16, 64), _pow2(vocab, 16, 256), _pow2(hidden_size, 16, 128), 1, 1)
     if dtype == torch.float64:
@@ -234,7 +234,8 @@ def _logits_tile(
 @triton.jit
 def _fwd_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, rh_ptr, rw_ptr, rb_ptr,
-    max_ptr, sum_ptr, tgt_ptr, ez_ptr, zsum_ptr, arg_ptr, sq_ptr, rest_ptr, rmax_ptr, rsum_ptr, rtgt_ptr, ezr_ptr, e_ptr,
+    max_ptr, sum_ptr, tgt_ptr, ez_ptr, zsum_ptr, arg_ptr, sq_ptr, rest_ptr, rmax_ptr, rsum_ptr, rtgt_ptr, ezr_ptr,
+    e_ptr,
     n, v_base, v_stop, K, KR, stride_h, stride_hk, stride_w, stride_wk, stride_rh, stride_rhk, stride_rw, stride_rwk,
     stride_e, tiles_per_split, num_splits,
     inv_temp, softcap, inv_softcap,
@@ -453,8 +454,8 @@ def _launch(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, par
         hidden, weight, bias if bias is not None else dummy, targets,
         ref_hidden if want_ref else dummy, ref_weight if want_ref else dummy,
         ref_bias if ref_bias is not None else dummy,
-        ptr("max"), ptr("sum"), ptr("tgt"), ptr("ez"), ptr("zsum"), ptr("arg"), ptr("sq"), ptr("rest"), ptr("rmax"), ptr("rsum"),
-        ptr("rtgt"), ptr("ezr"), e if e is not None else dummy,
+        ptr("max"), ptr("sum"), ptr("tgt"), ptr("ez"), ptr("zsum"), ptr("arg"), ptr("sq"), ptr("rest"), ptr("rmax"),
+        ptr("rsum"), ptr("rtgt"), ptr("ezr"), e if e is not None else dummy,
         n, v_base, v_stop, hidden_size, ref_hidden.shape[1] if want_ref else 0,
         *hidden.stride(), *weight.stride(),
         *(ref_hidden.stride() if want_ref else (0, 0)), *(ref_weight.stride() if want_ref else (0, 0)),

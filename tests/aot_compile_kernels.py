@@ -85,10 +85,11 @@ def forward_variant(dtype, *, moments=False, ref=True, softcap=True, stats=True,
                                         interpret=False)
     p, s = "*" + TYPES[dtype], "*" + ("fp64" if dtype == torch.float64 else "fp32")
     pointers = dict(h_ptr=p, w_ptr=p, b_ptr=p, t_ptr="*i64", rh_ptr=p, rw_ptr=p, rb_ptr=p, max_ptr=s, sum_ptr=s,
-                    tgt_ptr=s, ez_ptr=s, zsum_ptr=s, arg_ptr="*i32", sq_ptr=s, rest_ptr=s, rmax_ptr=s, rsum_ptr=s, rtgt_ptr=s,
-                    ezr_ptr=s, e_ptr=p)
+                    tgt_ptr=s, ez_ptr=s, zsum_ptr=s, arg_ptr="*i32", sq_ptr=s, rest_ptr=s, rmax_ptr=s, rsum_ptr=s,
+                    rtgt_ptr=s, ezr_ptr=s, e_ptr=p)
     constexprs = dict(HAS_BIAS=True, HAS_REF_BIAS=ref, SOFTCAP=softcap, WANT_EZ=stats, WANT_ZSUM=stats,
-                      WANT_ARGMAX=stats, WANT_SQ=sq, WANT_REF=ref, WANT_EZR=ref and stats, WRITE_E=moments, ACC=K._acc_dtype(dtype),
+                      WANT_ARGMAX=stats, WANT_SQ=sq, WANT_REF=ref, WANT_EZR=ref and stats, WRITE_E=moments,
+                      ACC=K._acc_dtype(dtype),
                       DOT_DTYPE=None, REF_DOT_DTYPE=None, PRECISION=precision,
                       BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h,
                       GROUP_N=blocks.group_n if moments else 0)

@@ -168,9 +168,9 @@ def make_backend_function(name: str, stream_forward: StreamForward, recompute_gr
 
     ``forward(hidden [n, H], weight [V, H], bias [V] | None, targets [n] int64, ref_hidden [n, H'] | None,
     ref_weight [V, H'] | None, ref_bias | None, config) -> (logp, lse, entropy, ref_logp, kl, uniform_nll,
-    mean_logit, top1, log_sum_sq_probs)``, each [n] in the compute dtype or empty when not asked for. Every target is a valid
-    index (ignored tokens were removed by the caller, or, with ``capturable=True``, given target 0 and
-    masked afterwards). The backend supplies
+    mean_logit, top1, log_sum_sq_probs)``, each [n] in the compute dtype or empty when not asked for. Every
+    target is a valid index (ignored tokens were removed by the caller, or, with ``capturable=True``, given
+    target 0 and masked afterwards). The backend supplies
 
     - ``stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config, moments)
       -> ForwardStats``: one streaming pass over the vocabulary (``moments``: also accumulate M);
