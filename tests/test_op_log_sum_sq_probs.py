@@ -84,3 +84,13 @@ def test_kernel_tiles_and_splits(seed, split):
     stats = K.forward(h, w, b, y, softcap=4.0, log_sum_sq_probs=True, split=split, blocks=K.Blocks(16, 16, 16, 1, 1))
     want = oracle_linear_logprobs(h, w, y, bias=b, softcap=4.0).log_sum_sq_probs
     assert_close(stats.log_sum_sq_probs, want, 2e-5, "log_sum_sq_probs", seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_capturable_masks_ignored_positions(backend, seed):
+    # capturable=True computes ignored positions (target 0) and masks them: same values, 0 there.
+    h, w, b, y, _ = make_inputs(reference=False)
+    want = linear_logprobs(h, w, y, bias=b, log_sum_sq_probs=True, backend=backend).log_sum_sq_probs
+    got = linear_logprobs(h, w, y, bias=b, log_sum_sq_probs=True, backend=backend, capturable=True).log_sum_sq_probs
+    assert (y == -100).any() and torch.equal(got[y == -100], torch.zeros(int((y == -100).sum())))
+    assert_close(got, want, 1e-6, "log_sum_sq_probs", seed)
