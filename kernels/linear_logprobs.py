@@ -9,7 +9,8 @@ Forward, :func:`forward` / ``_fwd_kernel``
     ``tl.dot(hidden_block, weight_tile^T)`` over ``BLOCK_H`` slices of H with an fp32 accumulator
     (fp64 for fp64 inputs), then bias, softcap and ``1/temperature`` are applied in registers, padded
     columns are set to -inf, and an online (max, sum-exp) is updated. On request the same loop
-    accumulates ``sum e*z`` (entropy, KL), ``sum z`` (uniform NLL, mean logit), the first argmax (a
+    accumulates ``sum e*z`` (entropy, KL), ``sum z`` (uniform NLL, mean logit), ``sum e^2`` (rescaled by the
+    square of the sum-exp's factor, for ``log sum_v p_v^2 = log sum e^2 - 2 log sum e``), the first argmax (a
     running max and its lowest column; splits merged by (max, lowest split)), the reference logits of the same
     tile from the reference hidden block (online reference lse, reference target logit, ``sum e*zr``
     for KL) and the target logit. Each program writes one partial per statistic to ``[SPLIT_V, n]``
@@ -72,6 +73,7 @@ class StreamStats:
     moments: Optional[torch.Tensor] = None  # [n, H]
     rest_mass: Optional[torch.Tensor] = None  # 1 - p_y, summed without the target (with moments)
     argmax: Optional[torch.Tensor] = None  # int64: first index of max_v z_v
+    log_sum_sq_probs: Optional[torch.Tensor] = None  # log sum_v p_v^2
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -103,10 +105,10 @@ def forward_blocks(n: int, vocab: int, hidden_size: int, dtype: torch.dtype, *, 
     beyond lse and the target logit; ``write_e``: the frozen head's probability tiles.
 
     From ``tests/aot_compile_kernels.py`` (sm_90, ptxas registers / spill bytes, 8 warps): bf16 128 x 128
-    compiles without spills for the plain variant (222 registers), with statistics (255) and with the
-    reference head (255), but spills with both (388 B) and with the probability tiles (220 B), which keep
-    64 x 128 (254 and 192 registers); fp64 32 x 64 spills (1256 B), 32 x 32 too (36 B) since the
-    infinite-max guards, 16 x 32 does not."""
+    compiles without spills for the plain variant (222 registers), with statistics (255, log sum p^2
+    included) and with the reference head (255), but spills with both (388 B) and with the probability
+    tiles (220 B), which keep 64 x 128 (252 and 192 registers, 188 with log sum p^2); fp64 32 x 64 spills
+    (1256 B), 32 x 32 too (36 B) since the infinite-max guards, 16 x 32 does not."""
     if INTERPRET if interpret is None else interpret:
         return Blocks(_pow2(n, 16, 64), _pow2(vocab, 16, 256), _pow2(hidden_size, 16, 128), 1, 1)
     if dtype == torch.float64:
@@ -232,12 +234,14 @@ def _logits_tile(
 @triton.jit
 def _fwd_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, rh_ptr, rw_ptr, rb_ptr,
-    max_ptr, sum_ptr, tgt_ptr, ez_ptr, zsum_ptr, arg_ptr, rest_ptr, rmax_ptr, rsum_ptr, rtgt_ptr, ezr_ptr, e_ptr,
+    max_ptr, sum_ptr, tgt_ptr, ez_ptr, zsum_ptr, arg_ptr, sq_ptr, rest_ptr, rmax_ptr, rsum_ptr, rtgt_ptr, ezr_ptr,
+    e_ptr,
     n, v_base, v_stop, K, KR, stride_h, stride_hk, stride_w, stride_wk, stride_rh, stride_rhk, stride_rw, stride_rwk,
     stride_e, tiles_per_split, num_splits,
     inv_temp, softcap, inv_softcap,
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-    WANT_EZ: tl.constexpr, WANT_ZSUM: tl.constexpr, WANT_ARGMAX: tl.constexpr, WANT_REF: tl.constexpr,
+    WANT_EZ: tl.constexpr, WANT_ZSUM: tl.constexpr, WANT_ARGMAX: tl.constexpr, WANT_SQ: tl.constexpr,
+    WANT_REF: tl.constexpr,
     WANT_EZR: tl.constexpr, WRITE_E: tl.constexpr, ACC: tl.constexpr, DOT_DTYPE: tl.constexpr,
     REF_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
@@ -266,6 +270,7 @@ def _fwd_kernel(
     tgt_logit = tl.zeros([BLOCK_N], dtype=ACC)
     ez = tl.zeros([BLOCK_N], dtype=ACC)
     zsum = tl.zeros([BLOCK_N], dtype=ACC)
+    sq = tl.zeros([BLOCK_N], dtype=ACC)
     rest = tl.zeros([BLOCK_N], dtype=ACC)
     ref_max = tl.full([BLOCK_N], ninf, dtype=ACC)
     ref_sum = tl.zeros([BLOCK_N], dtype=ACC)
@@ -304,6 +309,9 @@ def _fwd_kernel(
             ez = ez * scale + tl.sum(e * z_fin, 1)
         if WANT_ZSUM:
             zsum += tl.sum(z_fin, 1)
+        if WANT_SQ:
+            # sum exp(2 (z - max)) = sum e^2, relative to the square of the sum-exp's shift: no overflow
+            sq = sq * (scale * scale) + tl.sum(e * e, 1)
         if WRITE_E:
             # frozen head: the tile of exp(z - tile max) * f for the moments product, the target column
             # left out (the backend adds p_y f_y W_y in fp32, so W_y - M does not cancel when p_y ~ 1)
@@ -345,6 +353,8 @@ def _fwd_kernel(
         tl.store(zsum_ptr + out, zsum, mask=row_mask)
     if WANT_ARGMAX:
         tl.store(arg_ptr + out, arg, mask=row_mask)
+    if WANT_SQ:
+        tl.store(sq_ptr + out, sq, mask=row_mask)
     if WRITE_E:
         tl.store(rest_ptr + out, rest, mask=row_mask)
     if WANT_REF:
@@ -444,15 +454,16 @@ def _launch(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, par
         hidden, weight, bias if bias is not None else dummy, targets,
         ref_hidden if want_ref else dummy, ref_weight if want_ref else dummy,
         ref_bias if ref_bias is not None else dummy,
-        ptr("max"), ptr("sum"), ptr("tgt"), ptr("ez"), ptr("zsum"), ptr("arg"), ptr("rest"), ptr("rmax"), ptr("rsum"),
-        ptr("rtgt"), ptr("ezr"), e if e is not None else dummy,
+        ptr("max"), ptr("sum"), ptr("tgt"), ptr("ez"), ptr("zsum"), ptr("arg"), ptr("sq"), ptr("rest"), ptr("rmax"),
+        ptr("rsum"), ptr("rtgt"), ptr("ezr"), e if e is not None else dummy,
         n, v_base, v_stop, hidden_size, ref_hidden.shape[1] if want_ref else 0,
         *hidden.stride(), *weight.stride(),
         *(ref_hidden.stride() if want_ref else (0, 0)), *(ref_weight.stride() if want_ref else (0, 0)),
         e.stride(0) if e is not None else 0, tiles_per_split, split,
         1.0 / temperature, float(softcap or 1.0), 1.0 / float(softcap or 1.0),
         HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, SOFTCAP=softcap is not None,
-        WANT_EZ="ez" in parts, WANT_ZSUM="zsum" in parts, WANT_ARGMAX="arg" in parts, WANT_REF=want_ref,
+        WANT_EZ="ez" in parts, WANT_ZSUM="zsum" in parts, WANT_ARGMAX="arg" in parts, WANT_SQ="sq" in parts,
+        WANT_REF=want_ref,
         WANT_EZR="ezr" in parts, WRITE_E=e is not None, ACC=_acc_dtype(hidden.dtype),
         DOT_DTYPE=_dot_dtype(hidden, weight),
         REF_DOT_DTYPE=_dot_dtype(ref_hidden, ref_weight) if want_ref else None,
@@ -481,6 +492,8 @@ def _reduce(parts: dict) -> dict:
     for name in ("ez", "ezr", "rest"):
         if name in parts:
             out[name] = (parts[name] * w).sum(0, keepdim=True)
+    if "sq" in parts:  # a sum of squared exponentials: its factor is the square
+        out["sq"] = (parts["sq"] * (w * w)).sum(0, keepdim=True)
     if "zsum" in parts:
         out["zsum"] = parts["zsum"].sum(0, keepdim=True)
     if "arg" in parts:
@@ -505,6 +518,8 @@ def _finish(parts: dict, mean_logit: bool) -> StreamStats:
         stats.argmax = p["arg"].long()
     if "rest" in p:
         stats.rest_mass = p["rest"] / p["sum"]
+    if "sq" in p:
+        stats.log_sum_sq_probs = torch.log(p["sq"]) - 2 * torch.log(p["sum"])
     if "rmax" in p:
         stats.ref_lse = _shift(p["rmax"]) + torch.log(p["rsum"])
         stats.ref_target_logit = p["rtgt"]
@@ -528,6 +543,7 @@ def forward(
     logit_sum: bool = False,
     mean_ref_logit: bool = False,
     argmax: bool = False,
+    log_sum_sq_probs: bool = False,
     moments: bool = False,
     split: Optional[int] = None,
     blocks: Optional[Blocks] = None,
@@ -536,7 +552,8 @@ def forward(
 
     ``hidden [n, H]``, ``weight [V, H]``, ``targets [n]`` (valid indices), optional ``bias [V]`` and
     reference head (``ref_hidden [n, H']``, ``ref_weight [V, H']``, ``ref_bias``). Statistics are fp32,
-    or fp64 for fp64 ``hidden``; ``argmax`` is the first index of the largest logit.
+    or fp64 for fp64 ``hidden``; ``argmax`` is the first index of the largest logit;
+    ``log_sum_sq_probs`` is ``log sum_v p_v^2``.
 
     ``moments`` (frozen head): also ``M' = sum_{v != y} p_v f_v W_v`` (the target's own term left out,
     see :func:`frozen_moments`); ``split`` is then ignored.
@@ -552,7 +569,7 @@ def forward(
         raise ValueError("mean_ref_logit needs the reference head")
     dtype = compute_dtype(hidden.dtype)
     dev = hidden.device
-    extras = softcap is not None or mean_logit or logit_sum or argmax or mean_ref_logit
+    extras = softcap is not None or mean_logit or logit_sum or argmax or mean_ref_logit or log_sum_sq_probs
     blocks = blocks or forward_blocks(n, vocab, hidden_size, hidden.dtype, ref=want_ref, extras=extras,
                                       write_e=moments)
 
@@ -567,6 +584,8 @@ def forward(
             parts["zsum"] = part()
         if argmax:
             parts["arg"] = torch.empty(count, n, dtype=torch.int32, device=dev)
+        if log_sum_sq_probs:
+            parts["sq"] = part()
         if want_ref:
             parts.update(rmax=part(), rsum=part(), rtgt=part())
         if mean_ref_logit:

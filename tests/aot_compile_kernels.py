@@ -78,15 +78,18 @@ def ptxas_report(ptx: str, arch: str = "sm_90a") -> dict:
                 spill_loads=int(spills.group(2)) if spills else None)
 
 
-def forward_variant(dtype, *, moments=False, ref=True, softcap=True, stats=True, blocks=None, precision="ieee"):
-    blocks = blocks or K.forward_blocks(*SHAPE, dtype, ref=ref, extras=softcap or stats, write_e=moments,
+def forward_variant(dtype, *, moments=False, ref=True, softcap=True, stats=True, sq=None, blocks=None,
+                    precision="ieee"):
+    sq = stats if sq is None else sq  # log sum p^2 is one of the statistics, and may go alone with the moments
+    blocks = blocks or K.forward_blocks(*SHAPE, dtype, ref=ref, extras=softcap or stats or sq, write_e=moments,
                                         interpret=False)
     p, s = "*" + TYPES[dtype], "*" + ("fp64" if dtype == torch.float64 else "fp32")
     pointers = dict(h_ptr=p, w_ptr=p, b_ptr=p, t_ptr="*i64", rh_ptr=p, rw_ptr=p, rb_ptr=p, max_ptr=s, sum_ptr=s,
-                    tgt_ptr=s, ez_ptr=s, zsum_ptr=s, arg_ptr="*i32", rest_ptr=s, rmax_ptr=s, rsum_ptr=s, rtgt_ptr=s,
-                    ezr_ptr=s, e_ptr=p)
+                    tgt_ptr=s, ez_ptr=s, zsum_ptr=s, arg_ptr="*i32", sq_ptr=s, rest_ptr=s, rmax_ptr=s, rsum_ptr=s,
+                    rtgt_ptr=s, ezr_ptr=s, e_ptr=p)
     constexprs = dict(HAS_BIAS=True, HAS_REF_BIAS=ref, SOFTCAP=softcap, WANT_EZ=stats, WANT_ZSUM=stats,
-                      WANT_ARGMAX=stats, WANT_REF=ref, WANT_EZR=ref and stats, WRITE_E=moments, ACC=K._acc_dtype(dtype),
+                      WANT_ARGMAX=stats, WANT_SQ=sq, WANT_REF=ref, WANT_EZR=ref and stats, WRITE_E=moments,
+                      ACC=K._acc_dtype(dtype),
                       DOT_DTYPE=None, REF_DOT_DTYPE=None, PRECISION=precision,
                       BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h,
                       GROUP_N=blocks.group_n if moments else 0)
@@ -114,6 +117,8 @@ VARIANTS = {
     "fwd-bf16-ref": lambda: forward_variant(torch.bfloat16, softcap=False, stats=False),
     "fwd-bf16-all": lambda: forward_variant(torch.bfloat16),
     "fwd-bf16-moments": lambda: forward_variant(torch.bfloat16, moments=True, ref=False, stats=False),
+    # frozen head with TRL's WPO statistic (no gradient, so the shortcut still applies), softcapped
+    "fwd-bf16-moments-sq": lambda: forward_variant(torch.bfloat16, moments=True, ref=False, stats=False, sq=True),
     "bwd-bf16-kl": lambda: backward_variant(torch.bfloat16),
     "fwd-fp32-tf32": lambda: forward_variant(torch.float32, ref=False, softcap=False, stats=False, precision="tf32"),
     "fwd-fp64-all": lambda: forward_variant(torch.float64),

@@ -44,4 +44,5 @@ def oracle_linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-
         uniform_nll=mask(-logq.mean(-1)),
         mean_logit=mask(z.mean(-1)),
         top1=mask((z.argmax(-1) == safe).double()),
+        log_sum_sq_probs=mask(torch.logsumexp(2 * logq, -1)),  # log sum_v p_v^2
     )

@@ -9,9 +9,10 @@ Sampled parity matrix (about a minute of CI on 2 cores; the budget is 240 s), an
 - DPO, tiny Llama, explicit ref_model: every TRL 1.16 loss type at once (``loss_type=[...]``, one run;
   each type reads the same policy/reference log-probs, the only thing prefopt replaces), label smoothing 0.1.
 - DPO, tiny Llama, LoRA without ref_model (reference = adapters off), sigmoid.
+- DPO, tiny Llama, explicit ref_model, WPO (``use_weighting=True``: weights from the head's log_sum_sq_probs).
 - DPO, tiny Llama, precompute_ref_log_probs=True with LoRA (reference precomputed by prefopt's head), ipo.
 - DPO, tiny LLaVA with images, explicit ref_model, sigmoid (TRL refuses precompute for vision data).
-- Head fields (log_probs, entropy, mean_logits, is_top1, loss) against TRL's head directly, half the labels
+- Head fields (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1, loss) against TRL's head directly, half the labels
   the argmax, plain and with softcap, logit scale and temperature.
 - GRPO, tiny Llama, CPU generation: dapo with a KL term (LoRA, adapters-off reference, 2 accumulated
   micro-batches), grpo off-policy with an entropy bonus, and each other loss type of TRL 1.16 once (bnpo,
@@ -152,6 +153,11 @@ def test_dpo_lora_reference_is_adapters_off():
     dpo_pair({}, ref_model=False, peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
 
 
+def test_dpo_wpo_weighting():
+    # sigmoid and ipo: WPO's weights multiply each loss type's per-pair loss
+    dpo_pair(dict(use_weighting=True, loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.5]))
+
+
 def test_dpo_precomputed_reference():
     dpo_pair(dict(loss_type="ipo", precompute_ref_log_probs=True), ref_model=False,
              peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
@@ -264,7 +270,6 @@ def test_prefopt_loss_types_through_the_config(loss_type):
 
 
 @pytest.mark.parametrize("trainer_cls,config,option", [
-    (PrefoptDPOTrainer, dict(use_weighting=True), "use_weighting"),
     (PrefoptDPOTrainer, dict(padding_free=True), "padding_free"),
     (PrefoptGRPOTrainer, dict(use_vllm=True), "use_vllm"),
 ])
@@ -283,6 +288,8 @@ def test_prefopt_loss_types_run_alone():
     with pytest.raises(ValueError, match="precompute_ref_log_probs"):
         PrefoptDPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, loss_type="nsft", precompute_ref_log_probs=True)
     # Options TRL applies in its own losses that prefopt's loss types would silently ignore.
+    with pytest.raises(ValueError, match="use_weighting"):
+        PrefoptDPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, loss_type="cw-dpo", use_weighting=True)
     with pytest.raises(ValueError, match="ld_alpha"):
         PrefoptDPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, loss_type="cw-dpo", ld_alpha=0.5)
     with pytest.raises(ValueError, match="loss_weights"):
@@ -303,9 +310,11 @@ def test_zero3_path_gathers_and_recomputes_to_the_same_numbers(monkeypatch):
         out = model(input_ids=ids, labels=labels, fused_lm_head=True)
         (out.log_probs.sum() + 0.3 * out.entropy.sum()).backward()
         grads = [p.grad.clone() for p in model.parameters()]
-        results.append((out.log_probs.detach(), out.entropy.detach(), out.mean_logits, out.is_top1, grads))
-    (lp0, h0, m0, t0, g0), (lp1, h1, m1, t1, g1) = results
+        results.append((out.log_probs.detach(), out.entropy.detach(), out.mean_logits, out.is_top1,
+                        out.log_sum_sq_probs, grads))
+    (lp0, h0, m0, t0, s0, g0), (lp1, h1, m1, t1, s1, g1) = results
     assert torch.allclose(lp0, lp1, atol=1e-6) and torch.allclose(h0, h1, atol=1e-6)
+    assert torch.allclose(s0, s1, atol=1e-6) and not s1.requires_grad
     assert torch.allclose(m0, m1, atol=1e-6) and torch.equal(t0, t1)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(g0, g1))
     assert any(float(g.abs().sum()) > 0 for g in g1)
@@ -339,7 +348,8 @@ def test_head_fields_equal_trls_head(transform):
     (trl_out, trl_grads), (our_out, our_grads) = results
     assert int(trl_out.is_top1.sum()) >= 6 and torch.equal(trl_out.is_top1, our_out.is_top1)
     assert torch.equal(trl_out.label_mask, our_out.label_mask)
-    for field in ("log_probs", "entropy", "mean_logits", "loss"):
+    assert not our_out.log_sum_sq_probs.requires_grad
+    for field in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "loss"):
         torch.testing.assert_close(getattr(our_out, field), getattr(trl_out, field), rtol=1e-5, atol=1e-5, msg=field)
     for ours, theirs in zip(our_grads, trl_grads):  # per tensor, relative to its norm
         assert float((ours - theirs).norm()) <= 1e-5 * float(theirs.norm()) + 1e-9

@@ -1,11 +1,12 @@
 """TRL's ``DPOTrainer`` and ``GRPOTrainer`` with prefopt's fused op in place of TRL's fused LM head.
 
-TRL 1.16 scores completions through a fused head it adds to the model (``trl.trainer.utils.add_fused_lm_head``:
-``model(..., labels=labels, fused_lm_head=True)`` returns per-token log-probs, entropy, mean logit and top-1
-flags, computed by ``trl.kernels.ChunkedLogProbFunction``). The trainers here replace that head, on the
-policy and on the reference, by :func:`add_prefopt_lm_head`, which computes the same fields with
-:func:`prefopt.linear_logprobs`; everything else (data, losses, metrics, accumulation, generation) is
-TRL's own code, so the trainers take the same constructor, config and data as TRL's::
+TRL 1.16 scores completions through a fused head it adds to the model
+(``trl.trainer.utils.add_fused_lm_head``: ``model(..., labels=labels, fused_lm_head=True)`` returns per-token
+log-probs, entropy, mean logit, top-1 flags and, for WPO, ``log_sum_sq_probs``, computed by
+``trl.kernels.ChunkedLogProbFunction``). The trainers here replace that head, on the policy and on the
+reference, by :func:`add_prefopt_lm_head`, which computes the same fields with
+:func:`prefopt.linear_logprobs`; everything else (data, losses, metrics, accumulation, generation) is TRL's
+own code, so the trainers take the same constructor, config and data as TRL's::
 
     from prefopt.integrations.trl import PrefoptDPOTrainer
     trainer = PrefoptDPOTrainer(model=model, args=DPOConfig(...), train_dataset=data, processing_class=tok)
@@ -35,8 +36,8 @@ from ..ops import linear_logprobs
 __all__ = ["add_prefopt_lm_head", "PrefoptDPOConfig", "PrefoptDPOTrainer", "PrefoptGRPOTrainer",
            "DPO_SUPPORTED_OPTIONS", "GRPO_SUPPORTED_OPTIONS"]
 
-#: Per-token fields of TRL's ``FusedCausalLMOutput`` prefopt's head computes (not WPO's ``log_sum_sq_probs``).
-HEAD_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+#: Per-token fields of TRL's ``FusedCausalLMOutput`` prefopt's head computes (all of TRL 1.16's).
+HEAD_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
 def _logit_transform(text_config) -> Tuple[Optional[float], float]:
@@ -50,11 +51,13 @@ def _logit_transform(text_config) -> Tuple[Optional[float], float]:
     return (float(softcap) if softcap else None), (1.0 if scale is None else float(scale))
 
 
-def _head_stats(hidden, weight, bias, *, targets, temperature, softcap, backend, entropy, mean_logit, top1):
-    """(logp, entropy, mean_logit, top1) of the op, None for those not asked for."""
+def _head_stats(hidden, weight, bias, *, targets, temperature, softcap, backend, entropy, mean_logit, top1,
+                log_sum_sq_probs):
+    """(logp, entropy, mean_logit, top1, log_sum_sq_probs) of the op, None for those not asked for."""
     stats = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
-                            entropy=entropy, mean_logit=mean_logit, top1=top1, backend=backend)
-    return stats.logp, stats.entropy, stats.mean_logit, stats.top1
+                            entropy=entropy, mean_logit=mean_logit, top1=top1, log_sum_sq_probs=log_sum_sq_probs,
+                            backend=backend)
+    return stats.logp, stats.entropy, stats.mean_logit, stats.top1, stats.log_sum_sq_probs
 
 
 def _gathered_fsdp2(param):
@@ -87,8 +90,7 @@ class _GatheredHead(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias)
         with maybe_gather_lm_head_ctx(weight, bias), torch.no_grad():
             outputs = op(hidden, weight, bias)
-        if outputs[3] is not None:
-            ctx.mark_non_differentiable(outputs[3])  # top1
+        ctx.mark_non_differentiable(*(out for out in outputs[3:] if out is not None))  # top1, log_sum_sq_probs
         return outputs
 
     @staticmethod
@@ -113,10 +115,11 @@ def add_prefopt_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: b
     After it, ``model(..., labels=labels, fused_lm_head=True)`` runs the backbone and returns a
     ``trl.trainer.utils.FusedCausalLMOutput`` whose fields mean what TRL's mean: ``log_probs`` (of each
     next-token label under the temperature-scaled logits), ``entropy``, ``mean_logits`` (mean over the
-    vocabulary of the temperature-scaled logits, no gradient), ``is_top1`` (the label is the first
-    argmax), ``label_mask`` and ``loss`` (summed NLL over ``num_items_in_batch``, default the label
-    count); every field is 0 where the label is -100. ``shift_labels`` (already aligned labels) is taken
-    as TRL takes it. Without ``fused_lm_head`` the model's own forward runs (generation is unchanged).
+    vocabulary of the temperature-scaled logits, no gradient), ``is_top1`` (the label is the first argmax),
+    ``log_sum_sq_probs`` (``log sum_v p_v^2``, no gradient; WPO's weights), ``label_mask`` and ``loss``
+    (summed NLL over ``num_items_in_batch``, default the label count); every field is 0 where the label is
+    -100. ``shift_labels`` (already aligned labels) is taken as TRL takes it. Without ``fused_lm_head`` the
+    model's own forward runs (generation is unchanged).
     Like TRL's, it wraps the model's current ``forward``: add it before accelerate or PEFT wrap the model
     (the trainers below have TRL add it where TRL adds its own). Under DeepSpeed ZeRO-3 the head's weight
     is gathered for the op with TRL's ``maybe_gather_lm_head_ctx`` (forward and backward); an FSDP2
@@ -183,19 +186,21 @@ def add_prefopt_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: b
         op = functools.partial(
             _head_stats, targets=targets, temperature=temperature, softcap=softcap, backend=backend,
             entropy="entropy" in outputs, mean_logit="mean_logits" in outputs, top1="is_top1" in outputs,
+            log_sum_sq_probs="log_sum_sq_probs" in outputs,
         )
         with autocast:
             if _zero3_enabled():
                 stats = _GatheredHead.apply(op, hidden, weight, bias)
             else:
                 stats = op(hidden, weight, bias)
-        stats = dict(zip(("logp", "entropy", "mean_logit", "top1"), stats))
+        stats = dict(zip(("logp", "entropy", "mean_logit", "top1", "log_sum_sq_probs"), stats))
         mask = targets != -100
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return FusedCausalLMOutput(
             loss=-stats["logp"].sum() / count,
             log_probs=stats["logp"],
             entropy=stats["entropy"],
+            log_sum_sq_probs=stats["log_sum_sq_probs"],
             mean_logits=None if stats["mean_logit"] is None else stats["mean_logit"].detach(),
             is_top1=None if stats["top1"] is None else stats["top1"].bool(),
             label_mask=mask,
@@ -236,13 +241,13 @@ DPO_SUPPORTED_OPTIONS = (
     "pad_to_multiple_of", "precompute_ref_log_probs", "precompute_ref_batch_size", "loss_type", "loss_weights",
     "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef", "label_smoothing", "beta", "discopop_tau",
     "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "pad_token", "activation_offloading",
+    "use_weighting",
     # PrefoptDPOConfig's own
     "cw_floor", "cw_tau", "cw_detach_weight", "sftc_lam", "sftc_margin", "kl_coef", "prefopt_backend",
 )
 MOE = "the MoE load-balancing loss is not computed by prefopt's head: not supported"
 DPO_UNSUPPORTED = {
     "router_aux_loss_coef": MOE,
-    "use_weighting": "WPO weights need log(sum_v p_v^2), which prefopt's op does not compute: not supported",
     "padding_free": "not tested with prefopt's head: not supported",
     "use_liger_kernel": "replaces the model's forward: not supported",
 }
@@ -280,6 +285,8 @@ class PrefoptDPOConfig(DPOConfig):
         if ours and len(self.loss_type) > 1:
             raise ValueError(f"loss_type: prefopt's {ours[0]!r} runs alone, not mixed with {self.loss_type}")
         # prefopt's loss types sum log-probs and weight losses their own way: refuse what they would ignore.
+        if ours and self.use_weighting:
+            raise ValueError(f"use_weighting: not supported with loss_type={ours[0]!r} (TRL's WPO weighting)")
         if ours and self.ld_alpha is not None:
             raise ValueError(f"ld_alpha: not supported with loss_type={ours[0]!r} (TRL's LD-DPO weighting)")
         if ours and self.loss_weights is not None and any(w != 1.0 for w in self.loss_weights):
@@ -292,7 +299,8 @@ class PrefoptDPOConfig(DPOConfig):
 
 class PrefoptDPOTrainer(DPOTrainer):
     """``trl.DPOTrainer`` whose policy and reference log-probs (and the entropy, ``logits/*`` and
-    ``mean_token_accuracy`` statistics) come from prefopt's fused op; same constructor and behaviour.
+    ``mean_token_accuracy`` statistics, and WPO's ``log_sum_sq_probs``) come from prefopt's fused op; same
+    constructor and behaviour.
 
     Supported ``DPOConfig`` options: every ``TrainingArguments`` option except ``use_liger_kernel``, and
     :data:`DPO_SUPPORTED_OPTIONS`; any other option set away from its default raises a ValueError naming it.

@@ -25,7 +25,8 @@ class TokenStats(NamedTuple):
     ``ref_logp``: log pi_ref(y_t) (no gradient); ``kl``: KL(pi_t || pi_ref,t) over the full vocabulary;
     ``uniform_nll``: -(1/V) sum_v log pi_t(v), the uniform term of label smoothing;
     ``mean_logit``: (1/V) sum_v z_t(v), the mean logit over the vocabulary (differentiable);
-    ``top1``: 1.0 where y_t is the first maximum of z_t (argmax, lowest index on ties), else 0.0.
+    ``top1``: 1.0 where y_t is the first maximum of z_t (argmax, lowest index on ties), else 0.0;
+    ``log_sum_sq_probs``: log sum_v pi_t(v)^2, the log collision probability (no gradient; TRL's WPO weights).
     Fields that were not asked for are ``None``.
     """
 
@@ -37,6 +38,7 @@ class TokenStats(NamedTuple):
     uniform_nll: Optional[Tensor] = None
     mean_logit: Optional[Tensor] = None
     top1: Optional[Tensor] = None
+    log_sum_sq_probs: Optional[Tensor] = None
 
 
 def _check_float(name: str, t: Optional[Tensor], required: bool = True) -> None:
@@ -115,6 +117,7 @@ def linear_logprobs(
     uniform_nll: bool = False,
     mean_logit: bool = False,
     top1: bool = False,
+    log_sum_sq_probs: bool = False,
     backend: str = "auto",
     capturable: bool = False,
 ) -> TokenStats:
@@ -126,7 +129,8 @@ def linear_logprobs(
         logp = z[y] - logsumexp(z),   lse = logsumexp(z)
 
     and on request ``entropy = -sum p log p``, ``uniform_nll = -(1/V) sum log p``,
-    ``mean_logit = (1/V) sum_v z_v``, ``top1 = [y == argmax_v z_v]`` (first maximum) and, with a reference
+    ``mean_logit = (1/V) sum_v z_v``, ``top1 = [y == argmax_v z_v]`` (first maximum),
+    ``log_sum_sq_probs = log sum_v p_v^2`` (from an online ``sum_v exp(2 (z_v - max))``) and, with a reference
     head, ``ref_logp`` (no gradient) and ``kl = KL(pi || pi_ref)`` over the full vocabulary, streaming
     over vocabulary tiles so that no ``[tokens, V]`` tensor ever exists. Statistics are accumulated in
     float32 (float64 for float64 inputs) whatever the input dtype, and returned in that precision.
@@ -141,8 +145,8 @@ def linear_logprobs(
         ref_hidden / ref_weight / ref_bias: the reference model's hidden states (same shape as
             ``hidden``) and head; ``ref_weight`` defaults to ``weight`` (shared frozen head, e.g. LoRA
             with adapters disabled). No gradient flows into the reference.
-        entropy / kl / uniform_nll / mean_logit / top1: also return these statistics (``kl`` needs
-            ``ref_hidden``; ``top1`` has no gradient).
+        entropy / kl / uniform_nll / mean_logit / top1 / log_sum_sq_probs: also return these statistics
+            (``kl`` needs ``ref_hidden``; ``top1`` and ``log_sum_sq_probs`` have no gradient).
         backend: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"torch"`` or ``"triton"``.
         capturable: no host synchronisation in the op itself, so that it can be captured in a CUDA graph
             or compiled with ``fullgraph=True`` (with the Triton backend, whose launchers do not
@@ -226,12 +230,12 @@ def linear_logprobs(
         ref_bias = ref_bias.detach() if ref_bias is not None else None
 
     config = OpConfig(float(temperature), None if softcap is None else float(softcap), entropy, kl, uniform_nll,
-                      mean_logit, top1)
+                      mean_logit, top1, log_sum_sq_probs)
     outputs = _backend_function(name).apply(
         packed_hidden, weight, bias, packed_targets, packed_ref, ref_weight, ref_bias, config
     )
     stat_dtype = compute_dtype(hidden.dtype)
-    asked = (True, True, entropy, ref_hidden is not None, kl, uniform_nll, mean_logit, top1)
+    asked = (True, True, entropy, ref_hidden is not None, kl, uniform_nll, mean_logit, top1, log_sum_sq_probs)
 
     def unpack(packed: Tensor) -> Tensor:
         if index is None:

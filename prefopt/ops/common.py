@@ -16,6 +16,7 @@ The statistics and their gradients with respect to z_j:
     uniform_nll = lse - mean_v z_v                      d/dz_j = p_j - 1/V
     mean_logit  = mean_v z_v                            d/dz_j = 1/V
     top1        = [y is the first argmax of z]          no gradient
+    log_sum_sq_probs = log sum_v p_v^2                  no gradient
 
 so for incoming gradients g_* the gradient on the logits of one token is always
 
@@ -45,6 +46,7 @@ class OpConfig:
     uniform_nll: bool = False
     mean_logit: bool = False
     top1: bool = False
+    log_sum_sq_probs: bool = False
 
     @property
     def needs_mean_logit(self) -> bool:
@@ -130,6 +132,7 @@ class ForwardStats:
     moments: Optional[Tensor] = None  # [n, H]: sum_{v != y} p_v f_v W_v (frozen-head shortcut)
     argmax: Optional[Tensor] = None  # int64: first index of max_v z_v (the top1 statistic)
     rest_mass: Optional[Tensor] = None  # 1 - p_y = sum_{v != y} p_v, summed without y (with moments)
+    log_sum_sq_probs: Optional[Tensor] = None  # log sum_v p_v^2
 
 
 def shortcut_grad_hidden(weight: Tensor, targets: Tensor, target_logit: Tensor, rest_mass: Tensor, moments: Tensor,
@@ -165,9 +168,9 @@ def make_backend_function(name: str, stream_forward: StreamForward, recompute_gr
 
     ``forward(hidden [n, H], weight [V, H], bias [V] | None, targets [n] int64, ref_hidden [n, H'] | None,
     ref_weight [V, H'] | None, ref_bias | None, config) -> (logp, lse, entropy, ref_logp, kl, uniform_nll,
-    mean_logit, top1)``, each [n] in the compute dtype or empty when not asked for. Every target is a valid
-    index (ignored tokens were removed by the caller, or, with ``capturable=True``, given target 0 and
-    masked afterwards). The backend supplies
+    mean_logit, top1, log_sum_sq_probs)``, each [n] in the compute dtype or empty when not asked for. Every
+    target is a valid index (ignored tokens were removed by the caller, or, with ``capturable=True``, given
+    target 0 and masked afterwards). The backend supplies
 
     - ``stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config, moments)
       -> ForwardStats``: one streaming pass over the vocabulary (``moments``: also accumulate M);
@@ -188,7 +191,8 @@ def make_backend_function(name: str, stream_forward: StreamForward, recompute_gr
         @staticmethod
         def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config: OpConfig):
             head_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-            # The uniform terms (c3) reach the shortcut as a column sum of W, unless softcap makes them per entry.
+            # The uniform terms (c3) reach the shortcut as a column sum of W, unless softcap makes them per entry;
+            # statistics without a gradient (top1, log_sum_sq_probs) come from the forward pass either way.
             uniform_terms = config.uniform_nll or config.mean_logit
             shortcut = (Function.frozen_head_shortcut and ctx.needs_input_grad[0] and not head_grad
                         and not (config.entropy or config.kl or (uniform_terms and config.softcap is not None)))
@@ -203,6 +207,7 @@ def make_backend_function(name: str, stream_forward: StreamForward, recompute_gr
             uniform = lse - stats.logit_sum / weight.shape[0] if config.uniform_nll else empty_stat(lse)
             mean_logit = stats.logit_sum / weight.shape[0] if config.mean_logit else empty_stat(lse)
             top1 = (stats.argmax == targets).to(lse.dtype) if config.top1 else empty_stat(lse)
+            log_sum_sq = stats.log_sum_sq_probs if config.log_sum_sq_probs else empty_stat(lse)
 
             ctx.config, ctx.shortcut, ctx.vocab, ctx.hidden_dtype = config, shortcut, weight.shape[0], hidden.dtype
             if shortcut:
@@ -210,12 +215,12 @@ def make_backend_function(name: str, stream_forward: StreamForward, recompute_gr
             else:
                 ref = (ref_hidden, ref_weight, ref_bias) if config.kl else (None, None, None)
                 ctx.save_for_backward(hidden, weight, bias, targets, lse, stats.mean_logit, stats.mean_ref_logit, *ref)
-            ctx.mark_non_differentiable(ref_logp, top1)
+            ctx.mark_non_differentiable(ref_logp, top1, log_sum_sq)
             ctx.set_materialize_grads(False)
-            return logp, lse, entropy, ref_logp, kl, uniform, mean_logit, top1
+            return logp, lse, entropy, ref_logp, kl, uniform, mean_logit, top1, log_sum_sq
 
         @staticmethod
-        def backward(ctx, g_logp, g_lse, g_entropy, g_ref_logp, g_kl, g_uniform, g_mean_logit, g_top1):
+        def backward(ctx, g_logp, g_lse, g_entropy, g_ref_logp, g_kl, g_uniform, g_mean_logit, g_top1, g_log_sum_sq):
             if torch.is_grad_enabled():
                 raise RuntimeError(
                     "linear_logprobs: double backward (create_graph=True) is not supported by the fused op; "

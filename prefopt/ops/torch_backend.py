@@ -91,8 +91,11 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
     ref_lse, ref_target_logit = (new(), new()) if want_ref else (None, None)
     moment = hidden.new_zeros(n, hidden_size, dtype=dtype) if moments else None
     rest_mass = new() if moments else None
-    # The probabilities themselves weight E_p[z], E_p[zr] and the moments; otherwise only lse is needed.
-    needs_weights = mean_logit is not None or moment is not None
+    # sum_v exp(2 (z_v - max)), relative to the running max of the sum-exp (so it cannot overflow); it
+    # becomes log sum_v p_v^2 = log sq_sum - 2 log run_sum once its token chunk is done
+    sq_sum = new() if config.log_sum_sq_probs else None
+    # The probabilities themselves weight E_p[z], E_p[zr], sum p^2 and the moments; otherwise only lse is needed.
+    needs_weights = mean_logit is not None or moment is not None or sq_sum is not None
 
     for t0 in range(0, n, chunk_t):
         t1 = min(t0 + chunk_t, n)
@@ -130,6 +133,8 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
                 run_sum = run_sum * scale + e.sum(1)
                 if mean_logit is not None:
                     mean_logit[t0:t1] = mean_logit[t0:t1] * scale + (e * z).sum(1)
+                if sq_sum is not None:
+                    sq_sum[t0:t1] = sq_sum[t0:t1] * (scale * scale) + (e * e).sum(1)
                 if moment is not None:
                     # M' and 1 - p_y leave the target out (see common.shortcut_grad_hidden)
                     e[rows, cols] = 0
@@ -147,6 +152,8 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
         lse[t0:t1] = run_lse if not needs_weights else _finite_or_zero(run_max) + torch.log(run_sum)
         if mean_logit is not None:
             mean_logit[t0:t1] /= run_sum
+        if sq_sum is not None:
+            sq_sum[t0:t1] = sq_sum[t0:t1].log() - 2 * run_sum.log()
         if mean_ref_logit is not None:
             mean_ref_logit[t0:t1] /= run_sum
         if moment is not None:
@@ -155,7 +162,7 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
         if want_ref:
             ref_lse[t0:t1] = run_ref_lse
     return ForwardStats(lse, target_logit, mean_logit, logit_sum, ref_lse, ref_target_logit, mean_ref_logit, moment,
-                        argmax, rest_mass)
+                        argmax, rest_mass, sq_sum)
 
 
 def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, ref_bias, coef, config, want_h, want_w, want_b):

@@ -50,7 +50,7 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
         hidden, weight, bias, targets, temperature=config.temperature, softcap=config.softcap,
         ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, mean_logit=config.needs_mean_logit,
         logit_sum=config.needs_logit_sum, mean_ref_logit=config.kl, argmax=config.top1,
-        moments=moments,
+        log_sum_sq_probs=config.log_sum_sq_probs, moments=moments,
     )
     return ForwardStats(**{f.name: getattr(stats, f.name) for f in fields(stats)})
 
