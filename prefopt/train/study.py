@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default %(default)s)")
     p.add_argument("--base", default=d.base, metavar="MODEL|FOLDER|RUN|train",
                    help="the SFT base every variant starts from: 'train' to train one here for --base-steps from "
-                        "--model (default: a base below the ceiling, so that improvements can show), or an embedded "
+                        "--model (default %(default)s: a base below the ceiling, so that improvements can show), or an embedded "
                         "model, a model folder or a run (tiny-llava-sft: the shipped base, at the ceiling: "
                         "generation accuracy 1.0, no hallucination)")
     p.add_argument("--methods", default=",".join(d.variants), help="comma-separated variants (default: all)")
