@@ -517,12 +517,14 @@ def test_a_record_failing_inside_a_step_is_skipped_reported_and_replaced(tmp_pat
     assert problems == [f"{os.path.join(text_data, 'train.jsonl')}:{BAD + 1}: fails inside a training step "
                         f"(ValueError: the model cannot take this record) (skipped)"] * 2
     # Every micro-batch full: the bad record replaced by the next one in data order; step 4's first
-    # micro-batch trained twice (its first try was abandoned with the step).
+    # micro-batch trained twice (its first try was abandoned with the step); between the tries, the
+    # failing micro-batch's records ran alone (the bad one raising).
     plan = DataPlan(24, 2, 2, 1, 0)
     replaced = [[BAD + 1 if i == BAD else i for i in plan.indices(s, m, 0)] for s in range(6) for m in range(2)]
+    alone = [[i] for i in plan.indices(3, 1, 0) if i != BAD]
     for summary, trained in zip(summaries, forwards):
         assert summary["steps"] == 6 and summary["skipped_records"] == 1
-        assert trained == replaced[:7] + replaced[6:]
+        assert trained == replaced[:7] + alone + replaced[6:]
     assert_same_run(tmp_path / "a", tmp_path / "b")
 
     # The redone step is the step that would have run with the record known unusable from the start: the
@@ -580,6 +582,79 @@ def test_a_prompt_failing_before_sampling_is_skipped_reported_and_replaced(tmp_p
     assert (f"train.jsonl:{BAD + 1}: image file is truncated (skipped)"
             in capsys.readouterr().err)
     assert all(len(prompts) == 2 and bad_prompt not in prompts for prompts in sampled[1:])
+
+
+def test_a_record_failing_only_in_its_backward_is_skipped(tmp_path, text_data, monkeypatch, capsys):
+    """One process: the record's forward runs, its backward raises; found by running records alone with
+    their backward, reported and replaced."""
+    from prefopt.train.methods import PolicyObjective
+
+    class FailingBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, loss):
+            return loss.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise ValueError("this record's backward fails")
+
+    real = PolicyObjective.forward
+
+    def forward(self, batch, stage=None, num_items=None, indices=None):
+        out = real(self, batch, stage=stage, num_items=num_items, indices=indices)
+        if stage is not None and BAD in indices:
+            out = out._replace(loss=FailingBackward.apply(out.loss))
+        return out
+
+    monkeypatch.setattr(PolicyObjective, "forward", forward)
+    summary = train(reliability_config(text_data, tmp_path))
+    assert summary["steps"] == 6 and summary["skipped_records"] == 1
+    assert (f"train.jsonl:{BAD + 1}: fails inside a training step (ValueError: this record's backward fails) "
+            "(skipped)") in capsys.readouterr().err
+
+
+def test_a_skipped_record_is_not_scored_by_the_precomputed_reference(tmp_path, text_data, monkeypatch, capsys):
+    """cw-dpo with --reference precompute: a record found failing to collate in the SFT-C stage is left out
+    of the reference pass at the reference point (it would fail there too)."""
+    from prefopt.train import loop
+    from prefopt.train.data import PreferenceCollator, load_records
+
+    bad = load_records(text_data)[BAD]
+    real_features, stepped = PreferenceCollator._features, []
+    real_step = loop.Run.try_step
+
+    def features(self, text, images, where):
+        if stepped and bad.prompt in text and bad.chosen in text:
+            raise OSError("image file is truncated")
+        return real_features(self, text, images, where)
+
+    def try_step(self, step, stage):
+        stepped.append(step)
+        return real_step(self, step, stage)
+
+    monkeypatch.setattr(PreferenceCollator, "_features", features)
+    monkeypatch.setattr(loop.Run, "try_step", try_step)
+    summary = train(reliability_config(text_data, tmp_path, reference="precompute", steps=12, grad_accum=1,
+                                       options=MethodOptions(sftc_fraction=0.75, onpolicy_fraction=0.0)))
+    assert summary["steps"] == 12 and summary["skipped_records"] == 1
+    assert f"train.jsonl:{BAD + 1}: image file is truncated (skipped)" in capsys.readouterr().err
+
+
+def test_the_skipped_records_file_names_records_by_content(tmp_path, text_data):
+    """OUT/skipped_records.json names records by content, so another filtering or order of the data (a
+    restart with other options) skips the same records."""
+    from prefopt.train.data import load_records
+    from prefopt.train.loop import SKIPPED_FILE, read_skipped_records, record_key
+
+    records = load_records(text_data)
+    (tmp_path / SKIPPED_FILE).write_text(json.dumps({"records": [{"where": records[5].where,
+                                                                   "key": record_key(records[5])}]}))
+    assert read_skipped_records(str(tmp_path), records) == {5}
+    assert read_skipped_records(str(tmp_path), records[3:]) == {2}
+    assert read_skipped_records(str(tmp_path), records[6:]) == set()
+    (tmp_path / SKIPPED_FILE).write_text('{"records": [5]}')
+    with pytest.raises(ValueError, match="skipped_records.json: unreadable"):
+        read_skipped_records(str(tmp_path), records)
 
 
 def test_out_of_memory_in_a_step_is_not_a_data_problem(tmp_path, text_data, monkeypatch):
@@ -704,7 +779,8 @@ def test_a_record_failing_inside_a_step_on_one_rank_is_skipped_by_every_rank(tmp
     assert [ln for ln in err0.splitlines() if ln.startswith(data)] == [
         f"{data}:{BAD_COLLATE + 1}: image file is truncated (skipped)"]
     assert "Traceback" not in err0 + err1
-    assert json.loads((tmp_path / "failing" / SKIPPED_FILE).read_text())["records"] == sorted([BAD_RANK1, BAD_COLLATE])
+    listed = json.loads((tmp_path / "failing" / SKIPPED_FILE).read_text())["records"]
+    assert [entry["where"] for entry in listed] == [f"{data}:{i + 1}" for i in sorted([BAD_RANK1, BAD_COLLATE])]
 
     known = launch_ranks([bad, "known"], two_rank_dpo(text_data, tmp_path / "known", "--steps", "4"))
     assert [code for code, _ in known] == [0, 0], known[0][1][-3000:]
@@ -747,7 +823,8 @@ def test_under_deepspeed_a_failing_record_is_skipped_in_place_or_by_running_agai
     assert err0.strip().splitlines()[-1].startswith(
         "prefopt train: error: rank 0: a record failed inside step 1 after a micro-batch of it backpropagated")
     assert ckpt.latest_checkpoint(str(tmp_path / "failing")) is None
-    assert json.loads((tmp_path / "failing" / SKIPPED_FILE).read_text())["records"] == [BAD_STEP1]
+    listed = json.loads((tmp_path / "failing" / SKIPPED_FILE).read_text())["records"]
+    assert [entry["where"] for entry in listed] == [f"{os.path.join(text_data, 'train.jsonl')}:{BAD_STEP1 + 1}"]
     (code0, err0), (code1, err1) = launch_ranks([bad, "fails"], args)
     assert (code0, code1) == (0, 0), err0[-3000:] + err1[-3000:]
     assert f"train.jsonl:{BAD_RANK0 + 1}: fails inside a training step" in err0

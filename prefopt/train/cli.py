@@ -405,7 +405,7 @@ def _train(args, argv: List[str]) -> int:
         print(f"prefopt train: error: {rank}{message}", file=sys.stderr, flush=True)
         return 1
     except RuntimeError as e:  # a collective that failed: another rank hung (--dist-timeout) or died
-        if not run.state.distributed or run.failure_agreed:
+        if not run.state.distributed or run.failure_agreed or run.own_failure:
             raise  # this rank's own error
         first = first_line(e)
         print(f"prefopt train: error: rank {run.state.rank}: a collective failed, another rank hung past "

@@ -16,5 +16,5 @@ class RankFailed(Exception):
 
 
 class StepNotRedone(Exception):
-    """A record failed inside a step that cannot be redone in this process; the checkpoint written on the
-    way out knows the record, and ``--resume`` continues without it."""
+    """A record failed inside a step that cannot be redone in this process; ``OUT/skipped_records.json``
+    lists it, and a resume or a restart of the run continues without it."""

@@ -22,7 +22,7 @@ from . import distributed as dist
 from .checkpoint import fault_point
 
 #: Files a run writes before its first checkpoint: a folder holding only these can be started again.
-RUN_FILES = ("config.json", "metrics.jsonl", "metrics.jsonl.tmp", "latest.tmp")
+RUN_FILES = ("config.json", "metrics.jsonl", "metrics.jsonl.tmp", "latest.tmp", "skipped_records.json.tmp")
 RUN_FILE_PREFIXES = ("reference-", "reference_logps-", ".checkpoint-")
 #: Records found failing inside a step, kept beside the checkpoints: a restart (the same data, so they still
 #: fail) or a resume skips them.
@@ -93,7 +93,7 @@ def at_boundary(signals: StopSignals, cadence: Cadence, done: int, state: dist.D
 
 def stale_run_files(out: str) -> Optional[List[str]]:
     """The files of a run that stopped before its first checkpoint (start it again after removing
-    them), or None when ``out`` holds anything else."""
+    them; the :data:`KEPT_RUN_FILES` stay), or None when ``out`` holds anything else."""
     names = os.listdir(out)
     if all(n in RUN_FILES or n in KEPT_RUN_FILES or n.startswith(RUN_FILE_PREFIXES) for n in names):
         return [os.path.join(out, n) for n in names if n not in KEPT_RUN_FILES]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import resource
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -383,7 +385,10 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
               cfg.reference_mode(method), total, resume_state)
     run.identity, run.problems = identity, problems
     run.eval_records = eval_records
-    known = read_skipped_records(cfg.out, identity["data_fingerprint"], len(records))
+    known = read_skipped_records(cfg.out, records)
+    if known and cfg.strict_data:
+        raise ValueError(f"{os.path.join(cfg.out, SKIPPED_FILE)}: {len(known)} records failed inside a step of this "
+                         "run before (--strict-data)")
     run.unusable.update(known)
     for i in sorted(known):
         problems.lines.append(f"{records[i].where or f'record {i}'}: failed inside a step of this run before")
@@ -393,20 +398,25 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     return run
 
 
-def read_skipped_records(out: str, data_fingerprint: str, n: int) -> set:
-    """The record indices ``OUT/skipped_records.json`` lists, when it was written for this data."""
+def record_key(record) -> str:
+    """A record's identity by content (its text and image paths): what ``OUT/skipped_records.json`` lists,
+    so that it names the same records whatever options filter or order the data."""
+    text = json.dumps([record.prompt, record.chosen, record.rejected, [str(i) for i in record.images],
+                       list(record.corrections)])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def read_skipped_records(out: str, records) -> set:
+    """The indices of ``records`` that ``OUT/skipped_records.json`` lists (by :func:`record_key`)."""
     path = os.path.join(out, SKIPPED_FILE)
     if not os.path.isfile(path):
         return set()
     try:
         with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-        indices = saved["records"] if saved["data_fingerprint"] == data_fingerprint else []
-        if not all(isinstance(i, int) and 0 <= i < n for i in indices):
-            raise ValueError("record indices out of range")
+            keys = {entry["key"] for entry in json.load(f)["records"]}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: unreadable ({first_line(e)}); remove it to start over") from None
-    return set(indices)
+    return {i for i, r in enumerate(records) if record_key(r) in keys}
 
 
 def collated_mode(stage: Stage) -> str:
@@ -477,6 +487,8 @@ class Run:
         self.eval_records: list = []  # set by prepare
         self.unusable: set = set()  # records that failed inside a step (every rank's; OUT/skipped_records.json)
         self.found: Dict[int, str] = {}  # records this rank found failing since the ranks last shared theirs
+        self.skipped_listed = True  # OUT/skipped_records.json lists every record in unusable
+        self.own_failure = False  # this rank raises an error of its own that the other ranks did not agree on
         self.failure_agreed = False  # every rank is raising the same step's failure together
         # True while the weights hold more than the steps counted so far (from the optimizer step or the
         # reference point's adapter merge until the step is counted): no checkpoint may be written then.
@@ -664,7 +676,9 @@ class Run:
                     raise ValueError(f"--resume: {path} is missing and the policy has moved on since step {point}")
                 with tqdm(total=len(self.records), desc="reference log-probs", dynamic_ncols=True, leave=False,
                           disable=not (cfg.progress and state.is_main)) as bar:
-                    logps = ref_mod.precompute_logps(self.engine, self.records, self.collator,
+                    # A record known to fail is never looked up: a usable one is scored in its place.
+                    rows = [self.records[i] for i in self.usable(list(range(len(self.records))))]
+                    logps = ref_mod.precompute_logps(self.engine, rows, self.collator,
                                                      batch_size=cfg.batch_size, state=state, progress=bar)
                 ref_mod.save_tensors(path, logps, state, metadata={"fingerprint": fp})
                 self.log(f"step {point}: reference log-probs of {len(self.records)} examples written to {path}")
@@ -715,7 +729,7 @@ class Run:
         except Exception:
             failed = {i: self.collate_problem(r, mode, build) for i, r in zip(idx, records) if i not in self.unusable}
             failed = {i: reason for i, reason in failed.items() if reason is not None}
-            if not failed:
+            if not failed and not self.unusable.intersection(idx):  # none to replace: not the data
                 raise
             self.found.update(failed)
             self.unusable.update(failed)
@@ -759,14 +773,17 @@ class Run:
                 self.problems(where, "failed on another rank (reported there)", echo=False)
         self.failure_agreed = False
         self.unusable.update(union)
+        written = True
         if state.is_main:
             path = os.path.join(self.cfg.out, SKIPPED_FILE)
             try:
-                ckpt.write_json_atomic(path, {"data_fingerprint": self.identity["data_fingerprint"],
-                                              "records": sorted(self.unusable)})
+                ckpt.write_json_atomic(path, {"records": [{"where": self.records[i].where, "key": record_key(self.records[i])}
+                                                          for i in sorted(self.unusable)]})
             except OSError as e:
-                print(f"prefopt train: warning: {ckpt.os_error_line(e, path)}; a resume may meet these records "
-                      "again", file=sys.stderr, flush=True)
+                written = False
+                print(f"prefopt train: warning: {ckpt.os_error_line(e, path)}; a resume or restart will meet these "
+                      "records again", file=sys.stderr, flush=True)
+        self.skipped_listed = not dist.ranks_with(not written, state)
 
     def forward(self, batch, stage: Stage, num_items: Optional[int], idx: List[int]):
         """(the objective's output, None), or (output or None, the error) when this micro-batch's forward
@@ -800,37 +817,48 @@ class Run:
         records). Under ZeRO-3 the failing rank raises alone."""
         state = self.state
         if state.zero_stage == 3:
+            self.own_failure = True
             raise failure
+        if failure.__traceback__ is not None:  # its frames hold the failed forward's activations
+            traceback.clear_frames(failure.__traceback__)
         found = None
         if not isinstance(failure, (RankFailed, torch.OutOfMemoryError, MemoryError)):
             try:
                 found = self.records_failing_alone(idx, stage)
             except (torch.OutOfMemoryError, MemoryError):
                 found = None
-        if dist.ranks_with(found is None and not isinstance(failure, RankFailed), state):
+        not_data = dist.ranks_with(found is None and not isinstance(failure, RankFailed), state)
+        if not_data:
             self.failure_agreed = True
-            raise failure
+            raise failure if found is None and not isinstance(failure, RankFailed) else RankFailed(not_data)
         self.found.update({i: f"fails inside a training step ({reason})" for i, reason in (found or {}).items()})
         self.share_found_records()
         if state.backend == "deepspeed" and not first_micro_batch:
             self.failure_agreed = True
+            path = os.path.join(self.cfg.out, SKIPPED_FILE)
+            then = (f"a resume or a restart of this run skips it ({path})" if self.skipped_listed else
+                    f"it could not be listed in {path}: remove it from the data to go on")
             raise StepNotRedone(f"a record failed inside step {step + 1} after a micro-batch of it backpropagated, "
-                                f"and under DeepSpeed the step cannot be redone in place; a resume or a restart "
-                                f"of this run skips it ({os.path.join(self.cfg.out, SKIPPED_FILE)})")
+                                f"and under DeepSpeed the step cannot be redone in place; {then}")
         self.engine.drop_gradients()
 
     def records_failing_alone(self, idx: List[int], stage: Stage) -> Optional[Dict[int, str]]:
-        """The records of ``idx`` that fail alone (collated and run forward one by one, under ``no_grad``,
-        on the unwrapped module), each with its reason; None when the failure is not the data's."""
+        """The records of ``idx`` that fail alone (collated and run one by one on the unwrapped module:
+        forward and backward in one process, forward under ``no_grad`` in more, where a backward would enter
+        the backends' collectives), each with its reason; None when the failure is not the data's. The
+        gradients this leaves are dropped by the caller."""
         if stage.mode == "grpo":
             return None
+        with_backward = not self.state.distributed
 
         def fails_alone(i: int) -> Optional[str]:
             try:
-                with torch.no_grad():
+                with torch.enable_grad() if with_backward else torch.no_grad():
                     batch = _to(self.collator([self.records[i]], mode=stage.mode), self.state.device)
-                    self.engine.module(batch, stage=stage, num_items=count_items(stage.loss, batch["labels"]),
-                                       indices=[i])
+                    out = self.engine.module(batch, stage=stage, num_items=count_items(stage.loss, batch["labels"]),
+                                             indices=[i])
+                    if with_backward:
+                        out.loss.backward()
             except (torch.OutOfMemoryError, MemoryError):
                 raise
             except Exception as e:
@@ -950,10 +978,11 @@ class Run:
                         engine.backward(share)
                     except Exception as e:
                         if state.distributed:  # the other ranks are inside this backward's collectives
+                            self.own_failure = True
                             raise
                         failure = e
             if failure is not None:
-                out = None  # the failed try's graph goes before the records are run alone
+                out = share = None  # the failed try's graph goes before the records are run alone
                 self.skip_failing_records(failure, idx, stage, step, first_micro_batch=a == 0)
                 return None
             if not last:
