@@ -122,9 +122,8 @@ def _train_config(study: StudyConfig, **kw):
 
     options = kw.pop("options", None)
     base = dict(data="synthetic", batch_size=study.batch_size, train_size=study.train_size,
-                probe_every=study.probe_every, probe_size=study.probe_size, device=study.device, progress=False)
-    if "eval_size" in TrainConfig.__dataclass_fields__:  # the trainer's held-out evaluation
-        base["eval_size"] = study.eval_size
+                probe_every=study.probe_every, probe_size=study.probe_size, device=study.device, progress=False,
+                eval_size=study.eval_size)
     base.update(kw)
     cfg = TrainConfig(**base)
     if options:
