@@ -4,15 +4,9 @@ temperature, trainable and frozen heads; and that it carries no gradient."""
 import pytest
 import torch
 
-import prefopt.ops.torch_backend as torch_backend
 from oracle import oracle_linear_logprobs
 from prefopt import linear_logprobs
-from test_op import BACKENDS, assert_close, make_inputs
-
-
-@pytest.fixture(autouse=True)
-def small_chunks(monkeypatch):
-    monkeypatch.setitem(torch_backend.CHUNK_SIZES, "cpu", (5, 16))
+from test_op import BACKENDS, assert_close, make_inputs, small_chunks  # noqa: F401 (autouse: test_op's small tiles)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
