@@ -497,5 +497,5 @@ def _load_checkpoint(path: str, *, engine, state: DistState) -> Dict[str, Any]:
     return trainer_state
 
 
-__all__ = ["save_checkpoint", "write_json_atomic", "load_checkpoint", "latest_checkpoint", "checkpoints", "verify", "read_trainer_state",
-           "trainable_state", "rng_state", "set_rng_state", "CheckpointError"]
+__all__ = ["save_checkpoint", "write_json_atomic", "load_checkpoint", "latest_checkpoint", "checkpoints", "verify",
+           "read_trainer_state", "trainable_state", "rng_state", "set_rng_state", "CheckpointError"]

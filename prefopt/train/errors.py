@@ -12,7 +12,8 @@ class RankFailed(Exception):
 
     def __init__(self, ranks):
         self.ranks = list(ranks)
-        super().__init__(f"rank {', '.join(map(str, self.ranks))} failed in a training step (its error is on its stderr)")
+        super().__init__(f"rank {', '.join(map(str, self.ranks))} failed in a training step "
+                         "(its error is on its stderr)")
 
 
 class StepNotRedone(Exception):

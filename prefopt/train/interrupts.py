@@ -21,13 +21,13 @@ from typing import List, Optional
 from . import distributed as dist
 from .checkpoint import fault_point
 
-#: Files a run writes before its first checkpoint: a folder holding only these can be started again.
-RUN_FILES = ("config.json", "metrics.jsonl", "metrics.jsonl.tmp", "latest.tmp", "skipped_records.json.tmp")
-RUN_FILE_PREFIXES = ("reference-", "reference_logps-", ".checkpoint-")
 #: Records found failing inside a step, kept beside the checkpoints: a restart (the same data, so they still
 #: fail) or a resume skips them.
 SKIPPED_FILE = "skipped_records.json"
 KEPT_RUN_FILES = (SKIPPED_FILE,)
+#: Files a run writes before its first checkpoint: a folder holding only these can be started again.
+RUN_FILES = ("config.json", "metrics.jsonl", "metrics.jsonl.tmp", "latest.tmp", SKIPPED_FILE + ".tmp")
+RUN_FILE_PREFIXES = ("reference-", "reference_logps-", ".checkpoint-")
 
 
 class Interrupted(Exception):

@@ -391,7 +391,7 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
                          "run before (--strict-data)")
     run.unusable.update(known)
     for i in sorted(known):
-        problems.lines.append(f"{records[i].where or f'record {i}'}: failed inside a step of this run before")
+        problems(records[i].where or f"record {i}", "failed inside a step of this run before", echo=False)
     if known and state.is_main:
         print(f"prefopt train: note: {len(known)} records that failed inside a step before are skipped "
               f"(listed in {os.path.join(cfg.out, SKIPPED_FILE)})", file=sys.stderr, flush=True)
@@ -777,8 +777,9 @@ class Run:
         if state.is_main:
             path = os.path.join(self.cfg.out, SKIPPED_FILE)
             try:
-                ckpt.write_json_atomic(path, {"records": [{"where": self.records[i].where, "key": record_key(self.records[i])}
-                                                          for i in sorted(self.unusable)]})
+                listed = [{"where": self.records[i].where, "key": record_key(self.records[i])}
+                          for i in sorted(self.unusable)]
+                ckpt.write_json_atomic(path, {"records": listed})
             except OSError as e:
                 written = False
                 print(f"prefopt train: warning: {ckpt.os_error_line(e, path)}; a resume or restart will meet these "
@@ -813,8 +814,8 @@ class Run:
         some rank the failure is not the data's (out of memory; no record fails alone; or every one does
         and so does the record that would replace them), for GRPO (its rows are sampled answers, not
         records), with ``--strict-data``, and under DeepSpeed once a micro-batch of the step has
-        backpropagated (its gradients are inside DeepSpeed's partitions; ``--resume`` continues without the
-        records). Under ZeRO-3 the failing rank raises alone."""
+        backpropagated (its gradients are inside DeepSpeed's partitions; a resume or a restart continues
+        without the records). Under ZeRO-3 the failing rank raises alone."""
         state = self.state
         if state.zero_stage == 3:
             self.own_failure = True
