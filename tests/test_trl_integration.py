@@ -127,22 +127,25 @@ def assert_same_run(stock, ours):
         assert float(gap[k].norm()) <= 1e-4 * float(update[k].norm()) + 1e-9 + rounding, k
 
 
+def stock_and_prefopt(stock_cls, prefopt_cls, build):
+    """Train ``build(stock_cls)``, then ``build(prefopt_cls)`` with prefopt's op as the only head that may
+    run (and that must run), and check the two runs are the same."""
+    runs = [train(build(stock_cls))]
+    with prefopt_only() as calls:
+        runs.append(train(build(prefopt_cls)))
+    assert calls["n"] >= 3, f"prefopt's op ran {calls['n']} times in 3 steps"
+    assert_same_run(*runs)
+
+
 def dpo_pair(config_options, *, model="tiny-llama", data=text_pairs, ref_model=True, peft_config=None,
              config_cls=trl.DPOConfig):
-    runs = []
-    for trainer_cls in (trl.DPOTrainer, PrefoptDPOTrainer):
+    def build(trainer_cls):
         policy, processor = tiny(model)
         args = config_cls(output_dir=tempfile.mkdtemp(), **COMMON, **config_options)
-        build = lambda: trainer_cls(model=policy, ref_model=tiny(model)[0] if ref_model else None, args=args,  # noqa: E731
-                                    train_dataset=data(), processing_class=processor, peft_config=peft_config)
-        if trainer_cls is trl.DPOTrainer:
-            runs.append(train(build()))
-        else:
-            with prefopt_only() as calls:
-                runs.append(train(build()))
-            assert calls["n"] >= 3, f"prefopt's op ran {calls['n']} times in 3 steps"
-    assert_same_run(*runs)
-    return runs
+        return trainer_cls(model=policy, ref_model=tiny(model)[0] if ref_model else None, args=args,
+                           train_dataset=data(), processing_class=processor, peft_config=peft_config)
+
+    stock_and_prefopt(trl.DPOTrainer, PrefoptDPOTrainer, build)
 
 
 def test_dpo_every_trl_loss_type_with_ref_model():
@@ -178,20 +181,14 @@ def reward_length(completions, **kwargs):
 
 
 def grpo_pair(config_options, peft_config=None):
-    runs = []
-    for trainer_cls in (trl.GRPOTrainer, PrefoptGRPOTrainer):
+    def build(trainer_cls):
         policy, tokenizer = tiny()
         args = trl.GRPOConfig(output_dir=tempfile.mkdtemp(), **COMMON, num_generations=2, max_completion_length=6,
                               **config_options)
-        build = lambda: trainer_cls(model=policy, reward_funcs=reward_length, args=args,  # noqa: E731
-                                    train_dataset=prompts(), processing_class=tokenizer, peft_config=peft_config)
-        if trainer_cls is trl.GRPOTrainer:
-            runs.append(train(build()))
-        else:
-            with prefopt_only() as calls:
-                runs.append(train(build()))
-            assert calls["n"] >= 3, f"prefopt's op ran {calls['n']} times in 3 steps"
-    assert_same_run(*runs)
+        return trainer_cls(model=policy, reward_funcs=reward_length, args=args, train_dataset=prompts(),
+                           processing_class=tokenizer, peft_config=peft_config)
+
+    stock_and_prefopt(trl.GRPOTrainer, PrefoptGRPOTrainer, build)
 
 
 def test_grpo_dapo_with_kl_to_the_adapters_off_reference():
