@@ -232,6 +232,18 @@ def _logits_tile(
 
 
 @triton.jit
+def _grouped_program(pid, n, num_inner, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr):
+    """(token block, inner index) of program ``pid`` of a 1-D grid in grouped order: GROUP_N token blocks
+    sweep the ``num_inner`` vocabulary tiles (or splits) together, so that a wave of programs shares both
+    its hidden blocks and its W tiles in L2."""
+    num_n = tl.cdiv(n, BLOCK_N)
+    per_group = GROUP_N * num_inner
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(num_n - first_n, GROUP_N)
+    return first_n + (pid % per_group) % group_size, (pid % per_group) // group_size
+
+
+@triton.jit
 def _fwd_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, rh_ptr, rw_ptr, rb_ptr,
     max_ptr, sum_ptr, tgt_ptr, ez_ptr, zsum_ptr, arg_ptr, sq_ptr, rest_ptr, rmax_ptr, rsum_ptr, rtgt_ptr, ezr_ptr,
@@ -246,16 +258,8 @@ def _fwd_kernel(
     REF_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    if GROUP_N > 0:
-        # 1-D grid in grouped order (one tile per program, the frozen launch): GROUP_N token blocks sweep
-        # the chunk's tiles together, so a wave of programs shares both its hidden blocks and its W tiles in L2
-        pid = tl.program_id(0)
-        num_n = tl.cdiv(n, BLOCK_N)
-        per_group = GROUP_N * num_splits
-        first_n = (pid // per_group) * GROUP_N
-        group_size = tl.minimum(num_n - first_n, GROUP_N)
-        pid_n = first_n + (pid % per_group) % group_size
-        pid_s = (pid % per_group) // group_size
+    if GROUP_N > 0:  # grouped order, one tile per program (the frozen launch)
+        pid_n, pid_s = _grouped_program(tl.program_id(0), n, num_splits, BLOCK_N, GROUP_N)
     else:
         # split fastest: the programs of one token block run together and share its hidden block in L2
         pid_s = tl.program_id(0)
@@ -679,15 +683,7 @@ def _bwd_dlogits_kernel(
     ACC: tl.constexpr, DOT_DTYPE: tl.constexpr, REF_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    # grouped order: GROUP_N token blocks sweep the chunk's vocab tiles together (L2 reuse of W tiles)
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(n, BLOCK_N)
-    num_v = tl.cdiv(width, BLOCK_V)
-    per_group = GROUP_N * num_v
-    first_n = (pid // per_group) * GROUP_N
-    group_size = tl.minimum(num_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % per_group) % group_size
-    pid_v = (pid % per_group) // group_size
+    pid_n, pid_v = _grouped_program(tl.program_id(0), n, tl.cdiv(width, BLOCK_V), BLOCK_N, GROUP_N)
 
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n
