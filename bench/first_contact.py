@@ -31,6 +31,8 @@ from typing import Callable, Dict, List
 
 import torch
 
+from .oracle import oracle_linear_logprobs
+
 SHAPE = dict(n=16384, hidden=4096, vocab=128256)
 NO_CUDA = "skipped: no CUDA device"
 
@@ -87,26 +89,6 @@ def ceilings(device: str) -> dict:
             "copy_tbps": 2 * src.numel() * 4 / copy_ms / 1e9}
 
 
-def _oracle(h, w, b, y, temperature, softcap, rh=None, rw=None):
-    def logits(x, weight, bias):
-        z = x.double() @ weight.double().T
-        if bias is not None:
-            z = z + bias.double()
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        return z / temperature
-
-    z = logits(h, w, b)
-    logq = torch.log_softmax(z, -1)
-    out = {"logp": logq.gather(-1, y[:, None]).squeeze(-1), "lse": torch.logsumexp(z, -1),
-           "entropy": -(logq.exp() * logq).sum(-1), "mean_logit": z.mean(-1),
-           "top1": (z.argmax(-1) == y).double()}
-    if rh is not None:
-        logr = torch.log_softmax(logits(rh, rw, None).detach(), -1)
-        out["kl"] = (logq.exp() * (logq - logr)).sum(-1)
-    return out
-
-
 def _variant(name, device, dtype, tol, size, *, frozen=False, softcap=None, temperature=1.0, bias=False, ref=False,
              transposed_fp32_head=False, capturable=False, shortcut=None, tf32=None):
     from prefopt import linear_logprobs
@@ -146,15 +128,16 @@ def _variant(name, device, dtype, tol, size, *, frozen=False, softcap=None, temp
         LinearLogprobsTriton.frozen_head_shortcut = old_shortcut
         _set_tf32(old_precision)
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    want = _oracle(leaves64[0], leaves64[1] if not frozen else w.detach(), b, y, temperature, softcap,
-                   extra.get("ref_hidden"), extra.get("ref_weight"))
-    want_grads = torch.autograd.grad(sum((want[k] * up[k]).sum() for k in names), leaves64)
+    want = oracle_linear_logprobs(leaves64[0], leaves64[1] if not frozen else w.detach(), y, bias=b,
+                                  temperature=temperature, softcap=softcap, ref_hidden=extra.get("ref_hidden"),
+                                  ref_weight=extra.get("ref_weight"))
+    want_grads = torch.autograd.grad(sum((getattr(want, k) * up[k]).sum() for k in names), leaves64)
     errors = {}
     for k in names + ["top1"]:
-        errors[k] = _rel(getattr(out, k), want[k])
+        errors[k] = _rel(getattr(out, k), getattr(want, k))
     for got, expected, label in zip(grads, want_grads, ("d hidden", "d weight")):
         errors[label] = _rel(got, expected)
-    top1_agree = float((out.top1.double() == want["top1"]).double().mean())
+    top1_agree = float((out.top1.double() == want.top1).double().mean())
     ok = all(e <= tol for k, e in errors.items() if k != "top1") and top1_agree >= 0.99
     return {"variant": name, "status": "ok" if ok else "FAILED", "tolerance": tol, "errors": errors,
             "top1_agreement": top1_agree}

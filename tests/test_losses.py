@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import prefopt
 import prefopt.ops.torch_backend as torch_backend
-from oracle import oracle_linear_logprobs
+from prefopt.bench.oracle import oracle_linear_logprobs
 from test_op import BACKENDS, assert_close
 
 ROWS, LENGTH, HIDDEN, VOCAB = 4, 6, 12, 31  # 2 pairs

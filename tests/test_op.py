@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import prefopt.ops.torch_backend as torch_backend
-from oracle import oracle_linear_logprobs
+from prefopt.bench.oracle import oracle_linear_logprobs
 from prefopt import linear_logprobs
 
 BACKENDS = [

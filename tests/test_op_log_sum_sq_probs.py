@@ -4,7 +4,7 @@ temperature, trainable and frozen heads; and that it carries no gradient."""
 import pytest
 import torch
 
-from oracle import oracle_linear_logprobs
+from prefopt.bench.oracle import oracle_linear_logprobs
 from prefopt import linear_logprobs
 from test_op import BACKENDS, assert_close, make_inputs, small_chunks  # noqa: F401 (autouse: test_op's small tiles)
 

@@ -3,7 +3,7 @@ backward, non-finite weights. Every value against the float64 oracle, for every 
 import pytest
 import torch
 
-from oracle import oracle_linear_logprobs
+from prefopt.bench.oracle import oracle_linear_logprobs
 from prefopt import linear_logprobs
 from test_op import BACKENDS, assert_close, make_inputs, small_chunks  # noqa: F401 (autouse: test_op's small tiles)
 

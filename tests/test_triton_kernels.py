@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("triton")
 
 import prefopt.ops.triton_backend as triton_backend  # noqa: E402
-from oracle import oracle_linear_logprobs  # noqa: E402
+from prefopt.bench.oracle import oracle_linear_logprobs  # noqa: E402
 from prefopt import linear_logprobs  # noqa: E402
 from prefopt.kernels import linear_logprobs as K  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Float64 oracle of the fused op: materialises the full logits (tests only)."""
+"""Float64 oracle of the fused op: materialises the full logits (the tests, and the GPU first-contact check)."""
 from __future__ import annotations
 
 import torch
