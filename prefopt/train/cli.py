@@ -9,6 +9,7 @@ nothing written to ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -322,6 +323,19 @@ def resume_command(argv: List[str], out: str) -> str:
     return "prefopt train " + shlex.join(args)
 
 
+@contextlib.contextmanager
+def keep_num_threads():
+    """Context that gives torch's intra-op thread count back as it found it: the commands may set one thread
+    for the tiny models, and an in-process caller keeps its own."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def one_thread_for_tiny_models(model: str, device: str) -> None:
     """One intra-op thread for an embedded tiny model on the CPU unless OMP_NUM_THREADS says otherwise: its
     matrices are too small to share, and on a busy machine a second thread waits for a core on every product
@@ -349,13 +363,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as e:  # --help (0) or a usage error (2, one line already on stderr)
         return int(e.code or 0)
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
+    with keep_num_threads():
         return _train(args, sys.argv[1:] if argv is None else list(argv))
-    finally:
-        torch.set_num_threads(threads)  # an in-process caller keeps its own
 
 
 def _train(args, argv: List[str]) -> int:

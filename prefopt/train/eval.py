@@ -469,25 +469,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     from .checkpoint import CheckpointError
+    from .cli import keep_num_threads
 
-    threads = torch.get_num_threads()
-    try:
-        if args.batch_size < 1 or args.max_new_tokens < 1:
-            raise ValueError("--batch-size and --max-new-tokens: expected positive numbers")
-        model, processor, start = _adapter_and_processor(args.model, device=args.device, dtype=None)
-        if sum(p.numel() for p in model.model.parameters()) < SMALL_MODEL and "OMP_NUM_THREADS" not in os.environ \
-                and model.device.type == "cpu":
-            torch.set_num_threads(1)  # as prefopt train does for the tiny models (see its one_thread_for_tiny_models)
-        reference = args.reference if args.reference is not None else (start() if start is not None else None)
-        result = evaluate(model, processor=processor, reference=reference, data=args.data, size=args.size,
-                          seed=args.seed, shuffle_images=args.shuffle_images, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens, device=args.device)
-    except (ValueError, TypeError, OSError, CheckpointError) as e:
-        message = first_line(e)
-        print(f"prefopt eval: error: {message}", file=sys.stderr)
-        return 2
-    finally:
-        torch.set_num_threads(threads)  # an in-process caller keeps its own
+    with keep_num_threads():
+        try:
+            if args.batch_size < 1 or args.max_new_tokens < 1:
+                raise ValueError("--batch-size and --max-new-tokens: expected positive numbers")
+            model, processor, start = _adapter_and_processor(args.model, device=args.device, dtype=None)
+            if sum(p.numel() for p in model.model.parameters()) < SMALL_MODEL and "OMP_NUM_THREADS" not in os.environ \
+                    and model.device.type == "cpu":
+                torch.set_num_threads(1)  # as prefopt train does for the tiny models (one_thread_for_tiny_models)
+            reference = args.reference if args.reference is not None else (start() if start is not None else None)
+            result = evaluate(model, processor=processor, reference=reference, data=args.data, size=args.size,
+                              seed=args.seed, shuffle_images=args.shuffle_images, batch_size=args.batch_size,
+                              max_new_tokens=args.max_new_tokens, device=args.device)
+        except (ValueError, TypeError, OSError, CheckpointError) as e:
+            message = first_line(e)
+            print(f"prefopt eval: error: {message}", file=sys.stderr)
+            return 2
     if args.out:
         write_report(result, args.out)
     print(json.dumps(result, indent=1) if args.json else markdown(result), flush=True)

@@ -475,21 +475,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                         base_steps=args.base_steps, steps=args.steps, batch_size=args.batch_size,
                         train_size=args.train_size, eval_size=args.eval_size, probe_every=args.probe_every,
                         probe_size=args.probe_size, device=args.device, progress=not args.no_progress)
-    import torch
+    from .cli import keep_num_threads, one_thread_for_tiny_models
 
-    from .cli import one_thread_for_tiny_models
-
-    threads = torch.get_num_threads()
-    # One thread for the tiny models, as prefopt train: faster on a shared machine, and the trained base (so
-    # STUDY.md) depends on the thread count (measured: 1500 steps give generation accuracy 0.525 on 1, 0.625 on 2).
-    one_thread_for_tiny_models(study.model if study.base == TRAIN_BASE else study.base, study.device)
-    try:
-        result = run_study(study)
-    except ValueError as e:
-        print(f"prefopt study: error: {first_line(e)}", file=sys.stderr)
-        return 2
-    finally:
-        torch.set_num_threads(threads)  # an in-process caller keeps its own
+    with keep_num_threads():
+        # One thread for the tiny models, as prefopt train: faster on a shared machine, and the trained base
+        # (so STUDY.md) depends on the thread count (measured: 1500 steps give generation accuracy 0.525 on 1,
+        # 0.625 on 2).
+        one_thread_for_tiny_models(study.model if study.base == TRAIN_BASE else study.base, study.device)
+        try:
+            result = run_study(study)
+        except ValueError as e:
+            print(f"prefopt study: error: {first_line(e)}", file=sys.stderr)
+            return 2
     print(f"prefopt study: {len(result['runs'])} runs in {result['conditions']['wall_seconds'] / 60:.1f} min; "
           f"{os.path.join(study.out, 'STUDY.md')}")
     return 0
