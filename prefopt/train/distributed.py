@@ -173,6 +173,8 @@ def all_gather_ints(values: List[int], state: DistState) -> List[List[int]]:
         return [list(values)]
     size = torch.tensor([len(values)], dtype=torch.int64)
     torch_dist.all_reduce(size, op=torch_dist.ReduceOp.MAX, group=state.control)
+    if int(size) == 0:  # the usual case (every step shares what it found): one collective, not two
+        return [[] for _ in range(state.world_size)]
     mine = torch.full((int(size) + 1,), -1, dtype=torch.int64)
     mine[0] = len(values)
     mine[1:1 + len(values)] = torch.tensor(values, dtype=torch.int64)
