@@ -107,14 +107,17 @@ def train(trainer):
     return [entry for entry in trainer.state.log_history if "loss" in entry], initial, snapshot(trainer.model)
 
 
-def assert_same_run(stock, ours):
+def assert_same_run(stock, ours, abs_tol=None):
+    """``abs_tol``: per-metric absolute tolerances beside rel 1e-5, for metrics that are sums with cancellation."""
     (stock_log, initial, stock_w), (our_log, our_initial, our_w) = stock, ours
+    abs_tol = abs_tol or {}
     assert len(stock_log) == len(our_log) == 3
     for step, (a, b) in enumerate(zip(stock_log, our_log)):
         assert set(a) == set(b), f"step {step}: metric names {sorted(set(a) ^ set(b))}"
         for key, value in a.items():
             if isinstance(value, (int, float)) and not any(t in key for t in ("time", "per_second")):  # not timings
-                assert math.isclose(b[key], value, rel_tol=1e-5, abs_tol=1e-6), f"step {step} {key}: {b[key]} vs {value}"
+                assert math.isclose(b[key], value, rel_tol=1e-5, abs_tol=abs_tol.get(key, 1e-6)), \
+                    f"step {step} {key}: {b[key]} vs {value}"
     assert all(torch.equal(initial[k], our_initial[k]) for k in initial), "the runs started from different weights"
     update = {k: stock_w[k].double() - initial[k].double() for k in stock_w}
     gap = {k: our_w[k].double() - stock_w[k].double() for k in stock_w}
@@ -127,14 +130,14 @@ def assert_same_run(stock, ours):
         assert float(gap[k].norm()) <= 1e-4 * float(update[k].norm()) + 1e-9 + rounding, k
 
 
-def stock_and_prefopt(stock_cls, prefopt_cls, build):
+def stock_and_prefopt(stock_cls, prefopt_cls, build, abs_tol=None):
     """Train ``build(stock_cls)``, then ``build(prefopt_cls)`` with prefopt's op as the only head that may
     run (and that must run), and check the two runs are the same."""
     runs = [train(build(stock_cls))]
     with prefopt_only() as calls:
         runs.append(train(build(prefopt_cls)))
     assert calls["n"] >= 3, f"prefopt's op ran {calls['n']} times in 3 steps"
-    assert_same_run(*runs)
+    assert_same_run(*runs, abs_tol=abs_tol)
 
 
 def dpo_pair(config_options, *, model="tiny-llama", data=text_pairs, ref_model=True, peft_config=None,
@@ -180,7 +183,7 @@ def reward_length(completions, **kwargs):
     return [len(c) / 10 + (sum(map(ord, c)) % 7) / 7 for c in completions]
 
 
-def grpo_pair(config_options, peft_config=None):
+def grpo_pair(config_options, peft_config=None, abs_tol=None):
     def build(trainer_cls):
         policy, tokenizer = tiny()
         args = trl.GRPOConfig(output_dir=tempfile.mkdtemp(), **COMMON, num_generations=2, max_completion_length=6,
@@ -188,7 +191,7 @@ def grpo_pair(config_options, peft_config=None):
         return trainer_cls(model=policy, reward_funcs=reward_length, args=args, train_dataset=prompts(),
                            processing_class=tokenizer, peft_config=peft_config)
 
-    stock_and_prefopt(trl.GRPOTrainer, PrefoptGRPOTrainer, build)
+    stock_and_prefopt(trl.GRPOTrainer, PrefoptGRPOTrainer, build, abs_tol=abs_tol)
 
 
 def test_grpo_dapo_with_kl_to_the_adapters_off_reference():
@@ -206,8 +209,17 @@ def test_grpo_off_policy_with_entropy_bonus():
     dict(loss_type="sapo"), dict(loss_type="luspo", importance_sampling_level="sequence"), dict(loss_type="vespo"),
 ], ids=lambda o: o["loss_type"])
 def test_grpo_other_loss_types(options):
-    """The rest of TRL 1.16's GRPO loss types, two iterations per generation so that the ratio is not 1."""
-    grpo_pair(dict(num_iterations=2, **options))
+    """The rest of TRL 1.16's GRPO loss types, two iterations per generation so that the ratio is not 1.
+
+    VESPO's loss is ``sum -phi * A * log p`` over tokens (log p itself, not a ratio): the group's advantages
+    sum to zero, so the loss is a difference of terms whose absolute sum is 37-52 here against a loss of
+    0.3-1.0 (measured: 36-162 times the loss). fp32 log-probs that differ by an ulp between two exact
+    implementations (prefopt's tiled log-sum-exp, TRL's log_softmax; the order depends on the CPU's kernels
+    and threads) then move the loss by up to ~1e-4 relative; CI saw 4.5e-5. The bar for its loss is absolute:
+    2e-6 of the summands' absolute sum. The weight update, whose gradient phi * A * grad log p has no such
+    cancellation, keeps the 1e-5 bar."""
+    abs_tol = {"loss": 1e-4} if options["loss_type"] == "vespo" else None
+    grpo_pair(dict(num_iterations=2, **options), abs_tol=abs_tol)
 
 
 def naive_log_softmax(model, batch):
