@@ -178,3 +178,62 @@ def test_remote_code_is_refused_without_a_prompt(remote_code_folder, tmp_path, s
     assert len(lines) == 1 and "--trust-remote-code" in lines[0], proc.stderr
     assert "[y/N]" not in proc.stdout + proc.stderr
     assert not (remote_code_folder / "RAN").exists() and not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------- bad model files
+
+
+def _break_json(folder, name):
+    (folder / name).write_text('{"model_type": "llama", ')
+
+
+def _lying_header(folder, name):
+    """A safetensors header that claims more data than the file holds."""
+    import struct
+
+    path = folder / name
+    raw = path.read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + size])
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["data_offsets"][1] += 1 << 20
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + size:])
+
+
+def _pickled_only(folder, name):
+    (folder / "model.safetensors").unlink()
+    (folder / name).write_bytes(b"\x80\x04K\x01.")  # a pickle; prefopt must not load it
+
+
+@pytest.mark.parametrize("family,name,spoil,message", [
+    ("llama", "tokenizer.json", _break_json, "not valid JSON"),
+    ("llama", "tokenizer_config.json", _break_json, "not valid JSON"),
+    ("llava", "processor_config.json", _break_json, "not valid JSON"),
+    ("llama", "config.json", _break_json, "not valid JSON"),
+    ("llama", "model.safetensors", _lying_header, "not a valid safetensors file"),
+    ("llama", "pytorch_model.bin", _pickled_only, "pickled weights, which prefopt does not read; convert them to "
+                                                  "safetensors"),
+])
+def test_bad_model_file_is_one_line_naming_it(tiny_family, tmp_path, capsys, family, name, spoil, message):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_family(family), folder)
+    spoil(folder, name)
+    data = write_text_data(tmp_path, train=2, heldout=2) if family == "llama" else "synthetic"
+    capsys.readouterr()  # what building the family printed
+    assert main(["--model", str(folder), "--method", "dpo", "--data", data, "--out", str(tmp_path / "run"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{folder / name}: {message}" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unsupported_model_names_what_is_supported(tmp_path):
+    """A model neither AutoModelForImageTextToText nor AutoModelForCausalLM loads: one line."""
+    import transformers
+
+    config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    transformers.ViTModel(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"unsupported model type 'vit'; prefopt trains models that transformers' "
+                                         r"AutoModelForImageTextToText or AutoModelForCausalLM loads \(tested: LLaVA"):
+        build_model(str(tmp_path))
