@@ -277,8 +277,9 @@ class PreferenceCollator:
       ``correction_rows`` (bool [R]) marks the correction rows.
 
     Keys: the processor's model inputs (``input_ids``, ``attention_mask``, and for images e.g.
-    ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``; images are repeated for every row that
-    uses them, in row order), plus ``labels`` ([R, T] long, unshifted, prompt/image/padding tokens =
+    ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``, ``cross_attention_mask``; per-token keys
+    are found by shape and padded with 0, see :meth:`_pad`; images are repeated for every row that uses
+    them, in row order; a prefix-LM processor's ``token_type_ids`` are 1 on the answer), plus ``labels`` ([R, T] long, unshifted, prompt/image/padding tokens =
     ``ignore_index``), ``num_images`` ([R] long) and ``row_record`` ([R] long: the record each row came from).
     Pass the whole dict to ``ModelAdapter.hidden_states`` (it drops the extra keys) or use
     :func:`model_inputs`.
