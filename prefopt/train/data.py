@@ -253,7 +253,7 @@ def _load_image(img: Any):
     return img  # arrays / tensors: the image processor takes them as they are
 
 
-def nn_pad(value: torch.Tensor, trailing: Sequence[int]) -> torch.Tensor:
+def _pad_trailing(value: torch.Tensor, trailing: Sequence[int]) -> torch.Tensor:
     """``value`` zero-padded at the end of each dimension after the first to the sizes ``trailing``."""
     if list(value.shape[1:]) == list(trailing):
         return value
@@ -279,8 +279,8 @@ class PreferenceCollator:
     Keys: the processor's model inputs (``input_ids``, ``attention_mask``, and for images e.g.
     ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``, ``cross_attention_mask``; per-token keys
     are found by shape and padded with 0, see :meth:`_pad`; images are repeated for every row that uses
-    them, in row order; a prefix-LM processor's ``token_type_ids`` are 1 on the answer), plus ``labels`` ([R, T] long, unshifted, prompt/image/padding tokens =
-    ``ignore_index``), ``num_images`` ([R] long) and ``row_record`` ([R] long: the record each row came from).
+    them, in row order; a prefix-LM processor's ``token_type_ids`` are 1 on the answer), plus ``labels``
+    ([R, T] long, unshifted, prompt/image/padding tokens = ``ignore_index``), ``num_images`` ([R] long) and ``row_record`` ([R] long: the record each row came from).
     Pass the whole dict to ``ModelAdapter.hidden_states`` (it drops the extra keys) or use
     :func:`model_inputs`.
 
@@ -473,7 +473,7 @@ class PreferenceCollator:
                 out[key][where] = v
         for key, vals in stacked.items():
             shape = [max(v.shape[d] for v in vals) for d in range(1, vals[0].dim())]
-            out[key] = torch.cat([nn_pad(v, shape) for v in vals], dim=0)
+            out[key] = torch.cat([_pad_trailing(v, shape) for v in vals], dim=0)
         return out
 
     def generation_inputs(self, records: Sequence[PreferenceRecord]) -> Dict[str, torch.Tensor]:

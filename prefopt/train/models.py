@@ -372,10 +372,11 @@ def image_only_processor_class(base) -> type:
 
     In transformers 5 several processors (Qwen2-VL, Qwen3-VL, LLaVA-OneVision, SmolVLM, InternVL, ...) insist on
     a video processor, and every video processor needs torchvision, which does not install beside every torch.
-    This subclass only leaves ``video_processor`` out of the sub-processors the processor checks and loads,
-    and makes it default to None (the constructor is the real one's code, which passes it on; processors
-    that hand it on positionally, as those named do); text and image processing are the real class's, and
-    ``from_pretrained`` loads a folder's image processor, tokenizer and options as the real class does.
+    This subclass leaves ``video_processor`` out of the sub-processors the processor checks and loads, and
+    lets the constructor (the real one's code) take None for it, which it hands on to the base class
+    positionally, where it is dropped (true of every processor named above). Text and image processing are
+    the real class's, and ``from_pretrained`` loads a folder's image processor, tokenizer and options as the
+    real class does.
     """
     if isinstance(base, str):
         import transformers
@@ -590,9 +591,10 @@ def _processor_class(path: str, config):
 
 
 def _load_processor(path: str, config, *, vlm: bool, trust_remote_code: bool):
-    """The folder's processor (``AutoProcessor``); when that fails for want of a video processor (they need
-    torchvision), the folder's processor class without it (:func:`image_only_processor_class`); a text
-    model's tokenizer otherwise. ``ValueError`` naming the file for a processor or tokenizer that does not load."""
+    """The folder's processor (``AutoProcessor``); for an image-text model whose processor does not load that
+    way (its video processor needs torchvision), the folder's processor class without the video processor
+    (:func:`image_only_processor_class`); a text model's tokenizer otherwise. ``ValueError`` naming the
+    folder when none loads."""
     from transformers import AutoProcessor, AutoTokenizer
 
     kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code)
