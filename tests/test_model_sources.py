@@ -16,7 +16,8 @@ pytest.importorskip("transformers")
 from huggingface_hub import constants  # noqa: E402
 
 from prefopt.train.cli import main  # noqa: E402
-from prefopt.train.models import build_model  # noqa: E402
+from prefopt.train.loop import TrainConfig  # noqa: E402
+from prefopt.train.models import build_model, resolve_hub_ids  # noqa: E402
 
 from test_train_loop import write_text_data  # noqa: E402
 
@@ -74,6 +75,8 @@ def test_hub_id_resolves_as_hugging_face_tools_do(offline_cache, tmp_path, monke
         build_model("org/tiny", revision="v3")
     with pytest.raises(ValueError, match=r"^--model org/other: "):
         build_model("org/other")
+    with pytest.raises(ValueError, match=r"^--revision v2: applies to a hub id"):
+        resolve_hub_ids(TrainConfig(model="tiny-llama", revision="v2"))
     monkeypatch.chdir(tmp_path)
     shutil.copytree(snapshots / V2_SHA, tmp_path / "org" / "tiny")  # a local folder named like the hub id
     torch.testing.assert_close(first_weight(build_model("org/tiny")[0]), want_v2, rtol=0, atol=0)

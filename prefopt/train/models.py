@@ -488,6 +488,9 @@ def resolve_hub_ids(cfg):
             return name
         return resolve_model(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, option=option)
 
+    if cfg.revision is not None and not any(n is not None and is_hub_id(n) for n in (cfg.model, cfg.init_from)):
+        raise ValueError(f"--revision {cfg.revision}: applies to a hub id (org/name), and neither --model nor "
+                         "--init-from is one here")
     return dataclasses.replace(cfg, model=local(cfg.model, "--model"), init_from=local(cfg.init_from, "--init-from"))
 
 
