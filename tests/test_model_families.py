@@ -101,20 +101,24 @@ def test_images_matter(family, tiny_family):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2-vl", "mllama"])
-@pytest.mark.parametrize("method,kw", [
-    ("dpo", {}),
-    ("cw-dpo", dict(lora=True, steps=2, options=dict(sftc_fraction=0.5, onpolicy_fraction=0.5))),
-    ("nsft", {}),
-    ("grpo", dict(options=dict(num_generations=2))),
+@pytest.mark.parametrize("method,kw,expect", [
+    ("dpo", {}, {"loss": math.log(2)}),  # a fresh reference (a full copy): DPO starts at log 2
+    ("cw-dpo", dict(lora=True, steps=2, options=dict(sftc_fraction=0.5, onpolicy_fraction=0.5)),
+     {"loss": math.log(2), "onpolicy/negatives": 1}),  # step 2: stage 2, its reference the stage-1 policy
+    ("nsft", {}, {"kl": 0.0}),
+    ("grpo", dict(options=dict(num_generations=2)), {}),  # sampling, rewards and the loss on rollouts
 ], ids=["dpo-full", "cw-dpo", "nsft", "grpo"])
-def test_method_matrix(family, method, kw, tiny_family, tmp_path):
+def test_method_matrix(family, method, kw, expect, tiny_family, tmp_path):
     """Every method family on the three image layouts (LLaVA's image tokens, Qwen2-VL's grids, Mllama's
-    cross-attention): the run trains and every loss it logs is finite."""
+    cross-attention): the run trains, every loss it logs is finite, and its last step logs what the method
+    must (a fresh reference's log 2, sampled negatives, no KL to itself)."""
     summary = run(tmp_path / "run", tiny_family(family), "synthetic", method=method, **kw)
     assert summary["skipped_records"] == 0 and summary["steps"] == kw.get("steps", 1)
     with open(summary["metrics"], encoding="utf-8") as f:
-        losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
-    assert len(losses) == summary["steps"] and all(math.isfinite(v) for v in losses)
+        steps = [m for m in map(json.loads, f) if "loss" in m]
+    assert len(steps) == summary["steps"] and all(math.isfinite(m["loss"]) for m in steps)
+    for key, value in expect.items():
+        assert math.isclose(steps[-1][key], value, rel_tol=1e-5, abs_tol=1e-6), (key, steps[-1])
 
 
 def test_paligemma_answers_are_causal(tiny_family):
