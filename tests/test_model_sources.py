@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN_SHA, V2_SHA = "a" * 40, "b" * 40
 
 
-def hub_cache(root, tiny_family, tmp_path_factory):
+def hub_cache(root, tiny_family):
     """``root`` laid out as huggingface_hub's cache of the hub id ``org/tiny``: ``main`` (tiny Llama, seed 0) and
     the branch ``v2`` (seed 1), each a snapshot folder named by its commit."""
     from tiny_families import save_family
@@ -45,7 +45,7 @@ def hub_cache(root, tiny_family, tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_home(tmp_path_factory, tiny_family):
     home = tmp_path_factory.mktemp("hf-home")
-    hub_cache(home / "hub", tiny_family, tmp_path_factory)
+    hub_cache(home / "hub", tiny_family)
     return home
 
 

@@ -13,7 +13,6 @@ locally made tokenizer and the real processor classes, for the default run and t
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import json
 import os
 import types
