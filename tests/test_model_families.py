@@ -165,3 +165,21 @@ def test_per_token_keys_padded_by_shape(tiny_family):
     tokens = batch["attention_mask"].bool()  # the processor's padded positions hold what it likes
     assert torch.equal(own["input_ids"], batch["input_ids"])
     assert torch.equal(own["cross_attention_mask"][tokens], mask[tokens])
+
+
+def test_folder_of_an_earlier_prefopt_loads(tiny_family, tmp_path):
+    """Model folders that prefopt wrote before (processor_class "ImageOnlyQwen2VLProcessor", a name transformers
+    does not have) load through the model type's processor class; folders written now name the real class."""
+    import shutil
+
+    folder = tmp_path / "old"
+    shutil.copytree(tiny_family("qwen2-vl"), folder)
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        with open(folder / name, encoding="utf-8") as f:
+            config = json.load(f)
+        assert config["processor_class"] == "Qwen2VLProcessor"
+        config["processor_class"] = "ImageOnlyQwen2VLProcessor"
+        with open(folder / name, "w", encoding="utf-8") as f:
+            json.dump(config, f)
+    _, processor = build_model(str(folder))
+    assert type(processor).__name__ == "Qwen2VLProcessor" and processor.image_processor is not None
