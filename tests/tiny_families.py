@@ -129,7 +129,6 @@ def build(name):
                 spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]), **ids)
             model_cls, processor_cls = T.Qwen2_5_VLForConditionalGeneration, T.Qwen2_5_VLProcessor
         else:
-            text["rope_parameters"]["mrope_section"] = [2, 3, 3]
             text["rope_parameters"]["mrope_interleaved"] = True
             config = T.Qwen3VLConfig(text_config=text, vision_config=dict(
                 depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,

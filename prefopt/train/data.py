@@ -442,7 +442,8 @@ class PreferenceCollator:
         """One batch of the rows' processor features, ``T`` tokens wide (cut or padded, on the left or right).
 
         Per-token keys are found by shape (``[1, L, ...]`` with ``L`` the row's length: the attention mask,
-        token type ids, Mllama's ``cross_attention_mask``, ...) and padded with 0 (masked / text / no image),
+        token type ids, Mllama's ``cross_attention_mask``, ...; a row holds more tokens than images, tiles or
+        patch rows, so no image key has that shape) and padded with 0 (masked / text / no image),
         ``input_ids`` with the pad token; the others (pixel values, image sizes, grids, ...) are
         concatenated row after row, zero-padded where their trailing sizes differ (the processors' own
         padding: more tiles or images in one row than another).
