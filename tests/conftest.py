@@ -17,3 +17,19 @@ def seed():
     value = random.SystemRandom().randrange(2**31)
     torch.manual_seed(value)
     return value
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """``tiny_family(name)``: the folder of the tiny random model of Hugging Face family ``name`` with its
+    processor (tests/tiny_families.py), written once per session."""
+    folders = {}
+
+    def folder(name):
+        if name not in folders:
+            from tiny_families import save_family
+
+            folders[name] = save_family(name, tmp_path_factory.mktemp(f"family-{name}"))
+        return folders[name]
+
+    return folder

@@ -11,7 +11,8 @@ Sampled parity matrix (about a minute of CI on 2 cores; the budget is 240 s), an
 - DPO, tiny Llama, LoRA without ref_model (reference = adapters off), sigmoid.
 - DPO, tiny Llama, explicit ref_model, WPO (``use_weighting=True``: weights from the head's log_sum_sq_probs).
 - DPO, tiny Llama, precompute_ref_log_probs=True with LoRA (reference precomputed by prefopt's head), ipo.
-- DPO, tiny LLaVA with images, explicit ref_model, sigmoid (TRL refuses precompute for vision data).
+- DPO, tiny LLaVA with images, explicit ref_model, sigmoid (TRL refuses precompute for vision data); the same
+  on LLaVA-NeXT, Qwen3-VL, Idefics3 and Gemma 3.
 - Head fields (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1, loss) against TRL's head directly, half the labels
   the argmax, plain and with softcap, logit scale and temperature.
 - GRPO, tiny Llama, CPU generation: dapo with a KL term (LoRA, adapters-off reference, 2 accumulated
@@ -171,6 +172,13 @@ def test_dpo_precomputed_reference():
 
 def test_dpo_tiny_llava_with_images():
     dpo_pair(dict(max_length=None), model="tiny-llava", data=image_pairs)
+
+
+@pytest.mark.parametrize("family", ["llava-next", "qwen3-vl", "idefics3", "gemma3"])
+def test_dpo_vision_families_with_images(family, tiny_family):
+    """TRL's vision format on other layouts (LLaVA-NeXT's tiles, Qwen3-VL's grids, Idefics3's image splitting,
+    Gemma 3's softcapped head): tiny random models of tests/tiny_families.py."""
+    dpo_pair(dict(max_length=None), model=tiny_family(family), data=image_pairs)
 
 
 def prompts():

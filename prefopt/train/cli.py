@@ -66,14 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "steps, then cooling-weighted DPO with on-policy negatives; nsft = NLL of chosen and "
                         "corrections + per-token KL to the reference; simpo, orpo = reference-free; grpo = group-relative "
                         "policy optimisation on answers sampled per prompt with an exact-answer reward")
-    g.add_argument("--model", default=None, metavar="PATH|" + "|".join(TINY_MODELS),
-                   help="a local Hugging Face model folder (LLaVA, Qwen2-VL, Qwen2.5-VL or a causal LM; nothing is "
-                        "downloaded), an embedded tiny model with random weights, or tiny-llava-sft: tiny-llava with the "
-                        f"shipped weights of its SFT on the synthetic set, which reads its images (default {d.model})")
-    g.add_argument("--init-from", default=None, metavar="FOLDER|RUN",
-                   help="start from a model folder (e.g. an earlier run's RUN/model), a run folder (its newest intact "
-                        "checkpoint) or a checkpoint folder, with the defaults of the model family it came from "
-                        "(instead of --model)")
+    g.add_argument("--model", default=None, metavar="PATH|ORG/NAME|" + "|".join(TINY_MODELS),
+                   help="a Hugging Face image-text or causal LM (any that AutoModelForImageTextToText or "
+                        "AutoModelForCausalLM loads): a local folder, else a hub id from the Hugging Face cache "
+                        "(downloaded when online; HF_HUB_OFFLINE=1: the cache only); an embedded tiny model with random "
+                        "weights, or tiny-llava-sft: tiny-llava with the shipped weights of its SFT on the synthetic "
+                        f"set, which reads its images (default {d.model})")
+    g.add_argument("--init-from", default=None, metavar="FOLDER|RUN|ORG/NAME",
+                   help="start from a model folder (e.g. an earlier run's RUN/model) or hub id, a run folder (its "
+                        "newest intact checkpoint) or a checkpoint folder, with the defaults of the model family it "
+                        "came from (instead of --model)")
+    g.add_argument("--revision", default=None, help="the branch, tag or commit of a hub id given to --model or "
+                   "--init-from (default main)")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code to run "
+                   "(needed by models transformers does not ship); without it such a model is refused")
     g.add_argument("--data", default=d.data, metavar="PATH|synthetic",
                    help="preference data: a JSONL file, a folder with train.jsonl, or 'synthetic' (the built-in "
                         "visual set; default %(default)s)")
@@ -225,6 +231,7 @@ def config_from_args(args) -> "TrainConfig":
     out = args.out or time.strftime("runs/train-%Y%m%d-%H%M%S")
     return TrainConfig(
         method=args.method, model=args.model or args.init_from or TrainConfig.model, init_from=args.init_from,
+        revision=args.revision, trust_remote_code=args.trust_remote_code,
         keep_adapter=args.keep_adapter, data=args.data, out=out, reference=args.reference, lora=args.lora,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, dtype=args.dtype, device=args.device,
         gradient_checkpointing=args.gradient_checkpointing, op_backend=args.op_backend, train_size=args.train_size,

@@ -24,6 +24,8 @@ every prompt token (image tokens included) and padding set to ``ignore_index``.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import stat
@@ -42,6 +44,8 @@ MAX_IMAGE_PIXELS = 50_000_000
 
 # Keys the collator adds that are not model inputs; ModelAdapter.hidden_states drops them.
 EXTRA_BATCH_KEYS = ("labels", "num_images", "correction_rows", "row_record")
+# What a processor may return that the collator makes itself (PaliGemma's processor returns its own labels).
+COLLATOR_KEYS = ("labels",)
 
 
 @dataclass
@@ -249,6 +253,15 @@ def _load_image(img: Any):
     return img  # arrays / tensors: the image processor takes them as they are
 
 
+def _pad_trailing(value: torch.Tensor, trailing: Sequence[int]) -> torch.Tensor:
+    """``value`` zero-padded at the end of each dimension after the first to the sizes ``trailing``."""
+    if list(value.shape[1:]) == list(trailing):
+        return value
+    out = value.new_zeros((value.shape[0], *trailing))
+    out[(slice(None), *(slice(0, n) for n in value.shape[1:]))] = value
+    return out
+
+
 class PreferenceCollator:
     """Collate :class:`PreferenceRecord` s into one padded batch for the model and the fused losses.
 
@@ -264,9 +277,10 @@ class PreferenceCollator:
       ``correction_rows`` (bool [R]) marks the correction rows.
 
     Keys: the processor's model inputs (``input_ids``, ``attention_mask``, and for images e.g.
-    ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``; images are repeated for every row that
-    uses them, in row order), plus ``labels`` ([R, T] long, unshifted, prompt/image/padding tokens =
-    ``ignore_index``), ``num_images`` ([R] long) and ``row_record`` ([R] long: the record each row came from).
+    ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``, ``cross_attention_mask``; per-token keys
+    are found by shape and padded with 0, see :meth:`_pad`; images are repeated for every row that uses
+    them, in row order; a prefix-LM processor's ``token_type_ids`` are 1 on the answer), plus ``labels``
+    ([R, T] long, unshifted, prompt/image/padding tokens = ``ignore_index``), ``num_images`` ([R] long) and ``row_record`` ([R] long: the record each row came from).
     Pass the whole dict to ``ModelAdapter.hidden_states`` (it drops the extra keys) or use
     :func:`model_inputs`.
 
@@ -293,6 +307,9 @@ class PreferenceCollator:
             if isinstance(tid, int):
                 self.image_token_ids.add(tid)
         self._template_owner = self._find_template_owner()
+        # A prefix-LM processor (PaliGemma's) takes the answer as a ``suffix`` and marks it in token_type_ids.
+        call = getattr(processor, "__call__", None)
+        self.prefix_lm = self.image_processor is not None and "suffix" in inspect.signature(call).parameters
         # The text of the image/video tokens: written literally in a record, the processor would count it
         # as an image.
         literal = {getattr(processor, a, None) for a in ("image_token", "video_token")}
@@ -337,18 +354,23 @@ class PreferenceCollator:
 
     def render(self, prompt: str, answer: str, n_images: int = 0) -> tuple:
         """(prompt text, full text): the chat-templated prompt with the generation prompt, and the whole
-        conversation with the answer. Without a chat template: ``prompt + "\n"`` and that + answer + eos."""
+        conversation with the answer. Without a chat template: ``prompt + "\n"`` and that + answer + eos; a
+        prefix-LM processor's own layout (it adds the separator and the eos): ``prompt`` and ``prompt + answer``."""
         owner = self._template_owner
         if owner is None:
+            if n_images and self.prefix_lm:  # image tokens first, as the processor asks
+                p = (getattr(self.processor, "image_token", None) or "") * n_images + prompt
+                return p, p + answer
             if n_images:
                 raise ValueError("records with images need a processor with a chat template")
             p = prompt + "\n"
             return p, p + answer + (self.tokenizer.eos_token or "")
         structured = owner is not self.tokenizer or n_images > 0
-        p = owner.apply_chat_template(
-            self._messages(prompt, n_images, None, structured), tokenize=False, add_generation_prompt=True
-        )
-        full = owner.apply_chat_template(self._messages(prompt, n_images, answer, structured), tokenize=False)
+        # The owner's template rendered by the tokenizer: a processor's own apply_chat_template may want its
+        # video processor (SmolVLM's reads its frame rate), which an image-only processor does not have.
+        render = functools.partial(self.tokenizer.apply_chat_template, chat_template=owner.chat_template, tokenize=False)
+        p = render(self._messages(prompt, n_images, None, structured), add_generation_prompt=True)
+        full = render(self._messages(prompt, n_images, answer, structured))
         return p, full
 
     def prompt_text(self, record: PreferenceRecord) -> str:
@@ -363,6 +385,16 @@ class PreferenceCollator:
     def _encode(self, prompt: str, answer: str, images: list, where: str) -> tuple:
         """(features of one row, prompt length in tokens)."""
         p_text, full_text = self.render(prompt, answer, len(images))
+        if self.prefix_lm and images:
+            # The processor marks the answer (its suffix) with token_type_ids 1: causal there, the prefix
+            # (images + prompt) bidirectional; its own labels are left out (the collator makes them).
+            feats = self._features(p_text, images, where, suffix=full_text[len(p_text):])
+            feats.pop("labels", None)
+            prompt_len = int((feats["token_type_ids"][0] == 0).sum())
+            if prompt_len >= min(feats["input_ids"].shape[1], self.max_length):
+                raise ValueError(f"{where}: prompt is {prompt_len} tokens (images included), leaving no answer "
+                                 f"token within max_length={self.max_length}")
+            return feats, prompt_len
         feats = self._features(full_text, images, where)
         ids = feats["input_ids"][0].tolist()
         # Image-token expansion happens in the prompt only, so the prompt length in the processed row is
@@ -388,16 +420,17 @@ class PreferenceCollator:
                         f"record {i} has images but the model's processor has no image processor (text-only model?)"
                     )
 
-    def _features(self, text: str, images: list, where: str) -> Dict[str, Any]:
+    def _features(self, text: str, images: list, where: str, suffix: Optional[str] = None) -> Dict[str, Any]:
         add_special = self._template_owner is None
         if images:
             if self.image_processor is None:
                 raise ValueError(
                     f"{where} has images but the model's processor has no image processor (text-only model?)"
                 )
+            extra = {} if suffix is None else {"suffix": [suffix]}
             feats = self.processor(
                 text=[text], images=[_load_image(i) for i in images], return_tensors="pt",
-                add_special_tokens=add_special,
+                add_special_tokens=add_special, **extra,
             )
         else:
             feats = self.tokenizer(
@@ -405,34 +438,51 @@ class PreferenceCollator:
             )
         return dict(feats)
 
+    def _pad(self, feats: List[Dict[str, Any]], T: int, *, left: bool) -> Dict[str, torch.Tensor]:
+        """One batch of the rows' processor features, ``T`` tokens wide (cut or padded, on the left or right).
+
+        Per-token keys are found by shape (``[1, L, ...]`` with ``L`` the row's length: the attention mask,
+        token type ids, Mllama's ``cross_attention_mask``, ...; a row holds more tokens than images, tiles or
+        patch rows, so no image key has that shape) and padded with 0 (masked / text / no image),
+        ``input_ids`` with the pad token; the others (pixel values, image sizes, grids, ...) are
+        concatenated row after row, zero-padded where their trailing sizes differ (the processors' own
+        padding: more tiles or images in one row than another).
+        """
+        R = len(feats)
+        out: Dict[str, Any] = {"input_ids": torch.full((R, T), self.pad_token_id, dtype=torch.long)}
+        per_token: Dict[str, List[tuple]] = {}
+        stacked: Dict[str, List[torch.Tensor]] = {}
+        for row, f in enumerate(feats):
+            L = f["input_ids"].shape[1]
+            for key, val in f.items():
+                if key in COLLATOR_KEYS or not isinstance(val, torch.Tensor):
+                    continue
+                if key == "input_ids" or (val.dim() >= 2 and val.shape[0] == 1 and val.shape[1] == L):
+                    per_token.setdefault(key, []).append((row, val[0, :T] if not left else val[0, max(0, L - T):]))
+                else:
+                    stacked.setdefault(key, []).append(val)
+        if "attention_mask" not in per_token:
+            per_token["attention_mask"] = [(row, torch.ones(f["input_ids"].shape[1], dtype=torch.long))
+                                           for row, f in enumerate(feats)]
+        for key, rows in per_token.items():
+            tail = [max(v.shape[d] for _, v in rows) for d in range(1, rows[0][1].dim())]
+            if key not in out:
+                out[key] = torch.zeros((R, T, *tail), dtype=rows[0][1].dtype)
+            for row, v in rows:
+                L = v.shape[0]
+                where = (row, slice(T - L, T) if left else slice(0, L), *(slice(0, n) for n in v.shape[1:]))
+                out[key][where] = v
+        for key, vals in stacked.items():
+            shape = [max(v.shape[d] for v in vals) for d in range(1, vals[0].dim())]
+            out[key] = torch.cat([_pad_trailing(v, shape) for v in vals], dim=0)
+        return out
+
     def generation_inputs(self, records: Sequence[PreferenceRecord]) -> Dict[str, torch.Tensor]:
         """Left-padded prompt batch (chat template with the generation prompt, images processed) for
         ``model.generate(**inputs)``; the new tokens start at column ``inputs["input_ids"].shape[1]``."""
         self._check_images(records)
         feats = [self._features(self.prompt_text(r), list(r.images), f"record {i}") for i, r in enumerate(records)]
-        T = max(f["input_ids"].shape[1] for f in feats)
-        R = len(feats)
-        out: Dict[str, Any] = {
-            "input_ids": torch.full((R, T), self.pad_token_id, dtype=torch.long),
-            "attention_mask": torch.zeros((R, T), dtype=torch.long),
-        }
-        stacked: Dict[str, List[torch.Tensor]] = {}
-        for row, f in enumerate(feats):
-            L = f["input_ids"].shape[1]
-            out["input_ids"][row, T - L:] = f["input_ids"][0]
-            out["attention_mask"][row, T - L:] = 1
-            for key, val in f.items():
-                if key in ("input_ids", "attention_mask") or not isinstance(val, torch.Tensor):
-                    continue
-                if key.endswith("token_type_ids"):
-                    if key not in out:
-                        out[key] = torch.zeros((R, T) + tuple(val.shape[2:]), dtype=val.dtype)
-                    out[key][row, T - L:] = val[0]
-                else:
-                    stacked.setdefault(key, []).append(val)
-        for key, vals in stacked.items():
-            out[key] = torch.cat(vals, dim=0)
-        return out
+        return self._pad(feats, max(f["input_ids"].shape[1] for f in feats), left=True)
 
     def __call__(self, records: Sequence[PreferenceRecord], *, mode: str = "pair") -> Dict[str, torch.Tensor]:
         if mode not in ("pair", "sft", "nsft"):
@@ -458,33 +508,13 @@ class PreferenceCollator:
             encoded.append(self._encode(r.prompt, answer, list(r.images), r.where or f"record {i}"))
 
         T = min(self.max_length, max(f["input_ids"].shape[1] for f, _ in encoded))
-        R = len(rows)
-        input_ids = torch.full((R, T), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((R, T), dtype=torch.long)
-        labels = torch.full((R, T), self.ignore_index, dtype=torch.long)
-        per_token: Dict[str, torch.Tensor] = {}
-        stacked: Dict[str, List[torch.Tensor]] = {}
+        out = self._pad([f for f, _ in encoded], T, left=False)
+        labels = torch.full(out["input_ids"].shape, self.ignore_index, dtype=torch.long)
         for row, (feats, prompt_len) in enumerate(encoded):
-            ids = feats["input_ids"][0][:T]
-            L = ids.shape[0]
-            input_ids[row, :L] = ids
-            attention_mask[row, :L] = 1
-            labels[row, prompt_len:L] = ids[prompt_len:]
-            for key, val in feats.items():
-                if key in ("input_ids", "attention_mask") or not isinstance(val, torch.Tensor):
-                    continue
-                if key.endswith("token_type_ids"):
-                    if key not in per_token:
-                        per_token[key] = torch.zeros((R, T) + tuple(val.shape[2:]), dtype=val.dtype)
-                    per_token[key][row, :L] = val[0, :L]
-                else:
-                    stacked.setdefault(key, []).append(val)
+            L = min(feats["input_ids"].shape[1], T)
+            labels[row, prompt_len:L] = out["input_ids"][row, prompt_len:L]
         for tid in self.image_token_ids:
-            labels[input_ids == tid] = self.ignore_index
-        out: Dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        out.update(per_token)
-        for key, vals in stacked.items():
-            out[key] = torch.cat(vals, dim=0)
+            labels[out["input_ids"] == tid] = self.ignore_index
         out["labels"] = labels
         out["num_images"] = torch.tensor([len(records[i].images) for i, _, _ in rows], dtype=torch.long)
         out["row_record"] = torch.tensor([i for i, _, _ in rows], dtype=torch.long)

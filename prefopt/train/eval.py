@@ -151,7 +151,7 @@ def _run_start(run: str, *, device, dtype):
         cfg = json.load(f)
     return build_model(run_model_source(cfg), dtype=dtype or cfg.get("dtype"), lora=cfg.get("lora", False),
                        lora_r=cfg.get("lora_r", 8), lora_alpha=cfg.get("lora_alpha", 16), device=device,
-                       seed=cfg.get("seed", 0))
+                       seed=cfg.get("seed", 0), trust_remote_code=cfg.get("trust_remote_code", False))
 
 
 def load_run(run: str, *, device="cpu", dtype=None):

@@ -145,7 +145,7 @@ def load_trained_model(checkpoint: str, *, device: str = "cpu", dtype: Optional[
     source = run_model_source(config)
     adapter, processor = build_model(source, dtype=dtype or config.get("dtype"), lora=config["lora"],
                                      lora_r=config["lora_r"], lora_alpha=config["lora_alpha"], device=device,
-                                     seed=config["seed"])
+                                     seed=config["seed"], trust_remote_code=config.get("trust_remote_code", False))
     point = _adapters_reference_point(config, state)
     if point is not None and state["step"] > point:
         path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), f"reference-{point}.safetensors")

@@ -68,6 +68,8 @@ class TrainConfig:
     method: str = "cw-dpo"
     model: str = "tiny-llava-sft"
     init_from: Optional[str] = None  # a model folder, run folder or checkpoint to start from (replaces model)
+    revision: Optional[str] = None  # of a hub id in model / init_from (resolved to its cached folder by prepare)
+    trust_remote_code: bool = False  # let a model folder's own Python code run
     data: str = "synthetic"
     out: str = "runs/train"
     reference: str = "auto"  # model | adapters | precompute | auto (adapters with --lora, else model)
@@ -273,6 +275,9 @@ def prepare(cfg: TrainConfig) -> "Run":
         raise ValueError("--keep-adapter needs --lora (without adapters there is nothing to keep apart)")
     if cfg.deepspeed is not None and cfg.deepspeed not in dist.ZERO_PRESETS and not os.path.isfile(cfg.deepspeed):
         raise ValueError(f"--deepspeed: expected zero2, zero3 or a JSON config file, got {cfg.deepspeed!r}")
+    from .models import resolve_hub_ids
+
+    cfg = resolve_hub_ids(cfg)
     resume_state, stale = _check_out_dir(cfg)
 
     state = dist.setup(cfg.deepspeed, cfg.device, cfg.dist_timeout)
@@ -339,7 +344,7 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     source = model_source(cfg)
     policy, processor = build_model(source, dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r,
                                     lora_alpha=cfg.lora_alpha, gradient_checkpointing=cfg.gradient_checkpointing,
-                                    device=state.device, seed=cfg.seed)
+                                    device=state.device, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
     collator = PreferenceCollator(processor, max_length=cfg.max_length)
     try:  # a model whose processor cannot take this data at all is one error, not a report per record
         collator._check_images(records[:1] + [r for r in records if r.images][:1])
@@ -646,7 +651,8 @@ class Run:
 
         cfg, state = self.cfg, self.state
         start, _ = build_model(model_source(cfg), dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r,
-                               lora_alpha=cfg.lora_alpha, device=state.device, seed=cfg.seed)
+                               lora_alpha=cfg.lora_alpha, device=state.device, seed=cfg.seed,
+                              trust_remote_code=cfg.trust_remote_code)
         result = evaluate(self.policy, processor=self.processor, reference=start, records=self.eval_records,
                           batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
                           backend=cfg.op_backend, synced_gpus=state.zero_stage == 3,
@@ -699,7 +705,8 @@ class Run:
         from .models import build_model
 
         copy, _ = build_model(model_source(cfg), dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r,
-                              lora_alpha=cfg.lora_alpha, device=state.device, seed=cfg.seed)
+                              lora_alpha=cfg.lora_alpha, device=state.device, seed=cfg.seed,
+                              trust_remote_code=cfg.trust_remote_code)
         reference = ref_mod.ModelReference(copy, state, snapshot)
         copy.model = dist.wrap_frozen(state, copy.model, self.policy.head().weight.dtype)
         return reference

@@ -12,9 +12,10 @@ locally made tokenizer and the real processor classes, for the default run and t
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
+import json
 import os
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
@@ -25,10 +26,9 @@ from torch import nn
 from .data import EXTRA_BATCH_KEYS
 from .errors import first_line
 
-__all__ = ["HeadSpec", "ModelAdapter", "build_model", "TINY_MODELS", "SUPPORTED_VLMS"]
+__all__ = ["HeadSpec", "ModelAdapter", "build_model", "resolve_model", "TINY_MODELS", "SUPPORTED_MODELS"]
 
 TINY_MODELS = ("tiny-llava", "tiny-llava-sft", "tiny-qwen2-vl", "tiny-llama")
-SUPPORTED_VLMS = ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 
 
 @dataclass
@@ -77,14 +77,29 @@ def _config_value(config, names) -> Any:
     return None
 
 
+#: Where a transformers model keeps its parts (checked in this order); the families' own names, not their classes.
+LANGUAGE_MODEL_NAMES = ("language_model", "text_model")
+VISION_TOWER_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder")
+
+
+def _first_attribute(module: nn.Module, names) -> Optional[nn.Module]:
+    for name in names:
+        found = getattr(module, name, None)
+        if isinstance(found, nn.Module):
+            return found
+    return None
+
+
 class ModelAdapter:
     """Wrap a causal LM or VLM for the fused losses.
 
     ``ModelAdapter(model)``: ``model`` is a transformers ``PreTrainedModel`` with an output head
     (``get_output_embeddings()``) and a backbone (``model.model`` or the ``base_model_prefix`` module) that
     returns ``last_hidden_state``, or a peft model around one. Otherwise ``ValueError`` naming what is
-    missing. Supported and tested: ``LlavaForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``,
-    ``Qwen2_5_VLForConditionalGeneration`` and ``AutoModelForCausalLM`` text models (Llama, Qwen2, ...).
+    missing. The language model and the vision tower are found by attribute name (``LANGUAGE_MODEL_NAMES``,
+    ``VISION_TOWER_NAMES``), the head by ``get_output_embeddings()`` and the config (softcap, logit scaling):
+    any model of ``AutoModelForImageTextToText`` / ``AutoModelForCausalLM``; tested on the families of
+    ``SUPPORTED_MODELS``.
     """
 
     def __init__(self, model: nn.Module):
@@ -123,6 +138,16 @@ class ModelAdapter:
             if isinstance(c, nn.Module) and c is not hf:
                 return c
         return None
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The decoder stack: the backbone's ``language_model`` / ``text_model`` (a VLM), else the backbone."""
+        return _first_attribute(self.backbone, LANGUAGE_MODEL_NAMES) or self.backbone
+
+    @property
+    def vision_tower(self) -> Optional[nn.Module]:
+        """The image encoder (``vision_tower``, ``visual``, ``vision_model``, ...) or None (a text model)."""
+        return _first_attribute(self.backbone, VISION_TOWER_NAMES) or _first_attribute(self.hf_model, VISION_TOWER_NAMES)
 
     # -- forward
 
@@ -338,28 +363,38 @@ def _load_shipped_base(model) -> None:
                          f"python -m prefopt.train.build_base): {(missing or unexpected)[0]}")
 
 
-_IMAGE_ONLY_CLASSES: Dict[str, type] = {}
+_IMAGE_ONLY_CLASSES: Dict[type, type] = {}
 
 
-def image_only_processor_class(base_name: str = "Qwen2VLProcessor") -> type:
-    """``base_name`` (``Qwen2VLProcessor`` or ``Qwen2_5_VLProcessor``) without its video processor.
+def image_only_processor_class(base) -> type:
+    """The processor class ``base`` (a class or its name in transformers) without its video processor.
 
-    The real classes insist on a video processor, and every video processor of transformers 5 needs
-    torchvision, which is not installable here. This subclass only drops ``video_processor`` from the
-    constructor's signature (the sub-processors a processor checks are read from it); text and image
-    processing are the real class's.
+    In transformers 5 several processors (Qwen2-VL, Qwen3-VL, LLaVA-OneVision, SmolVLM, InternVL, ...) insist on
+    a video processor, and every video processor needs torchvision, which does not install beside every torch.
+    This subclass leaves ``video_processor`` out of the sub-processors the processor checks and loads, and
+    lets the constructor (the real one's code) take None for it, which it hands on to the base class
+    positionally, where it is dropped (true of every processor named above). Text and image processing are
+    the real class's, and ``from_pretrained`` loads a folder's image processor, tokenizer and options as the
+    real class does.
     """
-    if base_name not in _IMAGE_ONLY_CLASSES:
+    if isinstance(base, str):
         import transformers
 
-        base = getattr(transformers, base_name)
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            base.__init__(self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                          chat_template=chat_template, **kwargs)
-
-        _IMAGE_ONLY_CLASSES[base_name] = type(f"ImageOnly{base_name}", (base,), {"__init__": __init__})
-    return _IMAGE_ONLY_CLASSES[base_name]
+        base = getattr(transformers, base)
+    if base not in _IMAGE_ONLY_CLASSES:
+        attributes = [a for a in base.get_attributes() if a != "video_processor"]
+        init = base.__init__
+        # The same code with a default for every positional parameter (None where it had none): transformers
+        # reads the accepted options from the code's argument names, so a wrapper would lose them.
+        names = init.__code__.co_varnames[1:init.__code__.co_argcount]
+        given = dict(zip(names[len(names) - len(init.__defaults__ or ()):], init.__defaults__ or ()))
+        init = types.FunctionType(init.__code__, init.__globals__, init.__name__,
+                                  tuple(given.get(n) for n in names), init.__closure__)
+        init.__kwdefaults__ = base.__init__.__kwdefaults__
+        # The real class's name: what save_pretrained records as the folder's processor_class.
+        _IMAGE_ONLY_CLASSES[base] = type(base.__name__, (base,), {"get_attributes": classmethod(lambda cls: attributes),
+                                                                  "__init__": init})
+    return _IMAGE_ONLY_CLASSES[base]
 
 
 def _build_tiny(name: str, *, dtype, attn: str, seed: int):
@@ -424,54 +459,195 @@ def _build_tiny(name: str, *, dtype, attn: str, seed: int):
     return model, processor
 
 
-def _read_chat_template(path: str) -> Optional[str]:
-    f = os.path.join(path, "chat_template.jinja")
-    if os.path.isfile(f):
-        with open(f, encoding="utf-8") as fh:
-            return fh.read()
+# ------------------------------------------------------------------------------------------ local folders and hub ids
+
+#: What prefopt trains, for the one-line refusal of anything else; README "Your model" lists the same.
+SUPPORTED_MODELS = ("models that transformers' AutoModelForImageTextToText or AutoModelForCausalLM loads (tested: "
+                    "LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, PaliGemma, "
+                    "Idefics3, SmolVLM, Mllama, InternVL, Aya Vision, Llama, Qwen2)")
+#: The files a model folder is read from (weights, configs, tokenizer, processor, chat template); the remote
+#: code's ``*.py`` only with ``trust_remote_code``.
+MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def is_hub_id(name: str) -> bool:
+    """``org/name`` that is no existing path: a Hugging Face hub id."""
+    return name.count("/") == 1 and not os.path.exists(name) and not name.startswith((".", "/", "~"))
+
+
+def resolve_hub_ids(cfg):
+    """``cfg`` (a run's options: ``model``, ``init_from``, ``revision``, ``trust_remote_code``) with a hub id in
+    ``model`` or ``init_from`` replaced by its folder in the Hugging Face cache (:func:`resolve_model`), once
+    per run: every model the run builds, and a resumed run, use the same snapshot."""
+    import dataclasses
+
+    def local(name, option):
+        if name is None or not is_hub_id(name):
+            return name
+        return resolve_model(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, option=option)
+
+    if cfg.revision is not None and not any(n is not None and is_hub_id(n) for n in (cfg.model, cfg.init_from)):
+        raise ValueError(f"--revision {cfg.revision}: applies to a hub id (org/name), and neither --model nor "
+                         "--init-from is one here")
+    return dataclasses.replace(cfg, model=local(cfg.model, "--model"), init_from=local(cfg.init_from, "--init-from"))
+
+
+def resolve_model(name: str, *, revision: Optional[str] = None, trust_remote_code: bool = False,
+                  option: str = "--model") -> str:
+    """The local folder of ``name``, as Hugging Face tools resolve it: a local folder of that name first, else a
+    hub id (``org/name``) looked up in the cache of huggingface_hub (``HF_HOME``, ``HF_HUB_CACHE``) at
+    ``revision`` (a branch, tag or commit; default ``main``) and downloaded when missing and online
+    (``HF_HUB_OFFLINE=1``: the cache only). ``ValueError`` (one line naming ``option``) when neither."""
+    if os.path.isdir(name):
+        return name
+    if not is_hub_id(name):
+        raise ValueError(f"{option}: model not found: {name!r} (expected a local model folder, a hub id org/name or "
+                         f"one of {', '.join(TINY_MODELS)})")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError
+
+    patterns = MODEL_FILE_PATTERNS + (["*.py"] if trust_remote_code else [])
+    try:
+        return snapshot_download(name, revision=revision, allow_patterns=patterns)
+    except HFValidationError as e:
+        raise ValueError(f"{option} {name}: not a local folder nor a valid hub id ({first_line(e)})") from None
+    except Exception as e:  # offline without a cached copy, unknown repo or revision, no network
+        at = f" at revision {revision}" if revision else ""
+        raise ValueError(f"{option} {name}: no local folder of that name, and the hub id{at} is neither in the "
+                         f"Hugging Face cache nor downloadable ({first_line(e)})") from None
+
+
+def check_model_files(path: str) -> None:
+    """``ValueError`` naming the file when ``path`` holds a model file prefopt will not read: a JSON file
+    (config, tokenizer, processor) that does not parse, a safetensors file whose header does not describe
+    it, or pickled weights without safetensors beside them (prefopt unpickles nothing)."""
+    from safetensors import safe_open
+
+    names = sorted(os.listdir(path))
+    for name in names:
+        full = os.path.join(path, name)
+        if name.endswith(".json") and os.path.isfile(full):
+            try:
+                with open(full, encoding="utf-8") as f:
+                    json.load(f)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ValueError(f"{full}: not valid JSON ({first_line(e)})") from None
+        elif name.endswith(".safetensors"):
+            try:
+                with safe_open(full, "pt") as f:
+                    f.keys()
+            except Exception as e:  # safetensors' own error types
+                raise ValueError(f"{full}: not a valid safetensors file ({first_line(e)})") from None
+    if not any(n.endswith(".safetensors") for n in names):
+        pickled = [n for n in names if n.endswith(PICKLED_WEIGHTS)]
+        if pickled:
+            raise ValueError(f"{os.path.join(path, pickled[0])}: pickled weights, which prefopt does not read; convert "
+                             "them to safetensors (e.g. load the model once and save_pretrained it)")
+
+
+def _remote_code_refusal(path: str, e: Exception) -> ValueError:
+    return ValueError(f"{path} needs the Python code it ships to load (remote code); prefopt runs it only with "
+                      f"--trust-remote-code ({first_line(e)})")
+
+
+def _needs_remote_code(e: Exception) -> bool:
+    text = str(e)
+    return "trust_remote_code" in text or "custom code" in text
+
+
+def _model_auto_class(config, trust_remote_code: bool):
+    """AutoModelForImageTextToText or AutoModelForCausalLM, whichever maps ``config`` (remote code: its
+    ``auto_map``); None when neither."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    autos = (AutoModelForImageTextToText, AutoModelForCausalLM)
+    for auto in autos:
+        if type(config) in auto._model_mapping:
+            return auto
+    auto_map = getattr(config, "auto_map", None) or {}
+    if trust_remote_code:
+        for auto in autos:
+            if auto.__name__ in auto_map:
+                return auto
     return None
 
 
-def _load_local(path: str, *, dtype, attn: str):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+def _processor_class(path: str, config):
+    """The processor class a folder names (``processor_config.json`` or the model type's), or None."""
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read a model config in {path!r}: {first_line(e)}") from None
-    archs = list(getattr(config, "architectures", None) or [])
-    vlm = next((a for a in archs if a in SUPPORTED_VLMS), None)
-    kwargs = dict(local_files_only=True, dtype=dtype, attn_implementation=attn)
-    try:
-        if vlm is not None:
-            import transformers
+    name = None
+    for file in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        full = os.path.join(path, file)
+        if os.path.isfile(full):
+            with open(full, encoding="utf-8") as f:
+                name = json.load(f).get("processor_class")
+            if name:
+                break
+    for candidate in (name, PROCESSOR_MAPPING_NAMES.get(getattr(config, "model_type", None))):
+        if candidate and hasattr(transformers, candidate):
+            return getattr(transformers, candidate)
+    return None
 
-            model = getattr(transformers, vlm).from_pretrained(path, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except ValueError as e:
-        raise ValueError(f"cannot load {path!r} as a causal LM or supported VLM: {first_line(e)}") from None
-    processor = None
-    try:
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    except Exception:
-        processor = None
-    if processor is None or (vlm is not None and getattr(processor, "image_processor", None) is None):
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        processor = tokenizer
-        if vlm is not None and vlm.startswith("Qwen2"):
-            # AutoProcessor fails without torchvision (the video processor): compose image-only.
-            from transformers import AutoImageProcessor
 
+def _load_processor(path: str, config, *, vlm: bool, trust_remote_code: bool):
+    """The folder's processor (``AutoProcessor``); for an image-text model whose processor does not load that
+    way (its video processor needs torchvision), the folder's processor class without the video processor
+    (:func:`image_only_processor_class`); a text model's tokenizer otherwise. ``ValueError`` naming the
+    folder when none loads."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code)
+    first_error = None
+    try:
+        processor = AutoProcessor.from_pretrained(path, **kwargs)
+        if not vlm or getattr(processor, "image_processor", None) is not None:
+            return processor
+    except Exception as e:  # a missing video processor, torchvision, a sub-processor's own error types
+        if _needs_remote_code(e):
+            raise _remote_code_refusal(path, e) from None
+        first_error = e
+    if vlm:
+        cls = _processor_class(path, config)
+        if cls is not None:
             try:
-                image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-                base = "Qwen2_5_VLProcessor" if vlm.startswith("Qwen2_5") else "Qwen2VLProcessor"
-                processor = image_only_processor_class(base)(
-                    image_processor=image_processor, tokenizer=tokenizer,
-                    chat_template=getattr(tokenizer, "chat_template", None) or _read_chat_template(path),
-                )
-            except Exception:
-                processor = tokenizer
+                return image_only_processor_class(cls).from_pretrained(path, **kwargs)
+            except Exception as e:
+                first_error = e
+        raise ValueError(f"{path}: the processor of this image-text model does not load ({first_line(first_error)})")
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except Exception as e:
+        if _needs_remote_code(e):
+            raise _remote_code_refusal(path, e) from None
+        raise ValueError(f"{path}: the tokenizer does not load ({first_line(e)})") from None
+
+
+def _load_local(path: str, *, dtype, attn: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    check_model_files(path)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        if _needs_remote_code(e):
+            raise _remote_code_refusal(path, e) from None
+        raise ValueError(f"cannot read a model config in {path!r}: {first_line(e)}") from None
+    auto = _model_auto_class(config, trust_remote_code)
+    if auto is None:
+        raise ValueError(f"{path}: unsupported model type {getattr(config, 'model_type', None)!r}; prefopt trains "
+                         + SUPPORTED_MODELS)
+    try:
+        model = auto.from_pretrained(path, local_files_only=True, dtype=dtype, attn_implementation=attn,
+                                     use_safetensors=True, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers' own errors for a folder it cannot load
+        if _needs_remote_code(e):
+            raise _remote_code_refusal(path, e) from None
+        raise ValueError(f"cannot load {path!r} with {auto.__name__}: {first_line(e)}") from None
+    vlm = auto.__name__ == "AutoModelForImageTextToText"
+    processor = _load_processor(path, config, vlm=vlm, trust_remote_code=trust_remote_code)
     tok = getattr(processor, "tokenizer", processor)
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
@@ -481,9 +657,7 @@ def _load_local(path: str, *, dtype, attn: str):
 
 def _lora_targets(hf: nn.Module) -> list:
     """Full names of the language model's nn.Linear layers (not the head, not the vision tower)."""
-    decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else None
-    if decoder is None or decoder is hf:
-        decoder = ModelAdapter._find_backbone(hf)
+    decoder = ModelAdapter(hf).language_model
     head = hf.get_output_embeddings()
     prefix = next(n for n, m in hf.named_modules() if m is decoder)
     names = []
@@ -505,14 +679,19 @@ def build_model(
     gradient_checkpointing: bool = False,
     device="cpu",
     seed: int = 0,
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
 ) -> Tuple[ModelAdapter, Any]:
     """Build ``(ModelAdapter, processor)``.
 
     ``name_or_path``: one of ``TINY_MODELS`` (random weights from ``seed``, except tiny-llava-sft: the shipped
     grounded base, see :mod:`prefopt.train.build_base`; tiny-llava and tiny-qwen2-vl
     with their real processor classes and PIL image processors, tiny-llama text-only with a tokenizer as
-    its processor) or a local folder loaded with ``from_pretrained(..., local_files_only=True)`` (processor
-    from ``AutoProcessor``, else ``AutoTokenizer``). Unknown name / missing path: ``ValueError``.
+    its processor), or a local folder or hub id (:func:`resolve_model`, at ``revision``) of any model that
+    ``AutoModelForImageTextToText`` or ``AutoModelForCausalLM`` loads, safetensors only (processor from
+    ``AutoProcessor``, without its video processor when that one does not load; a text model's tokenizer).
+    The Python code a folder ships runs only with ``trust_remote_code``. Unknown name, missing path,
+    unsupported model, unreadable file: ``ValueError``, one line.
 
     ``dtype``: torch dtype or "bf16"/"fp16"/"fp32"; default bf16 on CUDA, fp32 on CPU.
     Attention: flash_attention_2 when flash-attn is importable, ``device`` is CUDA and the dtype is bf16/fp16,
@@ -525,12 +704,9 @@ def build_model(
     attn = _attn_implementation(device, dtype)
     if name_or_path in TINY_MODELS:
         model, processor = _build_tiny(name_or_path, dtype=dtype, attn=attn, seed=seed)
-    elif os.path.isdir(name_or_path):
-        model, processor = _load_local(name_or_path, dtype=dtype, attn=attn)
     else:
-        raise ValueError(
-            f"model not found: {name_or_path!r} (expected a local model folder or one of {', '.join(TINY_MODELS)})"
-        )
+        path = resolve_model(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        model, processor = _load_local(path, dtype=dtype, attn=attn, trust_remote_code=trust_remote_code)
     model.config.use_cache = False
     if gradient_checkpointing:
         kw = {"use_reentrant": False}
