@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--io-model", action="store_true",
                    help="print the H100 IO and FLOP model of the cells (bench/io_model.py); without a GPU, "
                         "only the model is printed, with one the measured table follows it")
+    p.add_argument("--device-model", metavar="FILE",
+                   help="with --io-model: measured figures (the device_model.json a first contact writes) in place "
+                        "of the H100 defaults")
     return p
 
 
@@ -238,10 +241,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.io_model:
         import torch
 
-        from .io_model import model_table
+        from .io_model import H100, load_device_model, model_table
         from .runner import merge_points
 
-        print(model_table(merge_points(preset.points), getattr(torch, preset.dtype)))
+        try:
+            device = load_device_model(args.device_model) if args.device_model else H100
+        except (OSError, ValueError) as exc:
+            print(f"prefopt bench: --device-model: {exc}", file=sys.stderr)
+            return 2
+        print(model_table(merge_points(preset.points), getattr(torch, preset.dtype), device=device))
         if preset.device != "cuda" or not torch.cuda.is_available():
             print("(model only: no CUDA device here, nothing measured)", file=sys.stderr)
             return 0
