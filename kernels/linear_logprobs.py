@@ -104,7 +104,7 @@ def forward_blocks(n: int, vocab: int, hidden_size: int, dtype: torch.dtype, *, 
     GPU's). ``ref``: the reference head runs in the same pass; ``extras``: softcap or any statistic
     beyond lse and the target logit; ``write_e``: the frozen head's probability tiles.
 
-    From ``tests/aot_compile_kernels.py`` (sm_90, ptxas registers / spill bytes, 8 warps): bf16 128 x 128
+    From ``bench/aot_compile.py`` (sm_90, ptxas registers / spill bytes, 8 warps): bf16 128 x 128
     compiles without spills for the plain variant (222 registers), with statistics (255, log sum p^2
     included) and with the reference head (255), but spills with both (388 B) and with the probability
     tiles (220 B), which keep 64 x 128 (252 and 192 registers, 188 with log sum p^2); fp64 32 x 64 spills

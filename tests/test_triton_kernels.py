@@ -274,8 +274,8 @@ def test_kernels_compile_for_h100():
     # variant the launchers pick: bf16 tiles on wgmma tensor cores (fp32 too, as TF32), fp64 on DMMA,
     # loads pipelined with cp.async, no register spills (ptxas -v), shared memory within 227 KiB.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "aot_compile_kernels.py")
-    done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "prefopt.bench.aot_compile"], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = {r["name"]: r for r in (json.loads(line) for line in done.stdout.splitlines() if line.startswith("{"))}
     assert len(results) == 10, done.stdout
