@@ -347,10 +347,13 @@ def op(ctx: Context) -> dict:
     return {"status": status, "shape": {"n": n, "hidden": hidden, "vocab": vocab}, "rows": rows}
 
 
-def start_aot(ctx: Context) -> subprocess.Popen:
-    """bench/aot_compile.py in its own process (without the interpreter), lines into OUT/aot_compile.jsonl."""
+def start_aot(ctx: Context) -> Optional[subprocess.Popen]:
+    """bench/aot_compile.py in its own process (without the interpreter), lines into OUT/aot_compile.jsonl;
+    None when Triton has no NVIDIA backend to compile for."""
     from .runner import child_env
 
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        return None
     env = {k: v for k, v in child_env().items() if k != "TRITON_INTERPRET"}
     names = DRY_RUN_AOT if ctx.device.type != "cuda" else []
     ctx.measured["aot_started"] = time.time()
@@ -360,7 +363,9 @@ def start_aot(ctx: Context) -> subprocess.Popen:
                                 env=env, start_new_session=True)
 
 
-def aot_compile(ctx: Context, proc: subprocess.Popen) -> dict:
+def aot_compile(ctx: Context, proc: Optional[subprocess.Popen]) -> dict:
+    if proc is None:
+        return {"status": "skipped: triton without its NVIDIA backend"}
     try:
         rc = proc.wait(timeout=max(1.0, ctx.left() - 5))
     except subprocess.TimeoutExpired:
@@ -410,7 +415,7 @@ def profile(ctx: Context) -> dict:
 
 def end_to_end(ctx: Context) -> dict:
     from .io_model import predictions
-    from .runner import Cell, Point, available_bytes, plan_cells, run_all
+    from .runner import Point, available_bytes, plan_cells, run_all
     from .workloads import WORKLOADS, Shape
 
     n, hidden, vocab = TIMING_SHAPE["cuda"]
@@ -458,11 +463,12 @@ def run(out: str, device: str, deadline_s: float = DEADLINE_S) -> int:
     def hard_stop():
         with lock:
             if current["section"]:
-                ctx.results[current["section"]] = {"status": f"stopped: hard deadline of {deadline_s:.0f} s"}
+                ctx.results[current["section"]] = {"status": f"stopped: hard deadline of {deadline_s:g} s"}
             _write(ctx)
-        ctx.log(f"first contact: hard deadline of {deadline_s:.0f} s reached in {current['section']}; "
+        ctx.log(f"first contact: hard deadline of {deadline_s:g} s reached in {current['section']}; "
                 f"finished sections are in {out}/first_contact.json")
-        aot.kill()
+        if aot is not None:
+            aot.kill()
         os._exit(124)
 
     watchdog = threading.Timer(deadline_s, hard_stop)
@@ -491,7 +497,7 @@ def run(out: str, device: str, deadline_s: float = DEADLINE_S) -> int:
                 _write(ctx)
     finally:
         watchdog.cancel()
-        if aot.poll() is None:
+        if aot is not None and aot.poll() is None:
             aot.kill()
     print(markdown(ctx.results))
     ctx.log(f"wrote {out}/first_contact.json and first_contact.md")

@@ -170,3 +170,24 @@ def test_absent_peers_are_skipped_with_one_line_each(monkeypatch):
     record = first_contact.end_to_end(ctx)
     assert {r["impl"] for r in record["rows"] if "not installed" in r["reason"]} == {"liger", "cce", "trl"}
     assert len([line for line in lines if "not installed" in line]) == 3
+
+
+def test_watchdog_ends_the_run_at_the_deadline(tmp_path, capsys, monkeypatch):
+    # A section still running at the hard deadline: the watchdog records it as stopped, writes what the
+    # finished sections gave, and ends the process (exit status 124; os._exit is recorded here instead).
+    import threading
+
+    fired, snapshot = threading.Event(), {}
+
+    def fake_exit(code):
+        snapshot.update(code=code, results=json.loads((tmp_path / "first_contact.json").read_text()))
+        fired.set()
+
+    monkeypatch.setattr(first_contact.os, "_exit", fake_exit)
+    monkeypatch.setattr(first_contact, "ESTIMATE_S", dict.fromkeys(first_contact.ESTIMATE_S, 0))
+    monkeypatch.setattr(first_contact, "ceilings", lambda ctx: fired.wait(30) and {"status": "ok"})
+    first_contact.run(str(tmp_path), "cpu", deadline_s=1.5)
+    assert snapshot["code"] == 124
+    assert snapshot["results"]["environment"]["status"] == "ok"
+    assert snapshot["results"]["ceilings"]["status"] == "stopped: hard deadline of 1.5 s"
+    assert "hard deadline of 1.5 s reached in ceilings" in capsys.readouterr().err
