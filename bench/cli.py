@@ -217,6 +217,8 @@ def _resolve(args, parser) -> Preset:
         preset.points = [p for p in preset.points if p.workload in workloads]
         if not preset.points:
             parser.error(f"preset {preset.name!r} has no cell for {', '.join(workloads)}; give --tokens/--vocab for custom shapes")
+    if args.device_model and not args.io_model:
+        parser.error("--device-model: only with --io-model (it replaces the model's H100 defaults)")
     if args.deadline is not None and (preset.name != "gpu-first-contact" or not args.deadline > 0):
         parser.error(f"--deadline: expected a positive number of seconds with --preset gpu-first-contact, got "
                      f"{args.deadline} with preset {preset.name}")
