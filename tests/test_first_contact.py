@@ -48,8 +48,8 @@ def dry_run(tmp_path_factory):
     assert not copy.startswith(ROOT + os.sep)
     _copy_checkout(copy)
     out = os.path.join(copy, "out")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(site.getsitepackages()), "TRITON_INTERPRET": "1",
-           "OMP_NUM_THREADS": "1"}
+    packages = site.getsitepackages() + [site.getusersitepackages()]  # where torch and triton are, without .pth files
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(packages), "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-S", "-m", "bench", "--preset", "gpu-first-contact", "--device", "cpu",
                            "--out", out], cwd=copy, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
