@@ -76,6 +76,7 @@ class Context:
     log: Callable[[str], None]
     results: Dict[str, dict] = field(default_factory=dict)
     measured: Dict[str, float] = field(default_factory=dict)
+    device_model: Optional[dict] = None  # what this run wrote to OUT/device_model.json
 
     @property
     def geometry(self) -> str:
@@ -281,15 +282,17 @@ def _write_device_model(ctx: Context, rows: List[dict]) -> str:
         # the frozen forward's kernel alone: the path's time less its moments products
         efficiency["frozen_forward"] = rate["moments"] * seconds["moments"] / (seconds["frozen_path"] - seconds["moments"]) / peak
     efficiency["memory"] = 1.0  # the bandwidth below is the measured copy rate itself
-    data = {"name": torch.cuda.get_device_name(ctx.device), "sms": torch.cuda.get_device_properties(ctx.device).multi_processor_count,
-            "peak_flops": {"bfloat16": peak, "float16": peak}, "hbm_bytes_per_s": ctx.measured["copy_bytes_per_s"],
-            "efficiency": efficiency, "source": f"measured by the first contact, {ctx.results['environment']['date']}"}
+    env = ctx.results["environment"]
+    data = {"name": env["device"], "sms": env["sms"], "peak_flops": {"bfloat16": peak, "float16": peak},
+            "hbm_bytes_per_s": ctx.measured["copy_bytes_per_s"], "efficiency": efficiency,
+            "source": f"measured by the first contact, {env['date']}, commit {env['commit']}"}
     try:
         DeviceModel.from_dict(data)
     except ValueError as exc:
         return f"not written: {exc}"
     with open(os.path.join(ctx.out, "device_model.json"), "w") as f:
         json.dump(data, f, indent=1)
+    ctx.device_model = data
     return os.path.join(ctx.out, "device_model.json")
 
 
@@ -303,10 +306,7 @@ def op(ctx: Context) -> dict:
         return {"status": why}
     n, hidden, vocab = TIMING_SHAPE[ctx.geometry]
     h, w, y, rh, rw = _inputs(ctx, ref=True, requires_grad=True)
-    measured_model = None
-    if os.path.exists(os.path.join(ctx.out, "device_model.json")):
-        with open(os.path.join(ctx.out, "device_model.json")) as f:
-            measured_model = DeviceModel.from_dict(json.load(f))
+    measured_model = DeviceModel.from_dict(ctx.device_model) if ctx.device_model else None
     auto = frozen_shortcut_pays(n, vocab, hidden, torch.bfloat16)
     plan = [  # name, linear_logprobs options, frozen_head_shortcut, modelled (ref, kl, frozen, shortcut)
         ("trainable, log-probs", {}, "auto", (False, False, False, False)),

@@ -191,3 +191,26 @@ def test_watchdog_ends_the_run_at_the_deadline(tmp_path, capsys, monkeypatch):
     assert snapshot["results"]["environment"]["status"] == "ok"
     assert snapshot["results"]["ceilings"]["status"] == "stopped: hard deadline of 1.5 s"
     assert "hard deadline of 1.5 s reached in ceilings" in capsys.readouterr().err
+
+
+def test_device_model_from_measured_rates(tmp_path):
+    # The efficiencies a GPU run writes, from rows as the kernels section records them: each kind's rate
+    # over the measured cuBLAS peak; the frozen forward's kernel is its path less the moments products.
+    from prefopt.bench.io_model import load_device_model
+
+    ctx = first_contact.Context(torch.device("cuda"), str(tmp_path), math.inf, print)
+    ctx.results["environment"] = {"device": "GPU X", "sms": 132, "date": "today", "commit": "abc"}
+    ctx.measured.update(peak_flops=800e12, copy_bytes_per_s=4.0e12)
+    rows = [{"status": "ok", "kind": kind, "tflops": tflops, "median_ms": ms} for kind, tflops, ms in (
+        ("forward", 560.0, 30.0), ("forward_ref", 480.0, 70.0), ("logit_gradient", 520.0, 2.0),
+        ("logit_gradient_kl", 400.0, 5.0), ("cublas", 760.0, 1.5), ("moments", 700.0, 20.0), ("frozen_path", 300.0, 100.0))]
+    rows.append({"status": "skipped: deadline", "kernel": "policy forward, 64 x 128 tiles"})
+    path = first_contact._write_device_model(ctx, rows)
+    device = load_device_model(path)
+    assert device.name == "GPU X" and device.hbm_bytes_per_s == 4.0e12 and device.peak(torch.bfloat16) == 800e12
+    assert device.efficiency["forward"] == pytest.approx(0.70) and device.efficiency["cublas"] == pytest.approx(0.95)
+    # moments: 700 TFLOP/s for 20 ms = 14 TFLOP; the kernel alone: 14 TFLOP in 80 ms = 175 TFLOP/s
+    assert device.efficiency["frozen_forward"] == pytest.approx(175 / 800)
+    assert device.efficiency["memory"] == 1.0 and "commit abc" in device.source
+    ctx.measured["peak_flops"] = 100e12  # rates above 1.5x the peak: a broken measurement, not written
+    assert first_contact._write_device_model(ctx, rows).startswith("not written: device model: efficiency")
