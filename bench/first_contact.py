@@ -93,11 +93,11 @@ class Context:
         return False
 
 
-def _interpreted() -> Optional[str]:
-    """Why the Triton kernels cannot run here, or None (CUDA, or CPU under the interpreter)."""
+def _kernels_cannot_run(ctx: Context) -> Optional[str]:
+    """Why the Triton kernels cannot run on this run's device, or None (CUDA, or CPU under the interpreter)."""
     from prefopt.kernels import linear_logprobs as K
 
-    if torch.cuda.is_available() or K.INTERPRET:
+    if ctx.device.type == "cuda" or K.INTERPRET:
         return None
     return NO_CUDA + " (set TRITON_INTERPRET=1 for the dry run under the interpreter)"
 
@@ -175,7 +175,7 @@ def _gate_geometry(ctx: Context):
 
 
 def gate_self_test(ctx: Context) -> dict:
-    why = _interpreted()
+    why = _kernels_cannot_run(ctx)
     if why:
         return {"status": why}
     with _gate_geometry(ctx):
@@ -185,7 +185,7 @@ def gate_self_test(ctx: Context) -> dict:
 def correctness(ctx: Context) -> dict:
     from prefopt.kernels import linear_logprobs as K
 
-    why = _interpreted()
+    why = _kernels_cannot_run(ctx)
     if why:
         return {"status": why, "variants": [v.name for v in gate.VARIANTS]}
     rows = []
@@ -210,7 +210,7 @@ def kernels(ctx: Context) -> dict:
     from prefopt.ops.common import GradCoefficients, OpConfig
     from prefopt.ops.triton_backend import recompute_grads
 
-    why = _interpreted()
+    why = _kernels_cannot_run(ctx)
     if why:
         return {"status": why}
     n, hidden, vocab = TIMING_SHAPE[ctx.geometry]
@@ -301,7 +301,7 @@ def op(ctx: Context) -> dict:
     from prefopt.ops.launch_model import H100, DeviceModel, call_time, frozen_shortcut_pays, triton_launches
     from prefopt.ops.triton_backend import LinearLogprobsTriton
 
-    why = _interpreted()
+    why = _kernels_cannot_run(ctx)
     if why:
         return {"status": why}
     n, hidden, vocab = TIMING_SHAPE[ctx.geometry]
@@ -393,7 +393,7 @@ def profile(ctx: Context) -> dict:
 
     from prefopt import linear_logprobs
 
-    why = _interpreted()
+    why = _kernels_cannot_run(ctx)
     if why:
         return {"status": why}
     h, w, y, _, _ = _inputs(ctx, requires_grad=True)
@@ -453,6 +453,10 @@ SECTIONS = ["environment", "ceilings", "gate_self_test", "correctness", "kernels
 
 def run(out: str, device: str, deadline_s: float = DEADLINE_S) -> int:
     """Every section in turn within ``deadline_s`` seconds; exit status 1 if a section failed."""
+    if device == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
+        print("prefopt bench: gpu-first-contact: TRITON_INTERPRET=1 would run the kernels under the interpreter "
+              "on the GPU; unset it", file=sys.stderr)
+        return 2
     os.makedirs(out, exist_ok=True)
     ctx = Context(torch.device("cuda" if device == "cuda" else "cpu"), out, time.monotonic() + deadline_s,
                   lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -214,3 +214,16 @@ def test_device_model_from_measured_rates(tmp_path):
     assert device.efficiency["memory"] == 1.0 and "commit abc" in device.source
     ctx.measured["peak_flops"] = 100e12  # rates above 1.5x the peak: a broken measurement, not written
     assert first_contact._write_device_model(ctx, rows).startswith("not written: device model: efficiency")
+
+
+def test_refuses_the_interpreter_on_a_gpu_and_skips_kernels_without_it(tmp_path, capsys, monkeypatch):
+    # TRITON_INTERPRET=1 (set by conftest) on a GPU run would time the interpreter: one line, exit 2, nothing
+    # written. On CPU without the interpreter the kernel sections say how to get the dry run.
+    from prefopt.kernels import linear_logprobs as K
+
+    assert first_contact.run(str(tmp_path / "gpu"), "cuda") == 2
+    assert "TRITON_INTERPRET=1" in capsys.readouterr().err and not (tmp_path / "gpu").exists()
+    monkeypatch.setattr(K, "INTERPRET", False)
+    ctx = first_contact.Context(torch.device("cpu"), str(tmp_path), math.inf, print)
+    for section in (first_contact.gate_self_test, first_contact.correctness, first_contact.kernels, first_contact.op):
+        assert section(ctx)["status"] == "skipped: no CUDA device (set TRITON_INTERPRET=1 for the dry run under the interpreter)"
