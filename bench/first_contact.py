@@ -5,8 +5,9 @@ the checkout's ``prefopt`` (and ``prefopt.kernels``, mapped to ``kernels/``); th
 records which files were imported. Peers that are not installed (Liger, Cut Cross-Entropy, TRL) are
 skipped with one line each. Hard deadline for the whole run: 5 minutes (``--deadline``); a section
 that would pass it (by its estimate, :data:`ESTIMATE_S`) is skipped with one line, rows inside the
-long sections are too, and a watchdog ends the process at the deadline, so a second try fits a 15-minute
-GPU lease. Each section is written to ``OUT/first_contact.json`` and ``OUT/first_contact.md`` as it
+long sections are too (and past twice their section's estimate, so that a slow section leaves the later
+ones their time), and a watchdog ends the process at the deadline, so a second try fits a 15-minute GPU
+lease. Each section is written to ``OUT/first_contact.json`` and ``OUT/first_contact.md`` as it
 ends (a crash or the watchdog keeps what came before):
 
 1. ``environment``: device, versions, commit, date, where ``prefopt`` and its kernels were imported
@@ -77,6 +78,7 @@ class Context:
     results: Dict[str, dict] = field(default_factory=dict)
     measured: Dict[str, float] = field(default_factory=dict)
     device_model: Optional[dict] = None  # what this run wrote to OUT/device_model.json
+    section_end: float = math.inf  # rows of the running section stop here (twice its estimate)
 
     @property
     def geometry(self) -> str:
@@ -86,10 +88,12 @@ class Context:
         return self.deadline - time.monotonic()
 
     def row_fits(self, what: str) -> bool:
-        """Whether one more row fits before the deadline; if not, says so in one line."""
-        if self.left() >= ROW_ESTIMATE_S[self.geometry]:
+        """Whether one more row fits before the deadline and within the section's share (twice its
+        estimate, so that one slow section leaves the later ones their time); if not, says so in one line."""
+        left = min(self.deadline, self.section_end) - time.monotonic()
+        if left >= ROW_ESTIMATE_S[self.geometry]:
             return True
-        self.log(f"first contact: {what}: skipped, {self.left():.0f} s left before the deadline")
+        self.log(f"first contact: {what}: skipped, {left:.0f} s left of the section's share of the deadline")
         return False
 
 
@@ -490,6 +494,7 @@ def run(out: str, device: str, deadline_s: float = DEADLINE_S) -> int:
                 ctx.log(f"first contact: {name} ...")
                 current["section"] = name
                 start = time.monotonic()
+                ctx.section_end = start + 2 * estimate if estimate else math.inf
                 try:
                     record = sections[name](ctx)
                 except Exception as exc:  # a section's crash is its record; the next section still runs

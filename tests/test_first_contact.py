@@ -227,3 +227,14 @@ def test_refuses_the_interpreter_on_a_gpu_and_skips_kernels_without_it(tmp_path,
     ctx = first_contact.Context(torch.device("cpu"), str(tmp_path), math.inf, print)
     for section in (first_contact.gate_self_test, first_contact.correctness, first_contact.kernels, first_contact.op):
         assert section(ctx)["status"] == "skipped: no CUDA device (set TRITON_INTERPRET=1 for the dry run under the interpreter)"
+
+
+def test_rows_stop_at_the_section_share(tmp_path):
+    # A section's rows stop at twice its estimate even when the run's deadline is far: one line per row.
+    lines = []
+    ctx = first_contact.Context(torch.device("cpu"), str(tmp_path), math.inf, lines.append)
+    assert ctx.row_fits("kernels: policy forward")
+    ctx.section_end = 0.0
+    assert not ctx.row_fits("kernels: policy forward")
+    assert len(lines) == 1 and lines[0].startswith("first contact: kernels: policy forward: skipped, ")
+    assert lines[0].endswith("s left of the section's share of the deadline")
