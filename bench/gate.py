@@ -45,8 +45,9 @@ TOP1_AGREEMENT = 0.99  # near-ties may flip under rounding
 
 #: (tokens, hidden size, vocabulary) per geometry; "cuda" on a GPU, "dry run" under the interpreter.
 SHAPES = {
-    # GPU, bf16: 8 splits of 10 tiles (the last tile 100 columns), 3 backward chunks of 3968 columns
-    # (fp32: 6 of 1920), 33 token blocks (the last 4 rows), H = 3 x 64 + 8; aligned: 9 splits, 3 chunks.
+    # GPU (132 SMs), bf16: 8 splits of 10 tiles (the last tile 100 columns), 3 backward chunks of 3968
+    # columns (fp32: 6 of 1920), token blocks whose last has 4 rows, H = 3 x 64 + 8; aligned: 8 splits,
+    # 3 chunks (fp32 5).
     "cuda": {"ragged": (4100, 200, 10084), "aligned": (4096, 256, 10240)},
     # interpreter (256-column tiles) under dry_run_geometry: 2 splits of 4 tiles (the last 108 columns),
     # 3 bf16 chunks (8 fp32), H = 48 of 64; aligned: 2 splits, 4 bf16 chunks
@@ -116,21 +117,23 @@ def _ragged(total: int, block: int) -> Tuple[int, int]:
 
 
 def geometry(n: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device, *, ref: bool,
-             shortcut: bool) -> dict:
-    """How the launchers cut this call: splits, tiles, chunks and their ragged ends (``ragged`` entries
-    give the size of the last one)."""
+             shortcut: bool, gpu_sms: Optional[int] = None) -> dict:
+    """How the launchers cut this call: splits, tiles, chunks and the size of the last of each.
+    ``gpu_sms``: as on a GPU with that many SMs (its tiles and splits), whatever this process runs."""
     item = torch.empty((), dtype=dtype).element_size()
+    interpret = False if gpu_sms else None
     if shortcut:
-        fb = K.forward_blocks(n, vocab, hidden, dtype, write_e=True)
+        fb = K.forward_blocks(n, vocab, hidden, dtype, write_e=True, interpret=interpret)
         width = K.chunk_width(n, vocab, hidden, item, fb.block_v)
         chunks, last_chunk = _ragged(vocab, width)
         return {"path": "frozen shortcut", "forward_splits": None, "chunks": chunks, "last_chunk_columns": last_chunk,
                 **_tiles(n, hidden, vocab, fb)}
-    fb = K.forward_blocks(n, vocab, hidden, dtype, ref=ref, extras=True)
+    fb = K.forward_blocks(n, vocab, hidden, dtype, ref=ref, extras=True, interpret=interpret)
     tiles = math.ceil(vocab / fb.block_v)
-    split = max(1, min(K.default_split(n, vocab, fb, device), tiles))
+    split = K.split_for(n, vocab, fb, gpu_sms) if gpu_sms else K.default_split(n, vocab, fb, device)
+    split = max(1, min(split, tiles))
     split = math.ceil(tiles / math.ceil(tiles / split))
-    bb = K.backward_blocks(n, vocab, hidden, dtype)
+    bb = K.backward_blocks(n, vocab, hidden, dtype, interpret=interpret)
     chunks, last_chunk = _ragged(vocab, K.chunk_width(n, vocab, hidden, item, bb.block_v))
     return {"path": "split forward, chunked recompute", "forward_splits": split, "chunks": chunks,
             "last_chunk_columns": last_chunk, **_tiles(n, hidden, vocab, fb)}

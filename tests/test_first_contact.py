@@ -238,3 +238,19 @@ def test_rows_stop_at_the_section_share(tmp_path):
     assert not ctx.row_fits("kernels: policy forward")
     assert len(lines) == 1 and lines[0].startswith("first contact: kernels: policy forward: skipped, ")
     assert lines[0].endswith("s left of the section's share of the deadline")
+
+
+def test_gpu_shapes_span_splits_and_chunks():
+    # The shapes the GPU run checks, cut as on a 132-SM GPU with its own tiles: every variant spans several
+    # chunks (and splits, unless the frozen shortcut runs), and the ragged shape ends every axis ragged.
+    for variant in gate.VARIANTS:
+        for name in variant.shapes:
+            n, hidden, vocab = gate.SHAPES["cuda"][name]
+            geo = gate.geometry(n, hidden, vocab, variant.dtype, torch.device("cuda"), ref=variant.ref,
+                                shortcut=bool(variant.frozen and variant.shortcut), gpu_sms=132)
+            assert geo["chunks"] > 1 and geo["vocab_tiles"] > 1, (variant.name, geo)
+            assert geo["forward_splits"] is None if variant.frozen and variant.shortcut else geo["forward_splits"] > 1
+            block_n, block_v, block_h = geo["tile"]
+            ragged = (geo["last_tile_columns"] < block_v, geo["last_token_block_rows"] < block_n,
+                      geo["last_hidden_slice"] < block_h, geo["last_chunk_columns"] < vocab / geo["chunks"])
+            assert all(ragged) if name == "ragged" else not any(ragged[:3]), (variant.name, name, geo)
