@@ -157,7 +157,7 @@ POISON_FRESH_BYTES = 8 * 2**30
 
 def poison_free_memory(device: torch.device) -> str:
     """Fill with 0xFF bytes (NaN in every float dtype, -1 in integers) every block the CUDA caching
-    allocator holds free, and up to 8 GiB of fresh device memory that it keeps cached afterwards:
+    allocator holds free, topped up with fresh device memory to 8 GiB that it keeps cached afterwards:
     whatever the next run allocates starts as NaN. Nothing to do on CPU (no caching allocator)."""
     if device.type != "cuda":
         return "none on CPU (no caching allocator)"
@@ -166,7 +166,8 @@ def poison_free_memory(device: torch.device) -> str:
     sizes = sorted(block["size"] for segment in torch.cuda.memory_snapshot() if segment.get("device", index) == index
                    for block in segment["blocks"] if block["state"] == "inactive")
     held = [torch.empty(size, dtype=torch.uint8, device=device) for size in sizes]  # smallest fit first
-    fresh = min(POISON_FRESH_BYTES, torch.cuda.mem_get_info(device)[0] - 2**30)
+    # what the cache cannot serve comes from the driver: keep 8 GiB of poisoned memory cached (not 8 more each call)
+    fresh = min(POISON_FRESH_BYTES - sum(sizes), torch.cuda.mem_get_info(device)[0] - 2**30)
     if fresh > 0:
         held.append(torch.empty(fresh, dtype=torch.uint8, device=device))
     for t in held:
