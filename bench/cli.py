@@ -10,7 +10,7 @@ Examples::
     python -m bench --preset issue2                # issue 2's CPU comparison (DPO with a reference head)
     python -m bench --preset gpu                   # issue 3's GPU grid, incl. the matrix-product floor
     python -m bench --preset gpu --io-model        # the H100 IO/FLOP model of that grid (no GPU needed)
-    python -m bench --preset gpu-first-contact     # first run on a GPU: correctness, kernels, profile (<= 10 min)
+    python -m bench --preset gpu-first-contact --out DIR   # first run on a GPU (<= 5 min, nothing to install)
     python -m bench --workload grpo,nsft-kl --tokens 1024,2048 --vocab 32000 --impl naive,prefopt-torch
 """
 from __future__ import annotations
@@ -85,9 +85,10 @@ def make_preset(name: str, device: str) -> Preset:
                       "cuda", "bfloat16", ["naive", "prefopt-triton", "prefopt-torch", "liger", "liger-compiled", "cce", "trl", "floor"],
                       grid, warmup=2, repeats=10, timeout=600)
     if name == "gpu-first-contact":
-        return Preset("gpu-first-contact", "first run on a GPU: every variant against float64, each kernel alone, a "
-                      "profile, the frozen shortcut on/off, end to end against the peers (bench/first_contact.py); "
-                      "without CUDA a dry run", device, "bfloat16", [], [])
+        return Preset("gpu-first-contact", "first run on a GPU, within 5 minutes: the gate's self-test, every variant "
+                      "against float64, each kernel alone, the op, AOT compile evidence, a profile, end to end against "
+                      "the floor and the installed peers (bench/first_contact.py); without CUDA a dry run", device,
+                      "bfloat16", [], [])
     if name == "full":
         if device == "cuda":
             pts = make_preset("gpu", device).points
@@ -148,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--io-model", action="store_true",
                    help="print the H100 IO and FLOP model of the cells (bench/io_model.py); without a GPU, "
                         "only the model is printed, with one the measured table follows it")
+    p.add_argument("--deadline", type=float, metavar="SECONDS",
+                   help="gpu-first-contact: hard deadline for the whole run (default 300); sections that would pass "
+                        "it are skipped with one line")
+    p.add_argument("--device-model", metavar="FILE",
+                   help="with --io-model: measured figures (the device_model.json a first contact writes) in place "
+                        "of the H100 defaults")
     return p
 
 
@@ -210,6 +217,11 @@ def _resolve(args, parser) -> Preset:
         preset.points = [p for p in preset.points if p.workload in workloads]
         if not preset.points:
             parser.error(f"preset {preset.name!r} has no cell for {', '.join(workloads)}; give --tokens/--vocab for custom shapes")
+    if args.device_model and not args.io_model:
+        parser.error("--device-model: only with --io-model (it replaces the model's H100 defaults)")
+    if args.deadline is not None and (preset.name != "gpu-first-contact" or not args.deadline > 0):
+        parser.error(f"--deadline: expected a positive number of seconds with --preset gpu-first-contact, got "
+                     f"{args.deadline} with preset {preset.name}")
     preset.dtype = args.dtype or preset.dtype
     for attr in ("warmup", "repeats", "timeout", "rounds"):
         val = getattr(args, attr)
@@ -234,14 +246,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         from . import first_contact
 
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-        return first_contact.run(args.out or os.path.join("out", "bench", f"first-contact-{stamp}"), preset.device)
+        return first_contact.run(args.out or os.path.join("out", "bench", f"first-contact-{stamp}"), preset.device,
+                                 args.deadline or first_contact.DEADLINE_S)
     if args.io_model:
         import torch
 
-        from .io_model import model_table
+        from .io_model import H100, load_device_model, model_table
         from .runner import merge_points
 
-        print(model_table(merge_points(preset.points), getattr(torch, preset.dtype)))
+        try:
+            device = load_device_model(args.device_model) if args.device_model else H100
+        except (OSError, ValueError) as exc:
+            print(f"prefopt bench: --device-model: {exc}", file=sys.stderr)
+            return 2
+        print(model_table(merge_points(preset.points), getattr(torch, preset.dtype), device=device))
         if preset.device != "cuda" or not torch.cuda.is_available():
             print("(model only: no CUDA device here, nothing measured)", file=sys.stderr)
             return 0

@@ -1,42 +1,34 @@
-"""An IO and FLOP model of one fused-op call (forward + backward) on an H100, computed without a GPU.
+"""An IO and FLOP model of one fused-op call (forward + backward) on a GPU, computed without a GPU.
 
 For each implementation and workload the model lists the kernel launches a call makes, each with its
-matrix-product FLOPs, the HBM bytes it reads and writes, and its grid, all taken from the launcher's own
-functions (:func:`prefopt.kernels.linear_logprobs.forward_blocks`, ``backward_blocks``, ``split_for``,
-``chunk_width``, ``forward_grid``). A launch's predicted time is
+matrix-product FLOPs, the HBM bytes it reads and writes, its grid and its kind. prefopt's Triton
+launches, the device model (SMs, cuBLAS's peak, bandwidth) and the per-kernel efficiencies live in
+the library, :mod:`prefopt.ops.launch_model`, whose docstring gives the time formula; the op's
+``frozen_head_shortcut="auto"`` decides with the same model. This module adds the torch backend, the
+naive path and the floors, and prints them.
 
-    max(waves * (FLOPs of one program) / (peak / SMs),  bytes / bandwidth),   waves = ceil(programs / SMs)
-
-so a grid that leaves part of the last wave idle pays for a whole wave (wave quantisation), and a launch
-is bound by whichever of arithmetic and memory is slower. One program per SM is assumed for the
-matrix kernels (the forward kernel's 96-192 KiB of shared memory leave room for one; cuBLAS is modelled
-with 128 x 256 output tiles). HBM bytes follow an L2 model per launch:
-
-- Triton forward (``split`` fastest): a wave of programs covers a few token blocks and every split, so
-  it reads W once per wave and each token block's hidden rows once (their re-reads per tile hit L2);
-- grouped launches (the logit-gradient kernel, the frozen-head forward): ``group_n`` token blocks sweep
-  the vocabulary tiles together, so hidden is read once per chunk and W once per group of token blocks;
-- cuBLAS products and elementwise passes: each operand once.
-
-What is not modelled: L2 and shared-memory bandwidth (the tile's arithmetic intensity is printed so the
-reader sees it: 64 x 128 bf16 tiles feed about 43 FLOP per byte, 128 x 128 about 64), launch gaps,
-and the small per-token vectors. The peaks are the issue's H100 figures (790 TFLOP/s bf16 dense through
-cuBLAS, 3.0 TB/s); measured numbers replace them once a GPU run has measured them.
+Two floors per workload, in products of N x H x V at cuBLAS's peak: the naive path's (the logits kept:
+forward, d hidden, d weight, plus one per reference head: 3 for a trainable head, 2 frozen) and the
+recomputing design's (nothing stored, one product more: 4, 3 frozen). What is not modelled: L2 and
+shared-memory bandwidth (a 64 x 128 bf16 tile feeds about 43 FLOP per byte, 128 x 128 about 64),
+launch gaps, and the small per-token vectors. ``--device-model FILE`` (the ``device_model.json`` a
+first contact writes) replaces the H100 defaults with measured figures.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
 
+from prefopt.ops.launch_model import H100, KINDS, DeviceModel, Launch, call_time, cublas, frozen_shortcut_pays, \
+    triton_launches
+
 from .workloads import Shape, Workload
 
-SMS = 132
-PEAK_FLOPS = {torch.bfloat16: 790e12, torch.float16: 790e12, torch.float32: 395e12}  # fp32: TF32
-HBM_BYTES_PER_S = 3.0e12
-CUBLAS_TILE = (128, 256)
+SMS = H100.sms
 
 #: Why a fused path does one product more than a naive one (printed with the model).
 WHY_ONE_MORE = (
@@ -48,36 +40,12 @@ WHY_ONE_MORE = (
 
 
 @dataclass
-class Launch:
-    """One kernel launch (or one cuBLAS call, or one elementwise pass) of the modelled call."""
-
-    name: str
-    flops: float
-    bytes: float
-    programs: int = 0  # grid size; 0 for memory-only passes
-    program_flops: float = 0.0  # FLOPs of one program (uniform grids)
-    count: int = 1  # identical launches (one per chunk)
-
-    def time(self, peak: float) -> float:
-        memory = self.bytes / HBM_BYTES_PER_S
-        compute = 0.0
-        if self.programs:
-            waves = math.ceil(self.programs / SMS)
-            compute = waves * self.program_flops / (peak / SMS)
-        return self.count * max(compute, memory)
-
-    def wave_efficiency(self) -> float:
-        if not self.programs:
-            return 1.0
-        return self.programs / (math.ceil(self.programs / SMS) * SMS)
-
-
-@dataclass
 class CallModel:
     impl: str
     workload: str
     shape: Shape
     dtype: torch.dtype
+    device: DeviceModel = H100
     launches: List[Launch] = field(default_factory=list)
     note: str = ""
 
@@ -95,99 +63,50 @@ class CallModel:
         return self.flops / (2.0 * s.scored * s.hidden * s.vocab)
 
     def time(self) -> float:
-        peak = PEAK_FLOPS[self.dtype]
-        return sum(l.time(peak) for l in self.launches)
+        return call_time(self.launches, self.device, self.dtype)
 
 
-def floor_time(workload: Workload, shape: Shape, dtype: torch.dtype) -> float:
-    """The floor: the products the op cannot avoid, at the peak rate."""
-    return workload.floor_products * 2.0 * shape.scored * shape.hidden * shape.vocab / PEAK_FLOPS[dtype]
+def _product_time(products: int, shape: Shape, dtype: torch.dtype, device: DeviceModel) -> float:
+    return products * 2.0 * shape.scored * shape.hidden * shape.vocab / device.peak(dtype)
 
 
-def _cublas(name: str, m: int, n: int, k: int, nbytes: float, count: int = 1) -> Launch:
-    tm, tn = CUBLAS_TILE
-    programs = math.ceil(m / tm) * math.ceil(n / tn)
-    return Launch(name, 2.0 * m * n * k, nbytes, programs, 2.0 * tm * tn * k, count)
+def floor_time(workload: Workload, shape: Shape, dtype: torch.dtype, device: DeviceModel = H100) -> float:
+    """Issue 3's floor (:attr:`Workload.floor_products`) at cuBLAS's peak."""
+    return _product_time(workload.floor_products, shape, dtype, device)
 
 
-def _chunks(vocab: int, width: int):
-    """(columns, how many chunks of that width): the full chunks and the ragged last one."""
-    full, rest = divmod(vocab, width)
-    return [(w, c) for w, c in ((width, full), (rest, 1 if rest else 0)) if c]
+def floors(workload: Workload, shape: Shape, dtype: torch.dtype, device: DeviceModel = H100) -> Dict[str, dict]:
+    """Both floors: ``naive`` (the logits kept) and ``recompute`` (nothing stored), products and seconds."""
+    return {name: {"products": p, "seconds": _product_time(p, shape, dtype, device)}
+            for name, p in (("naive", workload.naive_floor_products), ("recompute", workload.recompute_floor_products))}
 
 
-def _op_config(workload: Workload):
-    """(reference head in the pass, KL gradient live, frozen head) of the op call the workload makes."""
-    return workload.ref_head, workload.kl, workload.frozen
+def load_device_model(path: str) -> DeviceModel:
+    """A measured device model (``device_model.json``), checked entry by entry."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not JSON: {exc}") from None
+    try:
+        return DeviceModel.from_dict(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
-def triton_model(workload: Workload, shape: Shape, dtype: torch.dtype, shortcut: Optional[bool] = None) -> CallModel:
-    """prefopt's Triton backend: the launches :mod:`prefopt.ops.triton_backend` makes for one call."""
-    from prefopt.kernels import linear_logprobs as K
-
+def triton_model(workload: Workload, shape: Shape, dtype: torch.dtype, shortcut: Optional[bool] = None,
+                 device: DeviceModel = H100) -> CallModel:
+    """prefopt's Triton backend: the launches :mod:`prefopt.ops.triton_backend` makes for one call
+    (the frozen shortcut where the op's ``"auto"`` would take it, unless ``shortcut`` says)."""
     n, h, v = shape.scored, shape.hidden, shape.vocab
-    e = torch.empty((), dtype=dtype).element_size()
-    ref, kl, frozen = _op_config(workload)
     if shortcut is None:
-        shortcut = frozen and not kl
-    model = CallModel("prefopt-triton", workload.name, shape, dtype)
-    fb = K.forward_blocks(n, v, h, dtype, ref=ref, extras=kl, write_e=shortcut, interpret=False)
-    heads = 2 if ref else 1
-    if shortcut:
-        full_width = K.chunk_width(n, v, h, e, fb.block_v)
-        chunks = math.ceil(v / full_width)
-        token_blocks = math.ceil(n / fb.block_n)
-        w_reads = math.ceil(token_blocks / fb.group_n)
-        for width, times in _chunks(v, full_width):
-            count = math.ceil(width / fb.block_v)
-            programs = K.forward_grid(n, count, fb, grouped=True)[0]
-            fwd_bytes = heads * (n * h * e + width * h * e * w_reads) + n * count * fb.block_v * e
-            model.launches.append(Launch(f"forward kernel + probability tiles ({width} columns)",
-                                         heads * 2.0 * n * width * h, fwd_bytes, programs,
-                                         heads * 2.0 * fb.block_n * fb.block_v * h, times))
-            model.launches.append(Launch(f"rescale tiles to the running max ({width} columns)", 0.0,
-                                         2.0 * n * count * fb.block_v * e, count=times))
-            model.launches.append(Launch("rescale M", 0.0, 8.0 * n * h, count=times))
-            model.launches.append(_cublas(f"M += E @ W_chunk (cuBLAS, fp32 out, {width} columns)", n, h, width,
-                                          n * width * e + width * h * e + 8.0 * n * h, times))
-        model.launches.append(Launch("backward: gather W[y], axpy with M", 0.0, n * h * (e + 4 + 4 + e)))
-        model.note = f"frozen-head shortcut, {chunks} chunks of {full_width} columns"
-        return model
-
-    split = K.split_for(n, v, fb, SMS)
-    tiles = math.ceil(v / fb.block_v)
-    tiles_per_split = math.ceil(tiles / split)
-    split = math.ceil(tiles / tiles_per_split)
-    grid = K.forward_grid(n, split, fb, grouped=False)
-    programs = grid[0] * grid[1]
-    waves = math.ceil(programs / SMS)
-    w_fraction = min(split, SMS) / split
-    fwd_bytes = heads * (n * h * e + waves * w_fraction * v * h * e)
-    model.launches.append(Launch(f"forward kernel (split {split})", heads * 2.0 * n * v * h, fwd_bytes, programs,
-                                 heads * tiles_per_split * 2.0 * fb.block_n * fb.block_v * h))
-
-    bb = K.backward_blocks(n, v, h, dtype, interpret=False)
-    full_width = K.chunk_width(n, v, h, e, bb.block_v)
-    chunks = math.ceil(v / full_width)
-    token_blocks = math.ceil(n / bb.block_n)
-    w_reads = math.ceil(token_blocks / bb.group_n)
-    rheads = 2 if kl else 1  # the KL gradient recomputes the reference tile too
-    for width, times in _chunks(v, full_width):
-        count = math.ceil(width / bb.block_v)
-        model.launches.append(Launch(f"logit-gradient kernel ({width} columns)", rheads * 2.0 * n * width * h,
-                                     rheads * (n * h * e + width * h * e * w_reads) + n * width * e,
-                                     token_blocks * count, rheads * 2.0 * bb.block_n * bb.block_v * h, times))
-        model.launches.append(_cublas(f"d hidden += ds @ W_chunk (cuBLAS, fp32 out, {width} columns)", n, h, width,
-                                      n * width * e + width * h * e + 8.0 * n * h, times))
-        if not frozen:
-            model.launches.append(_cublas(f"d W_chunk = ds^T @ hidden (cuBLAS, {width} columns)", width, h, n,
-                                          n * width * e + n * h * e + width * h * e, times))
-    model.launches.append(Launch("d hidden: zero, cast to the input dtype", 0.0, n * h * (4 + 4 + e)))
-    model.note = f"split {split}, backward {chunks} chunks of {full_width} columns"
-    return model
+        shortcut = workload.frozen and not workload.kl and frozen_shortcut_pays(n, v, h, dtype, device)
+    launches, note = triton_launches(n, h, v, dtype, ref=workload.ref_head, kl=workload.kl, frozen=workload.frozen,
+                                     shortcut=shortcut, sms=device.sms)
+    return CallModel("prefopt-triton", workload.name, shape, dtype, device, launches, note)
 
 
-def torch_model(workload: Workload, shape: Shape, dtype: torch.dtype) -> CallModel:
+def torch_model(workload: Workload, shape: Shape, dtype: torch.dtype, device: DeviceModel = H100) -> CallModel:
     """prefopt's chunked torch backend on CUDA: cuBLAS tiles plus elementwise passes over each tile.
 
     Tile passes counted from :mod:`prefopt.ops.torch_backend` (fp32 tile = 4 bytes per element per pass):
@@ -200,96 +119,103 @@ def torch_model(workload: Workload, shape: Shape, dtype: torch.dtype) -> CallMod
 
     n, h, v = shape.scored, shape.hidden, shape.vocab
     e = torch.empty((), dtype=dtype).element_size()
-    ref, kl, frozen = _op_config(workload)
+    ref, kl, frozen = workload.ref_head, workload.kl, workload.frozen
     chunk_t, chunk_v = CHUNK_SIZES["cuda"]
-    model = CallModel("prefopt-torch", workload.name, shape, dtype)
+    model = CallModel("prefopt-torch", workload.name, shape, dtype, device)
     heads = 2 if ref else 1
     nv = float(n) * v
     tiles = math.ceil(n / chunk_t) * math.ceil(v / chunk_v)
     shortcut = frozen and not kl
-    model.launches.append(_cublas("forward tile products", n, v, h, heads * (n * h * e + math.ceil(n / chunk_t) * v * h * e)))
+    model.launches.append(cublas("forward tile products", n, v, h, heads * (n * h * e + math.ceil(n / chunk_t) * v * h * e)))
     model.launches[-1].flops *= heads
     model.launches[-1].program_flops *= heads
     fwd_passes = (e + 4 + 4 + 8 + 4) + (4 if kl else 0)
-    model.launches.append(Launch("forward tile passes", 0.0, heads * nv * fwd_passes))
+    model.launches.append(Launch("forward tile passes", "memory", 0.0, heads * nv * fwd_passes))
     if shortcut:
-        model.launches.append(_cublas("moments tile products", n, h, v, nv * (4 + e) + tiles * chunk_t * h * (e + 8)))
+        model.launches.append(cublas("moments tile products", n, h, v, nv * (4 + e) + tiles * chunk_t * h * (e + 8)))
         model.note = "frozen-head shortcut"
         return model
     rheads = 2 if kl else 1
-    model.launches.append(_cublas("recompute tile products", n, v, h, rheads * (n * h * e + math.ceil(n / chunk_t) * v * h * e)))
+    model.launches.append(cublas("recompute tile products", n, v, h, rheads * (n * h * e + math.ceil(n / chunk_t) * v * h * e)))
     model.launches[-1].flops *= rheads
     model.launches[-1].program_flops *= rheads
-    model.launches.append(Launch("backward tile passes", 0.0, rheads * nv * (e + 4) + nv * (8 + 4 + e)))
-    model.launches.append(_cublas("d hidden tile products", n, h, v,
+    model.launches.append(Launch("backward tile passes", "memory", 0.0, rheads * nv * (e + 4) + nv * (8 + 4 + e)))
+    model.launches.append(cublas("d hidden tile products", n, h, v,
                                   nv * e + math.ceil(n / chunk_t) * v * h * e + math.ceil(v / chunk_v) * n * h * (e + 8)))
     if not frozen:
-        model.launches.append(_cublas("d weight tile products", v, h, n,
+        model.launches.append(cublas("d weight tile products", v, h, n,
                                       nv * e + math.ceil(v / chunk_v) * n * h * e + math.ceil(n / chunk_t) * v * h * (e + 8)))
     return model
 
 
-def naive_model(workload: Workload, shape: Shape, dtype: torch.dtype) -> CallModel:
+def naive_model(workload: Workload, shape: Shape, dtype: torch.dtype, device: DeviceModel = H100) -> CallModel:
     """Materialised logits: one product forward, two backward (no recompute), and passes over [N, V]."""
     n, h, v = shape.scored, shape.hidden, shape.vocab
     e = torch.empty((), dtype=dtype).element_size()
-    ref, kl, frozen = _op_config(workload)
+    ref, kl, frozen = workload.ref_head, workload.kl, workload.frozen
     nv = float(n) * v
-    model = CallModel("naive", workload.name, shape, dtype)
-    model.launches.append(_cublas("logits", n, v, h, n * h * e + v * h * e + nv * e))
+    model = CallModel("naive", workload.name, shape, dtype, device)
+    model.launches.append(cublas("logits", n, v, h, n * h * e + v * h * e + nv * e))
     if ref:
-        model.launches.append(_cublas("reference logits", n, v, h, n * h * e + v * h * e + nv * e))
+        model.launches.append(cublas("reference logits", n, v, h, n * h * e + v * h * e + nv * e))
     # fp32 copy, log_softmax (read, write), gather; backward: softmax grad (2 reads, 1 write), cast back
     passes = (e + 4) + 8 + 12 + (4 + e) + ((e + 4) + 8 if ref else 0) + (16 if kl else 0)
-    model.launches.append(Launch("passes over the [N, V] logits", 0.0, nv * passes))
-    model.launches.append(_cublas("d hidden", n, h, v, nv * e + v * h * e + n * h * e))
+    model.launches.append(Launch("passes over the [N, V] logits", "memory", 0.0, nv * passes))
+    model.launches.append(cublas("d hidden", n, h, v, nv * e + v * h * e + n * h * e))
     if not frozen:
-        model.launches.append(_cublas("d weight", v, h, n, nv * e + n * h * e + v * h * e))
+        model.launches.append(cublas("d weight", v, h, n, nv * e + n * h * e + v * h * e))
     return model
 
 
-def floor_model(workload: Workload, shape: Shape, dtype: torch.dtype) -> CallModel:
+def floor_model(workload: Workload, shape: Shape, dtype: torch.dtype, device: DeviceModel = H100) -> CallModel:
     n, h, v = shape.scored, shape.hidden, shape.vocab
-    model = CallModel("floor", workload.name, shape, dtype)
-    model.launches.append(Launch("the unavoidable products at peak", workload.floor_products * 2.0 * n * h * v, 0.0,
-                                 SMS, workload.floor_products * 2.0 * n * h * v / SMS))
+    flops = workload.floor_products * 2.0 * n * h * v
+    model = CallModel("floor", workload.name, shape, dtype, device)
+    model.launches.append(Launch("the unavoidable products at peak", "", flops, 0.0, device.sms, flops / device.sms))
     return model
 
 
 MODELS = {"prefopt-triton": triton_model, "prefopt-torch": torch_model, "naive": naive_model, "floor": floor_model}
 
 
-def model_table(points, dtype: torch.dtype, impls=("prefopt-triton", "prefopt-torch", "naive")) -> str:
-    """Markdown: per cell and implementation, products, HBM GB, predicted ms and ratio to the floor."""
-    lines = [f"## IO and FLOP model (H100: {SMS} SMs, {PEAK_FLOPS[dtype] / 1e12:.0f} TFLOP/s, "
-             f"{HBM_BYTES_PER_S / 1e12:.1f} TB/s; {str(dtype).replace('torch.', '')})", "",
-             WHY_ONE_MORE, ""]
-    for point in points:
-        from .workloads import WORKLOADS
+def model_table(points, dtype: torch.dtype, impls=("prefopt-triton", "prefopt-torch", "naive"),
+                device: DeviceModel = H100) -> str:
+    """Markdown: per cell and implementation, products, HBM GB, predicted ms and the ratios to both floors."""
+    from .workloads import WORKLOADS
 
+    efficiency = ", ".join(f"{k} {device.efficiency[k]:.2f}" for k in KINDS)
+    lines = [f"## IO and FLOP model ({device.name}: {device.sms} SMs, {device.peak(dtype) / 1e12:.0f} TFLOP/s, "
+             f"{device.hbm_bytes_per_s / 1e12:.1f} TB/s; {str(dtype).replace('torch.', '')})", "",
+             f"Efficiency per kernel kind ({device.source}; fraction of the peak, memory: of the bandwidth): "
+             f"{efficiency}.", "", WHY_ONE_MORE, ""]
+    for point in points:
         wl = WORKLOADS[point.workload]
-        floor = floor_time(wl, point.shape, dtype)
+        both = floors(wl, point.shape, dtype, device)
+        naive_s, recompute_s = both["naive"]["seconds"], both["recompute"]["seconds"]
         lines += [f"### {wl.name}: {point.shape.label()}", "",
-                  f"floor: {wl.floor_products} products, {floor * 1e3:.1f} ms", "",
-                  "| implementation | products (N x H x V) | HBM GB | predicted ms | vs floor | notes |",
-                  "|---|---:|---:|---:|---:|---|"]
+                  f"floors: naive path {both['naive']['products']} products, {naive_s * 1e3:.1f} ms; recomputing "
+                  f"design {both['recompute']['products']} products, {recompute_s * 1e3:.1f} ms", "",
+                  "| implementation | products (N x H x V) | HBM GB | predicted ms | vs naive floor | vs recompute floor | notes |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
         for name in impls:
-            m = MODELS[name](wl, point.shape, dtype)
+            m = MODELS[name](wl, point.shape, dtype, device=device)
             lines.append(f"| {name} | {m.products():.2f} | {m.bytes / 1e9:.1f} | {m.time() * 1e3:.1f} | "
-                         f"{m.time() / floor:.2f}x | {m.note} |")
+                         f"{m.time() / naive_s:.2f}x | {m.time() / recompute_s:.2f}x | {m.note} |")
         lines.append("")
     return "\n".join(lines)
 
 
 def launches_table(model: CallModel) -> str:
-    peak = PEAK_FLOPS[model.dtype]
-    rows = ["| launch | count | TFLOP | GB | programs | wave efficiency | ms |", "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| launch | kind | count | TFLOP | GB | programs | wave efficiency | ms |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
     for l in model.launches:
-        rows.append(f"| {l.name} | {l.count} | {l.flops * l.count / 1e12:.2f} | {l.bytes * l.count / 1e9:.2f} | "
-                    f"{l.programs} | {l.wave_efficiency():.2f} | {l.time(peak) * 1e3:.2f} |")
+        rows.append(f"| {l.name} | {l.kind} | {l.count} | {l.flops * l.count / 1e12:.2f} | {l.bytes * l.count / 1e9:.2f} | "
+                    f"{l.programs} | {l.wave_efficiency(model.device):.2f} | {l.time(model.device, model.dtype) * 1e3:.2f} |")
     return "\n".join(rows)
 
 
-def predictions(workload: Workload, shape: Shape, dtype: torch.dtype) -> Dict[str, float]:
-    """Predicted seconds per implementation (for the report beside measured figures)."""
-    return {name: fn(workload, shape, dtype).time() for name, fn in MODELS.items()}
+def predictions(workload: Workload, shape: Shape, dtype: torch.dtype, device: DeviceModel = H100) -> Dict[str, float]:
+    """Predicted seconds per implementation and both floors (for the report beside measured figures)."""
+    out = {name: fn(workload, shape, dtype, device=device).time() for name, fn in MODELS.items()}
+    out.update({f"{name} floor": f["seconds"] for name, f in floors(workload, shape, dtype, device).items()})
+    return out

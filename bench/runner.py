@@ -93,7 +93,7 @@ def fit_skip(impl: str, workload: Workload, shape: Shape, dtype, avail: Optional
     return None
 
 
-def _child_env() -> dict:
+def child_env() -> dict:
     env = dict(os.environ)
     if _PACKAGE == "bench":  # running from a checkout: the child must find the same package
         env["PYTHONPATH"] = _CHECKOUT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -111,7 +111,7 @@ def run_cell(cell: Cell, *, device: str, dtype: str, warmup: int, repeats: int, 
         start = time.perf_counter()
         with open(log_path, "w") as log:
             proc = subprocess.Popen([sys.executable, "-m", f"{_PACKAGE}.worker", spec_path, result_path],
-                                    stdout=log, stderr=subprocess.STDOUT, env=_child_env(), start_new_session=True)
+                                    stdout=log, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

@@ -65,9 +65,21 @@ class Workload:
     grpo: bool = False
 
     @property
+    def naive_floor_products(self) -> int:
+        """Products of N x H x V with the logits kept (the naive path): forward, d hidden, d weight when
+        the head trains, plus one per reference head."""
+        return (2 if self.frozen else 3) + (1 if self.ref_head else 0)
+
+    @property
+    def recompute_floor_products(self) -> int:
+        """Products of a design that stores nothing and recomputes the logits in backward: one more."""
+        return self.naive_floor_products + 1
+
+    @property
     def floor_products(self) -> int:
-        """Matrix products of N x H x V the op cannot avoid (issue 3's floor)."""
-        return (2 if self.frozen else 4) + (1 if self.ref_head else 0)
+        """Issue 3's floor, what prefopt's design needs: the recomputing floor for a trainable head, the
+        naive one for a frozen head (the moments shortcut needs no recompute)."""
+        return self.naive_floor_products if self.frozen else self.recompute_floor_products
 
 
 WORKLOADS: Dict[str, Workload] = {

@@ -104,7 +104,7 @@ def forward_blocks(n: int, vocab: int, hidden_size: int, dtype: torch.dtype, *, 
     GPU's). ``ref``: the reference head runs in the same pass; ``extras``: softcap or any statistic
     beyond lse and the target logit; ``write_e``: the frozen head's probability tiles.
 
-    From ``tests/aot_compile_kernels.py`` (sm_90, ptxas registers / spill bytes, 8 warps): bf16 128 x 128
+    From ``bench/aot_compile.py`` (sm_90, ptxas registers / spill bytes, 8 warps): bf16 128 x 128
     compiles without spills for the plain variant (222 registers), with statistics (255, log sum p^2
     included) and with the reference head (255), but spills with both (388 B) and with the probability
     tiles (220 B), which keep 64 x 128 (252 and 192 registers, 188 with log sum p^2); fp64 32 x 64 spills
@@ -407,22 +407,41 @@ def _has_addmm_out_dtype() -> bool:
 
 
 #: ``torch.addmm(..., out_dtype=torch.float32)``: a low-precision product accumulated straight into an
-#: fp32 tensor by cuBLAS (CUDA only; torch 2.11 has it, CPU kernels of it do not exist).
+#: fp32 tensor by cuBLAS (CUDA only; torch 2.11 has it, CPU kernels of it do not exist). Set to False
+#: the first time a call is rejected (a release may list the overload and still refuse its dtypes).
 ADDMM_OUT_DTYPE = _has_addmm_out_dtype()
+#: Why this process stopped using ``out_dtype`` (the rejection's message), or None.
+ADDMM_OUT_DTYPE_REJECTED: Optional[str] = None
+
+
+def _addmm_out_dtype_applies(acc: torch.Tensor) -> bool:
+    return ADDMM_OUT_DTYPE and acc.is_cuda and acc.dtype == torch.float32
+
+
+def _addmm_fp32_out(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``acc += a @ b`` by cuBLAS into fp32; False (``acc`` untouched) when torch rejects the call:
+    argument checks run before anything is written."""
+    global ADDMM_OUT_DTYPE, ADDMM_OUT_DTYPE_REJECTED
+    try:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return True
+    except (RuntimeError, TypeError, NotImplementedError) as exc:
+        ADDMM_OUT_DTYPE, ADDMM_OUT_DTYPE_REJECTED = False, f"{type(exc).__name__}: {exc}".splitlines()[0]
+        return False
 
 
 def accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows_per_product: int) -> None:
     """``acc += a @ b`` with ``acc`` fp32/fp64 and ``a``, ``b`` of one dtype, accumulating in ``acc``'s dtype.
 
     Same dtypes: ``addmm_``. bf16/fp16 operands on CUDA: cuBLAS writes the fp32 sum itself
-    (``out_dtype``), no temporary and no low-precision rounding of the partial product. Elsewhere: the
-    product in the operands' dtype, ``rows_per_product`` rows at a time (a bounded temporary), then added.
+    (``out_dtype``), no temporary and no low-precision rounding of the partial product. Elsewhere, or
+    once torch has rejected ``out_dtype``: the product in the operands' dtype, ``rows_per_product`` rows
+    at a time (a bounded temporary), then added.
     """
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
-    if acc.is_cuda and ADDMM_OUT_DTYPE and acc.dtype == torch.float32:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    if _addmm_out_dtype_applies(acc) and _addmm_fp32_out(acc, a, b):
         return
     for t0 in range(0, a.shape[0], rows_per_product):
         t1 = min(t0 + rows_per_product, a.shape[0])

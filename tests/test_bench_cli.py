@@ -29,6 +29,11 @@ def test_unknown_workload_and_bad_numbers(capsys):
     assert cli.main(["--tokens", "100", "--rows", "3"]) == 2
     assert "not a multiple of --rows" in capsys.readouterr().err
     assert cli.main(["--quick", "--preset", "gpu"]) == 2
+    assert cli.main(["--quick", "--deadline", "60"]) == 2
+    assert "--deadline: expected a positive number of seconds with --preset gpu-first-contact" in capsys.readouterr().err
+    assert cli.main(["--preset", "gpu-first-contact", "--deadline", "0"]) == 2
+    assert cli.main(["--quick", "--device-model", "m.json"]) == 2
+    assert "--device-model: only with --io-model" in capsys.readouterr().err
 
 
 def test_shape_that_does_not_fit_is_refused_without_running(tmp_path, capsys):

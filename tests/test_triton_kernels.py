@@ -274,8 +274,8 @@ def test_kernels_compile_for_h100():
     # variant the launchers pick: bf16 tiles on wgmma tensor cores (fp32 too, as TF32), fp64 on DMMA,
     # loads pipelined with cp.async, no register spills (ptxas -v), shared memory within 227 KiB.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "aot_compile_kernels.py")
-    done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "prefopt.bench.aot_compile"], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = {r["name"]: r for r in (json.loads(line) for line in done.stdout.splitlines() if line.startswith("{"))}
     assert len(results) == 10, done.stdout
@@ -409,3 +409,24 @@ def test_transposed_fp32_head_with_bf16_hidden(seed, monkeypatch, frozen):
     if not frozen:
         assert grads[1].dtype == torch.float32
         close(grads[1], w64.grad, 3e-2, "d weight", seed)
+
+
+def test_addmm_out_dtype_rejected_at_call_time_falls_back(monkeypatch):
+    # A torch release that lists addmm's out_dtype overload but rejects bf16 inputs into an fp32 out when
+    # called: the product takes the existing fallback (same sum) and the process stops trying. Forced
+    # here with CPU tensors, whose real addmm(out_dtype=) raises NotImplementedError in torch 2.13.
+    monkeypatch.setattr(K, "ADDMM_OUT_DTYPE", True)
+    monkeypatch.setattr(K, "ADDMM_OUT_DTYPE_REJECTED", None)
+    monkeypatch.setattr(K, "_addmm_out_dtype_applies", lambda acc: K.ADDMM_OUT_DTYPE)
+    a = torch.randn(37, 24).to(torch.bfloat16)
+    b = torch.randn(24, 16).to(torch.bfloat16)
+    start = torch.randn(37, 16)
+    acc = start.clone()
+    K.accumulate_product(acc, a, b, rows_per_product=8)
+    expected = start.double() + a.double() @ b.double()
+    assert (acc.double() - expected).abs().max() < 0.05 * expected.abs().max()
+    assert K.ADDMM_OUT_DTYPE is False and "addmm" in K.ADDMM_OUT_DTYPE_REJECTED, K.ADDMM_OUT_DTYPE_REJECTED
+    calls = []
+    monkeypatch.setattr(K, "_addmm_fp32_out", lambda *args: calls.append(args) or True)
+    K.accumulate_product(acc, a, b, rows_per_product=8)
+    assert not calls  # rejected once: never tried again in this process

@@ -33,7 +33,6 @@ a trainable head (recompute, d hidden, d weight), 1 forward (+ the moments produ
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import fields
 
 import torch
@@ -41,6 +40,7 @@ import torch
 from prefopt.kernels import linear_logprobs as K
 
 from .common import ForwardStats, OpConfig, make_backend_function
+from .launch_model import frozen_shortcut_pays
 
 
 def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config: OpConfig,
@@ -100,32 +100,12 @@ def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, 
 
 
 def shortcut_pays(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Frozen head on CUDA: the moments shortcut or a recompute backward, whichever the IO model
-    (:mod:`prefopt.bench.io_model`, H100 peaks) predicts is faster, until a GPU has measured both;
-    elsewhere, the interpreter included, always the shortcut.
-
-    The shortcut saves the recompute product and pays for the probability tiles (written, rescaled,
-    read) and two fp32 passes over ``M`` per chunk: at bf16 it pays from H of about 1000 up.
-    """
+    """Frozen head on CUDA: the moments shortcut or a recompute backward, whichever the launch model
+    (:func:`prefopt.ops.launch_model.frozen_shortcut_pays`: H100 peaks, per-kernel efficiencies)
+    predicts is faster; elsewhere, the interpreter included, always the shortcut."""
     if hidden.device.type != "cuda":
         return True
-    return shortcut_pays_on_h100(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype)
-
-
-@functools.lru_cache(maxsize=256)
-def shortcut_pays_on_h100(n: int, vocab: int, hidden_size: int, dtype: torch.dtype) -> bool:
-    """:func:`shortcut_pays` from the shapes (the shortcut when the model is not installed with prefopt)."""
-    try:
-        from prefopt.bench.io_model import triton_model
-        from prefopt.bench.workloads import Shape, Workload
-    except ImportError:  # a source tree used without installing (prefopt.bench is bench/ once installed)
-        return True
-
-    frozen = Workload("frozen", "frozen head, log-probs only", False, False, False, True, False)
-    shape = Shape(1, n, hidden_size, vocab)
-    dtype = dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
-    return triton_model(frozen, shape, dtype, shortcut=True).time() < triton_model(frozen, shape, dtype,
-                                                                                     shortcut=False).time()
+    return frozen_shortcut_pays(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype)
 
 
 LinearLogprobsTriton = make_backend_function("LinearLogprobsTriton", stream_forward, recompute_grads, shortcut_pays)

@@ -1,14 +1,15 @@
-"""Compile the Triton kernels for an H100 (sm_90) without a GPU: ``python tests/aot_compile_kernels.py``.
+"""Compile the Triton kernels for an H100 (sm_90) without a GPU: ``python -m bench.aot_compile [NAME...]``.
 
 The interpreter runs the kernels' Python, not Triton's compiler, so it cannot see what only the real
 compiler rejects (an unsupported dtype in ``tl.dot``, a constexpr misuse, shared memory overflow).
-This script runs the whole compiler down to a cubin with the ptxas bundled in the triton wheel, for
+This module runs the whole compiler down to a cubin with the ptxas bundled in the triton wheel, for
 the configurations the launchers pick on an H100, with 16-divisible pointers and sizes (what the
 launcher specialises on for real shapes, and what enables the async-copy pipeline). It prints one
 JSON object per configuration: shared memory, wgmma / mma / cp.async counts in the PTX, local-memory
 loads in the PTX, and ptxas's own report on the PTX (``ptxas -v``: registers per thread, spill stores and
-loads in bytes). ``python tests/aot_compile_kernels.py NAME...`` compiles only the named variants. It must
-run without TRITON_INTERPRET.
+loads in bytes), with the Triton that is installed (the first contact runs it on the GPU machine's). With
+names, only those variants (:data:`VARIANTS` and :data:`ALTERNATIVES`). It must run without
+TRITON_INTERPRET (the kernels are built for the interpreter when it is set), so it runs in its own process.
 """
 import json
 import os
@@ -18,7 +19,7 @@ import sys
 import tempfile
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    sys.exit("run without TRITON_INTERPRET=1: the kernels must be built for the compiler")
+    sys.exit("bench.aot_compile: run without TRITON_INTERPRET=1: the kernels must be built for the compiler")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -139,8 +140,12 @@ ALTERNATIVES = {
 
 
 def main(names):
+    known = {**VARIANTS, **ALTERNATIVES}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        sys.exit(f"bench.aot_compile: unknown variant {unknown[0]!r}; choose from {', '.join(known)}")
     for name in names or VARIANTS:
-        kernel = {**VARIANTS, **ALTERNATIVES}[name]()
+        kernel = known[name]()
         ptx = kernel.asm["ptx"]
         print(json.dumps(dict(
             name=name, shared=kernel.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
