@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "before the cosine decay (default %(default)s)")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping norm, 0 for none "
                    "(default %(default)s)")
+    g.add_argument("--max-nonfinite-steps", type=int, default=d.max_nonfinite_steps, metavar="N",
+                   help="stop the run (exit code 3) after N steps in a row whose loss or gradient norm is not finite "
+                        "(each is not applied), or once the probe positives collapse (see README) (default %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of weights (tiny models), data order, sampling "
                    "(default %(default)s)")
 
@@ -232,7 +235,8 @@ def config_from_args(args) -> "TrainConfig":
         max_image_pixels=args.max_image_pixels, probe_data=args.probe_data, probe_size=args.probe_size,
         eval_size=args.eval_size, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
-        max_grad_norm=args.max_grad_norm, seed=args.seed, options=options, max_new_tokens=args.max_new_tokens,
+        max_grad_norm=args.max_grad_norm, max_nonfinite_steps=args.max_nonfinite_steps,
+        seed=args.seed, options=options, max_new_tokens=args.max_new_tokens,
         probe_every=args.probe_every, early_stop_chosen_drop=args.early_stop_chosen_drop, save_every=args.save_every,
         save_minutes=args.save_minutes,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, stop_after=args.stop_after,

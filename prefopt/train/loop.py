@@ -96,7 +96,8 @@ class TrainConfig:
     lr: Optional[float] = None  # None: 1e-3 for the tiny models, 1e-4 with LoRA, 5e-6 otherwise
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0: no clipping
+    max_nonfinite_steps: int = 3  # skipped non-finite steps in a row that stop the run as diverged
     seed: int = 0
     # method
     options: MethodOptions = field(default_factory=MethodOptions)
@@ -254,21 +255,52 @@ def _to(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch
 
 # ================================================================================================ prepare
 
+#: Every numeric option's range (``>=0``, ``>0``, ``[0,1)``...; ``finite``: any finite number). A None (a default
+#: resolved later) passes; NaN and infinity never do. ``max_grad_norm`` 0 turns clipping off.
+RANGES = {
+    "lr": ">0", "epochs": ">0", "max_grad_norm": ">=0", "weight_decay": ">=0", "warmup_ratio": "[0,1)",
+    "steps": ">=0", "train_size": ">=1", "eval_size": ">=0", "batch_size": ">=1", "grad_accum": ">=1",
+    "probe_size": ">=1", "max_length": ">=1", "max_image_pixels": ">=1", "max_new_tokens": ">=1", "lora_r": ">=1",
+    "lora_alpha": ">0", "probe_every": ">=0", "save_every": ">=0", "save_minutes": ">=0", "keep_checkpoints": ">=0",
+    "stop_after": ">=1", "early_stop_chosen_drop": ">0", "dist_timeout": ">0", "max_nonfinite_steps": ">=1",
+    "beta": ">0", "rpo_alpha": ">=0", "simpo_gamma": "finite", "cw_floor": "finite", "cw_tau": ">0",
+    "sftc_lam": ">=0", "sftc_margin": "finite", "sftc_fraction": "[0,1]", "onpolicy_fraction": "[0,1]",
+    "kl_coef": ">=0", "grpo_beta": ">=0", "grpo_epsilon": ">0", "label_smoothing": "[0,1)",
+}
+
+
+def in_range(value: float, rule: str) -> bool:
+    """Whether the finite ``value`` satisfies ``rule`` (see :data:`RANGES`)."""
+    if rule == "finite":
+        return True
+    if rule.startswith(">="):
+        return value >= float(rule[2:])
+    if rule.startswith(">"):
+        return value > float(rule[1:])
+    low, high = (float(x) for x in rule[1:-1].split(","))
+    return low <= value and (value <= high if rule.endswith("]") else value < high)
+
+
+def check_ranges(cfg: TrainConfig) -> None:
+    """``ValueError`` naming the first numeric option outside its :data:`RANGES` rule."""
+    values = {**asdict(cfg), **asdict(cfg.options)}
+    for name, rule in RANGES.items():
+        value = values[name]
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not in_range(value, rule):
+            expected = "a finite number" if rule == "finite" else (
+                f"a number in {rule}" if rule[0] == "[" else f"a finite number {rule}")
+            raise ValueError(f"--{name.replace('_', '-')}: expected {expected}, got {value!r}")
+
 
 def prepare(cfg: TrainConfig) -> "Run":
     """Check everything a user can get wrong and load model and data; writes nothing. ``ValueError``
     (one line) for a bad option, path, model/data mismatch or resume point."""
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r} (expected one of {', '.join(METHODS)})")
-    for name in ("batch_size", "grad_accum", "probe_size", "max_length", "keep_checkpoints"):
-        if getattr(cfg, name) < (0 if name == "keep_checkpoints" else 1):
-            raise ValueError(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(cfg, name)}")
-    if cfg.dist_timeout <= 0:
-        raise ValueError(f"--dist-timeout: expected a positive number of seconds, got {cfg.dist_timeout}")
-    if cfg.steps < 0 or cfg.epochs <= 0 or cfg.probe_every < 0 or cfg.save_every < 0 or cfg.save_minutes < 0:
-        raise ValueError("--steps, --probe-every, --save-every and --save-minutes must be >= 0 and --epochs > 0")
-    if not 0.0 <= cfg.warmup_ratio < 1.0:
-        raise ValueError(f"--warmup-ratio: expected a fraction in [0, 1), got {cfg.warmup_ratio}")
+    check_ranges(cfg)
     if cfg.keep_adapter and not cfg.lora:
         raise ValueError("--keep-adapter needs --lora (without adapters there is nothing to keep apart)")
     if cfg.deepspeed is not None and cfg.deepspeed not in dist.ZERO_PRESETS and not os.path.isfile(cfg.deepspeed):
@@ -437,8 +469,6 @@ def _eval_records(cfg: TrainConfig, load: Dict[str, Any]):
     heldout.jsonl (``eval_size`` of them); none for other data or ``eval_size == 0``."""
     from .data import load_records
 
-    if cfg.eval_size is not None and cfg.eval_size < 0:
-        raise ValueError(f"--eval-size: expected >= 0, got {cfg.eval_size}")
     if cfg.eval_size == 0 or not (cfg.data == "synthetic" or os.path.isfile(os.path.join(cfg.data, "heldout.jsonl"))):
         return []
     return [r for r in load_records(cfg.data, split="heldout", size=cfg.eval_size, **load) if r.rejected is not None]
