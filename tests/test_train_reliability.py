@@ -739,11 +739,11 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
-def launch_ranks(program_args, args, world=2, timeout=240):
+def launch_ranks(program_args, args, world=2, timeout=240, env=None):
     """``world`` ranks of FAILING_RECORD_PROGRAM; returns [(exit code, stderr)] by rank."""
     port = str(free_port())
     procs = [subprocess.Popen([sys.executable, "-c", FAILING_RECORD_PROGRAM, *program_args, *args], cwd=REPO,
-                              env=dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                              env=dict(env or ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
     try:
@@ -834,3 +834,106 @@ def test_under_deepspeed_a_failing_record_is_skipped_in_place_or_by_running_agai
                                                       "--deepspeed", "zero2"))
     assert [code for code, _ in known] == [0, 0], known[0][1][-3000:]
     assert_same_run(tmp_path / "failing", tmp_path / "known")
+
+
+# ------------------------------------------------------------------------------------------ finite or nothing
+
+
+def checkpoint_weights(out, step):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(out, f"checkpoint-{step}", ckpt.WEIGHTS_FILE))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_a_nonfinite_step_is_not_applied_and_three_in_a_row_stop_the_run(tmp_path, text_data, monkeypatch, capsys):
+    """Step 2's loss is NaN (the fault hook): its update is not applied (checkpoints 1 and 2 hold the same
+    weights), metrics.jsonl stays strict JSON, and training goes on. At lr 1e30 every step after the first is
+    non-finite: the third in a row stops the run with exit code 3 and one line naming the option; it keeps the
+    last checkpoint (finite: the skipped steps left the weights as they were) and exports it, or, with none, writes no model and says so."""
+    out = tmp_path / "nan"
+    monkeypatch.setenv(ckpt.FAULT_ENV, "loss-2:nan")
+    assert main(cli_args(text_data, out, "--method", "dpo", "--steps", "3", "--probe-every", "0", "--save-every", "1",
+                         "--keep-checkpoints", "0")) == 0
+    monkeypatch.delenv(ckpt.FAULT_ENV)
+    logged = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+    assert [m.get("nonfinite", False) for m in logged] == [False, True, False] and logged[1]["loss"] is None
+    assert_same_weights(checkpoint_weights(out, 1), checkpoint_weights(out, 2))
+    two, three = checkpoint_weights(out, 2), checkpoint_weights(out, 3)
+    assert any(not torch.equal(two[k], three[k]) for k in two)
+    capsys.readouterr()
+
+    for save_every, kept in (("1", "checkpoint-3"), ("0", None)):
+        out = tmp_path / f"diverged-{save_every}"
+        code = main(cli_args(text_data, out, "--method", "dpo", "--steps", "6", "--probe-every", "0", "--lr", "1e30",
+                             "--warmup-ratio", "0", "--save-every", save_every))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 3 and len(err) == 1, err
+        assert err[0].startswith("prefopt train: stopped: diverged at step 4: 3 steps in a row with a non-finite loss "
+                                 "or gradient norm, none applied (--max-nonfinite-steps 3); "), err
+        if kept:
+            assert err[0].endswith(f"kept {out / kept}, exported to {out / 'model'}")
+            assert json.loads((out / "model" / "prefopt.json").read_text())["step"] == 3
+        else:
+            assert err[0].endswith("no earlier checkpoint, so no model was written")
+            assert not (out / "model").exists() and not ckpt.checkpoints(str(out))
+
+
+def test_a_collapse_without_nan_stops_the_same_way(tmp_path, text_data, capsys):
+    """--lr 1e3: the numbers stay finite but the probe positives fall from -6 to -1e7 nats per token at step 2,
+    below -2 ln V: the run stops there with exit code 3, keeps checkpoint 1 and exports it."""
+    out = tmp_path / "run"
+    code = main(cli_args(text_data, out, "--method", "dpo", "--steps", "6", "--probe-every", "1", "--lr", "1e3",
+                         "--save-every", "1"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and len(err) == 1, err
+    assert re.match(r"prefopt train: stopped: diverged at step 2: the probe positives' log-prob is -\S+ nats/token, "
+                    r"below the collapse bound -12\.3 ", err[0]), err
+    assert err[0].endswith(f"kept {out / 'checkpoint-1'}, exported to {out / 'model'}")
+    assert ckpt.checkpoints(str(out)) == ["checkpoint-1"]
+
+
+def test_nonfinite_weights_are_never_written_nor_evaluated(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from prefopt.train.distributed import DistState
+    from prefopt.train.eval import main as eval_main
+    from prefopt.train.export import export_model
+    from prefopt.train.models import build_model
+
+    adapter, processor = build_model("tiny-llama", device="cpu", seed=0)
+    with torch.no_grad():
+        adapter.model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(ckpt.NonFiniteWeights, match="the weights hold 1 non-finite values"):
+        ckpt.save_checkpoint(str(tmp_path), 1, engine=SimpleNamespace(module=adapter.model), trainer_state={},
+                             state=DistState())
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match="the model holds 1 non-finite weights"):
+        export_model(adapter, processor, str(tmp_path / "model"))
+    assert not (tmp_path / "model").exists()
+    adapter.model.save_pretrained(tmp_path / "nan-model")
+    processor.save_pretrained(tmp_path / "nan-model")
+    assert eval_main(["--model", str(tmp_path / "nan-model"), "--size", "2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"prefopt eval: error: --model {tmp_path / 'nan-model'}: the model holds 1 non-finite weights (a diverged run?)")
+
+
+def test_under_deepspeed_a_nonfinite_loss_on_one_rank_is_applied_by_no_rank(tmp_path, text_data):
+    """ZeRO-2, two processes: rank 1's loss of step 2 is NaN. Neither rank applies that step (checkpoints 1
+    and 2 hold the same weights), both log it as non-finite, and training goes on."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "run"
+    results = launch_ranks(["-1", "plain"], two_rank_dpo(text_data, out, "--steps", "3", "--deepspeed", "zero2",
+                                                         "--save-every", "1", "--keep-checkpoints", "0"),
+                           env=dict(ENV, **{ckpt.FAULT_ENV: "loss-2:nan:1"}))
+    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    logged = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+    assert [m.get("nonfinite", False) for m in logged] == [False, True, False] and logged[1]["loss"] is None
+    assert_same_weights(checkpoint_weights(out, 1), checkpoint_weights(out, 2))
+    two, three = checkpoint_weights(out, 2), checkpoint_weights(out, 3)
+    assert any(not torch.equal(two[k], three[k]) for k in two)

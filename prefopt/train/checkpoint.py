@@ -47,7 +47,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .distributed import DistState, barrier, gathered
+from .distributed import DistState, barrier, gathered, ranks_with
 from .errors import first_line
 
 LATEST = "latest"
@@ -61,8 +61,9 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 #: Test hook: ``PREFOPT_FAULT=<point>:<kind>[:<rank>]`` makes the process (of that rank only, if given)
 #: SIGKILL itself (``kill``), send itself SIGINT (``sigint``), hang (``hang``) or fail with ENOSPC/EROFS
-#: (``enospc``, ``erofs``) when it reaches ``<point>``: a checkpoint file's name, just before it is
-#: written, or ``step-<n>``, the boundary after step n. For the fault-injection tests only.
+#: (``enospc``, ``erofs``) when it reaches ``<point>``: a checkpoint or export file's name, just before it is
+#: written, ``step-<n>``, the boundary after step n, or ``eval``, the start of the final evaluation; and
+#: ``loss-<n>:nan`` makes step n's loss NaN. For the fault-injection tests only.
 FAULT_ENV = "PREFOPT_FAULT"
 
 
@@ -70,19 +71,35 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or used; the message is one line naming the path."""
 
 
+class NonFiniteWeights(CheckpointError):
+    """Weights holding NaN or infinity, which are never written to a checkpoint or a model folder."""
+
+
+def nonfinite_count(tensors) -> int:
+    """How many values of ``tensors`` are NaN or infinite."""
+    return sum(int((~torch.isfinite(t)).sum()) for t in tensors if t.is_floating_point())
+
+
 def rng_file(rank: int) -> str:
     return f"rng_state_{rank}.safetensors"
 
 
-def fault_point(path: str) -> None:
-    """Act on :data:`FAULT_ENV` at the point ``path`` (named by its trailing components, e.g.
-    ``optimizer.json`` or ``.checkpoint-4.tmp/optimizer.json``; a no-op unless that test hook names it)."""
+def fault_kind(path: str) -> Optional[str]:
+    """The kind :data:`FAULT_ENV` asks for at the point ``path`` (named by its trailing components, e.g.
+    ``optimizer.json`` or ``.checkpoint-4.tmp/optimizer.json``) in this rank, or None."""
     spec = os.environ.get(FAULT_ENV, "").split(":")
     if len(spec) < 2 or not os.path.join(os.sep, path).endswith(os.sep + spec[0]):
-        return
+        return None
     if len(spec) > 2 and spec[2] != os.environ.get("RANK", "0"):
+        return None
+    return spec[1]
+
+
+def fault_point(path: str) -> None:
+    """Act on :data:`FAULT_ENV` at the point ``path`` (a no-op unless that test hook names it)."""
+    kind = fault_kind(path)
+    if kind is None or kind == "nan":
         return
-    kind = spec[1]
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif kind == "sigint":
@@ -93,7 +110,6 @@ def fault_point(path: str) -> None:
     else:
         code = {"enospc": errno.ENOSPC, "erofs": errno.EROFS}[kind]
         raise OSError(code, os.strerror(code), path)
-
 
 
 # --------------------------------------------------------------------------------------- safe encodings
@@ -356,19 +372,23 @@ def os_error_line(e: OSError, fallback: str) -> str:
 def save_checkpoint(out_dir: str, step: int, *, engine, trainer_state: Dict[str, Any], state: DistState,
                     keep: int = 2, rng: Optional[Dict[str, Any]] = None) -> str:
     """Write ``checkpoint-<step>`` (every rank takes part; ``rng``: the generators' state to save, default
-    now); returns its path. ``CheckpointError`` (one
-    line: path and cause) when the folder cannot be written; nothing temporary is left behind."""
+    now); returns its path. ``CheckpointError`` (one line: path and cause) when the folder cannot be written,
+    :class:`NonFiniteWeights` (on every rank, before anything is written) when a weight is NaN or infinite;
+    nothing temporary is left behind."""
     from safetensors.torch import save_file
 
     name = f"checkpoint-{step}"
     final = os.path.join(out_dir, name)
     tmp = os.path.join(out_dir, f".{name}.tmp")
+    weights = trainable_state(engine.module, state)  # collective under ZeRO-3
+    bad = nonfinite_count(weights.values())
+    if ranks_with(bad > 0, state):
+        raise NonFiniteWeights(f"{final} not written: the weights hold {bad} non-finite values")
     try:
         if state.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         barrier(state)
-        weights = trainable_state(engine.module, state)  # collective under ZeRO-3
         if state.backend == "deepspeed":
             save_deepspeed_state(engine, tmp, state)
         elif state.is_main:
@@ -498,4 +518,5 @@ def _load_checkpoint(path: str, *, engine, state: DistState) -> Dict[str, Any]:
 
 
 __all__ = ["save_checkpoint", "write_json_atomic", "load_checkpoint", "latest_checkpoint", "checkpoints", "verify",
-           "read_trainer_state", "trainable_state", "rng_state", "set_rng_state", "CheckpointError"]
+           "read_trainer_state", "trainable_state", "rng_state", "set_rng_state", "CheckpointError", "NonFiniteWeights",
+           "nonfinite_count"]

@@ -4,7 +4,7 @@ With no arguments it runs the embedded default: CW-DPO on the tiny LLaVA-style V
 synthetic visual preference set, on the CPU in a couple of minutes, and prints a summary. Launched with
 ``torchrun`` or ``deepspeed`` the same command trains on every process (DDP, or ZeRO-2/3 with
 ``--deepspeed``). A bad option, path or model/data mismatch is a one-line error and exit code 2, with
-nothing written to ``--out``.
+nothing written to ``--out``; a run stopped as diverged (README: "Divergence") exits with 3.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import sys
 import time
 from typing import List, Optional
 
-from .errors import RankFailed, StepNotRedone, first_line
+from .errors import DIVERGED_EXIT, Diverged, RankFailed, StepNotRedone, first_line
 
 EXAMPLES = """\
 examples:
@@ -405,6 +405,10 @@ def _train(args, argv: List[str]) -> int:
         print("prefopt train: interrupted outside the training steps; the run folder keeps its last checkpoint",
               file=sys.stderr)
         return 130
+    except Diverged as e:
+        if run.state.is_main:
+            print(f"prefopt train: stopped: {e}", file=sys.stderr, flush=True)
+        return DIVERGED_EXIT
     except Interrupted as e:
         if run.state.is_main:
             print(f"prefopt train: stopped by {signal.Signals(e.signum).name} at step {e.step}/{e.total}; checkpoint "

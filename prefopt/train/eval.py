@@ -119,6 +119,7 @@ def shift_and_confidence(hidden, weight, lse, *, bias=None, ref_hidden=None, ref
 def _adapter_and_processor(source, *, device, dtype):
     """``(ModelAdapter, processor, start)`` of a Hugging Face folder or a run folder; ``start`` builds the
     model the run started from (None when unknown)."""
+    from .export import check_finite
     from .models import build_model
 
     if not isinstance(source, str):
@@ -127,8 +128,11 @@ def _adapter_and_processor(source, *, device, dtype):
         raise ValueError(f"--model {source}: not a folder (expected a Hugging Face model folder or a run folder)")
     run_config = os.path.join(source, "config.json")
     if os.path.isfile(run_config) and _is_run_config(run_config):
-        return load_run(source, device=device, dtype=dtype)
+        adapter, processor, start = load_run(source, device=device, dtype=dtype)
+        check_finite(adapter.model, f"--model {source}")
+        return adapter, processor, start
     adapter, processor = build_model(source, dtype=dtype, device=device)
+    check_finite(adapter.model, f"--model {source}")
     parent = os.path.dirname(os.path.abspath(source))  # OUT/model inside a run folder: its run's start
     start = None
     if os.path.isfile(os.path.join(parent, "config.json")) and _is_run_config(os.path.join(parent, "config.json")):

@@ -179,9 +179,11 @@ def _adapters_reference_point(config: Dict[str, Any], state: Dict[str, Any]) -> 
 def export_model(adapter, processor, out: str, *, keep_adapter: bool = False,
                  metadata: Optional[Dict[str, Any]] = None) -> str:
     """Write ``adapter``'s model to the folder ``out`` with ``save_pretrained`` (LoRA merged unless
-    ``keep_adapter``), the processor's files and ``prefopt.json`` (``metadata``); returns ``out``."""
-    os.makedirs(out, exist_ok=True)
+    ``keep_adapter``), the processor's files and ``prefopt.json`` (``metadata``); returns ``out``.
+    ``ValueError`` before anything is written when a weight is not finite."""
     model = adapter.model
+    check_finite(model, out)
+    os.makedirs(out, exist_ok=True)
     if adapter.has_adapters:
         if keep_adapter:
             _save_base(model.get_base_model(), out, lora_layers=True)
@@ -195,6 +197,14 @@ def export_model(adapter, processor, out: str, *, keep_adapter: bool = False,
     with open(os.path.join(out, METADATA_FILE), "w", encoding="utf-8") as f:
         json.dump(metadata or {}, f, indent=1)
     return out
+
+
+def check_finite(model, where: str) -> None:
+    """``ValueError`` (one line naming ``where``) when ``model`` holds a NaN or infinite weight: a diverged
+    model is never written nor evaluated."""
+    bad = ckpt.nonfinite_count(p.detach() for p in model.parameters())
+    if bad:
+        raise ValueError(f"{where}: the model holds {bad} non-finite weights (a diverged run?)")
 
 
 def _save_base(model, out: str, *, lora_layers: bool = False) -> None:

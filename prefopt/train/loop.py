@@ -42,7 +42,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from . import reference as ref_mod
 from .data import DataProblems
-from .errors import RankFailed, StepNotRedone, first_line
+from .errors import Diverged, RankFailed, StepNotRedone, first_line
 from .interrupts import SKIPPED_FILE, Cadence, Interrupted, StopSignals, at_boundary, stale_run_files
 from .methods import METHODS, MethodOptions, PolicyObjective, Stage, build_method
 from .probes import LogpProbe, ProbeResult, should_stop
@@ -262,7 +262,7 @@ RANGES = {
     "steps": ">=0", "train_size": ">=1", "eval_size": ">=0", "batch_size": ">=1", "grad_accum": ">=1",
     "probe_size": ">=1", "max_length": ">=1", "max_image_pixels": ">=1", "max_new_tokens": ">=1", "lora_r": ">=1",
     "lora_alpha": ">0", "probe_every": ">=0", "save_every": ">=0", "save_minutes": ">=0", "keep_checkpoints": ">=0",
-    "stop_after": ">=1", "early_stop_chosen_drop": ">0", "dist_timeout": ">0", "max_nonfinite_steps": ">=1",
+    "stop_after": ">=1", "early_stop_chosen_drop": "finite", "dist_timeout": ">0", "max_nonfinite_steps": ">=1",
     "beta": ">0", "rpo_alpha": ">=0", "simpo_gamma": "finite", "cw_floor": "finite", "cw_tau": ">0",
     "sftc_lam": ">=0", "sftc_margin": "finite", "sftc_fraction": "[0,1]", "onpolicy_fraction": "[0,1]",
     "kl_coef": ">=0", "grpo_beta": ">=0", "grpo_epsilon": ">0", "label_smoothing": "[0,1)",
@@ -416,6 +416,7 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     run = Run(cfg, state, policy, processor, collator, records, probe_records, plan, method,
               cfg.reference_mode(method), total, resume_state)
     run.identity, run.problems = identity, problems
+    run.collapse_logp = -2 * math.log(head.weight.shape[0])
     run.eval_records = eval_records
     known = read_skipped_records(cfg.out, records)
     if known and cfg.strict_data:
@@ -523,6 +524,11 @@ class Run:
         # True while the weights hold more than the steps counted so far (from the optimizer step or the
         # reference point's adapter merge until the step is counted): no checkpoint may be written then.
         self.ahead_of_count = False
+        self.collapse_logp = -math.inf  # set by prepare: the probe positives' collapse bound (-2 ln V)
+        self.nonfinite_in_a_row = 0
+        self.probed_at: Optional[int] = None  # the step of the last probe measurement
+        self.diverged: Optional[str] = None  # why the run stops as diverged
+        self.checkpoint_path: Optional[str] = None  # the newest checkpoint this run wrote or resumed from
         self.tokenizer = getattr(processor, "tokenizer", processor)
 
     def log(self, message: str) -> None:
@@ -576,6 +582,7 @@ class Run:
             saved_start = self.resume_state.get("probe_start")
             probe.start = None if saved_start is None else ProbeResult(**saved_start)
             self.truncate_metrics(start_step)
+            self.checkpoint_path = self.resume_state["path"]
             self.log(f"resumed from {self.resume_state['path']} at step {start_step}/{self.total_steps}")
         elif cfg.probe_every > 0:
             self.write_metrics({"step": 0, **probe.metrics(probe.measure(engine))})
@@ -604,6 +611,7 @@ class Run:
                 metrics = self.train_step(step, stage)
                 if cfg.probe_every and ((step + 1) % cfg.probe_every == 0 or step + 1 == last_step):
                     metrics.update(probe.metrics(probe.measure(engine)))
+                    self.probed_at = step + 1
                     stopped_early = should_stop(metrics, cfg.early_stop_chosen_drop)
                 self.write_metrics(metrics)
                 history.append(metrics)
@@ -613,22 +621,27 @@ class Run:
                 done = step + 1
                 self.boundary_rng = ckpt.rng_state()
                 self.ahead_of_count = False
+                self.check_divergence(metrics)
                 if stopped_early:
                     self.log(f"step {done}: early stop, probe positives fell "
                              f"{-metrics['probe/delta_logp_chosen']:.3f} nats/token below their start")
                 signum, due = at_boundary(signals, cadence, done, state)
-                if stopped_early or done == last_step or signum or due:
+                if not self.diverged and (stopped_early or done == last_step or signum or due):
                     self.save(done, probe)
                     cadence.saved()
+                if self.diverged:
+                    break
                 if signum:
                     bar.close()
                     dist.teardown(state)
                     raise Interrupted(signum, done, self.total_steps, self.checkpoint_path)
                 if stopped_early:
                     break
-        if start_step >= last_step:  # resumed a finished run: nothing to train
-            self.checkpoint_path = self.resume_state["path"]
         bar.close()
+        if self.diverged:  # the last checkpoint it wrote is finite and not collapsed: that one is the model
+            self.model_folder = self.export_model()
+            dist.teardown(state)
+            raise Diverged(self.diverged, done, self.checkpoint_path, self.model_folder)
         self.model_folder = self.export_model()
         # The held-out evaluation once the run has ended (not when it pauses with --stop-after).
         evaluation = self.evaluate(done) if done == self.total_steps or stopped_early else None
@@ -1005,6 +1018,8 @@ class Run:
                 if failure is None:
                     # DDP and DeepSpeed average gradients over ranks; the count is already global.
                     share = out.loss / len(micro) if per_call else out.loss * state.world_size
+                    if ckpt.fault_kind(f"loss-{step + 1}") == "nan":  # the tests' non-finite step
+                        share = share * math.nan
                     try:
                         engine.backward(share)
                     except Exception as e:
@@ -1024,12 +1039,14 @@ class Run:
                 counters[k] = counters.get(k, 0.0) + v
             for k, v in out.metrics.items():
                 weighted[k] = weighted.get(k, 0.0) + float(v) * local_items[a]
-        self.ahead_of_count = True
-        grad_norm = engine.step()
         keys, counter_keys = sorted(weighted), sorted(counters)
+        # Summed over ranks before the optimizer step: a rank's non-finite loss makes the sum non-finite on
+        # every rank, and no rank applies the step.
         totals = dist.all_reduce([loss_sum, tokens, sum(local_items)] + [weighted[k] for k in keys]
                                  + [counters[k] for k in counter_keys], state)
         loss, tokens, items = totals[:3]
+        self.ahead_of_count = True
+        applied = engine.step(loss_finite=math.isfinite(loss))
         counters = dict(zip(counter_keys, totals[3 + len(keys):]))
         elapsed = time.perf_counter() - t0
         (peak,) = dist.all_reduce([peak_memory_mb(state.device)], state, op="max")
@@ -1040,10 +1057,12 @@ class Run:
             "loss": loss,
             **{k: v / max(items, 1) for k, v in zip(keys, totals[3:3 + len(keys)])},
             "learning_rate": lr,
-            "grad_norm": grad_norm,
+            "grad_norm": engine.grad_norm,
             "tokens_per_second": tokens / max(elapsed, 1e-9),
             "peak_memory_mb": peak,
         }
+        if not (applied and math.isfinite(loss) and math.isfinite(engine.grad_norm)):
+            metrics["nonfinite"] = True  # the step was not applied (see Engine.step)
         if stage.onpolicy_fraction:
             metrics["onpolicy/negatives"] = int(counters["onpolicy/negatives"])
         if stage.mode == "grpo":
@@ -1051,20 +1070,46 @@ class Run:
         return metrics
 
     def save(self, step: int, probe: LogpProbe) -> None:
-        """Checkpoint ``step`` with the generators as they were at that step's boundary."""
+        """Checkpoint ``step`` with the generators as they were at that step's boundary; unless its weights are
+        not finite or (with probes on: measured here if this step was not) collapsed: then nothing is written
+        and :attr:`diverged` says why."""
+        if self.cfg.probe_every and self.probed_at != step:
+            self.probed_at = step
+            self.check_divergence({"probe/logp_chosen": probe.measure(self.engine).chosen}, count_step=False)
+            if self.diverged:
+                return
         start = None if probe.start is None else dataclasses.asdict(probe.start)
-        path = ckpt.save_checkpoint(self.cfg.out, step, engine=self.engine, state=self.state,
-                                    keep=self.cfg.keep_checkpoints, rng=self.boundary_rng,
-                                    trainer_state={"total_steps": self.total_steps, "probe_start": start,
-                                                   "config": asdict(self.cfg), "identity": self.identity})
+        try:
+            path = ckpt.save_checkpoint(self.cfg.out, step, engine=self.engine, state=self.state,
+                                        keep=self.cfg.keep_checkpoints, rng=self.boundary_rng,
+                                        trainer_state={"total_steps": self.total_steps, "probe_start": start,
+                                                       "config": asdict(self.cfg), "identity": self.identity})
+        except ckpt.NonFiniteWeights as e:
+            self.diverged = str(e)
+            return
         self.checkpoint_path, self.saved_step = path, step
+
+    def check_divergence(self, metrics: Dict[str, Any], count_step: bool = True) -> None:
+        """Set :attr:`diverged` when the run must stop (README: "Divergence"): ``--max-nonfinite-steps`` steps in a
+        row whose loss or gradient norm was not finite (none of them applied), or the probe positives' mean
+        per-token log-prob below :attr:`collapse_logp` (-2 ln V: far below a uniform guess's -ln V; a model
+        trained on these answers has collapsed, as ``--lr 1e3`` does with finite numbers)."""
+        if count_step:
+            self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if metrics.get("nonfinite") else 0
+            if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
+                self.diverged = (f"{self.nonfinite_in_a_row} steps in a row with a non-finite loss or gradient norm, "
+                                 f"none applied (--max-nonfinite-steps {self.cfg.max_nonfinite_steps})")
+        chosen = metrics.get("probe/logp_chosen")
+        if chosen is not None and not chosen >= self.collapse_logp:
+            self.diverged = (f"the probe positives' log-prob is {chosen:.4g} nats/token, below the collapse bound "
+                             f"{self.collapse_logp:.3g} (-2 ln V; probes every --probe-every steps and at checkpoints)")
 
     def export_model(self) -> Optional[str]:
         """Rank 0 writes the final checkpoint's model as a Hugging Face folder ``OUT/model/`` (replacing
         one a finished run had written); returns its path."""
         from .export import export_checkpoint
 
-        path = getattr(self, "checkpoint_path", None)
+        path = self.checkpoint_path
         if path is None:
             return None
         out = os.path.join(self.cfg.out, MODEL_DIR)
@@ -1076,9 +1121,11 @@ class Run:
         return out
 
     def write_metrics(self, metrics: Dict[str, Any]) -> None:
+        """One line of ``metrics.jsonl`` (strict JSON: a non-finite number is null)."""
         if self.state.is_main:
+            line = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
             with open(os.path.join(self.cfg.out, METRICS_FILE), "a", encoding="utf-8") as f:
-                f.write(json.dumps(metrics) + "\n")
+                f.write(json.dumps(line, allow_nan=False) + "\n")
 
     def truncate_metrics(self, step: int) -> None:
         """Drop the lines a killed run logged after its last checkpoint (they are trained again)."""
@@ -1124,7 +1171,7 @@ class Run:
             "peak_memory_mb": max((m["peak_memory_mb"] for m in history), default=peak_memory_mb(self.state.device)),
             "tokens_per_second": mean("tokens_per_second"),
             "wall_seconds": wall,
-            "checkpoint": getattr(self, "checkpoint_path", None),
+            "checkpoint": self.checkpoint_path,
             "model_folder": getattr(self, "model_folder", None),
             "skipped_records": len(self.problems),
             "metrics": os.path.join(self.cfg.out, METRICS_FILE),
