@@ -97,7 +97,7 @@ def test_malformed_record_fails_with_its_line_under_strict_data(tmp_path, capsys
 def test_occupied_out_is_refused(tmp_path, capsys, text_file):
     (tmp_path / "keep.txt").write_text("a previous run")
     assert main(["--model", "tiny-llama", "--data", text_file, "--out", str(tmp_path)]) == 2
-    assert "already holds files" in capsys.readouterr().err
+    assert "holds files but no prefopt run (prefopt-run.json) and no checkpoint" in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["keep.txt"]
 
 
@@ -136,7 +136,7 @@ def test_a_short_run_of_the_default_method_prints_its_summary(tmp_path, capsys):
     # itself, which keeps the dataset negative, so the count may be 0).
     assert all("onpolicy/negatives" in r for r in rows if r.get("stage") == "cw-dpo")
     assert sorted(os.listdir(out)) == ["checkpoint-4", "config.json", "eval", "latest", "metrics.jsonl", "model",
-                                       "reference-1.safetensors"]
+                                       "prefopt-run.json", "prefopt-run.lock", "reference-1.safetensors"]
 
 
 def test_error_lines_are_the_first_line_or_the_type():

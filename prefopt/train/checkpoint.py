@@ -285,10 +285,11 @@ def _warn(message: str) -> None:
 
 
 def checkpoints(out_dir: str) -> List[str]:
-    """Names of the checkpoint folders in ``out_dir``, newest first."""
+    """Names of the checkpoint folders in ``out_dir`` (not symbolic links), newest first."""
     if not os.path.isdir(out_dir):
         return []
-    names = [d for d in os.listdir(out_dir) if CHECKPOINT_RE.match(d) and os.path.isdir(os.path.join(out_dir, d))]
+    names = [d for d in os.listdir(out_dir) if CHECKPOINT_RE.match(d) and os.path.isdir(os.path.join(out_dir, d))
+             and not os.path.islink(os.path.join(out_dir, d))]
     return sorted(names, key=lambda d: int(CHECKPOINT_RE.match(d).group(1)), reverse=True)
 
 
@@ -350,10 +351,12 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 
 def _write_text_atomic(path: str, text: str) -> None:
+    from .runfolder import open_nofollow
+
     tmp = path + ".tmp"
     try:
         fault_point(tmp)
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open_nofollow(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, path)
     finally:
@@ -376,6 +379,8 @@ def save_checkpoint(out_dir: str, step: int, *, engine, trainer_state: Dict[str,
     :class:`NonFiniteWeights` (on every rank, before anything is written) when a weight is NaN or infinite;
     nothing temporary is left behind."""
     from safetensors.torch import save_file
+
+    from .runfolder import swap_in
 
     name = f"checkpoint-{step}"
     final = os.path.join(out_dir, name)
@@ -403,9 +408,7 @@ def save_checkpoint(out_dir: str, step: int, *, engine, trainer_state: Dict[str,
         barrier(state)
         if state.is_main:
             write_manifest(tmp)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            swap_in(tmp, final)
             _write_text_atomic(os.path.join(out_dir, LATEST), name)
             _prune(out_dir, keep, current=name)
     except OSError as e:

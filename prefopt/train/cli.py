@@ -377,6 +377,7 @@ def _train(args, argv: List[str]) -> int:
     from .checkpoint import CheckpointError, os_error_line
     from .interrupts import Interrupted
     from .loop import prepare
+    from .runfolder import RunFolderError
 
     if args.model is not None and args.init_from is not None:
         print("prefopt train: error: give --model or --init-from, not both", file=sys.stderr)
@@ -405,6 +406,9 @@ def _train(args, argv: List[str]) -> int:
         print("prefopt train: interrupted outside the training steps; the run folder keeps its last checkpoint",
               file=sys.stderr)
         return 130
+    except RunFolderError as e:  # another process holds --out, or wrote to it since it was checked
+        print(f"prefopt train: error: {first_line(e)}", file=sys.stderr, flush=True)
+        return 2
     except Diverged as e:
         if run.state.is_main:
             print(f"prefopt train: stopped: {e}", file=sys.stderr, flush=True)

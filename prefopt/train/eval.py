@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import linear_logprobs
+from .checkpoint import fault_point
 from .errors import first_line
 
 __all__ = ["evaluate", "ece", "reliability_bins", "shift_and_confidence", "load_model", "EVAL_KEYS", "main"]
@@ -403,6 +404,7 @@ def plot(result: Dict[str, Any], out_dir: str) -> List[str]:
         ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "reliability.png"))
+    fault_point(paths[-1])
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
 
@@ -417,20 +419,42 @@ def plot(result: Dict[str, Any], out_dir: str) -> List[str]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "per_type.png"))
+    fault_point(paths[-1])
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
     return paths
 
 
-def write_report(result: Dict[str, Any], out_dir: str) -> List[str]:
-    """``eval.json``, ``eval.md`` and the plots in ``out_dir``; returns the paths written."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, "eval.json"), os.path.join(out_dir, "eval.md")]
-    with open(paths[0], "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
-    with open(paths[1], "w", encoding="utf-8") as f:
-        f.write(markdown(result))
-    return paths + plot(result, out_dir)
+def write_report(result: Dict[str, Any], out_dir: str, whole: bool = False) -> List[str]:
+    """``eval.json``, ``eval.md`` and the plots in ``out_dir``; returns their paths. They are written into a
+    temporary folder beside ``out_dir`` first, then each is renamed into ``out_dir`` (replacing a link of
+    that name, never writing through it), or with ``whole`` the folder replaces ``out_dir``
+    (:func:`~prefopt.train.runfolder.swap_in`): an interrupted report leaves nothing half written."""
+    import shutil
+    import tempfile
+
+    from .runfolder import swap_in
+
+    path = os.path.abspath(out_dir)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        names = [os.path.join(tmp, "eval.json"), os.path.join(tmp, "eval.md")]
+        fault_point(names[0])
+        with open(names[0], "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+        fault_point(names[1])
+        with open(names[1], "w", encoding="utf-8") as f:
+            f.write(markdown(result))
+        names += plot(result, tmp)
+        if whole:
+            swap_in(tmp, out_dir)
+        else:
+            os.makedirs(out_dir, exist_ok=True)
+            for name in names:
+                os.replace(name, os.path.join(out_dir, os.path.basename(name)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [os.path.join(out_dir, os.path.basename(name)) for name in names]
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -492,7 +516,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"prefopt eval: error: {message}", file=sys.stderr)
             return 2
     if args.out:
-        write_report(result, args.out)
+        from .runfolder import FolderLock
+
+        try:
+            with FolderLock(args.out, "--out"):  # one writer at a time
+                write_report(result, args.out)
+        except (ValueError, OSError) as e:
+            print(f"prefopt eval: error: {first_line(e)}", file=sys.stderr)
+            return 2
     print(json.dumps(result, indent=1) if args.json else markdown(result), flush=True)
     return 0
 

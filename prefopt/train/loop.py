@@ -28,7 +28,6 @@ import math
 import os
 import random
 import resource
-import shutil
 import sys
 import time
 import traceback
@@ -41,9 +40,10 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import reference as ref_mod
+from . import runfolder
 from .data import DataProblems
 from .errors import Diverged, RankFailed, StepNotRedone, first_line
-from .interrupts import SKIPPED_FILE, Cadence, Interrupted, StopSignals, at_boundary, stale_run_files
+from .interrupts import SKIPPED_FILE, Cadence, Interrupted, StopSignals, at_boundary
 from .methods import METHODS, MethodOptions, PolicyObjective, Stage, build_method
 from .probes import LogpProbe, ProbeResult, should_stop
 
@@ -305,34 +305,38 @@ def prepare(cfg: TrainConfig) -> "Run":
         raise ValueError("--keep-adapter needs --lora (without adapters there is nothing to keep apart)")
     if cfg.deepspeed is not None and cfg.deepspeed not in dist.ZERO_PRESETS and not os.path.isfile(cfg.deepspeed):
         raise ValueError(f"--deepspeed: expected zero2, zero3 or a JSON config file, got {cfg.deepspeed!r}")
-    resume_state, stale = _check_out_dir(cfg)
+    resume_state, stale, run_id = _check_out_dir(cfg)
 
     state = dist.setup(cfg.deepspeed, cfg.device, cfg.dist_timeout)
     try:
         run = _prepare(cfg, state, resume_state)
-        run.stale_files = stale
+        run.stale_files, run.run_id = stale, run_id
         return run
     except Exception:
         dist.teardown(state, wait=False)
         raise
 
 
-def _check_out_dir(cfg: TrainConfig) -> Tuple[Optional[Dict[str, Any]], List[str]]:
-    """(the checkpoint to resume from or None, files of an earlier run that stopped before its first
-    checkpoint: the run starts again and removes them)."""
+def _check_out_dir(cfg: TrainConfig) -> Tuple[Optional[Dict[str, Any]], List[str], Optional[str]]:
+    """(the checkpoint to resume from or None, the entries of a run that stopped before its first checkpoint:
+    the run starts again without them, the folder's run id or None); ``ValueError`` for a folder that is not
+    this run's to write (see :mod:`~prefopt.train.runfolder`)."""
     main_rank = os.environ.get("RANK", "0") == "0"
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ValueError(f"--out {cfg.out}: exists and is not a folder")
-    if not os.path.isdir(cfg.out) or not os.listdir(cfg.out):
+    if not runfolder.contents(cfg.out):
         if cfg.resume:
             raise ValueError(f"--resume: no checkpoint in {cfg.out}")
-        return None, []
-    stale = stale_run_files(cfg.out)
-    if stale is not None:  # an earlier run stopped before its first checkpoint: nothing to lose
-        if main_rank:
+        return None, [], None
+    run_id = runfolder.read_marker(cfg.out)
+    if not ckpt.checkpoints(cfg.out):
+        if run_id is None:
+            raise ValueError(f"--out {cfg.out}: holds files but no prefopt run ({runfolder.MARKER}) and no checkpoint; "
+                             "remove them or choose another --out")
+        if main_rank:  # a run that stopped before its first checkpoint: nothing to lose
             print(f"prefopt train: note: {cfg.out} holds no checkpoint yet (the run stopped before its first): "
                   "starting it again", file=sys.stderr, flush=True)
-        return None, stale
+        return None, runfolder.run_entries(cfg.out), run_id
     if not cfg.resume:
         raise ValueError(f"--out {cfg.out}: already holds files; pass --resume to continue that run or choose "
                          "a new folder")
@@ -340,7 +344,7 @@ def _check_out_dir(cfg: TrainConfig) -> Tuple[Optional[Dict[str, Any]], List[str
         path = ckpt.latest_checkpoint(cfg.out, warn=main_rank)
         if path is None:
             raise ValueError(f"--resume: no intact checkpoint in {cfg.out}")
-        return {"path": path, **ckpt.read_trainer_state(path)}, []
+        return {"path": path, **ckpt.read_trainer_state(path)}, [], run_id
     except ckpt.CheckpointError as e:
         raise ValueError(f"--resume: {e}") from None
 
@@ -513,6 +517,8 @@ class Run:
         self.method, self.ref_mode, self.total_steps = method, ref_mode, total_steps
         self.resume_state = resume_state
         self.stale_files: List[str] = []  # set by prepare
+        self.run_id: Optional[str] = None  # set by prepare: the run folder's marker as prepare found it
+        self.lock: Optional[runfolder.FolderLock] = None
         self.identity: Dict[str, Any] = {}  # set by prepare
         self.problems = DataProblems()  # set by prepare
         self.eval_records: list = []  # set by prepare
@@ -540,18 +546,46 @@ class Run:
     # ---------------------------------------------------------------------------------------- execute
 
     def execute(self) -> Dict[str, Any]:
+        """Take the run folder (:meth:`take_folder`), train, export, evaluate; the folder's lock is released
+        at the end."""
+        try:
+            self.take_folder()
+            return self._execute()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def take_folder(self) -> None:
+        """Rank 0 locks the run folder, checks it is as prepare found it, marks it (first) and removes what a
+        run that stopped before its first checkpoint left; every rank then checks that it sees that run id."""
+        cfg, state = self.cfg, self.state
+        problem = None
+        if state.is_main:
+            try:
+                self.lock = runfolder.FolderLock(cfg.out)
+                if runfolder.read_marker(cfg.out) != self.run_id or (self.run_id is None and self.resume_state is None
+                                                                     and runfolder.contents(cfg.out)):
+                    raise runfolder.RunFolderError(f"--out {cfg.out}: another run wrote to it while this one was "
+                                                   "being prepared")
+                if self.run_id is None:
+                    self.run_id = runfolder.write_marker(cfg.out)
+                for path in self.stale_files:  # an earlier run of this folder that stopped before its first checkpoint
+                    runfolder.remove_entry(path)
+                with runfolder.open_nofollow(os.path.join(cfg.out, CONFIG_FILE), "w") as f:
+                    json.dump({**asdict(cfg), "world_size": state.world_size, "total_steps": self.total_steps}, f,
+                              indent=1)
+            except (runfolder.RunFolderError, OSError) as e:  # raised on every rank below
+                problem = e
+        if dist.ranks_with(problem is not None, state):
+            raise problem or runfolder.RunFolderError(f"--out {cfg.out}: rank 0 could not take the run folder")
+        ids = dist.all_gather_object(runfolder.read_marker(cfg.out), state)
+        if any(i != ids[0] for i in ids):
+            raise runfolder.RunFolderError(f"--out {cfg.out}: rank {state.rank} sees run {ids[state.rank]}, rank 0 "
+                                           f"marked {ids[0]} (the ranks need one shared run folder)")
+
+    def _execute(self) -> Dict[str, Any]:
         cfg, state = self.cfg, self.state
         started = time.perf_counter()
-        if state.is_main:
-            for path in self.stale_files:  # an earlier run that stopped before its first checkpoint
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                else:
-                    os.remove(path)
-            os.makedirs(cfg.out, exist_ok=True)
-            with open(os.path.join(cfg.out, CONFIG_FILE), "w", encoding="utf-8") as f:
-                json.dump({**asdict(cfg), "world_size": state.world_size, "total_steps": self.total_steps}, f, indent=1)
-        dist.barrier(state)
 
         # The module every gradient flows through (its reference is set at the method's reference point).
         objective = PolicyObjective(self.policy)
@@ -698,9 +732,9 @@ class Run:
         line = {"step": step, **{f"eval_{k}": result[k] for k in EVAL_KEYS}}
         for t, row in result["per_type"].items():
             line.update({f"eval_{t}/{k}": v for k, v in row.items()})
+        if state.is_main:  # the whole report, then its line: an interrupted evaluation leaves neither
+            write_report(result, os.path.join(cfg.out, "eval"), whole=True)
         self.write_metrics(line)
-        if state.is_main:
-            write_report(result, os.path.join(cfg.out, "eval"))
         return result
 
     def make_reference(self, point: int, step: int) -> ref_mod.Reference:
@@ -1114,8 +1148,7 @@ class Run:
             return None
         out = os.path.join(self.cfg.out, MODEL_DIR)
         if self.state.is_main:
-            shutil.rmtree(out, ignore_errors=True)
-            export_checkpoint(path, out, keep_adapter=self.cfg.keep_adapter)
+            export_checkpoint(path, out, keep_adapter=self.cfg.keep_adapter, replace=True)
             self.log(f"model folder {out} (from {path})")
         dist.barrier(self.state)
         return out
@@ -1128,12 +1161,13 @@ class Run:
                 f.write(json.dumps(line, allow_nan=False) + "\n")
 
     def truncate_metrics(self, step: int) -> None:
-        """Drop the lines a killed run logged after its last checkpoint (they are trained again)."""
+        """Drop the lines a killed run logged after its last checkpoint (they are trained again) and a final
+        evaluation's line (the resumed run evaluates again)."""
         path = os.path.join(self.cfg.out, METRICS_FILE)
         if self.state.is_main and os.path.isfile(path):
             with open(path, encoding="utf-8", errors="replace") as f:
-                lines = [ln for ln in f if _logged_step(ln) <= step]
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                lines = [ln for ln in f if _logged_step(ln) <= step and '"eval_' not in ln]
+            with runfolder.open_nofollow(path + ".tmp", "w") as f:
                 f.writelines(lines)
             os.replace(path + ".tmp", path)
 
