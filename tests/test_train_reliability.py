@@ -263,17 +263,20 @@ def test_one_writer_per_run_and_no_writing_through_links(tmp_path, text_data, ca
     checkpoint) resumes and is marked. OUT/model and OUT/eval replaced by links: the resume's export and
     evaluation replace the links and write nothing into their targets."""
     from prefopt.train import runfolder
+    from prefopt.train.eval import main as eval_main
 
     out = tmp_path / "run"
     args = cli_args(text_data, out, "--method", "sft", "--steps", "1", "--probe-every", "0", "--eval-size", "2")
     assert main(args) == 0
     run_id = runfolder.read_marker(str(out))
     assert run_id is not None
+    holder = f"in use by pid {os.getpid()} on host {os.uname().nodename} (one writer per run folder; wait for it or "
     with runfolder.FolderLock(str(tmp_path / "run")):
         assert main(args + ["--resume"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (f"prefopt train: error: --out {out}: in use by pid {os.getpid()} on host {os.uname().nodename} "
-                       "(one writer per run folder; wait for it or choose another folder)"), err
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == f"prefopt train: error: --out {out}: {holder}choose another folder)", err
+        assert eval_main(["--model", str(out / "model"), "--size", "2", "--out", str(out)]) == 2
+        assert capsys.readouterr().err.strip() == f"prefopt eval: error: --out {out}: {holder}choose another folder)"
     (out / runfolder.LOCK_FILE).write_text("pid 999999 on host gone\n")  # its holder died: no flock is held
     os.remove(out / runfolder.MARKER)  # as an earlier version left it
     elsewhere = {name: tmp_path / f"user-{name}" for name in ("model", "eval")}

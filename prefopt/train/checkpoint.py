@@ -1,7 +1,8 @@
 """Checkpoints: no pickle, verified before use, resumed to the same numbers as an uninterrupted run.
 
-A run folder ``OUT`` holds ``config.json``, ``metrics.jsonl``, the reference files of the methods that
-need them (``reference-<step>.safetensors``, ``reference_logps-<step>.safetensors``), the checkpoints
+A run folder ``OUT`` holds its marker ``prefopt-run.json`` and lock ``prefopt-run.lock`` (runfolder.py),
+``config.json``, ``metrics.jsonl``, the reference files of the methods that need them
+(``reference-<step>.safetensors``, ``reference_logps-<step>.safetensors``), the checkpoints
 ``checkpoint-<step>/`` and ``latest`` (a text file naming the newest complete checkpoint, a bare folder
 name inside ``OUT``). A checkpoint folder holds:
 
@@ -24,8 +25,9 @@ name inside ``OUT``). A checkpoint folder holds:
   skipped_steps}}``. DeepSpeed's own (pickled) checkpoint files are never written nor read;
 * ``manifest.json``, written last: ``{"files": {relative path: sha256}}`` of every other file.
 
-A checkpoint is written under a temporary name (``.checkpoint-<step>.tmp``) and renamed when complete;
-``latest`` is replaced atomically. On resume the checkpoint ``latest`` names is verified against its
+A checkpoint is written under a temporary name (``.checkpoint-<step>.tmp``) and renamed when complete (an
+old entry of that name, a symbolic link included, is renamed aside and removed, never followed); ``latest``
+is replaced atomically. Weights holding NaN or infinity are never written (:class:`NonFiniteWeights`). On resume the checkpoint ``latest`` names is verified against its
 manifest (every file present, a regular file, with its hash; nothing else loaded); a corrupt or
 incomplete one is skipped, with a one-line warning, for the newest intact older one. Nothing is ever
 unpickled: ``safetensors`` and JSON only.

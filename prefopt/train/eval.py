@@ -498,11 +498,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(e.code or 0)
     from .checkpoint import CheckpointError
     from .cli import keep_num_threads
+    from .runfolder import FolderLock
 
+    lock = None
     with keep_num_threads():
         try:
             if args.batch_size < 1 or args.max_new_tokens < 1:
                 raise ValueError("--batch-size and --max-new-tokens: expected positive numbers")
+            lock = FolderLock(args.out, "--out") if args.out else None  # one writer at a time
             model, processor, start = _adapter_and_processor(args.model, device=args.device, dtype=None)
             if sum(p.numel() for p in model.model.parameters()) < SMALL_MODEL and "OMP_NUM_THREADS" not in os.environ \
                     and model.device.type == "cpu":
@@ -511,19 +514,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             result = evaluate(model, processor=processor, reference=reference, data=args.data, size=args.size,
                               seed=args.seed, shuffle_images=args.shuffle_images, batch_size=args.batch_size,
                               max_new_tokens=args.max_new_tokens, device=args.device)
+            if args.out:
+                write_report(result, args.out)
         except (ValueError, TypeError, OSError, CheckpointError) as e:
             message = first_line(e)
             print(f"prefopt eval: error: {message}", file=sys.stderr)
             return 2
-    if args.out:
-        from .runfolder import FolderLock
-
-        try:
-            with FolderLock(args.out, "--out"):  # one writer at a time
-                write_report(result, args.out)
-        except (ValueError, OSError) as e:
-            print(f"prefopt eval: error: {first_line(e)}", file=sys.stderr)
-            return 2
+        finally:
+            if lock is not None:
+                lock.release()
     print(json.dumps(result, indent=1) if args.json else markdown(result), flush=True)
     return 0
 
