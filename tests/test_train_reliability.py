@@ -6,6 +6,7 @@ the rest run in this process to keep CI time small (each subprocess pays ~5-10 s
 """
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -954,8 +955,9 @@ def test_a_nonfinite_step_is_not_applied_and_three_in_a_row_stop_the_run(tmp_pat
     out = tmp_path / "nan"
     monkeypatch.setenv(ckpt.FAULT_ENV, "loss-2:nan")
     assert main(cli_args(text_data, out, "--method", "dpo", "--steps", "3", "--probe-every", "0", "--save-every", "1",
-                         "--keep-checkpoints", "0")) == 0
+                         "--keep-checkpoints", "0", "--json")) == 0
     monkeypatch.delenv(ckpt.FAULT_ENV)
+    assert math.isfinite(json.loads(capsys.readouterr().out)["loss"])  # the mean of the steps applied
     logged = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
     assert [m.get("nonfinite", False) for m in logged] == [False, True, False] and logged[1]["loss"] is None
     assert_same_weights(checkpoint_weights(out, 1), checkpoint_weights(out, 2))

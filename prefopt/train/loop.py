@@ -1179,8 +1179,8 @@ class Run:
         final_stage = [m for m in history if m["stage"] == history[-1]["stage"]] if history else []
         tail = final_stage[-max(5, len(history) // 10):]
 
-        def mean(key):
-            values = [m[key] for m in tail if key in m]
+        def mean(key):  # over the steps that were applied (a non-finite one was not)
+            values = [m[key] for m in tail if key in m and not m.get("nonfinite")]
             return sum(values) / len(values) if values else None
 
         probes = next((m for m in reversed(history) if "probe/delta_logp_chosen" in m), {})
