@@ -56,6 +56,11 @@ def test_no_arguments_is_the_embedded_default():
     (["--model", "tiny-llama", "--deepspeed", "zero9", "--data", "TEXT"], "--deepspeed"),
     (["--model", "tiny-llama", "--method", "dpo", "--batch-size", "0", "--data", "TEXT"], "--batch-size"),
     (["--model", "tiny-llama", "--method", "nsft", "--data", "TEXT"], "no record has corrections"),
+    # Every numeric option is range-checked before anything loads (NaN and infinity never pass).
+    *[(["--model", "tiny-llama", "--method", "dpo", "--data", "TEXT", option, value], option + ": expected")
+      for option, value in [("--lr", "nan"), ("--lr", "-1"), ("--lr", "inf"), ("--epochs", "inf"), ("--epochs", "nan"),
+                            ("--train-size", "-1"), ("--max-grad-norm", "nan"), ("--beta", "-1"),
+                            ("--warmup-ratio", "1"), ("--dist-timeout", "nan"), ("--max-nonfinite-steps", "0")]],
 ])
 def test_errors_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, text_file, args, message):
     out = tmp_path / "run"
@@ -64,6 +69,17 @@ def test_errors_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, text_fil
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("prefopt train: error:") and message in err, err
     assert not out.exists()
+
+
+def test_library_callers_get_the_range_checks_too(tmp_path):
+    from prefopt.train.loop import TrainConfig, train
+    from prefopt.train.methods import MethodOptions
+
+    with pytest.raises(ValueError, match=r"^--beta: expected a finite number >0, got -1.0$"):
+        train(TrainConfig(method="dpo", out=str(tmp_path / "run"), options=MethodOptions(beta=-1.0)))
+    with pytest.raises(ValueError, match=r"^--save-minutes: expected a finite number >=0, got nan$"):
+        train(TrainConfig(out=str(tmp_path / "run"), save_minutes=float("nan")))
+    assert not (tmp_path / "run").exists()
 
 
 def test_malformed_record_fails_with_its_line_under_strict_data(tmp_path, capsys, text_file):
@@ -81,7 +97,7 @@ def test_malformed_record_fails_with_its_line_under_strict_data(tmp_path, capsys
 def test_occupied_out_is_refused(tmp_path, capsys, text_file):
     (tmp_path / "keep.txt").write_text("a previous run")
     assert main(["--model", "tiny-llama", "--data", text_file, "--out", str(tmp_path)]) == 2
-    assert "already holds files" in capsys.readouterr().err
+    assert "holds files but no prefopt run (prefopt-run.json) and no checkpoint" in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["keep.txt"]
 
 
@@ -120,7 +136,7 @@ def test_a_short_run_of_the_default_method_prints_its_summary(tmp_path, capsys):
     # itself, which keeps the dataset negative, so the count may be 0).
     assert all("onpolicy/negatives" in r for r in rows if r.get("stage") == "cw-dpo")
     assert sorted(os.listdir(out)) == ["checkpoint-4", "config.json", "eval", "latest", "metrics.jsonl", "model",
-                                       "reference-1.safetensors"]
+                                       "prefopt-run.json", "prefopt-run.lock", "reference-1.safetensors"]
 
 
 def test_error_lines_are_the_first_line_or_the_type():

@@ -6,6 +6,7 @@ the rest run in this process to keep CI time small (each subprocess pays ~5-10 s
 """
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -205,39 +206,132 @@ def test_disk_full_or_read_only_is_one_line_and_leaves_no_tmp(tmp_path, text_dat
 
 
 def test_a_read_only_run_folder_is_one_line(tmp_path, text_data, monkeypatch, capsys):
-    """EROFS on the first file the run writes (injected: CI runs as root, where chmod does not bite)."""
-    import builtins
+    """EROFS on the first file the run writes, its lock (injected: CI runs as root, where chmod does not bite)."""
     import errno
 
-    real_open = builtins.open
+    real_open = os.open
 
-    def read_only(path, mode="r", *a, **k):
-        if "w" in mode and str(path).startswith(str(tmp_path / "run")):
+    def read_only(path, flags, *a, **k):
+        if flags & (os.O_WRONLY | os.O_RDWR) and str(path).startswith(str(tmp_path / "run")):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
-        return real_open(path, mode, *a, **k)
+        return real_open(path, flags, *a, **k)
 
-    monkeypatch.setattr(builtins, "open", read_only)
+    monkeypatch.setattr(os, "open", read_only)
     assert main(cli_args(text_data, tmp_path / "run", "--method", "sft", "--steps", "1", "--probe-every", "0")) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"prefopt train: error: {tmp_path / 'run' / 'config.json'}: Read-only file system (EROFS)"], err
+    assert err == [f"prefopt train: error: {tmp_path / 'run' / 'prefopt-run.lock'}: Read-only file system (EROFS)"], err
 
 
 def test_a_folder_without_a_checkpoint_can_be_started_again(tmp_path, text_data, capsys):
-    """What a run killed before its first checkpoint leaves: the same command (or --resume) starts again."""
+    """What a run killed before its first checkpoint leaves (its marker, written first, and its files): the
+    same command (or --resume) starts again and removes only what the run wrote."""
+    from prefopt.train import runfolder
+
     out = tmp_path / "run"
     out.mkdir()
+    runfolder.write_marker(str(out))
     (out / "config.json").write_text("{}")
     (out / METRICS_FILE).write_text('{"step": 1, "loss": 1.0}\n')
     (out / ".checkpoint-2.tmp").mkdir()
+    (out / "notes.txt").write_text("mine")
     assert main(cli_args(text_data, out, "--method", "sft", "--steps", "1", "--probe-every", "0")) == 0
     assert "holds no checkpoint yet" in capsys.readouterr().err
     assert len(rows(out)) == 1 and not (out / ".checkpoint-2.tmp").exists()
-    (out / "notes.txt").write_text("mine")
-    shutil_rmtree = __import__("shutil").rmtree
-    shutil_rmtree(out / "checkpoint-1")
-    os.remove(out / "latest")
-    assert main(cli_args(text_data, out, "--method", "sft", "--steps", "1")) == 2  # a file that is not the run's
-    assert "already holds files" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"  # not the run's: left alone
+
+
+# ------------------------------------------------------------------------------------------ ownership, lock
+
+
+def test_a_folder_without_the_run_marker_is_refused_whatever_its_file_names(tmp_path, text_data, capsys):
+    """The user's files named like a run's: refused in one line, nothing touched (today: all deleted)."""
+    out = tmp_path / "u2"
+    (out / ".checkpoint-old").mkdir(parents=True)
+    files = {"config.json": "{}", METRICS_FILE: "{}\n", "reference-letter.docx": "dear", ".checkpoint-old/x": "x"}
+    for name, text in files.items():
+        (out / name).write_text(text)
+    for resume in ([], ["--resume"]):
+        assert main(cli_args(text_data, out, "--method", "sft", "--steps", "1", "--probe-every", "0", *resume)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"prefopt train: error: --out {out}: holds files but no prefopt run (prefopt-run.json) and no "
+                       "checkpoint; remove them or choose another --out"], err
+    assert {n: (out / n).read_text() for n in files} == files and len(os.listdir(out)) == 4
+
+
+def test_one_writer_per_run_and_no_writing_through_links(tmp_path, text_data, capsys):
+    """A finished run: while another process holds its lock a --resume is one line naming the holder, exit 2;
+    a lock left by a dead process does not block. A run folder of an earlier version (no marker, an intact
+    checkpoint) resumes and is marked. OUT/model and OUT/eval replaced by links: the resume's export and
+    evaluation replace the links and write nothing into their targets."""
+    from prefopt.train import runfolder
+    from prefopt.train.eval import main as eval_main
+
+    out = tmp_path / "run"
+    args = cli_args(text_data, out, "--method", "sft", "--steps", "1", "--probe-every", "0", "--eval-size", "2")
+    assert main(args) == 0
+    run_id = runfolder.read_marker(str(out))
+    assert run_id is not None
+    holder = f"in use by pid {os.getpid()} on host {os.uname().nodename} (one writer per run folder; wait for it or "
+    with runfolder.FolderLock(str(tmp_path / "run")):
+        assert main(args + ["--resume"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == f"prefopt train: error: --out {out}: {holder}choose another folder)", err
+        assert eval_main(["--model", str(out / "model"), "--size", "2", "--out", str(out)]) == 2
+        assert capsys.readouterr().err.strip() == f"prefopt eval: error: --out {out}: {holder}choose another folder)"
+    (out / runfolder.LOCK_FILE).write_text("pid 999999 on host gone\n")  # its holder died: no flock is held
+    os.remove(out / runfolder.MARKER)  # as an earlier version left it
+    elsewhere = {name: tmp_path / f"user-{name}" for name in ("model", "eval")}
+    for name, target in elsewhere.items():
+        target.mkdir()
+        (target / "keep.txt").write_text("mine")
+        __import__("shutil").rmtree(out / name)
+        os.symlink(target, out / name)
+    assert main(args + ["--resume"]) == 0
+    capsys.readouterr()
+    assert runfolder.read_marker(str(out)) not in (None, run_id)
+    for name, target in elsewhere.items():
+        assert os.listdir(target) == ["keep.txt"] and not os.path.islink(out / name)
+    assert sorted(os.listdir(out / "eval")) == ["eval.json", "eval.md", "per_type.png", "reliability.png"]
+
+
+def test_an_interrupted_export_leaves_no_folder_to_take_for_a_model(tmp_path, text_data, monkeypatch, capsys):
+    """SIGINT just before an export's last file (the fault hook): one line, no OUT and no temporary folder
+    left, so --init-from OUT is refused (today: the half folder was taken for a generic model); the same
+    command again writes the whole folder."""
+    from prefopt.train.export import is_model_folder
+    from prefopt.train.export import main as export_main
+
+    run = tmp_path / "run"
+    assert main(cli_args(text_data, run, "--method", "sft", "--steps", "1", "--probe-every", "0")) == 0
+    exported = tmp_path / "exported"
+    monkeypatch.setenv(ckpt.FAULT_ENV, "prefopt.json:sigint")
+    capsys.readouterr()
+    assert export_main([str(run / "checkpoint-1"), str(exported)]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"prefopt export: interrupted; nothing was written to {exported}")
+    monkeypatch.delenv(ckpt.FAULT_ENV)
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+    assert main(cli_args(text_data, tmp_path / "next", "--method", "sft", "--steps", "1", "--probe-every", "0",
+                         "--init-from", str(exported))[2:]) == 2  # [2:]: without --model
+    assert f"--init-from {exported}: not a folder" in capsys.readouterr().err
+    assert export_main([str(run / "checkpoint-1"), str(exported)]) == 0 and is_model_folder(str(exported))
+
+
+def test_sigint_in_the_final_evaluation_then_resume_writes_its_report_and_line_once(tmp_path, text_data, monkeypatch,
+                                                                                   capsys):
+    """SIGINT just before the evaluation's last plot: one line, no eval/ and no eval_ line; --resume evaluates
+    again: the whole report, and one eval_ line in metrics.jsonl."""
+    out = tmp_path / "run"
+    args = cli_args(text_data, out, "--method", "sft", "--steps", "1", "--probe-every", "0", "--eval-size", "2")
+    monkeypatch.setenv(ckpt.FAULT_ENV, "per_type.png:sigint")
+    assert main(args) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "prefopt train: interrupted outside the training steps; the run folder keeps its last checkpoint")
+    assert not (out / "eval").exists() and not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    monkeypatch.delenv(ckpt.FAULT_ENV)
+    assert main(args + ["--resume"]) == 0
+    assert sorted(os.listdir(out / "eval")) == ["eval.json", "eval.md", "per_type.png", "reliability.png"]
+    assert sum("eval_pair_accuracy" in r for r in rows(out)) == 1 and "eval_pair_accuracy" in rows(out)[-1]
 
 
 # ------------------------------------------------------------------------------------------ resume checks
@@ -406,10 +500,12 @@ def test_no_file_of_a_run_folder_is_unpickled_on_resume(tmp_path, text_data, cap
     assert set(codes) == names
     # Every file that is read is refused with a one-line error (never a crash, never a silent resume);
     # config.json, metrics.jsonl, the exported model/ and the eval/ report are only written (the finished
-    # run resumes and rewrites them). Exit 2: refused while preparing (the pointer, manifest, trainer
+    # run resumes and rewrites them), and so are the lock and the marker (unreadable: an unmarked folder with
+    # an intact checkpoint, which resumes). Exit 2: refused while preparing (the pointer, manifest, trainer
     # state); 1: while loading the rest.
     expected = {name: 0 if name.startswith(("model/", "eval/")) else 1 for name in names}
-    expected.update({"config.json": 0, METRICS_FILE: 0, "latest": 2, f"checkpoint-2/{ckpt.MANIFEST_FILE}": 2,
+    expected.update({"config.json": 0, METRICS_FILE: 0, "prefopt-run.json": 0, "prefopt-run.lock": 0,
+                     "latest": 2, f"checkpoint-2/{ckpt.MANIFEST_FILE}": 2,
                      f"checkpoint-2/{ckpt.STATE_FILE}": 2})
     assert codes == expected
 
@@ -739,11 +835,11 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
-def launch_ranks(program_args, args, world=2, timeout=240):
+def launch_ranks(program_args, args, world=2, timeout=240, env=None):
     """``world`` ranks of FAILING_RECORD_PROGRAM; returns [(exit code, stderr)] by rank."""
     port = str(free_port())
     procs = [subprocess.Popen([sys.executable, "-c", FAILING_RECORD_PROGRAM, *program_args, *args], cwd=REPO,
-                              env=dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                              env=dict(env or ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
     try:
@@ -834,3 +930,107 @@ def test_under_deepspeed_a_failing_record_is_skipped_in_place_or_by_running_agai
                                                       "--deepspeed", "zero2"))
     assert [code for code, _ in known] == [0, 0], known[0][1][-3000:]
     assert_same_run(tmp_path / "failing", tmp_path / "known")
+
+
+# ------------------------------------------------------------------------------------------ finite or nothing
+
+
+def checkpoint_weights(out, step):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(out, f"checkpoint-{step}", ckpt.WEIGHTS_FILE))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_a_nonfinite_step_is_not_applied_and_three_in_a_row_stop_the_run(tmp_path, text_data, monkeypatch, capsys):
+    """Step 2's loss is NaN (the fault hook): its update is not applied (checkpoints 1 and 2 hold the same
+    weights), metrics.jsonl stays strict JSON, and training goes on. At lr 1e30 every step after the first is
+    non-finite: the third in a row stops the run with exit code 3 and one line naming the option; it keeps the
+    last checkpoint (finite: the skipped steps left the weights as they were) and exports it, or, with none, writes no model and says so."""
+    out = tmp_path / "nan"
+    monkeypatch.setenv(ckpt.FAULT_ENV, "loss-2:nan")
+    assert main(cli_args(text_data, out, "--method", "dpo", "--steps", "3", "--probe-every", "0", "--save-every", "1",
+                         "--keep-checkpoints", "0", "--json")) == 0
+    monkeypatch.delenv(ckpt.FAULT_ENV)
+    assert math.isfinite(json.loads(capsys.readouterr().out)["loss"])  # the mean of the steps applied
+    logged = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+    assert [m.get("nonfinite", False) for m in logged] == [False, True, False] and logged[1]["loss"] is None
+    assert_same_weights(checkpoint_weights(out, 1), checkpoint_weights(out, 2))
+    two, three = checkpoint_weights(out, 2), checkpoint_weights(out, 3)
+    assert any(not torch.equal(two[k], three[k]) for k in two)
+    capsys.readouterr()
+
+    for save_every, kept in (("1", "checkpoint-3"), ("0", None)):
+        out = tmp_path / f"diverged-{save_every}"
+        code = main(cli_args(text_data, out, "--method", "dpo", "--steps", "6", "--probe-every", "0", "--lr", "1e30",
+                             "--warmup-ratio", "0", "--save-every", save_every))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 3 and len(err) == 1, err
+        assert err[0].startswith("prefopt train: stopped: diverged at step 4: 3 steps in a row with a non-finite loss "
+                                 "or gradient norm, none applied (--max-nonfinite-steps 3); "), err
+        if kept:
+            assert err[0].endswith(f"kept {out / kept}, exported to {out / 'model'}")
+            assert json.loads((out / "model" / "prefopt.json").read_text())["step"] == 3
+        else:
+            assert err[0].endswith("no earlier checkpoint, so no model was written")
+            assert not (out / "model").exists() and not ckpt.checkpoints(str(out))
+
+
+def test_a_collapse_without_nan_stops_the_same_way(tmp_path, text_data, capsys):
+    """--lr 1e3: the numbers stay finite but the probe positives fall from -6 to -1e7 nats per token at step 2,
+    below -2 ln V: the run stops there with exit code 3, keeps checkpoint 1 and exports it."""
+    out = tmp_path / "run"
+    code = main(cli_args(text_data, out, "--method", "dpo", "--steps", "6", "--probe-every", "1", "--lr", "1e3",
+                         "--save-every", "1"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and len(err) == 1, err
+    assert re.match(r"prefopt train: stopped: diverged at step 2: the probe positives' log-prob is -\S+ nats/token, "
+                    r"below the collapse bound -12\.3 ", err[0]), err
+    assert err[0].endswith(f"kept {out / 'checkpoint-1'}, exported to {out / 'model'}")
+    assert ckpt.checkpoints(str(out)) == ["checkpoint-1"]
+
+
+def test_nonfinite_weights_are_never_written_nor_evaluated(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from prefopt.train.distributed import DistState
+    from prefopt.train.eval import main as eval_main
+    from prefopt.train.export import export_model
+    from prefopt.train.models import build_model
+
+    adapter, processor = build_model("tiny-llama", device="cpu", seed=0)
+    with torch.no_grad():
+        adapter.model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(ckpt.NonFiniteWeights, match="the weights hold 1 non-finite values"):
+        ckpt.save_checkpoint(str(tmp_path), 1, engine=SimpleNamespace(module=adapter.model), trainer_state={},
+                             state=DistState())
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match="the model holds 1 non-finite weights"):
+        export_model(adapter, processor, str(tmp_path / "model"))
+    assert not (tmp_path / "model").exists()
+    adapter.model.save_pretrained(tmp_path / "nan-model")
+    processor.save_pretrained(tmp_path / "nan-model")
+    assert eval_main(["--model", str(tmp_path / "nan-model"), "--size", "2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"prefopt eval: error: --model {tmp_path / 'nan-model'}: the model holds 1 non-finite weights (a diverged run?)")
+
+
+def test_under_deepspeed_a_nonfinite_loss_on_one_rank_is_applied_by_no_rank(tmp_path, text_data):
+    """ZeRO-2, two processes: rank 1's loss of step 2 is NaN. Neither rank applies that step (checkpoints 1
+    and 2 hold the same weights), both log it as non-finite, and training goes on."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "run"
+    results = launch_ranks(["-1", "plain"], two_rank_dpo(text_data, out, "--steps", "3", "--deepspeed", "zero2",
+                                                         "--save-every", "1", "--keep-checkpoints", "0"),
+                           env=dict(ENV, **{ckpt.FAULT_ENV: "loss-2:nan:1"}))
+    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    logged = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+    assert [m.get("nonfinite", False) for m in logged] == [False, True, False] and logged[1]["loss"] is None
+    assert_same_weights(checkpoint_weights(out, 1), checkpoint_weights(out, 2))
+    two, three = checkpoint_weights(out, 2), checkpoint_weights(out, 3)
+    assert any(not torch.equal(two[k], three[k]) for k in two)

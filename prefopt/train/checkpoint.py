@@ -1,7 +1,8 @@
 """Checkpoints: no pickle, verified before use, resumed to the same numbers as an uninterrupted run.
 
-A run folder ``OUT`` holds ``config.json``, ``metrics.jsonl``, the reference files of the methods that
-need them (``reference-<step>.safetensors``, ``reference_logps-<step>.safetensors``), the checkpoints
+A run folder ``OUT`` holds its marker ``prefopt-run.json`` and lock ``prefopt-run.lock`` (runfolder.py),
+``config.json``, ``metrics.jsonl``, the reference files of the methods that need them
+(``reference-<step>.safetensors``, ``reference_logps-<step>.safetensors``), the checkpoints
 ``checkpoint-<step>/`` and ``latest`` (a text file naming the newest complete checkpoint, a bare folder
 name inside ``OUT``). A checkpoint folder holds:
 
@@ -24,8 +25,9 @@ name inside ``OUT``). A checkpoint folder holds:
   skipped_steps}}``. DeepSpeed's own (pickled) checkpoint files are never written nor read;
 * ``manifest.json``, written last: ``{"files": {relative path: sha256}}`` of every other file.
 
-A checkpoint is written under a temporary name (``.checkpoint-<step>.tmp``) and renamed when complete;
-``latest`` is replaced atomically. On resume the checkpoint ``latest`` names is verified against its
+A checkpoint is written under a temporary name (``.checkpoint-<step>.tmp``) and renamed when complete (an
+old entry of that name, a symbolic link included, is renamed aside and removed, never followed); ``latest``
+is replaced atomically. Weights holding NaN or infinity are never written (:class:`NonFiniteWeights`). On resume the checkpoint ``latest`` names is verified against its
 manifest (every file present, a regular file, with its hash; nothing else loaded); a corrupt or
 incomplete one is skipped, with a one-line warning, for the newest intact older one. Nothing is ever
 unpickled: ``safetensors`` and JSON only.
@@ -47,7 +49,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .distributed import DistState, barrier, gathered
+from .distributed import DistState, barrier, gathered, ranks_with
 from .errors import first_line
 
 LATEST = "latest"
@@ -61,8 +63,9 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 #: Test hook: ``PREFOPT_FAULT=<point>:<kind>[:<rank>]`` makes the process (of that rank only, if given)
 #: SIGKILL itself (``kill``), send itself SIGINT (``sigint``), hang (``hang``) or fail with ENOSPC/EROFS
-#: (``enospc``, ``erofs``) when it reaches ``<point>``: a checkpoint file's name, just before it is
-#: written, or ``step-<n>``, the boundary after step n. For the fault-injection tests only.
+#: (``enospc``, ``erofs``) when it reaches ``<point>``: a checkpoint or export file's name, just before it is
+#: written, ``step-<n>``, the boundary after step n, or ``eval``, the start of the final evaluation; and
+#: ``loss-<n>:nan`` makes step n's loss NaN. For the fault-injection tests only.
 FAULT_ENV = "PREFOPT_FAULT"
 
 
@@ -70,19 +73,35 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or used; the message is one line naming the path."""
 
 
+class NonFiniteWeights(CheckpointError):
+    """Weights holding NaN or infinity, which are never written to a checkpoint or a model folder."""
+
+
+def nonfinite_count(tensors) -> int:
+    """How many values of ``tensors`` are NaN or infinite."""
+    return sum(int((~torch.isfinite(t)).sum()) for t in tensors if t.is_floating_point())
+
+
 def rng_file(rank: int) -> str:
     return f"rng_state_{rank}.safetensors"
 
 
-def fault_point(path: str) -> None:
-    """Act on :data:`FAULT_ENV` at the point ``path`` (named by its trailing components, e.g.
-    ``optimizer.json`` or ``.checkpoint-4.tmp/optimizer.json``; a no-op unless that test hook names it)."""
+def fault_kind(path: str) -> Optional[str]:
+    """The kind :data:`FAULT_ENV` asks for at the point ``path`` (named by its trailing components, e.g.
+    ``optimizer.json`` or ``.checkpoint-4.tmp/optimizer.json``) in this rank, or None."""
     spec = os.environ.get(FAULT_ENV, "").split(":")
     if len(spec) < 2 or not os.path.join(os.sep, path).endswith(os.sep + spec[0]):
-        return
+        return None
     if len(spec) > 2 and spec[2] != os.environ.get("RANK", "0"):
+        return None
+    return spec[1]
+
+
+def fault_point(path: str) -> None:
+    """Act on :data:`FAULT_ENV` at the point ``path`` (a no-op unless that test hook names it)."""
+    kind = fault_kind(path)
+    if kind is None or kind == "nan":
         return
-    kind = spec[1]
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif kind == "sigint":
@@ -93,7 +112,6 @@ def fault_point(path: str) -> None:
     else:
         code = {"enospc": errno.ENOSPC, "erofs": errno.EROFS}[kind]
         raise OSError(code, os.strerror(code), path)
-
 
 
 # --------------------------------------------------------------------------------------- safe encodings
@@ -269,10 +287,11 @@ def _warn(message: str) -> None:
 
 
 def checkpoints(out_dir: str) -> List[str]:
-    """Names of the checkpoint folders in ``out_dir``, newest first."""
+    """Names of the checkpoint folders in ``out_dir`` (not symbolic links), newest first."""
     if not os.path.isdir(out_dir):
         return []
-    names = [d for d in os.listdir(out_dir) if CHECKPOINT_RE.match(d) and os.path.isdir(os.path.join(out_dir, d))]
+    names = [d for d in os.listdir(out_dir) if CHECKPOINT_RE.match(d) and os.path.isdir(os.path.join(out_dir, d))
+             and not os.path.islink(os.path.join(out_dir, d))]
     return sorted(names, key=lambda d: int(CHECKPOINT_RE.match(d).group(1)), reverse=True)
 
 
@@ -334,10 +353,12 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 
 def _write_text_atomic(path: str, text: str) -> None:
+    from .runfolder import open_nofollow
+
     tmp = path + ".tmp"
     try:
         fault_point(tmp)
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open_nofollow(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, path)
     finally:
@@ -356,19 +377,25 @@ def os_error_line(e: OSError, fallback: str) -> str:
 def save_checkpoint(out_dir: str, step: int, *, engine, trainer_state: Dict[str, Any], state: DistState,
                     keep: int = 2, rng: Optional[Dict[str, Any]] = None) -> str:
     """Write ``checkpoint-<step>`` (every rank takes part; ``rng``: the generators' state to save, default
-    now); returns its path. ``CheckpointError`` (one
-    line: path and cause) when the folder cannot be written; nothing temporary is left behind."""
+    now); returns its path. ``CheckpointError`` (one line: path and cause) when the folder cannot be written,
+    :class:`NonFiniteWeights` (on every rank, before anything is written) when a weight is NaN or infinite;
+    nothing temporary is left behind."""
     from safetensors.torch import save_file
+
+    from .runfolder import swap_in
 
     name = f"checkpoint-{step}"
     final = os.path.join(out_dir, name)
     tmp = os.path.join(out_dir, f".{name}.tmp")
+    weights = trainable_state(engine.module, state)  # collective under ZeRO-3
+    bad = nonfinite_count(weights.values())
+    if ranks_with(bad > 0, state):
+        raise NonFiniteWeights(f"{final} not written: the weights hold {bad} non-finite values")
     try:
         if state.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         barrier(state)
-        weights = trainable_state(engine.module, state)  # collective under ZeRO-3
         if state.backend == "deepspeed":
             save_deepspeed_state(engine, tmp, state)
         elif state.is_main:
@@ -383,9 +410,7 @@ def save_checkpoint(out_dir: str, step: int, *, engine, trainer_state: Dict[str,
         barrier(state)
         if state.is_main:
             write_manifest(tmp)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            swap_in(tmp, final)
             _write_text_atomic(os.path.join(out_dir, LATEST), name)
             _prune(out_dir, keep, current=name)
     except OSError as e:
@@ -498,4 +523,5 @@ def _load_checkpoint(path: str, *, engine, state: DistState) -> Dict[str, Any]:
 
 
 __all__ = ["save_checkpoint", "write_json_atomic", "load_checkpoint", "latest_checkpoint", "checkpoints", "verify",
-           "read_trainer_state", "trainable_state", "rng_state", "set_rng_state", "CheckpointError"]
+           "read_trainer_state", "trainable_state", "rng_state", "set_rng_state", "CheckpointError", "NonFiniteWeights",
+           "nonfinite_count"]

@@ -4,7 +4,7 @@ With no arguments it runs the embedded default: CW-DPO on the tiny LLaVA-style V
 synthetic visual preference set, on the CPU in a couple of minutes, and prints a summary. Launched with
 ``torchrun`` or ``deepspeed`` the same command trains on every process (DDP, or ZeRO-2/3 with
 ``--deepspeed``). A bad option, path or model/data mismatch is a one-line error and exit code 2, with
-nothing written to ``--out``.
+nothing written to ``--out``; a run stopped as diverged (README: "Divergence") exits with 3.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import sys
 import time
 from typing import List, Optional
 
-from .errors import RankFailed, StepNotRedone, first_line
+from .errors import DIVERGED_EXIT, Diverged, RankFailed, StepNotRedone, first_line
 
 EXAMPLES = """\
 examples:
@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "before the cosine decay (default %(default)s)")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping norm, 0 for none "
                    "(default %(default)s)")
+    g.add_argument("--max-nonfinite-steps", type=int, default=d.max_nonfinite_steps, metavar="N",
+                   help="stop the run (exit code 3) after N steps in a row whose loss or gradient norm is not finite "
+                        "(each is not applied), or once the probe positives collapse (see README) (default %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of weights (tiny models), data order, sampling "
                    "(default %(default)s)")
 
@@ -239,7 +242,8 @@ def config_from_args(args) -> "TrainConfig":
         max_image_pixels=args.max_image_pixels, probe_data=args.probe_data, probe_size=args.probe_size,
         eval_size=args.eval_size, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
-        max_grad_norm=args.max_grad_norm, seed=args.seed, options=options, max_new_tokens=args.max_new_tokens,
+        max_grad_norm=args.max_grad_norm, max_nonfinite_steps=args.max_nonfinite_steps,
+        seed=args.seed, options=options, max_new_tokens=args.max_new_tokens,
         probe_every=args.probe_every, early_stop_chosen_drop=args.early_stop_chosen_drop, save_every=args.save_every,
         save_minutes=args.save_minutes,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, stop_after=args.stop_after,
@@ -380,6 +384,7 @@ def _train(args, argv: List[str]) -> int:
     from .checkpoint import CheckpointError, os_error_line
     from .interrupts import Interrupted
     from .loop import prepare
+    from .runfolder import RunFolderError
 
     if args.model is not None and args.init_from is not None:
         print("prefopt train: error: give --model or --init-from, not both", file=sys.stderr)
@@ -408,6 +413,13 @@ def _train(args, argv: List[str]) -> int:
         print("prefopt train: interrupted outside the training steps; the run folder keeps its last checkpoint",
               file=sys.stderr)
         return 130
+    except RunFolderError as e:  # another process holds --out, or wrote to it since it was checked
+        print(f"prefopt train: error: {first_line(e)}", file=sys.stderr, flush=True)
+        return 2
+    except Diverged as e:
+        if run.state.is_main:
+            print(f"prefopt train: stopped: {e}", file=sys.stderr, flush=True)
+        return DIVERGED_EXIT
     except Interrupted as e:
         if run.state.is_main:
             print(f"prefopt train: stopped by {signal.Signals(e.signum).name} at step {e.step}/{e.total}; checkpoint "

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -262,7 +263,7 @@ class Engine:
     ``forward(*args, **kwargs)`` runs the wrapped module; ``backward(loss)`` backpropagates (the loss is
     already normalised for the whole accumulated global batch); ``no_sync()`` is entered for every
     micro-batch but the last of a step (DDP skips the all-reduce there); ``step()`` clips the gradient
-    norm, steps optimizer and scheduler, zeroes the gradients and returns the pre-clip norm.
+    norm, steps optimizer and scheduler (unless the step is not finite), zeroes the gradients.
     ``module`` is the unwrapped module.
     """
 
@@ -274,6 +275,7 @@ class Engine:
         self.scheduler = scheduler
         self.max_grad_norm = max_grad_norm
         self.wrapped = wrapped if wrapped is not None else module
+        self.grad_norm = float("nan")  # the last step's pre-clip gradient norm
 
     def forward(self, *args, **kwargs):
         return self.wrapped(*args, **kwargs)
@@ -306,17 +308,26 @@ class Engine:
         if self.state.backend == "deepspeed":
             self.wrapped.step()
 
-    def step(self) -> float:
+    def step(self, loss_finite: bool = True) -> bool:
+        """Clip, optimizer, scheduler, zero_grad; :attr:`grad_norm` is the pre-clip norm. Returns whether the
+        step was applied: one whose loss (``loss_finite``, agreed over ranks by the caller) or gradient norm is
+        not finite changes nothing (no optimizer or scheduler step; gradients dropped). DeepSpeed decides on
+        the norm itself (its overflow flag, all-reduced over ranks; bf16's ``check_grad_overflow`` is on by
+        default) and keeps weights, optimizer and scheduler as they were."""
         if self.state.backend == "deepspeed":
             self.wrapped.step()  # the boundary micro-batch: clip, optimizer, scheduler, zero_grad
             norm = self.wrapped.get_global_grad_norm()
-            return float(norm) if norm is not None else float("nan")
+            self.grad_norm = float(norm) if norm is not None else float("nan")
+            return bool(getattr(self.wrapped, "_step_applied", True))
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm if self.max_grad_norm > 0 else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
+        self.grad_norm = float(norm)
+        applied = loss_finite and math.isfinite(self.grad_norm)
+        if applied:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return applied
 
     @property
     def learning_rate(self) -> float:

@@ -19,3 +19,18 @@ class RankFailed(Exception):
 class StepNotRedone(Exception):
     """A record failed inside a step that cannot be redone in this process; ``OUT/skipped_records.json``
     lists it, and a resume or a restart of the run continues without it."""
+
+
+#: ``prefopt train``'s exit code when a run stops as diverged (README: "Divergence").
+DIVERGED_EXIT = 3
+
+
+class Diverged(Exception):
+    """The run stopped as diverged at ``step`` for ``reason``; ``checkpoint``: the last checkpoint it kept (finite
+    and not collapsed), exported to ``model_folder``; both None when there is none."""
+
+    def __init__(self, reason: str, step: int, checkpoint, model_folder):
+        self.reason, self.step, self.checkpoint, self.model_folder = reason, step, checkpoint, model_folder
+        kept = (f"kept {checkpoint}, exported to {model_folder}" if model_folder else
+                "no earlier checkpoint, so no model was written")
+        super().__init__(f"diverged at step {step}: {reason}; {kept}")

@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import linear_logprobs
+from .checkpoint import fault_point
 from .errors import first_line
 
 __all__ = ["evaluate", "ece", "reliability_bins", "shift_and_confidence", "load_model", "EVAL_KEYS", "main"]
@@ -119,6 +120,7 @@ def shift_and_confidence(hidden, weight, lse, *, bias=None, ref_hidden=None, ref
 def _adapter_and_processor(source, *, device, dtype):
     """``(ModelAdapter, processor, start)`` of a Hugging Face folder or a run folder; ``start`` builds the
     model the run started from (None when unknown)."""
+    from .export import check_finite
     from .models import build_model
 
     if not isinstance(source, str):
@@ -127,8 +129,11 @@ def _adapter_and_processor(source, *, device, dtype):
         raise ValueError(f"--model {source}: not a folder (expected a Hugging Face model folder or a run folder)")
     run_config = os.path.join(source, "config.json")
     if os.path.isfile(run_config) and _is_run_config(run_config):
-        return load_run(source, device=device, dtype=dtype)
+        adapter, processor, start = load_run(source, device=device, dtype=dtype)
+        check_finite(adapter.model, f"--model {source}")
+        return adapter, processor, start
     adapter, processor = build_model(source, dtype=dtype, device=device)
+    check_finite(adapter.model, f"--model {source}")
     parent = os.path.dirname(os.path.abspath(source))  # OUT/model inside a run folder: its run's start
     start = None
     if os.path.isfile(os.path.join(parent, "config.json")) and _is_run_config(os.path.join(parent, "config.json")):
@@ -399,6 +404,7 @@ def plot(result: Dict[str, Any], out_dir: str) -> List[str]:
         ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "reliability.png"))
+    fault_point(paths[-1])
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
 
@@ -413,20 +419,42 @@ def plot(result: Dict[str, Any], out_dir: str) -> List[str]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "per_type.png"))
+    fault_point(paths[-1])
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
     return paths
 
 
-def write_report(result: Dict[str, Any], out_dir: str) -> List[str]:
-    """``eval.json``, ``eval.md`` and the plots in ``out_dir``; returns the paths written."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, "eval.json"), os.path.join(out_dir, "eval.md")]
-    with open(paths[0], "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
-    with open(paths[1], "w", encoding="utf-8") as f:
-        f.write(markdown(result))
-    return paths + plot(result, out_dir)
+def write_report(result: Dict[str, Any], out_dir: str, whole: bool = False) -> List[str]:
+    """``eval.json``, ``eval.md`` and the plots in ``out_dir``; returns their paths. They are written into a
+    temporary folder beside ``out_dir`` first, then each is renamed into ``out_dir`` (replacing a link of
+    that name, never writing through it), or with ``whole`` the folder replaces ``out_dir``
+    (:func:`~prefopt.train.runfolder.swap_in`): an interrupted report leaves nothing half written."""
+    import shutil
+    import tempfile
+
+    from .runfolder import swap_in
+
+    path = os.path.abspath(out_dir)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        names = [os.path.join(tmp, "eval.json"), os.path.join(tmp, "eval.md")]
+        fault_point(names[0])
+        with open(names[0], "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+        fault_point(names[1])
+        with open(names[1], "w", encoding="utf-8") as f:
+            f.write(markdown(result))
+        names += plot(result, tmp)
+        if whole:
+            swap_in(tmp, out_dir)
+        else:
+            os.makedirs(out_dir, exist_ok=True)
+            for name in names:
+                os.replace(name, os.path.join(out_dir, os.path.basename(name)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [os.path.join(out_dir, os.path.basename(name)) for name in names]
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -470,11 +498,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(e.code or 0)
     from .checkpoint import CheckpointError
     from .cli import keep_num_threads
+    from .runfolder import FolderLock
 
+    lock = None
     with keep_num_threads():
         try:
             if args.batch_size < 1 or args.max_new_tokens < 1:
                 raise ValueError("--batch-size and --max-new-tokens: expected positive numbers")
+            lock = FolderLock(args.out, "--out") if args.out else None  # one writer at a time
             model, processor, start = _adapter_and_processor(args.model, device=args.device, dtype=None)
             if sum(p.numel() for p in model.model.parameters()) < SMALL_MODEL and "OMP_NUM_THREADS" not in os.environ \
                     and model.device.type == "cpu":
@@ -483,12 +514,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             result = evaluate(model, processor=processor, reference=reference, data=args.data, size=args.size,
                               seed=args.seed, shuffle_images=args.shuffle_images, batch_size=args.batch_size,
                               max_new_tokens=args.max_new_tokens, device=args.device)
+            if args.out:
+                write_report(result, args.out)
         except (ValueError, TypeError, OSError, CheckpointError) as e:
             message = first_line(e)
             print(f"prefopt eval: error: {message}", file=sys.stderr)
             return 2
-    if args.out:
-        write_report(result, args.out)
+        finally:
+            if lock is not None:
+                lock.release()
     print(json.dumps(result, indent=1) if args.json else markdown(result), flush=True)
     return 0
 

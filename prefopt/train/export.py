@@ -177,24 +177,36 @@ def _adapters_reference_point(config: Dict[str, Any], state: Dict[str, Any]) -> 
 
 
 def export_model(adapter, processor, out: str, *, keep_adapter: bool = False,
-                 metadata: Optional[Dict[str, Any]] = None) -> str:
+                 metadata: Optional[Dict[str, Any]] = None, final: Optional[str] = None) -> str:
     """Write ``adapter``'s model to the folder ``out`` with ``save_pretrained`` (LoRA merged unless
-    ``keep_adapter``), the processor's files and ``prefopt.json`` (``metadata``); returns ``out``."""
-    os.makedirs(out, exist_ok=True)
+    ``keep_adapter``), the processor's files and, last, ``prefopt.json`` (``metadata``); returns ``out``.
+    ``final``: the name ``out`` will have once complete (a kept adapter's base path names it; default ``out``).
+    ``ValueError`` before anything is written when a weight is not finite."""
     model = adapter.model
+    check_finite(model, out)
+    os.makedirs(out, exist_ok=True)
     if adapter.has_adapters:
         if keep_adapter:
             _save_base(model.get_base_model(), out, lora_layers=True)
-            model.peft_config["default"].base_model_name_or_path = os.path.abspath(out)
+            model.peft_config["default"].base_model_name_or_path = os.path.abspath(final or out)
             model.save_pretrained(out)
         else:
             _save_base(model.merge_and_unload(), out)
     else:
         _save_base(model, out)
     processor.save_pretrained(out)
+    ckpt.fault_point(os.path.join(out, METADATA_FILE))
     with open(os.path.join(out, METADATA_FILE), "w", encoding="utf-8") as f:
         json.dump(metadata or {}, f, indent=1)
     return out
+
+
+def check_finite(model, where: str) -> None:
+    """``ValueError`` (one line naming ``where``) when ``model`` holds a NaN or infinite weight: a diverged
+    model is never written nor evaluated."""
+    bad = ckpt.nonfinite_count(p.detach() for p in model.parameters())
+    if bad:
+        raise ValueError(f"{where}: the model holds {bad} non-finite weights (a diverged run?)")
 
 
 def _save_base(model, out: str, *, lora_layers: bool = False) -> None:
@@ -208,13 +220,28 @@ def _save_base(model, out: str, *, lora_layers: bool = False) -> None:
         model.save_pretrained(out)
 
 
-def export_checkpoint(checkpoint: str, out: str, *, keep_adapter: bool = False) -> str:
-    """Export the model saved in ``checkpoint`` to the Hugging Face folder ``out``; returns ``out``."""
-    with quiet_transformers():
-        return _export_checkpoint(checkpoint, out, keep_adapter)
+def export_checkpoint(checkpoint: str, out: str, *, keep_adapter: bool = False, replace: bool = False) -> str:
+    """Export the model saved in ``checkpoint`` to the Hugging Face folder ``out``; returns ``out``. The folder
+    is built under a temporary name beside ``out`` and renamed to ``out`` once complete, so an interrupted
+    export leaves no folder that could be taken for a whole model. ``out`` must be missing or empty, or with
+    ``replace`` it is swapped out (:func:`~prefopt.train.runfolder.swap_in`: never written through)."""
+    from .runfolder import swap_in
+
+    path = os.path.abspath(out)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        with quiet_transformers():
+            _export_checkpoint(checkpoint, tmp, keep_adapter, final=path)
+        if replace:
+            swap_in(tmp, out)
+        else:
+            os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
-def _export_checkpoint(checkpoint: str, out: str, keep_adapter: bool) -> str:
+def _export_checkpoint(checkpoint: str, out: str, keep_adapter: bool, final: str) -> str:
     from .models import TINY_MODELS
 
     adapter, processor, config = load_trained_model(checkpoint)
@@ -228,7 +255,7 @@ def _export_checkpoint(checkpoint: str, out: str, keep_adapter: bool) -> str:
         "step": state["step"],
         "lora": "adapter" if config["lora"] and keep_adapter else ("merged" if config["lora"] else None),
     }
-    return export_model(adapter, processor, out, keep_adapter=keep_adapter, metadata=metadata)
+    return export_model(adapter, processor, out, keep_adapter=keep_adapter, metadata=metadata, final=final)
 
 
 @contextlib.contextmanager
@@ -277,6 +304,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if kind != "checkpoint":
             raise ValueError(f"{args.checkpoint}: already a model folder, nothing to export")
         out = export_checkpoint(path, args.out, keep_adapter=args.keep_adapter)
+    except KeyboardInterrupt:
+        print(f"prefopt export: interrupted; nothing was written to {args.out}", file=sys.stderr)
+        return 130
     except (ValueError, OSError) as e:
         print(f"prefopt export: error: {first_line(e)}", file=sys.stderr)
         return 2

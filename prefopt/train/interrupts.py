@@ -1,4 +1,4 @@
-"""Stopping a run without losing it: signals, the checkpoint cadence, and what a run folder may hold.
+"""Stopping a run without losing it: signals and the checkpoint cadence (what a run folder may hold: runfolder.py).
 
 * SIGINT (Ctrl-C) or SIGTERM (a scheduler's notice): the first asks the loop to stop at the next step
   boundary, where it writes a checkpoint and exits with one line naming it and the command to resume
@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from typing import List, Optional
+from typing import Optional
 
 from . import distributed as dist
 from .checkpoint import fault_point
@@ -24,10 +24,6 @@ from .checkpoint import fault_point
 #: Records found failing inside a step, kept beside the checkpoints: a restart (the same data, so they still
 #: fail) or a resume skips them.
 SKIPPED_FILE = "skipped_records.json"
-KEPT_RUN_FILES = (SKIPPED_FILE,)
-#: Files a run writes before its first checkpoint: a folder holding only these can be started again.
-RUN_FILES = ("config.json", "metrics.jsonl", "metrics.jsonl.tmp", "latest.tmp", SKIPPED_FILE + ".tmp")
-RUN_FILE_PREFIXES = ("reference-", "reference_logps-", ".checkpoint-")
 
 
 class Interrupted(Exception):
@@ -91,13 +87,4 @@ def at_boundary(signals: StopSignals, cadence: Cadence, done: int, state: dist.D
     return int(signum), bool(due)
 
 
-def stale_run_files(out: str) -> Optional[List[str]]:
-    """The files of a run that stopped before its first checkpoint (start it again after removing
-    them; the :data:`KEPT_RUN_FILES` stay), or None when ``out`` holds anything else."""
-    names = os.listdir(out)
-    if all(n in RUN_FILES or n in KEPT_RUN_FILES or n.startswith(RUN_FILE_PREFIXES) for n in names):
-        return [os.path.join(out, n) for n in names if n not in KEPT_RUN_FILES]
-    return None
-
-
-__all__ = ["Interrupted", "StopSignals", "Cadence", "at_boundary", "stale_run_files"]
+__all__ = ["Interrupted", "StopSignals", "Cadence", "at_boundary"]

@@ -28,7 +28,6 @@ import math
 import os
 import random
 import resource
-import shutil
 import sys
 import time
 import traceback
@@ -41,9 +40,10 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import reference as ref_mod
+from . import runfolder
 from .data import DataProblems
-from .errors import RankFailed, StepNotRedone, first_line
-from .interrupts import SKIPPED_FILE, Cadence, Interrupted, StopSignals, at_boundary, stale_run_files
+from .errors import Diverged, RankFailed, StepNotRedone, first_line
+from .interrupts import SKIPPED_FILE, Cadence, Interrupted, StopSignals, at_boundary
 from .methods import METHODS, MethodOptions, PolicyObjective, Stage, build_method
 from .probes import LogpProbe, ProbeResult, should_stop
 
@@ -98,7 +98,8 @@ class TrainConfig:
     lr: Optional[float] = None  # None: 1e-3 for the tiny models, 1e-4 with LoRA, 5e-6 otherwise
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0: no clipping
+    max_nonfinite_steps: int = 3  # skipped non-finite steps in a row that stop the run as diverged
     seed: int = 0
     # method
     options: MethodOptions = field(default_factory=MethodOptions)
@@ -256,21 +257,52 @@ def _to(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch
 
 # ================================================================================================ prepare
 
+#: Every numeric option's range (``>=0``, ``>0``, ``[0,1)``...; ``finite``: any finite number). A None (a default
+#: resolved later) passes; NaN and infinity never do. ``max_grad_norm`` 0 turns clipping off.
+RANGES = {
+    "lr": ">0", "epochs": ">0", "max_grad_norm": ">=0", "weight_decay": ">=0", "warmup_ratio": "[0,1)",
+    "steps": ">=0", "train_size": ">=1", "eval_size": ">=0", "batch_size": ">=1", "grad_accum": ">=1",
+    "probe_size": ">=1", "max_length": ">=1", "max_image_pixels": ">=1", "max_new_tokens": ">=1", "lora_r": ">=1",
+    "lora_alpha": ">0", "probe_every": ">=0", "save_every": ">=0", "save_minutes": ">=0", "keep_checkpoints": ">=0",
+    "stop_after": ">=1", "early_stop_chosen_drop": "finite", "dist_timeout": ">0", "max_nonfinite_steps": ">=1",
+    "beta": ">0", "rpo_alpha": ">=0", "simpo_gamma": "finite", "cw_floor": "finite", "cw_tau": ">0",
+    "sftc_lam": ">=0", "sftc_margin": "finite", "sftc_fraction": "[0,1]", "onpolicy_fraction": "[0,1]",
+    "kl_coef": ">=0", "grpo_beta": ">=0", "grpo_epsilon": ">0", "label_smoothing": "[0,1)",
+}
+
+
+def in_range(value: float, rule: str) -> bool:
+    """Whether the finite ``value`` satisfies ``rule`` (see :data:`RANGES`)."""
+    if rule == "finite":
+        return True
+    if rule.startswith(">="):
+        return value >= float(rule[2:])
+    if rule.startswith(">"):
+        return value > float(rule[1:])
+    low, high = (float(x) for x in rule[1:-1].split(","))
+    return low <= value and (value <= high if rule.endswith("]") else value < high)
+
+
+def check_ranges(cfg: TrainConfig) -> None:
+    """``ValueError`` naming the first numeric option outside its :data:`RANGES` rule."""
+    values = {**asdict(cfg), **asdict(cfg.options)}
+    for name, rule in RANGES.items():
+        value = values[name]
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not in_range(value, rule):
+            expected = "a finite number" if rule == "finite" else (
+                f"a number in {rule}" if rule[0] == "[" else f"a finite number {rule}")
+            raise ValueError(f"--{name.replace('_', '-')}: expected {expected}, got {value!r}")
+
 
 def prepare(cfg: TrainConfig) -> "Run":
     """Check everything a user can get wrong and load model and data; writes nothing. ``ValueError``
     (one line) for a bad option, path, model/data mismatch or resume point."""
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r} (expected one of {', '.join(METHODS)})")
-    for name in ("batch_size", "grad_accum", "probe_size", "max_length", "keep_checkpoints"):
-        if getattr(cfg, name) < (0 if name == "keep_checkpoints" else 1):
-            raise ValueError(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(cfg, name)}")
-    if cfg.dist_timeout <= 0:
-        raise ValueError(f"--dist-timeout: expected a positive number of seconds, got {cfg.dist_timeout}")
-    if cfg.steps < 0 or cfg.epochs <= 0 or cfg.probe_every < 0 or cfg.save_every < 0 or cfg.save_minutes < 0:
-        raise ValueError("--steps, --probe-every, --save-every and --save-minutes must be >= 0 and --epochs > 0")
-    if not 0.0 <= cfg.warmup_ratio < 1.0:
-        raise ValueError(f"--warmup-ratio: expected a fraction in [0, 1), got {cfg.warmup_ratio}")
+    check_ranges(cfg)
     if cfg.keep_adapter and not cfg.lora:
         raise ValueError("--keep-adapter needs --lora (without adapters there is nothing to keep apart)")
     if cfg.deepspeed is not None and cfg.deepspeed not in dist.ZERO_PRESETS and not os.path.isfile(cfg.deepspeed):
@@ -278,34 +310,38 @@ def prepare(cfg: TrainConfig) -> "Run":
     from .models import resolve_hub_ids
 
     cfg = resolve_hub_ids(cfg)
-    resume_state, stale = _check_out_dir(cfg)
+    resume_state, stale, run_id = _check_out_dir(cfg)
 
     state = dist.setup(cfg.deepspeed, cfg.device, cfg.dist_timeout)
     try:
         run = _prepare(cfg, state, resume_state)
-        run.stale_files = stale
+        run.stale_files, run.run_id = stale, run_id
         return run
     except Exception:
         dist.teardown(state, wait=False)
         raise
 
 
-def _check_out_dir(cfg: TrainConfig) -> Tuple[Optional[Dict[str, Any]], List[str]]:
-    """(the checkpoint to resume from or None, files of an earlier run that stopped before its first
-    checkpoint: the run starts again and removes them)."""
+def _check_out_dir(cfg: TrainConfig) -> Tuple[Optional[Dict[str, Any]], List[str], Optional[str]]:
+    """(the checkpoint to resume from or None, the entries of a run that stopped before its first checkpoint:
+    the run starts again without them, the folder's run id or None); ``ValueError`` for a folder that is not
+    this run's to write (see :mod:`~prefopt.train.runfolder`)."""
     main_rank = os.environ.get("RANK", "0") == "0"
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ValueError(f"--out {cfg.out}: exists and is not a folder")
-    if not os.path.isdir(cfg.out) or not os.listdir(cfg.out):
+    if not runfolder.contents(cfg.out):
         if cfg.resume:
             raise ValueError(f"--resume: no checkpoint in {cfg.out}")
-        return None, []
-    stale = stale_run_files(cfg.out)
-    if stale is not None:  # an earlier run stopped before its first checkpoint: nothing to lose
-        if main_rank:
+        return None, [], None
+    run_id = runfolder.read_marker(cfg.out)
+    if not ckpt.checkpoints(cfg.out):
+        if run_id is None:
+            raise ValueError(f"--out {cfg.out}: holds files but no prefopt run ({runfolder.MARKER}) and no checkpoint; "
+                             "remove them or choose another --out")
+        if main_rank:  # a run that stopped before its first checkpoint: nothing to lose
             print(f"prefopt train: note: {cfg.out} holds no checkpoint yet (the run stopped before its first): "
                   "starting it again", file=sys.stderr, flush=True)
-        return None, stale
+        return None, runfolder.run_entries(cfg.out), run_id
     if not cfg.resume:
         raise ValueError(f"--out {cfg.out}: already holds files; pass --resume to continue that run or choose "
                          "a new folder")
@@ -313,7 +349,7 @@ def _check_out_dir(cfg: TrainConfig) -> Tuple[Optional[Dict[str, Any]], List[str
         path = ckpt.latest_checkpoint(cfg.out, warn=main_rank)
         if path is None:
             raise ValueError(f"--resume: no intact checkpoint in {cfg.out}")
-        return {"path": path, **ckpt.read_trainer_state(path)}, []
+        return {"path": path, **ckpt.read_trainer_state(path)}, [], run_id
     except ckpt.CheckpointError as e:
         raise ValueError(f"--resume: {e}") from None
 
@@ -389,6 +425,7 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     run = Run(cfg, state, policy, processor, collator, records, probe_records, plan, method,
               cfg.reference_mode(method), total, resume_state)
     run.identity, run.problems = identity, problems
+    run.collapse_logp = -2 * math.log(head.weight.shape[0])
     run.eval_records = eval_records
     known = read_skipped_records(cfg.out, records)
     if known and cfg.strict_data:
@@ -442,8 +479,6 @@ def _eval_records(cfg: TrainConfig, load: Dict[str, Any]):
     heldout.jsonl (``eval_size`` of them); none for other data or ``eval_size == 0``."""
     from .data import load_records
 
-    if cfg.eval_size is not None and cfg.eval_size < 0:
-        raise ValueError(f"--eval-size: expected >= 0, got {cfg.eval_size}")
     if cfg.eval_size == 0 or not (cfg.data == "synthetic" or os.path.isfile(os.path.join(cfg.data, "heldout.jsonl"))):
         return []
     return [r for r in load_records(cfg.data, split="heldout", size=cfg.eval_size, **load) if r.rejected is not None]
@@ -487,6 +522,8 @@ class Run:
         self.method, self.ref_mode, self.total_steps = method, ref_mode, total_steps
         self.resume_state = resume_state
         self.stale_files: List[str] = []  # set by prepare
+        self.run_id: Optional[str] = None  # set by prepare: the run folder's marker as prepare found it
+        self.lock: Optional[runfolder.FolderLock] = None
         self.identity: Dict[str, Any] = {}  # set by prepare
         self.problems = DataProblems()  # set by prepare
         self.eval_records: list = []  # set by prepare
@@ -498,6 +535,11 @@ class Run:
         # True while the weights hold more than the steps counted so far (from the optimizer step or the
         # reference point's adapter merge until the step is counted): no checkpoint may be written then.
         self.ahead_of_count = False
+        self.collapse_logp = -math.inf  # set by prepare: the probe positives' collapse bound (-2 ln V)
+        self.nonfinite_in_a_row = 0
+        self.probed_at: Optional[int] = None  # the step of the last probe measurement
+        self.diverged: Optional[str] = None  # why the run stops as diverged
+        self.checkpoint_path: Optional[str] = None  # the newest checkpoint this run wrote or resumed from
         self.tokenizer = getattr(processor, "tokenizer", processor)
 
     def log(self, message: str) -> None:
@@ -509,18 +551,46 @@ class Run:
     # ---------------------------------------------------------------------------------------- execute
 
     def execute(self) -> Dict[str, Any]:
+        """Take the run folder (:meth:`take_folder`), train, export, evaluate; the folder's lock is released
+        at the end."""
+        try:
+            self.take_folder()
+            return self._execute()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def take_folder(self) -> None:
+        """Rank 0 locks the run folder, checks it is as prepare found it, marks it (first) and removes what a
+        run that stopped before its first checkpoint left; every rank then checks that it sees that run id."""
+        cfg, state = self.cfg, self.state
+        problem = None
+        if state.is_main:
+            try:
+                self.lock = runfolder.FolderLock(cfg.out)
+                if runfolder.read_marker(cfg.out) != self.run_id or (self.run_id is None and self.resume_state is None
+                                                                     and runfolder.contents(cfg.out)):
+                    raise runfolder.RunFolderError(f"--out {cfg.out}: another run wrote to it while this one was "
+                                                   "being prepared")
+                if self.run_id is None:
+                    self.run_id = runfolder.write_marker(cfg.out)
+                for path in self.stale_files:  # an earlier run of this folder that stopped before its first checkpoint
+                    runfolder.remove_entry(path)
+                with runfolder.open_nofollow(os.path.join(cfg.out, CONFIG_FILE), "w") as f:
+                    json.dump({**asdict(cfg), "world_size": state.world_size, "total_steps": self.total_steps}, f,
+                              indent=1)
+            except (runfolder.RunFolderError, OSError) as e:  # raised on every rank below
+                problem = e
+        if dist.ranks_with(problem is not None, state):
+            raise problem or runfolder.RunFolderError(f"--out {cfg.out}: rank 0 could not take the run folder")
+        ids = dist.all_gather_object(runfolder.read_marker(cfg.out), state)
+        if any(i != ids[0] for i in ids):
+            raise runfolder.RunFolderError(f"--out {cfg.out}: rank {state.rank} sees run {ids[state.rank]}, rank 0 "
+                                           f"marked {ids[0]} (the ranks need one shared run folder)")
+
+    def _execute(self) -> Dict[str, Any]:
         cfg, state = self.cfg, self.state
         started = time.perf_counter()
-        if state.is_main:
-            for path in self.stale_files:  # an earlier run that stopped before its first checkpoint
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                else:
-                    os.remove(path)
-            os.makedirs(cfg.out, exist_ok=True)
-            with open(os.path.join(cfg.out, CONFIG_FILE), "w", encoding="utf-8") as f:
-                json.dump({**asdict(cfg), "world_size": state.world_size, "total_steps": self.total_steps}, f, indent=1)
-        dist.barrier(state)
 
         # The module every gradient flows through (its reference is set at the method's reference point).
         objective = PolicyObjective(self.policy)
@@ -551,6 +621,7 @@ class Run:
             saved_start = self.resume_state.get("probe_start")
             probe.start = None if saved_start is None else ProbeResult(**saved_start)
             self.truncate_metrics(start_step)
+            self.checkpoint_path = self.resume_state["path"]
             self.log(f"resumed from {self.resume_state['path']} at step {start_step}/{self.total_steps}")
         elif cfg.probe_every > 0:
             self.write_metrics({"step": 0, **probe.metrics(probe.measure(engine))})
@@ -579,6 +650,7 @@ class Run:
                 metrics = self.train_step(step, stage)
                 if cfg.probe_every and ((step + 1) % cfg.probe_every == 0 or step + 1 == last_step):
                     metrics.update(probe.metrics(probe.measure(engine)))
+                    self.probed_at = step + 1
                     stopped_early = should_stop(metrics, cfg.early_stop_chosen_drop)
                 self.write_metrics(metrics)
                 history.append(metrics)
@@ -588,22 +660,27 @@ class Run:
                 done = step + 1
                 self.boundary_rng = ckpt.rng_state()
                 self.ahead_of_count = False
+                self.check_divergence(metrics)
                 if stopped_early:
                     self.log(f"step {done}: early stop, probe positives fell "
                              f"{-metrics['probe/delta_logp_chosen']:.3f} nats/token below their start")
                 signum, due = at_boundary(signals, cadence, done, state)
-                if stopped_early or done == last_step or signum or due:
+                if not self.diverged and (stopped_early or done == last_step or signum or due):
                     self.save(done, probe)
                     cadence.saved()
+                if self.diverged:
+                    break
                 if signum:
                     bar.close()
                     dist.teardown(state)
                     raise Interrupted(signum, done, self.total_steps, self.checkpoint_path)
                 if stopped_early:
                     break
-        if start_step >= last_step:  # resumed a finished run: nothing to train
-            self.checkpoint_path = self.resume_state["path"]
         bar.close()
+        if self.diverged:  # the last checkpoint it wrote is finite and not collapsed: that one is the model
+            self.model_folder = self.export_model()
+            dist.teardown(state)
+            raise Diverged(self.diverged, done, self.checkpoint_path, self.model_folder)
         self.model_folder = self.export_model()
         # The held-out evaluation once the run has ended (not when it pauses with --stop-after).
         evaluation = self.evaluate(done) if done == self.total_steps or stopped_early else None
@@ -661,9 +738,9 @@ class Run:
         line = {"step": step, **{f"eval_{k}": result[k] for k in EVAL_KEYS}}
         for t, row in result["per_type"].items():
             line.update({f"eval_{t}/{k}": v for k, v in row.items()})
+        if state.is_main:  # the whole report, then its line: an interrupted evaluation leaves neither
+            write_report(result, os.path.join(cfg.out, "eval"), whole=True)
         self.write_metrics(line)
-        if state.is_main:
-            write_report(result, os.path.join(cfg.out, "eval"))
         return result
 
     def make_reference(self, point: int, step: int) -> ref_mod.Reference:
@@ -982,6 +1059,8 @@ class Run:
                 if failure is None:
                     # DDP and DeepSpeed average gradients over ranks; the count is already global.
                     share = out.loss / len(micro) if per_call else out.loss * state.world_size
+                    if ckpt.fault_kind(f"loss-{step + 1}") == "nan":  # the tests' non-finite step
+                        share = share * math.nan
                     try:
                         engine.backward(share)
                     except Exception as e:
@@ -1001,12 +1080,14 @@ class Run:
                 counters[k] = counters.get(k, 0.0) + v
             for k, v in out.metrics.items():
                 weighted[k] = weighted.get(k, 0.0) + float(v) * local_items[a]
-        self.ahead_of_count = True
-        grad_norm = engine.step()
         keys, counter_keys = sorted(weighted), sorted(counters)
+        # Summed over ranks before the optimizer step: a rank's non-finite loss makes the sum non-finite on
+        # every rank, and no rank applies the step.
         totals = dist.all_reduce([loss_sum, tokens, sum(local_items)] + [weighted[k] for k in keys]
                                  + [counters[k] for k in counter_keys], state)
         loss, tokens, items = totals[:3]
+        self.ahead_of_count = True
+        applied = engine.step(loss_finite=math.isfinite(loss))
         counters = dict(zip(counter_keys, totals[3 + len(keys):]))
         elapsed = time.perf_counter() - t0
         (peak,) = dist.all_reduce([peak_memory_mb(state.device)], state, op="max")
@@ -1017,10 +1098,12 @@ class Run:
             "loss": loss,
             **{k: v / max(items, 1) for k, v in zip(keys, totals[3:3 + len(keys)])},
             "learning_rate": lr,
-            "grad_norm": grad_norm,
+            "grad_norm": engine.grad_norm,
             "tokens_per_second": tokens / max(elapsed, 1e-9),
             "peak_memory_mb": peak,
         }
+        if not (applied and math.isfinite(loss) and math.isfinite(engine.grad_norm)):
+            metrics["nonfinite"] = True  # the step was not applied (see Engine.step)
         if stage.onpolicy_fraction:
             metrics["onpolicy/negatives"] = int(counters["onpolicy/negatives"])
         if stage.mode == "grpo":
@@ -1028,42 +1111,70 @@ class Run:
         return metrics
 
     def save(self, step: int, probe: LogpProbe) -> None:
-        """Checkpoint ``step`` with the generators as they were at that step's boundary."""
+        """Checkpoint ``step`` with the generators as they were at that step's boundary; unless its weights are
+        not finite or (with probes on: measured here if this step was not) collapsed: then nothing is written
+        and :attr:`diverged` says why."""
+        if self.cfg.probe_every and self.probed_at != step:
+            self.probed_at = step
+            self.check_divergence({"probe/logp_chosen": probe.measure(self.engine).chosen}, count_step=False)
+            if self.diverged:
+                return
         start = None if probe.start is None else dataclasses.asdict(probe.start)
-        path = ckpt.save_checkpoint(self.cfg.out, step, engine=self.engine, state=self.state,
-                                    keep=self.cfg.keep_checkpoints, rng=self.boundary_rng,
-                                    trainer_state={"total_steps": self.total_steps, "probe_start": start,
-                                                   "config": asdict(self.cfg), "identity": self.identity})
+        try:
+            path = ckpt.save_checkpoint(self.cfg.out, step, engine=self.engine, state=self.state,
+                                        keep=self.cfg.keep_checkpoints, rng=self.boundary_rng,
+                                        trainer_state={"total_steps": self.total_steps, "probe_start": start,
+                                                       "config": asdict(self.cfg), "identity": self.identity})
+        except ckpt.NonFiniteWeights as e:
+            self.diverged = str(e)
+            return
         self.checkpoint_path, self.saved_step = path, step
+
+    def check_divergence(self, metrics: Dict[str, Any], count_step: bool = True) -> None:
+        """Set :attr:`diverged` when the run must stop (README: "Divergence"): ``--max-nonfinite-steps`` steps in a
+        row whose loss or gradient norm was not finite (none of them applied), or the probe positives' mean
+        per-token log-prob below :attr:`collapse_logp` (-2 ln V: far below a uniform guess's -ln V; a model
+        trained on these answers has collapsed, as ``--lr 1e3`` does with finite numbers)."""
+        if count_step:
+            self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if metrics.get("nonfinite") else 0
+            if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
+                self.diverged = (f"{self.nonfinite_in_a_row} steps in a row with a non-finite loss or gradient norm, "
+                                 f"none applied (--max-nonfinite-steps {self.cfg.max_nonfinite_steps})")
+        chosen = metrics.get("probe/logp_chosen")
+        if chosen is not None and not chosen >= self.collapse_logp:
+            self.diverged = (f"the probe positives' log-prob is {chosen:.4g} nats/token, below the collapse bound "
+                             f"{self.collapse_logp:.3g} (-2 ln V; probes every --probe-every steps and at checkpoints)")
 
     def export_model(self) -> Optional[str]:
         """Rank 0 writes the final checkpoint's model as a Hugging Face folder ``OUT/model/`` (replacing
         one a finished run had written); returns its path."""
         from .export import export_checkpoint
 
-        path = getattr(self, "checkpoint_path", None)
+        path = self.checkpoint_path
         if path is None:
             return None
         out = os.path.join(self.cfg.out, MODEL_DIR)
         if self.state.is_main:
-            shutil.rmtree(out, ignore_errors=True)
-            export_checkpoint(path, out, keep_adapter=self.cfg.keep_adapter)
+            export_checkpoint(path, out, keep_adapter=self.cfg.keep_adapter, replace=True)
             self.log(f"model folder {out} (from {path})")
         dist.barrier(self.state)
         return out
 
     def write_metrics(self, metrics: Dict[str, Any]) -> None:
+        """One line of ``metrics.jsonl`` (strict JSON: a non-finite number is null)."""
         if self.state.is_main:
+            line = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
             with open(os.path.join(self.cfg.out, METRICS_FILE), "a", encoding="utf-8") as f:
-                f.write(json.dumps(metrics) + "\n")
+                f.write(json.dumps(line, allow_nan=False) + "\n")
 
     def truncate_metrics(self, step: int) -> None:
-        """Drop the lines a killed run logged after its last checkpoint (they are trained again)."""
+        """Drop the lines a killed run logged after its last checkpoint (they are trained again) and a final
+        evaluation's line (the resumed run evaluates again)."""
         path = os.path.join(self.cfg.out, METRICS_FILE)
         if self.state.is_main and os.path.isfile(path):
             with open(path, encoding="utf-8", errors="replace") as f:
-                lines = [ln for ln in f if _logged_step(ln) <= step]
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                lines = [ln for ln in f if _logged_step(ln) <= step and '"eval_' not in ln]
+            with runfolder.open_nofollow(path + ".tmp", "w") as f:
                 f.writelines(lines)
             os.replace(path + ".tmp", path)
 
@@ -1075,8 +1186,8 @@ class Run:
         final_stage = [m for m in history if m["stage"] == history[-1]["stage"]] if history else []
         tail = final_stage[-max(5, len(history) // 10):]
 
-        def mean(key):
-            values = [m[key] for m in tail if key in m]
+        def mean(key):  # over the steps that were applied (a non-finite one was not)
+            values = [m[key] for m in tail if key in m and not m.get("nonfinite")]
             return sum(values) / len(values) if values else None
 
         probes = next((m for m in reversed(history) if "probe/delta_logp_chosen" in m), {})
@@ -1101,7 +1212,7 @@ class Run:
             "peak_memory_mb": max((m["peak_memory_mb"] for m in history), default=peak_memory_mb(self.state.device)),
             "tokens_per_second": mean("tokens_per_second"),
             "wall_seconds": wall,
-            "checkpoint": getattr(self, "checkpoint_path", None),
+            "checkpoint": self.checkpoint_path,
             "model_folder": getattr(self, "model_folder", None),
             "skipped_records": len(self.problems),
             "metrics": os.path.join(self.cfg.out, METRICS_FILE),

@@ -217,6 +217,8 @@ def save_tensors(path: str, tensors: Dict[str, Tensor], state: DistState, metada
 
     if state.is_main:
         tmp = path + ".tmp"
+        if os.path.lexists(tmp):  # a leftover (or a planted link): never written through
+            os.remove(tmp)
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
     barrier(state)

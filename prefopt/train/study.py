@@ -155,12 +155,8 @@ def _scalars(summary: Dict[str, Any]) -> Dict[str, float]:
 
 def run_study(study: StudyConfig) -> Dict[str, Any]:
     """Train the base and every (variant, seed); write ``study.json``, the plots and ``STUDY.md`` to
-    ``study.out``; returns the study's result."""
-    from tqdm import tqdm
-
-    from .export import quiet_transformers
-    from .loop import TINY_BASE_LR, train
-    from .models import TINY_MODELS
+    ``study.out`` (locked meanwhile: one writer at a time); returns the study's result."""
+    from .runfolder import FolderLock
 
     unknown = [v for v in study.variants if v not in VARIANTS]
     if unknown:
@@ -169,7 +165,17 @@ def run_study(study: StudyConfig) -> Dict[str, Any]:
         raise ValueError("--seeds, --steps and --base-steps must be at least 1")
     if os.path.isdir(study.out) and os.listdir(study.out):
         raise ValueError(f"--out {study.out}: already holds files; choose a new folder")
-    os.makedirs(study.out, exist_ok=True)
+    with FolderLock(study.out):
+        return _study(study)
+
+
+def _study(study: StudyConfig) -> Dict[str, Any]:
+    from tqdm import tqdm
+
+    from .export import quiet_transformers
+    from .loop import TINY_BASE_LR, train
+    from .models import TINY_MODELS
+
     started = time.perf_counter()
     runs: List[Dict[str, Any]] = []
     total = len(study.variants) * study.seeds + (study.base == TRAIN_BASE)
