@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "that lead outside the data file's folder")
     g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="largest image (width x height) "
                    "accepted; larger ones are skipped as decompression bombs (default %(default)s)")
+    g.add_argument("--max-record-bytes", type=int, default=d.max_record_bytes, help="largest record (a JSONL line) "
+                   "in bytes; a larger one is skipped without being read whole, as is one nested deeper than "
+                   "32 levels (default %(default)s)")
     g.add_argument("--probe-data", default=None, metavar="PATH|synthetic",
                    help="records for the Delta-log-p probes (default: the held-out split of 'synthetic' or of a "
                         "folder with heldout.jsonl, else the first training records)")
@@ -229,7 +232,8 @@ def config_from_args(args) -> "TrainConfig":
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, dtype=args.dtype, device=args.device,
         gradient_checkpointing=args.gradient_checkpointing, op_backend=args.op_backend, train_size=args.train_size,
         max_length=args.max_length, strict_data=args.strict_data, allow_outside_images=args.allow_outside_images,
-        max_image_pixels=args.max_image_pixels, probe_data=args.probe_data, probe_size=args.probe_size,
+        max_image_pixels=args.max_image_pixels, max_record_bytes=args.max_record_bytes, probe_data=args.probe_data,
+        probe_size=args.probe_size,
         eval_size=args.eval_size, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm, seed=args.seed, options=options, max_new_tokens=args.max_new_tokens,

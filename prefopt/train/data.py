@@ -39,6 +39,14 @@ __all__ = ["PreferenceRecord", "load_records", "data_fingerprint", "DataProblems
 
 #: Default pixel limit of one image (width x height); larger ones are refused as decompression bombs.
 MAX_IMAGE_PIXELS = 50_000_000
+#: Default size limit of one record in bytes (a JSONL line): a larger one is skipped without being held whole.
+MAX_RECORD_BYTES = 64 << 20
+#: Deepest nesting of lists and objects in a record; a deeper one is skipped.
+MAX_RECORD_DEPTH = 32
+# Bytes read at a time while skipping the rest of an oversized line.
+_SKIP_CHUNK = 1 << 16
+# Characters that render as nothing: answers differing only by them (or by Unicode normalisation) are equal.
+_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
 
 # Keys the collator adds that are not model inputs; ModelAdapter.hidden_states drops them.
 EXTRA_BATCH_KEYS = ("labels", "num_images", "correction_rows", "row_record")
@@ -94,6 +102,46 @@ def _no_duplicate_keys(pairs):
     return dict(pairs)
 
 
+def _nesting_depth(obj: Any) -> int:
+    """How deeply lists and dicts nest in ``obj`` (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((c, depth + 1) for c in children)
+    return deepest
+
+
+def same_answer(a: str, b: str) -> bool:
+    """True when ``a`` and ``b`` are the same text after NFC normalisation, removing zero-width characters and
+    surrounding white space."""
+    import unicodedata
+
+    def norm(s):
+        return unicodedata.normalize("NFC", s).translate(_ZERO_WIDTH).strip()
+
+    return norm(a) == norm(b)
+
+
+def _bounded_lines(f, limit: int):
+    """``(line number, bytes or None)`` for each line of the binary file ``f``: None for a line over ``limit``
+    bytes (its newline not counted), which is read past in fixed chunks, never held whole."""
+    lineno = 0
+    while True:
+        raw = f.readline(limit + 1)
+        if not raw:
+            return
+        lineno += 1
+        if raw.endswith(b"\n") or len(raw) <= limit:
+            yield lineno, raw
+            continue
+        while raw and not raw.endswith(b"\n"):
+            raw = f.readline(_SKIP_CHUNK)
+        yield lineno, None
+
+
 def check_image(path: str, folder: str, *, allow_outside: bool = False, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     """``ValueError`` (the reason) unless ``path`` is a regular file inside ``folder`` (unless
     ``allow_outside``; symbolic links are followed) that PIL identifies and verifies, with at most
@@ -137,7 +185,7 @@ def _parse_record(obj: Any, folder: str, allow_outside: bool = False,
     rejected = obj.get("rejected")
     if rejected is not None and (not isinstance(rejected, str) or not rejected.strip()):
         raise ValueError("field 'rejected' must be a non-empty string or null")
-    if rejected is not None and rejected.strip() == obj["chosen"].strip():
+    if rejected is not None and same_answer(rejected, obj["chosen"]):
         raise ValueError("chosen and rejected are the same answer")
     images = obj.get("images", [])
     if images is None:
@@ -164,7 +212,7 @@ def _parse_record(obj: Any, folder: str, allow_outside: bool = False,
 def load_records(
     source: str, *, split: str = "train", strict: bool = False, seed: int = 0, size: Optional[int] = None,
     problems: Optional[DataProblems] = None, allow_outside_images: bool = False,
-    max_image_pixels: int = MAX_IMAGE_PIXELS,
+    max_image_pixels: int = MAX_IMAGE_PIXELS, max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> List[PreferenceRecord]:
     """Load preference records.
 
@@ -172,9 +220,10 @@ def load_records(
     with ``split``, ``size`` and ``seed``), a JSONL file, or a folder holding ``{split}.jsonl``. For a
     file, ``split`` and ``seed`` are not used and ``size`` keeps the first ``size`` valid records; each
     record's ``where`` is ``FILE:LINE``. Missing path: ``ValueError`` with a one-line message. A line
-    that is not UTF-8, not JSON, has a duplicate key, a missing or empty field, chosen == rejected, or an
-    image that fails :func:`check_image` is reported to ``problems`` (default: a new
-    :class:`DataProblems` with ``strict``) and skipped.
+    that is not UTF-8, not JSON, over ``max_record_bytes`` (never held whole) or nested deeper than
+    ``MAX_RECORD_DEPTH``, has a duplicate key, a missing or empty field, chosen == rejected (after NFC
+    normalisation and removing zero-width characters), or an image that fails :func:`check_image` is reported
+    to ``problems`` (default: a new :class:`DataProblems` with ``strict``) and skipped.
     """
     if source == "synthetic":
         from .synthetic import make_synthetic_records
@@ -187,12 +236,17 @@ def load_records(
             raise ValueError(f"data folder {source!r} has no {split}.jsonl")
     elif not os.path.isfile(path):
         raise ValueError(f"data file not found: {source!r} (expected a JSONL file, a folder, or 'synthetic')")
+    if not isinstance(max_record_bytes, int) or max_record_bytes < 1:
+        raise ValueError(f"--max-record-bytes: expected a positive number of bytes, got {max_record_bytes!r}")
     report = problems if problems is not None else DataProblems(strict)
     folder = os.path.dirname(os.path.abspath(path))
     records: List[PreferenceRecord] = []
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, raw in _bounded_lines(f, max_record_bytes):
             where = f"{path}:{lineno}"
+            if raw is None:
+                report(where, f"record is over {max_record_bytes} bytes (--max-record-bytes)")
+                continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -203,8 +257,13 @@ def load_records(
             try:
                 try:
                     obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
+                    too_deep = _nesting_depth(obj) > MAX_RECORD_DEPTH
                 except json.JSONDecodeError as e:
                     raise ValueError(f"invalid JSON ({e.msg})") from None
+                except RecursionError:  # json's parser stops at the interpreter's recursion limit
+                    too_deep = True
+                if too_deep:
+                    raise ValueError(f"record is nested deeper than {MAX_RECORD_DEPTH} levels")
                 rec = _parse_record(obj, folder, allow_outside_images, max_image_pixels)
             except ValueError as e:
                 report(where, str(e))

@@ -85,6 +85,7 @@ class TrainConfig:
     strict_data: bool = False
     allow_outside_images: bool = False
     max_image_pixels: int = 50_000_000  # prefopt.train.data.MAX_IMAGE_PIXELS
+    max_record_bytes: int = 64 << 20  # prefopt.train.data.MAX_RECORD_BYTES
     probe_data: Optional[str] = None
     probe_size: int = 16
     eval_size: Optional[int] = None  # held-out records of the final evaluation; None: all, 0: none
@@ -320,7 +321,8 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     seed_everything(cfg.seed + state.rank)
     problems = DataProblems(cfg.strict_data)  # every skipped record: one line FILE:LINE: reason
     load = dict(strict=cfg.strict_data, seed=cfg.seed, problems=problems,
-                allow_outside_images=cfg.allow_outside_images, max_image_pixels=cfg.max_image_pixels)
+                allow_outside_images=cfg.allow_outside_images, max_image_pixels=cfg.max_image_pixels,
+                max_record_bytes=cfg.max_record_bytes)
     records = load_records(cfg.data, split="train", size=cfg.train_size, **load)
     if not records:
         raise ValueError(f"--data {cfg.data}: no training records")
