@@ -1,21 +1,5 @@
-"""Preference records, their JSONL loader, and the collator that turns records into model inputs + labels.
-
-JSONL format, one object per line (blank lines are skipped)::
-
-    {"images": ["img/0.png"], "prompt": "What colour is the circle?",
-     "chosen": "The circle is red.", "rejected": "The circle is blue.",
-     "corrections": ["The circle is not blue; it is red."]}
-
-``prompt`` and ``chosen`` are required non-empty strings; ``rejected`` is a string or null/absent;
-``images`` is a list of paths (relative paths are resolved against the JSONL file's folder; a single
-string is accepted as a one-element list), may be empty or absent; ``corrections`` is a list of strings,
-may be absent. Other keys are ignored. A line is never trained on when it is not UTF-8 or not JSON, has a
-duplicate key, a missing or empty field, ``chosen == rejected``, or an image that is missing, not a regular
-file, outside the data folder (unless allowed), over the pixel limit or does not decode; the trainer
-also skips records whose text holds a literal image token or whose prompt leaves no answer token within
-``--max-length`` (a longer answer is cut at ``max_length``), and, for pairwise methods, records without
-``rejected``. Each problem is one line ``FILE:LINE: reason`` on stderr and counted in the summary; with
-``strict`` (``--strict-data``) the first one is a ``ValueError``.
+"""The collator that turns preference records into model inputs + labels (the records, their sources and
+their checks: :mod:`prefopt.train.sources`, whose names this module re-exports).
 
 The collator renders each (prompt, answer) pair with the processor's (or tokenizer's) chat template,
 runs it through the processor (image tokens are expanded there), and builds Hugging Face labels
@@ -24,274 +8,26 @@ every prompt token (image tokens included) and padding set to ``ignore_index``.
 """
 from __future__ import annotations
 
-import json
+import io
 import os
-import stat
-import sys
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from .errors import first_line
+from .sources import (MAX_IMAGE_PIXELS, MAX_RECORD_BYTES, DataProblems, PreferenceRecord, RecordSet, check_image,
+                      data_fingerprint, load_records)
 
-__all__ = ["PreferenceRecord", "load_records", "data_fingerprint", "DataProblems", "check_image", "PreferenceCollator", "EXTRA_BATCH_KEYS", "model_inputs"]
-
-#: Default pixel limit of one image (width x height); larger ones are refused as decompression bombs.
-MAX_IMAGE_PIXELS = 50_000_000
-#: Default size limit of one record in bytes (a JSONL line): a larger one is skipped without being held whole.
-MAX_RECORD_BYTES = 64 << 20
-#: Deepest nesting of lists and objects in a record; a deeper one is skipped.
-MAX_RECORD_DEPTH = 32
-# Bytes read at a time while skipping the rest of an oversized line.
-_SKIP_CHUNK = 1 << 16
-# Characters that render as nothing: answers differing only by them (or by Unicode normalisation) are equal.
-_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
+__all__ = ["PreferenceRecord", "RecordSet", "load_records", "data_fingerprint", "DataProblems", "check_image",
+           "PreferenceCollator", "EXTRA_BATCH_KEYS", "model_inputs", "MAX_IMAGE_PIXELS", "MAX_RECORD_BYTES"]
 
 # Keys the collator adds that are not model inputs; ModelAdapter.hidden_states drops them.
 EXTRA_BATCH_KEYS = ("labels", "num_images", "correction_rows", "row_record")
 
 
-@dataclass
-class PreferenceRecord:
-    """One preference example. ``images``: paths or PIL images (in the order their tokens appear)."""
-
-    prompt: str
-    chosen: str
-    rejected: Optional[str] = None
-    images: list = field(default_factory=list)
-    corrections: List[str] = field(default_factory=list)
-    where: str = ""  # FILE:LINE of a record loaded from JSONL (what problems with it are reported as)
-
-
 def model_inputs(batch: Dict[str, Any]) -> Dict[str, Any]:
     """``batch`` without the collator's extra keys (``labels``, ``num_images``, ...): the model's inputs."""
     return {k: v for k, v in batch.items() if k not in EXTRA_BATCH_KEYS}
-
-
-# --------------------------------------------------------------------------------------------- loading
-
-
-class DataProblems:
-    """The problems found in the data, one line each (``FILE:LINE: reason``): printed to stderr (rank 0)
-    as they are found and counted for the summary; with ``strict`` the first one raises ``ValueError``."""
-
-    def __init__(self, strict: bool = False):
-        self.strict = strict
-        self.lines: List[str] = []
-
-    def __call__(self, where: str, reason: str, echo: Optional[bool] = None) -> None:
-        """Count (and, with ``echo``, print; default: on rank 0) the problem ``reason`` of record ``where``."""
-        line = f"{where}: {reason}"
-        if self.strict:
-            raise ValueError(line + " (--strict-data)")
-        self.lines.append(line)
-        if os.environ.get("RANK", "0") == "0" if echo is None else echo:
-            print(f"{line} (skipped)", file=sys.stderr, flush=True)
-
-    def __len__(self) -> int:
-        return len(self.lines)
-
-
-def _no_duplicate_keys(pairs):
-    seen = set()
-    for k, _ in pairs:
-        if k in seen:
-            raise ValueError(f"duplicate key {k!r}")
-        seen.add(k)
-    return dict(pairs)
-
-
-def _nesting_depth(obj: Any) -> int:
-    """How deeply lists and dicts nest in ``obj`` (a scalar: 0), without recursion."""
-    deepest, stack = 0, [(obj, 1)]
-    while stack:
-        value, depth = stack.pop()
-        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
-        if children is not None:
-            deepest = max(deepest, depth)
-            stack.extend((c, depth + 1) for c in children)
-    return deepest
-
-
-def same_answer(a: str, b: str) -> bool:
-    """True when ``a`` and ``b`` are the same text after NFC normalisation, removing zero-width characters and
-    surrounding white space."""
-    import unicodedata
-
-    def norm(s):
-        return unicodedata.normalize("NFC", s).translate(_ZERO_WIDTH).strip()
-
-    return norm(a) == norm(b)
-
-
-def _bounded_lines(f, limit: int):
-    """``(line number, bytes or None)`` for each line of the binary file ``f``: None for a line over ``limit``
-    bytes (its newline not counted), which is read past in fixed chunks, never held whole."""
-    lineno = 0
-    while True:
-        raw = f.readline(limit + 1)
-        if not raw:
-            return
-        lineno += 1
-        if raw.endswith(b"\n") or len(raw) <= limit:
-            yield lineno, raw
-            continue
-        while raw and not raw.endswith(b"\n"):
-            raw = f.readline(_SKIP_CHUNK)
-        yield lineno, None
-
-
-def check_image(path: str, folder: str, *, allow_outside: bool = False, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
-    """``ValueError`` (the reason) unless ``path`` is a regular file inside ``folder`` (unless
-    ``allow_outside``; symbolic links are followed) that PIL identifies and verifies, with at most
-    ``max_pixels`` pixels (a decompression bomb is refused from its header, before decoding)."""
-    import warnings
-
-    from PIL import Image
-
-    real = os.path.realpath(path)
-    if not allow_outside and os.path.commonpath([real, os.path.realpath(folder)]) != os.path.realpath(folder):
-        raise ValueError(f"image {path} is outside the data folder (pass --allow-outside-images to allow)")
-    if not os.path.exists(real):
-        raise ValueError(f"image not found: {path}")
-    if not stat.S_ISREG(os.stat(real).st_mode):
-        raise ValueError(f"image {path} is not a regular file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(real) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    raise ValueError(f"image {path} is {w}x{h} pixels, over the limit of {max_pixels}")
-                im.verify()
-    except ValueError:
-        raise
-    except Exception as e:  # PIL raises many types for broken files
-        reason = first_line(e)
-        raise ValueError(f"image {path} does not decode ({reason})") from None
-
-
-def _parse_record(obj: Any, folder: str, allow_outside: bool = False,
-                  max_pixels: int = MAX_IMAGE_PIXELS) -> PreferenceRecord:
-    """Validate one decoded JSON value; raise ValueError with the reason when it is malformed."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    for key in ("prompt", "chosen"):
-        if key not in obj:
-            raise ValueError(f"missing field {key!r}")
-        if not isinstance(obj[key], str) or not obj[key].strip():
-            raise ValueError(f"field {key!r} must be a non-empty string")
-    rejected = obj.get("rejected")
-    if rejected is not None and (not isinstance(rejected, str) or not rejected.strip()):
-        raise ValueError("field 'rejected' must be a non-empty string or null")
-    if rejected is not None and same_answer(rejected, obj["chosen"]):
-        raise ValueError("chosen and rejected are the same answer")
-    images = obj.get("images", [])
-    if images is None:
-        images = []
-    if isinstance(images, str):
-        images = [images]
-    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
-        raise ValueError("field 'images' must be a list of paths")
-    paths = []
-    for p in images:
-        full = p if os.path.isabs(p) else os.path.join(folder, p)
-        check_image(full, folder, allow_outside=allow_outside, max_pixels=max_pixels)
-        paths.append(full)
-    corrections = obj.get("corrections", [])
-    if corrections is None:
-        corrections = []
-    if not isinstance(corrections, list) or not all(isinstance(c, str) and c.strip() for c in corrections):
-        raise ValueError("field 'corrections' must be a list of non-empty strings")
-    return PreferenceRecord(
-        prompt=obj["prompt"], chosen=obj["chosen"], rejected=rejected, images=paths, corrections=list(corrections)
-    )
-
-
-def load_records(
-    source: str, *, split: str = "train", strict: bool = False, seed: int = 0, size: Optional[int] = None,
-    problems: Optional[DataProblems] = None, allow_outside_images: bool = False,
-    max_image_pixels: int = MAX_IMAGE_PIXELS, max_record_bytes: int = MAX_RECORD_BYTES,
-) -> List[PreferenceRecord]:
-    """Load preference records.
-
-    ``source``: ``"synthetic"`` (the built-in set, :func:`prefopt.train.synthetic.make_synthetic_records`
-    with ``split``, ``size`` and ``seed``), a JSONL file, or a folder holding ``{split}.jsonl``. For a
-    file, ``split`` and ``seed`` are not used and ``size`` keeps the first ``size`` valid records; each
-    record's ``where`` is ``FILE:LINE``. Missing path: ``ValueError`` with a one-line message. A line
-    that is not UTF-8, not JSON, over ``max_record_bytes`` (never held whole) or nested deeper than
-    ``MAX_RECORD_DEPTH``, has a duplicate key, a missing or empty field, chosen == rejected (after NFC
-    normalisation and removing zero-width characters), or an image that fails :func:`check_image` is reported
-    to ``problems`` (default: a new :class:`DataProblems` with ``strict``) and skipped.
-    """
-    if source == "synthetic":
-        from .synthetic import make_synthetic_records
-
-        return make_synthetic_records(split=split, size=size, seed=seed)
-    path = source
-    if os.path.isdir(path):
-        path = os.path.join(path, f"{split}.jsonl")
-        if not os.path.isfile(path):
-            raise ValueError(f"data folder {source!r} has no {split}.jsonl")
-    elif not os.path.isfile(path):
-        raise ValueError(f"data file not found: {source!r} (expected a JSONL file, a folder, or 'synthetic')")
-    if not isinstance(max_record_bytes, int) or max_record_bytes < 1:
-        raise ValueError(f"--max-record-bytes: expected a positive number of bytes, got {max_record_bytes!r}")
-    report = problems if problems is not None else DataProblems(strict)
-    folder = os.path.dirname(os.path.abspath(path))
-    records: List[PreferenceRecord] = []
-    with open(path, "rb") as f:
-        for lineno, raw in _bounded_lines(f, max_record_bytes):
-            where = f"{path}:{lineno}"
-            if raw is None:
-                report(where, f"record is over {max_record_bytes} bytes (--max-record-bytes)")
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                report(where, f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                try:
-                    obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
-                    too_deep = _nesting_depth(obj) > MAX_RECORD_DEPTH
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"invalid JSON ({e.msg})") from None
-                except RecursionError:  # json's parser stops at the interpreter's recursion limit
-                    too_deep = True
-                if too_deep:
-                    raise ValueError(f"record is nested deeper than {MAX_RECORD_DEPTH} levels")
-                rec = _parse_record(obj, folder, allow_outside_images, max_image_pixels)
-            except ValueError as e:
-                report(where, str(e))
-                continue
-            rec.where = where
-            records.append(rec)
-            if size is not None and len(records) >= size:
-                break
-    return records
-
-
-def data_fingerprint(source: str, records: Sequence[PreferenceRecord]) -> str:
-    """A cheap fingerprint of the training data: sha256 of the JSONL file's bytes and of each record's
-    images' sizes in bytes (``"synthetic"`` for the built-in set, whose options fix it)."""
-    import hashlib
-
-    if source == "synthetic":
-        return "synthetic"
-    path = os.path.join(source, "train.jsonl") if os.path.isdir(source) else source
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    for r in records:
-        for img in r.images:
-            if isinstance(img, (str, os.PathLike)):
-                h.update(f"{os.path.getsize(img)}\n".encode())
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- collation
@@ -300,7 +36,9 @@ def data_fingerprint(source: str, records: Sequence[PreferenceRecord]) -> str:
 def _load_image(img: Any):
     from PIL import Image
 
-    if isinstance(img, (str, os.PathLike)):
+    if isinstance(img, dict):  # datasets' Image feature: {"bytes", "path"}
+        img = io.BytesIO(img["bytes"]) if img.get("bytes") is not None else img["path"]
+    if isinstance(img, (str, os.PathLike, io.BytesIO)):
         with Image.open(img) as im:
             return im.convert("RGB")
     if isinstance(img, Image.Image):
@@ -383,20 +121,21 @@ class PreferenceCollator:
                 return owner
         return None
 
-    def _messages(self, prompt: str, n_images: int, answer: Optional[str], structured: bool) -> List[dict]:
-        if structured:  # processors' templates take typed content parts
-            content: Any = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
-            reply: Any = [{"type": "text", "text": answer}]
-        else:  # text tokenizers' templates take plain strings
-            content, reply = prompt, answer
-        msgs = [{"role": "user", "content": content}]
+    def _messages(self, prompt: str, n_images: int, answer: Optional[str], structured: bool,
+                  turns: Optional[List[dict]] = None) -> List[dict]:
+        if turns is None:  # a plain prompt: one user turn, its images first
+            turns = [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]}]
         if answer is not None:
-            msgs.append({"role": "assistant", "content": reply})
-        return msgs
+            turns = turns + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        if structured:  # processors' templates take typed content parts
+            return turns
+        # text tokenizers' templates take plain strings
+        return [{"role": m["role"], "content": "".join(p.get("text", "") for p in m["content"])} for m in turns]
 
-    def render(self, prompt: str, answer: str, n_images: int = 0) -> tuple:
+    def render(self, prompt: str, answer: str, n_images: int = 0, turns: Optional[List[dict]] = None) -> tuple:
         """(prompt text, full text): the chat-templated prompt with the generation prompt, and the whole
-        conversation with the answer. Without a chat template: ``prompt + "\n"`` and that + answer + eos."""
+        conversation with the answer; ``turns`` (a record's ``messages``) replace ``prompt`` and place its
+        images. Without a chat template: ``prompt + "\n"`` and that + answer + eos."""
         owner = self._template_owner
         if owner is None:
             if n_images:
@@ -405,23 +144,23 @@ class PreferenceCollator:
             return p, p + answer + (self.tokenizer.eos_token or "")
         structured = owner is not self.tokenizer or n_images > 0
         p = owner.apply_chat_template(
-            self._messages(prompt, n_images, None, structured), tokenize=False, add_generation_prompt=True
+            self._messages(prompt, n_images, None, structured, turns), tokenize=False, add_generation_prompt=True
         )
-        full = owner.apply_chat_template(self._messages(prompt, n_images, answer, structured), tokenize=False)
+        full = owner.apply_chat_template(self._messages(prompt, n_images, answer, structured, turns), tokenize=False)
         return p, full
 
     def prompt_text(self, record: PreferenceRecord) -> str:
         """The chat-templated prompt of ``record`` ending with the generation prompt (for ``generate``)."""
-        return self.render(record.prompt, "", len(record.images))[0]
+        return self.render(record.prompt, "", len(record.images), record.messages)[0]
 
     # -- encoding
 
     def _tok_ids(self, text: str) -> List[int]:
         return list(self.tokenizer(text, add_special_tokens=self._template_owner is None)["input_ids"])
 
-    def _encode(self, prompt: str, answer: str, images: list, where: str) -> tuple:
+    def _encode(self, prompt: str, answer: str, images: list, where: str, turns: Optional[List[dict]] = None) -> tuple:
         """(features of one row, prompt length in tokens)."""
-        p_text, full_text = self.render(prompt, answer, len(images))
+        p_text, full_text = self.render(prompt, answer, len(images), turns)
         feats = self._features(full_text, images, where)
         ids = feats["input_ids"][0].tolist()
         # Image-token expansion happens in the prompt only, so the prompt length in the processed row is
@@ -514,7 +253,7 @@ class PreferenceCollator:
         encoded = []
         for i, answer, _ in rows:
             r = records[i]
-            encoded.append(self._encode(r.prompt, answer, list(r.images), r.where or f"record {i}"))
+            encoded.append(self._encode(r.prompt, answer, list(r.images), r.where or f"record {i}", r.messages))
 
         T = min(self.max_length, max(f["input_ids"].shape[1] for f, _ in encoded))
         R = len(rows)
