@@ -410,6 +410,7 @@ def test_the_fingerprint_of_a_dataset_is_cheap_and_sees_changes(tmp_path, monkey
     changed = rlaif_v_like(6).map(lambda r: {"chosen": r["chosen"].replace("It", "if")})
     changed.to_parquet(str(tmp_path / "a.parquet"))
     assert fingerprint(str(tmp_path / "a.parquet"), columns=columns) != before
+    assert load_records(str(tmp_path / "a.parquet"), columns=columns)[0].chosen == "if is red."  # not a stale copy
     assert fingerprint(str(tmp_path / "a.parquet"), columns=columns + ",rejected=question") != \
         fingerprint(str(tmp_path / "a.parquet"), columns=columns)
     datasets.DatasetDict({"train": rlaif_v_like(4), "test": rlaif_v_like(4)}).save_to_disk(str(tmp_path / "saved"))

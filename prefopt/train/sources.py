@@ -27,8 +27,8 @@ Images (``images``, else ``image``): a path (relative to the file that names it)
 
 Rows are read on demand by index: a :class:`RecordSet` holds the source and the indices of the usable rows,
 never the rows; images are decoded when a batch is built. The up-front checks stream over the rows.
-Parquet is converted once into ``datasets``' cache (``HF_DATASETS_CACHE``) and memory-mapped from there, as
-``datasets.load_dataset`` does; ``.arrow`` files and ``save_to_disk`` folders are memory-mapped in place.
+Parquet is copied once, a few rows at a time, into an arrow file in ``datasets``' cache (``HF_DATASETS_CACHE``)
+and memory-mapped from there; ``.arrow`` files and ``save_to_disk`` folders are memory-mapped in place.
 """
 from __future__ import annotations
 
@@ -499,6 +499,37 @@ def _files_fingerprint(files: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def _parquet_as_arrow(files: Sequence[str], fingerprint: str) -> str:
+    """An arrow copy of the parquet ``files`` in datasets' cache (``HF_DATASETS_CACHE``), to memory-map: made
+    once per content and modification time, a few rows at a time (datasets' own conversion pre-buffers whole
+    files: its peak memory grows with the file), under a temporary name renamed when complete."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    key = json.dumps([fingerprint] + [[os.path.abspath(p), os.stat(p).st_mtime_ns] for p in files])
+    folder = os.path.join(str(datasets.config.HF_DATASETS_CACHE), "prefopt-parquet")
+    path = os.path.join(folder, hashlib.sha256(key.encode()).hexdigest()[:32] + ".arrow")
+    if os.path.isfile(path):
+        return path
+    os.makedirs(folder, exist_ok=True)
+    schema = pq.read_schema(files[0])
+    partial = f"{path}.{os.getpid()}.partial"
+    try:
+        with pa.OSFile(partial, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for name in files:
+                parquet = pq.ParquetFile(name, pre_buffer=False)
+                if not parquet.schema_arrow.equals(schema):
+                    raise _SourceError(f"{name}: its columns differ from those of {files[0]}")
+                for batch in parquet.iter_batches(batch_size=_STREAM_ROWS):
+                    writer.write_batch(batch)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return path
+
+
 def _split_files(folder: str, files: List[str], split: str) -> List[str]:
     """The files of ``split``: those whose name starts with a split name belong to it; when no name does,
     every file is ``train``."""
@@ -561,11 +592,11 @@ def _read_dataset(source: str, split: str) -> Tuple[Any, Optional[str], str, str
         kinds = {os.path.splitext(p)[1] for p in files}
         if len(kinds) > 1:
             raise _SourceError(f"--data {source}: holds both parquet and arrow files; name one file")
-        if kinds == {".arrow"}:
-            ds = datasets.concatenate_datasets([datasets.Dataset.from_file(p) for p in files])
-        else:
-            ds = datasets.load_dataset("parquet", data_files=files, split="train")
-        return ds, folder, _files_fingerprint(files), source
+        fingerprint = _files_fingerprint(files)
+        if kinds == {".parquet"}:
+            files = [_parquet_as_arrow(files, fingerprint)]
+        ds = datasets.concatenate_datasets([datasets.Dataset.from_file(p) for p in files])
+        return ds, folder, fingerprint, source
 
 
 def _dataset_rows(ds) -> Iterator[Tuple[int, dict]]:
