@@ -184,7 +184,7 @@ def init_source(init_from: Optional[str]) -> Optional[str]:
 def check_resume_identity(saved: Dict[str, Any], now: Dict[str, Any], out: str) -> None:
     """``ValueError`` naming the first difference between the saved run's identity and this run's."""
     names = {"world_size": "the world size", "dtype": "the parameter dtype (--dtype)",
-             "data_fingerprint": "the data content (JSONL bytes or image sizes)",
+             "data_fingerprint": "the data content (or --data-split, --data-columns)",
              "init_source": "the model --init-from resolves to"}
     flat_saved = {**saved, **(saved.get("options") or {})}
     for key, value in {**now, **now["options"]}.items():
@@ -404,8 +404,9 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
 
 
 def record_key(record) -> str:
-    """A record's identity by content (its text and image paths): what ``OUT/skipped_records.json`` lists,
-    so that it names the same records whatever options filter or order the data."""
+    """A record's identity by content (its text, messages and image paths or contents): what
+    ``OUT/skipped_records.json`` lists, so that it names the same records whatever options filter or order
+    the data."""
     from .sources import image_key
 
     text = json.dumps([record.prompt, record.chosen, record.rejected, [image_key(i) for i in record.images],
