@@ -427,3 +427,46 @@ def test_the_fingerprint_of_a_dataset_is_cheap_and_sees_changes(tmp_path, monkey
     monkeypatch.setattr(sources.hashlib, "sha256", lambda data=b"": hashed.append(len(data)) or real(data))
     fingerprint(str(tmp_path / "big.parquet"), columns=columns)
     assert sum(hashed) < os.path.getsize(tmp_path / "big.parquet") / 10, hashed
+
+
+def test_rows_are_read_on_demand_and_the_checks_stream(tmp_path):
+    """Loading a parquet set checks every row holding a few rows at a time and keeps only row indices: the
+    Python memory held after loading, and its peak while loading, are a small part of the embedded images."""
+    import numpy as np
+
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8))
+    buf = __import__("io").BytesIO()
+    noise.save(buf, format="PNG")
+    n = 600
+    ds = datasets.Dataset.from_dict({"prompt": [f"What is {i}?" for i in range(n)], "chosen": ["Noise."] * n,
+                                     "rejected": ["A cat."] * n,
+                                     "images": [[{"bytes": buf.getvalue(), "path": None}]] * n})
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    total = n * len(buf.getvalue())
+    tracemalloc.start()
+    try:
+        records = load_records(str(tmp_path / "d.parquet"))
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(records) == n and records[n - 1].prompt == f"What is {n - 1}?"
+    assert records[5].images[0]["bytes"] == buf.getvalue()
+    assert held < total / 20 and peak < total / 4, (held, peak, total)
+
+
+def test_resume_refuses_changed_parquet_data(tmp_path, capsys):
+    """--resume on a parquet source whose content changed is refused, naming the data; unchanged, it resumes."""
+    path = str(tmp_path / "d.parquet")
+    rlaif_v_like(6).to_parquet(path)
+
+    def args(steps, *extra):  # the last --steps counts
+        return RUN + ["--steps", str(steps), "--data", path, "--data-columns", "prompt=question,images=image", "--out",
+                      str(tmp_path / "run"), *extra]
+
+    assert main(args(1)) == 0
+    assert main(args(2, "--resume")) == 0
+    rlaif_v_like(6).map(lambda r: {"rejected": r["rejected"].replace("It", "if")}).to_parquet(path)
+    capsys.readouterr()
+    assert main(args(3, "--resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume: the data content (or --data-split, --data-columns) is" in err[0], err
