@@ -246,6 +246,11 @@ def test_every_source_kind_reads_the_same_records(tmp_path, capsys):
     (snapshot / "data" / "img").rename(snapshot / "img")
     (tmp_path / "hf" / "hub" / "datasets--org--prefs" / "refs").mkdir()
     (tmp_path / "hf" / "hub" / "datasets--org--prefs" / "refs" / "main").write_text("0" * 40)
+    jsonl_snapshot = tmp_path / "hf" / "hub" / "datasets--org--lines" / "snapshots" / ("1" * 40)
+    shutil.copytree(tmp_path / "img", jsonl_snapshot / "img")
+    shutil.copy(jsonl, jsonl_snapshot / "train.jsonl")
+    (tmp_path / "hf" / "hub" / "datasets--org--lines" / "refs").mkdir()
+    (tmp_path / "hf" / "hub" / "datasets--org--lines" / "refs" / "main").write_text("1" * 40)
 
     expected = load_records(jsonl)
     assert len(expected) == 4
@@ -266,6 +271,7 @@ def test_every_source_kind_reads_the_same_records(tmp_path, capsys):
         hub = load_records("org/prefs")
         assert len(hub) == 4 and hub[3].where == "org/prefs:3"
         assert [r.images for r in hub] == [[str(snapshot / "img" / "r.png")]] * 4
+        assert _same_records(load_records("org/lines"), expected)
         with pytest.raises(ValueError, match=r"^--data org/other: not a file or folder, and no hub dataset"):
             load_records("org/other")
 

@@ -8,7 +8,7 @@
   ``train-00000-of-00002.parquet``, are that split's; other names are all ``train``);
 * a ``save_to_disk`` folder (``state.json`` or ``dataset_dict.json``);
 * else a Hugging Face hub dataset id (``org/name``): its snapshot in the hub cache (``HF_HOME``,
-  ``HF_HUB_OFFLINE`` honoured), downloaded when online, read as a folder of parquet/arrow files.
+  ``HF_HUB_OFFLINE`` honoured), downloaded when online, read as a folder (JSONL, or parquet/arrow files).
 
 A folder with both JSONL and parquet/arrow files is refused unless ``--data`` names the file.
 
@@ -579,16 +579,8 @@ def _read_dataset(source: str, split: str) -> Tuple[Any, Optional[str], str, str
             files = _split_files(source, found, split)
             if not files:
                 raise _SourceError(f"--data {source}: no {split} parquet or arrow files")
-        else:  # a hub dataset: its snapshot in the hub cache (HF_HOME, HF_HUB_OFFLINE), downloaded when online
-            from huggingface_hub import snapshot_download
-
-            try:
-                snapshot = snapshot_download(source, repo_type="dataset")
-            except Exception as e:  # the hub's errors come in many types
-                raise _SourceError(f"--data {source}: not a file or folder, and no hub dataset of that id is cached or "
-                                 f"could be downloaded ({first_line(e)})") from None
-            ds, folder, fingerprint, _ = _read_dataset(snapshot, split)
-            return ds, folder, f"{source}@{os.path.basename(snapshot)}:{fingerprint}", source
+        else:
+            raise _SourceError(f"--data {source}: not a file or folder")
         kinds = {os.path.splitext(p)[1] for p in files}
         if len(kinds) > 1:
             raise _SourceError(f"--data {source}: holds both parquet and arrow files; name one file")
@@ -610,7 +602,7 @@ def _dataset_rows(ds) -> Iterator[Tuple[int, dict]]:
 
 
 def _data_kind(source: str) -> str:
-    """'jsonl' or 'dataset' (parquet, arrow, save_to_disk, hub), from what ``source`` is."""
+    """'jsonl' or 'dataset' (parquet, arrow, save_to_disk), from what the path ``source`` is."""
     if os.path.isfile(source):
         return "dataset" if source.endswith((".parquet", ".arrow")) else "jsonl"
     if not os.path.isdir(source):
@@ -629,9 +621,20 @@ def _data_kind(source: str) -> str:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def _is_hub_id(source: str) -> bool:
-    return bool(re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", source)) and not source.endswith((".jsonl", ".json", ".parquet",
-                                                                                       ".arrow"))
+def _hub_snapshot(source: str) -> str:
+    """The folder of hub dataset ``source`` (``org/name``): its snapshot in the hub cache (``HF_HOME``,
+    ``HF_HUB_OFFLINE`` honoured), downloaded when online. ``ValueError`` (one line) when ``source`` is no
+    such id or it cannot be had."""
+    from huggingface_hub import snapshot_download
+
+    if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", source) or source.endswith((".jsonl", ".json", ".parquet", ".arrow")):
+        raise ValueError(f"data file not found: {source!r} (expected a JSONL, parquet or arrow file, a folder, a hub "
+                         "dataset id or 'synthetic')")
+    try:
+        return snapshot_download(source, repo_type="dataset")
+    except Exception as e:  # the hub's errors come in many types
+        raise ValueError(f"--data {source}: not a file or folder, and no hub dataset of that id is cached or could "
+                         f"be downloaded ({first_line(e)})") from None
 
 
 def load_records(
@@ -663,19 +666,19 @@ def load_records(
         raise ValueError(f"--max-record-bytes: expected a positive number of bytes, got {max_record_bytes!r}")
     mapping = parse_columns(columns)
     report = problems if problems is not None else DataProblems(strict)
-    if isinstance(source, str) and not os.path.exists(source) and not _is_hub_id(source):
-        raise ValueError(f"data file not found: {source!r} (expected a JSONL, parquet or arrow file, a folder, a hub "
-                         "dataset id or 'synthetic')")
-    if isinstance(source, str) and _data_kind(source) == "jsonl":
-        path = os.path.join(source, f"{split}.jsonl") if os.path.isdir(source) else source
+    local = source if not isinstance(source, str) or os.path.exists(source) else _hub_snapshot(source)
+    if isinstance(local, str) and _data_kind(local) == "jsonl":
+        path = os.path.join(local, f"{split}.jsonl") if os.path.isdir(local) else local
         if not os.path.isfile(path):
             raise ValueError(f"data folder {source!r} has no {split}.jsonl")
         folder = os.path.dirname(os.path.abspath(path))
         rows: Iterator[Tuple[int, str, Any]] = _jsonl_rows(path, max_record_bytes)
         read_row = None
     else:
-        ds, folder, fingerprint, name = _open_dataset(source, split) if isinstance(source, str) else (
+        ds, folder, fingerprint, name = _open_dataset(local, split) if isinstance(source, str) else (
             source, None, f"dataset:{source._fingerprint}", "dataset")
+        if local is not source:  # a hub snapshot: its rows named by the id
+            name = source
         absent = [c for c in (*mapping.values(), mapping.get("chosen", "chosen")) if c not in ds.column_names]
         if absent:
             raise ValueError(f"--data {name}: no column {absent[0]!r} (columns: {', '.join(ds.column_names)}; map "
