@@ -40,6 +40,7 @@ import os
 import re
 import stat
 import sys
+from array import array
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -129,7 +130,7 @@ class RecordSet(SequenceABC):
 
     def select(self, positions: Sequence[int]) -> "RecordSet":
         """The records at ``positions`` (indices into this set), in that order."""
-        return RecordSet(self.read, [self.rows[p] for p in positions], self.fingerprint)
+        return RecordSet(self.read, array("q", (self.rows[p] for p in positions)), self.fingerprint)
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -702,7 +703,7 @@ def load_records(
         record.where = where
         return record
 
-    kept: list = []  # JSONL: the records; a dataset: the usable rows' indices
+    kept: Any = [] if read_row is None else array("q")  # JSONL: the records; a dataset: the usable rows' indices
     image_sizes = hashlib.sha256()
     for index, where, row in rows:
         try:
