@@ -729,10 +729,10 @@ def load_records(
 
 def data_fingerprint(source: str, records: RecordSet) -> str:
     """A cheap fingerprint of the training data ``records`` (from :func:`load_records`): for JSONL, sha256 of
-    the file's bytes and of the records' image files' sizes; for parquet, the files' names, sizes and footers;
-    for arrow and ``save_to_disk``, the files' names and sizes and the dataset's fingerprint; for a hub
-    dataset, the fingerprint of its cached revision; with the image files' sizes, the split and
-    ``--data-columns``. ``"synthetic"`` for the built-in set, whose options fix it."""
+    the file's bytes and of the records' image files' sizes; for parquet and arrow files (a hub dataset's
+    too), the files' names, sizes and parquet footers; for ``save_to_disk``, those and the dataset's
+    fingerprint; with the image files' sizes, the split and ``--data-columns``. ``"synthetic"`` for the
+    built-in set, whose options fix it."""
     if source == "synthetic":
         return "synthetic"
     return records.fingerprint(records) if callable(records.fingerprint) else records.fingerprint
