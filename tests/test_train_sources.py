@@ -476,3 +476,22 @@ def test_resume_refuses_changed_parquet_data(tmp_path, capsys):
     assert main(args(3, "--resume")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--resume: the data content (or --data-split, --data-columns) is" in err[0], err
+
+
+def test_a_json_array_with_image_paths(tmp_path, capsys):
+    """A POVID/VLFeedback-like .json file (one JSON array, image paths relative to it) is read with its columns
+    mapped, each bad row one SOURCE:ROW line; a .json file of JSON lines is still read line by line."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "0.png").write_bytes(_png(COLOURS["red"]))
+    rows = [{"image": "img/0.png", "question": f"Colour {i}?", "chosen": "Red.", "rejected": "Blue."}
+            for i in range(3)]
+    rows[1]["image"] = "img/missing.png"
+    path = tmp_path / "povid.json"
+    path.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    records = load_records(str(path), columns="prompt=question,images=image")
+    assert [(r.prompt, r.images, r.where) for r in records] == [
+        (f"Colour {i}?", [str(tmp_path / "img" / "0.png")], f"{path}:{i}") for i in (0, 2)]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"{path}:1: image not found: {tmp_path / 'img' / 'missing.png'} (skipped)"]
+    lines = _write_jsonl(tmp_path / "lines.json", [dict(r, prompt=r["question"]) for r in rows])
+    assert [r.where for r in load_records(lines, columns="images=image")] == [f"{lines}:1", f"{lines}:3"]

@@ -4,6 +4,8 @@
 
 * ``synthetic``: the built-in visual set (:mod:`prefopt.train.synthetic`);
 * a JSONL file (any other file name), or a folder holding ``{split}.jsonl``: prefopt's records, one per line;
+* a ``.json`` file holding a JSON array of records (VLFeedback, POVID, ...), read by ``datasets``' JSON reader
+  (whole, into its cache: such files hold image paths, not images);
 * a ``.parquet`` or ``.arrow`` file, or a folder of them (names starting with a split name, e.g.
   ``train-00000-of-00002.parquet``, are that split's; other names are all ``train``);
 * a ``save_to_disk`` folder (``state.json`` or ``dataset_dict.json``);
@@ -491,12 +493,15 @@ def _parquet_footer_hash(path: str) -> str:
 
 
 def _files_fingerprint(files: Sequence[str]) -> str:
-    """File names and sizes, and each parquet file's footer: cheap whatever the files' size."""
+    """File names and sizes, each parquet file's footer (cheap whatever the files' size) and a JSON file's
+    bytes (text: image paths, not images)."""
     h = hashlib.sha256()
     for path in files:
         h.update(f"{os.path.basename(path)}\0{os.path.getsize(path)}\0".encode())
         if path.endswith(".parquet"):
             h.update(_parquet_footer_hash(path).encode())
+        elif path.endswith(".json"):
+            h.update(_jsonl_fingerprint(path, [], {}).encode())
     return h.hexdigest()
 
 
@@ -586,6 +591,8 @@ def _read_dataset(source: str, split: str) -> Tuple[Any, Optional[str], str, str
         if len(kinds) > 1:
             raise _SourceError(f"--data {source}: holds both parquet and arrow files; name one file")
         fingerprint = _files_fingerprint(files)
+        if kinds == {".json"}:  # a JSON array of records: datasets' JSON reader, into its cache
+            return datasets.load_dataset("json", data_files=list(files), split="train"), folder, fingerprint, source
         if kinds == {".parquet"}:
             files = [_parquet_as_arrow(files, fingerprint)]
         ds = datasets.concatenate_datasets([datasets.Dataset.from_file(p) for p in files])
@@ -602,10 +609,21 @@ def _dataset_rows(ds) -> Iterator[Tuple[int, dict]]:
         start += batch.num_rows
 
 
+def _json_array(path: str) -> bool:
+    """True when the file ``path`` holds a JSON array (its first non-blank byte is ``[``), not JSON lines."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 12), b""):
+            start = block.lstrip()
+            if start:
+                return start.startswith(b"[")
+    return False
+
+
 def _data_kind(source: str) -> str:
-    """'jsonl' or 'dataset' (parquet, arrow, save_to_disk), from what the path ``source`` is."""
+    """'jsonl' or 'dataset' (parquet, arrow, a JSON array, save_to_disk), from what the path ``source`` is."""
     if os.path.isfile(source):
-        return "dataset" if source.endswith((".parquet", ".arrow")) else "jsonl"
+        tabular = source.endswith((".parquet", ".arrow")) or (source.endswith(".json") and _json_array(source))
+        return "dataset" if tabular else "jsonl"
     if not os.path.isdir(source):
         return "dataset"
     names = set(os.listdir(source))
