@@ -165,21 +165,23 @@ def test_readme_trl_format_command(tmp_path, capsys):
     assert "skipped" not in capsys.readouterr().err
 
 
-def test_images_sit_where_the_messages_put_them(llava):
+@pytest.mark.parametrize("model", ["tiny-llava", "tiny-qwen2-vl"])
+def test_images_sit_where_the_messages_put_them(model, llava):
     """A conversational prompt is rendered by the processor's chat template with its system turn, every turn
-    and the image where the messages place it; a plain prompt gets its images first."""
+    and the image where the messages place it, and the batch holds the image's tokens."""
+    processor = llava if model == "tiny-llava" else build_model(model)[1]
     records = load_records(trl_vision_like(1))
-    collator = PreferenceCollator(llava)
+    collator = PreferenceCollator(processor)
     text = collator.prompt_text(records[0])
-    system, look, image, what, colour = (text.index(s) for s in ("Answer in three words.", "Look:", "<image>",
-                                                                 "What is it?", "Its colour, 0?"))
+    system, look, image, what, colour = (text.index(s) for s in ("Answer in three words.", "Look:",
+                                                                 processor.image_token, "What is it?", "Its colour, 0?"))
     assert system < look < image < what < text.index("A square.") < colour, text
     messages = [{"role": m["role"], "content": m["content"]} for m in trl_vision_like(1)[0]["prompt"]]
     for m in messages:
         m["content"] = [{k: v for k, v in p.items() if v is not None} for p in m["content"]]
-    assert text == llava.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     batch = collator(records, mode="pair")
-    assert int((batch["input_ids"] == llava.image_token_id).sum()) > 0 and batch["pixel_values"].shape[0] == 2
+    assert int((batch["input_ids"] == processor.image_token_id).sum()) > 0 and batch["num_images"].tolist() == [1, 1]
 
 
 def test_image_values_of_every_kind_give_the_same_pixels(tmp_path, llava, monkeypatch):
