@@ -173,8 +173,8 @@ def test_images_sit_where_the_messages_put_them(model, llava):
     records = load_records(trl_vision_like(1))
     collator = PreferenceCollator(processor)
     text = collator.prompt_text(records[0])
-    system, look, image, what, colour = (text.index(s) for s in ("Answer in three words.", "Look:",
-                                                                 processor.image_token, "What is it?", "Its colour, 0?"))
+    parts = ("Answer in three words.", "Look:", processor.image_token, "What is it?", "Its colour, 0?")
+    system, look, image, what, colour = (text.index(s) for s in parts)
     assert system < look < image < what < text.index("A square.") < colour, text
     messages = [{"role": m["role"], "content": m["content"]} for m in trl_vision_like(1)[0]["prompt"]]
     for m in messages:
