@@ -80,9 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "--init-from (default main)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code to run "
                    "(needed by models transformers does not ship); without it such a model is refused")
-    g.add_argument("--data", default=d.data, metavar="PATH|synthetic",
-                   help="preference data: a JSONL file, a folder with train.jsonl, or 'synthetic' (the built-in "
-                        "visual set; default %(default)s)")
+    g.add_argument("--data", default=d.data, metavar="PATH|ID|synthetic",
+                   help="preference data: a JSONL file or a folder with train.jsonl; a .parquet or .arrow file or a "
+                        "folder of them; a datasets save_to_disk folder; a hub dataset id; or 'synthetic' (the "
+                        "built-in visual set; default %(default)s). Records: prefopt's fields or TRL's preference "
+                        "format (strings or messages, images column)")
+    g.add_argument("--data-split", default=d.data_split, help="the split of a folder, save_to_disk DatasetDict or "
+                   "hub dataset to train on (default %(default)s)")
+    g.add_argument("--data-columns", default=None, metavar="FIELD=COLUMN,...",
+                   help="the columns holding the record fields, e.g. prompt=question,images=image,chosen=chosen,"
+                        "rejected=rejected (fields: prompt, chosen, rejected, images, corrections; default: the "
+                        "fields' own names, images or image)")
     g.add_argument("--out", default=None, metavar="DIR",
                    help="run folder for metrics.jsonl, checkpoints and precomputed reference log-probs; must be new "
                         "or empty unless --resume (default runs/train-<date>-<time>)")
@@ -120,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "that lead outside the data file's folder")
     g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="largest image (width x height) "
                    "accepted; larger ones are skipped as decompression bombs (default %(default)s)")
+    g.add_argument("--max-record-bytes", type=int, default=d.max_record_bytes, help="largest record (a JSONL line, "
+                   "or a row's text and embedded images) in bytes; a larger one is skipped (a JSONL line without being "
+                   "read whole), as is one nested deeper than 32 levels (default %(default)s)")
     g.add_argument("--probe-data", default=None, metavar="PATH|synthetic",
                    help="records for the Delta-log-p probes (default: the held-out split of 'synthetic' or of a "
                         "folder with heldout.jsonl, else the first training records)")
@@ -235,11 +246,13 @@ def config_from_args(args) -> "TrainConfig":
     return TrainConfig(
         method=args.method, model=args.model or args.init_from or TrainConfig.model, init_from=args.init_from,
         revision=args.revision, trust_remote_code=args.trust_remote_code,
-        keep_adapter=args.keep_adapter, data=args.data, out=out, reference=args.reference, lora=args.lora,
+        keep_adapter=args.keep_adapter, data=args.data, data_split=args.data_split, data_columns=args.data_columns,
+        out=out, reference=args.reference, lora=args.lora,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, dtype=args.dtype, device=args.device,
         gradient_checkpointing=args.gradient_checkpointing, op_backend=args.op_backend, train_size=args.train_size,
         max_length=args.max_length, strict_data=args.strict_data, allow_outside_images=args.allow_outside_images,
-        max_image_pixels=args.max_image_pixels, probe_data=args.probe_data, probe_size=args.probe_size,
+        max_image_pixels=args.max_image_pixels, max_record_bytes=args.max_record_bytes, probe_data=args.probe_data,
+        probe_size=args.probe_size,
         eval_size=args.eval_size, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm, max_nonfinite_steps=args.max_nonfinite_steps,

@@ -1,21 +1,5 @@
-"""Preference records, their JSONL loader, and the collator that turns records into model inputs + labels.
-
-JSONL format, one object per line (blank lines are skipped)::
-
-    {"images": ["img/0.png"], "prompt": "What colour is the circle?",
-     "chosen": "The circle is red.", "rejected": "The circle is blue.",
-     "corrections": ["The circle is not blue; it is red."]}
-
-``prompt`` and ``chosen`` are required non-empty strings; ``rejected`` is a string or null/absent;
-``images`` is a list of paths (relative paths are resolved against the JSONL file's folder; a single
-string is accepted as a one-element list), may be empty or absent; ``corrections`` is a list of strings,
-may be absent. Other keys are ignored. A line is never trained on when it is not UTF-8 or not JSON, has a
-duplicate key, a missing or empty field, ``chosen == rejected``, or an image that is missing, not a regular
-file, outside the data folder (unless allowed), over the pixel limit or does not decode; the trainer
-also skips records whose text holds a literal image token or whose prompt leaves no answer token within
-``--max-length`` (a longer answer is cut at ``max_length``), and, for pairwise methods, records without
-``rejected``. Each problem is one line ``FILE:LINE: reason`` on stderr and counted in the summary; with
-``strict`` (``--strict-data``) the first one is a ``ValueError``.
+"""The collator that turns preference records into model inputs + labels (the records, their sources and
+their checks: :mod:`prefopt.train.sources`, whose names this module re-exports).
 
 The collator renders each (prompt, answer) pair with the processor's (or tokenizer's) chat template,
 runs it through the processor (image tokens are expanded there), and builds Hugging Face labels
@@ -26,21 +10,18 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
+import io
 import os
-import stat
-import sys
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from .errors import first_line
+from .sources import (MAX_IMAGE_PIXELS, MAX_RECORD_BYTES, DataProblems, PreferenceRecord, RecordSet, check_image,
+                      data_fingerprint, load_records)
 
-__all__ = ["PreferenceRecord", "load_records", "data_fingerprint", "DataProblems", "check_image", "PreferenceCollator", "EXTRA_BATCH_KEYS", "model_inputs"]
-
-#: Default pixel limit of one image (width x height); larger ones are refused as decompression bombs.
-MAX_IMAGE_PIXELS = 50_000_000
+__all__ = ["PreferenceRecord", "RecordSet", "load_records", "data_fingerprint", "DataProblems", "check_image",
+           "PreferenceCollator", "EXTRA_BATCH_KEYS", "model_inputs", "MAX_IMAGE_PIXELS", "MAX_RECORD_BYTES"]
 
 # Keys the collator adds that are not model inputs; ModelAdapter.hidden_states drops them.
 EXTRA_BATCH_KEYS = ("labels", "num_images", "correction_rows", "row_record")
@@ -48,195 +29,9 @@ EXTRA_BATCH_KEYS = ("labels", "num_images", "correction_rows", "row_record")
 COLLATOR_KEYS = ("labels",)
 
 
-@dataclass
-class PreferenceRecord:
-    """One preference example. ``images``: paths or PIL images (in the order their tokens appear)."""
-
-    prompt: str
-    chosen: str
-    rejected: Optional[str] = None
-    images: list = field(default_factory=list)
-    corrections: List[str] = field(default_factory=list)
-    where: str = ""  # FILE:LINE of a record loaded from JSONL (what problems with it are reported as)
-
-
 def model_inputs(batch: Dict[str, Any]) -> Dict[str, Any]:
     """``batch`` without the collator's extra keys (``labels``, ``num_images``, ...): the model's inputs."""
     return {k: v for k, v in batch.items() if k not in EXTRA_BATCH_KEYS}
-
-
-# --------------------------------------------------------------------------------------------- loading
-
-
-class DataProblems:
-    """The problems found in the data, one line each (``FILE:LINE: reason``): printed to stderr (rank 0)
-    as they are found and counted for the summary; with ``strict`` the first one raises ``ValueError``."""
-
-    def __init__(self, strict: bool = False):
-        self.strict = strict
-        self.lines: List[str] = []
-
-    def __call__(self, where: str, reason: str, echo: Optional[bool] = None) -> None:
-        """Count (and, with ``echo``, print; default: on rank 0) the problem ``reason`` of record ``where``."""
-        line = f"{where}: {reason}"
-        if self.strict:
-            raise ValueError(line + " (--strict-data)")
-        self.lines.append(line)
-        if os.environ.get("RANK", "0") == "0" if echo is None else echo:
-            print(f"{line} (skipped)", file=sys.stderr, flush=True)
-
-    def __len__(self) -> int:
-        return len(self.lines)
-
-
-def _no_duplicate_keys(pairs):
-    seen = set()
-    for k, _ in pairs:
-        if k in seen:
-            raise ValueError(f"duplicate key {k!r}")
-        seen.add(k)
-    return dict(pairs)
-
-
-def check_image(path: str, folder: str, *, allow_outside: bool = False, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
-    """``ValueError`` (the reason) unless ``path`` is a regular file inside ``folder`` (unless
-    ``allow_outside``; symbolic links are followed) that PIL identifies and verifies, with at most
-    ``max_pixels`` pixels (a decompression bomb is refused from its header, before decoding)."""
-    import warnings
-
-    from PIL import Image
-
-    real = os.path.realpath(path)
-    if not allow_outside and os.path.commonpath([real, os.path.realpath(folder)]) != os.path.realpath(folder):
-        raise ValueError(f"image {path} is outside the data folder (pass --allow-outside-images to allow)")
-    if not os.path.exists(real):
-        raise ValueError(f"image not found: {path}")
-    if not stat.S_ISREG(os.stat(real).st_mode):
-        raise ValueError(f"image {path} is not a regular file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(real) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    raise ValueError(f"image {path} is {w}x{h} pixels, over the limit of {max_pixels}")
-                im.verify()
-    except ValueError:
-        raise
-    except Exception as e:  # PIL raises many types for broken files
-        reason = first_line(e)
-        raise ValueError(f"image {path} does not decode ({reason})") from None
-
-
-def _parse_record(obj: Any, folder: str, allow_outside: bool = False,
-                  max_pixels: int = MAX_IMAGE_PIXELS) -> PreferenceRecord:
-    """Validate one decoded JSON value; raise ValueError with the reason when it is malformed."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    for key in ("prompt", "chosen"):
-        if key not in obj:
-            raise ValueError(f"missing field {key!r}")
-        if not isinstance(obj[key], str) or not obj[key].strip():
-            raise ValueError(f"field {key!r} must be a non-empty string")
-    rejected = obj.get("rejected")
-    if rejected is not None and (not isinstance(rejected, str) or not rejected.strip()):
-        raise ValueError("field 'rejected' must be a non-empty string or null")
-    if rejected is not None and rejected.strip() == obj["chosen"].strip():
-        raise ValueError("chosen and rejected are the same answer")
-    images = obj.get("images", [])
-    if images is None:
-        images = []
-    if isinstance(images, str):
-        images = [images]
-    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
-        raise ValueError("field 'images' must be a list of paths")
-    paths = []
-    for p in images:
-        full = p if os.path.isabs(p) else os.path.join(folder, p)
-        check_image(full, folder, allow_outside=allow_outside, max_pixels=max_pixels)
-        paths.append(full)
-    corrections = obj.get("corrections", [])
-    if corrections is None:
-        corrections = []
-    if not isinstance(corrections, list) or not all(isinstance(c, str) and c.strip() for c in corrections):
-        raise ValueError("field 'corrections' must be a list of non-empty strings")
-    return PreferenceRecord(
-        prompt=obj["prompt"], chosen=obj["chosen"], rejected=rejected, images=paths, corrections=list(corrections)
-    )
-
-
-def load_records(
-    source: str, *, split: str = "train", strict: bool = False, seed: int = 0, size: Optional[int] = None,
-    problems: Optional[DataProblems] = None, allow_outside_images: bool = False,
-    max_image_pixels: int = MAX_IMAGE_PIXELS,
-) -> List[PreferenceRecord]:
-    """Load preference records.
-
-    ``source``: ``"synthetic"`` (the built-in set, :func:`prefopt.train.synthetic.make_synthetic_records`
-    with ``split``, ``size`` and ``seed``), a JSONL file, or a folder holding ``{split}.jsonl``. For a
-    file, ``split`` and ``seed`` are not used and ``size`` keeps the first ``size`` valid records; each
-    record's ``where`` is ``FILE:LINE``. Missing path: ``ValueError`` with a one-line message. A line
-    that is not UTF-8, not JSON, has a duplicate key, a missing or empty field, chosen == rejected, or an
-    image that fails :func:`check_image` is reported to ``problems`` (default: a new
-    :class:`DataProblems` with ``strict``) and skipped.
-    """
-    if source == "synthetic":
-        from .synthetic import make_synthetic_records
-
-        return make_synthetic_records(split=split, size=size, seed=seed)
-    path = source
-    if os.path.isdir(path):
-        path = os.path.join(path, f"{split}.jsonl")
-        if not os.path.isfile(path):
-            raise ValueError(f"data folder {source!r} has no {split}.jsonl")
-    elif not os.path.isfile(path):
-        raise ValueError(f"data file not found: {source!r} (expected a JSONL file, a folder, or 'synthetic')")
-    report = problems if problems is not None else DataProblems(strict)
-    folder = os.path.dirname(os.path.abspath(path))
-    records: List[PreferenceRecord] = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                report(where, f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                try:
-                    obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"invalid JSON ({e.msg})") from None
-                rec = _parse_record(obj, folder, allow_outside_images, max_image_pixels)
-            except ValueError as e:
-                report(where, str(e))
-                continue
-            rec.where = where
-            records.append(rec)
-            if size is not None and len(records) >= size:
-                break
-    return records
-
-
-def data_fingerprint(source: str, records: Sequence[PreferenceRecord]) -> str:
-    """A cheap fingerprint of the training data: sha256 of the JSONL file's bytes and of each record's
-    images' sizes in bytes (``"synthetic"`` for the built-in set, whose options fix it)."""
-    import hashlib
-
-    if source == "synthetic":
-        return "synthetic"
-    path = os.path.join(source, "train.jsonl") if os.path.isdir(source) else source
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    for r in records:
-        for img in r.images:
-            if isinstance(img, (str, os.PathLike)):
-                h.update(f"{os.path.getsize(img)}\n".encode())
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- collation
@@ -245,7 +40,9 @@ def data_fingerprint(source: str, records: Sequence[PreferenceRecord]) -> str:
 def _load_image(img: Any):
     from PIL import Image
 
-    if isinstance(img, (str, os.PathLike)):
+    if isinstance(img, dict):  # datasets' Image feature: {"bytes", "path"}
+        img = io.BytesIO(img["bytes"]) if img.get("bytes") is not None else img["path"]
+    if isinstance(img, (str, os.PathLike, io.BytesIO)):
         with Image.open(img) as im:
             return im.convert("RGB")
     if isinstance(img, Image.Image):
@@ -341,21 +138,22 @@ class PreferenceCollator:
                 return owner
         return None
 
-    def _messages(self, prompt: str, n_images: int, answer: Optional[str], structured: bool) -> List[dict]:
-        if structured:  # processors' templates take typed content parts
-            content: Any = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
-            reply: Any = [{"type": "text", "text": answer}]
-        else:  # text tokenizers' templates take plain strings
-            content, reply = prompt, answer
-        msgs = [{"role": "user", "content": content}]
+    def _messages(self, prompt: str, n_images: int, answer: Optional[str], structured: bool,
+                  turns: Optional[List[dict]] = None) -> List[dict]:
+        if turns is None:  # a plain prompt: one user turn, its images first
+            turns = [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]}]
         if answer is not None:
-            msgs.append({"role": "assistant", "content": reply})
-        return msgs
+            turns = turns + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        if structured:  # processors' templates take typed content parts
+            return turns
+        # text tokenizers' templates take plain strings
+        return [{"role": m["role"], "content": "".join(p.get("text", "") for p in m["content"])} for m in turns]
 
-    def render(self, prompt: str, answer: str, n_images: int = 0) -> tuple:
+    def render(self, prompt: str, answer: str, n_images: int = 0, turns: Optional[List[dict]] = None) -> tuple:
         """(prompt text, full text): the chat-templated prompt with the generation prompt, and the whole
-        conversation with the answer. Without a chat template: ``prompt + "\n"`` and that + answer + eos; a
-        prefix-LM processor's own layout (it adds the separator and the eos): ``prompt`` and ``prompt + answer``."""
+        conversation with the answer; ``turns`` (a record's ``messages``) replace ``prompt`` and place its
+        images. Without a chat template: ``prompt + "\n"`` and that + answer + eos; a prefix-LM processor's own
+        layout (it adds the separator and the eos): ``prompt`` and ``prompt + answer``."""
         owner = self._template_owner
         if owner is None:
             if n_images and self.prefix_lm:  # image tokens first, as the processor asks
@@ -369,22 +167,22 @@ class PreferenceCollator:
         # The owner's template rendered by the tokenizer: a processor's own apply_chat_template may want its
         # video processor (SmolVLM's reads its frame rate), which an image-only processor does not have.
         render = functools.partial(self.tokenizer.apply_chat_template, chat_template=owner.chat_template, tokenize=False)
-        p = render(self._messages(prompt, n_images, None, structured), add_generation_prompt=True)
-        full = render(self._messages(prompt, n_images, answer, structured))
+        p = render(self._messages(prompt, n_images, None, structured, turns), add_generation_prompt=True)
+        full = render(self._messages(prompt, n_images, answer, structured, turns))
         return p, full
 
     def prompt_text(self, record: PreferenceRecord) -> str:
         """The chat-templated prompt of ``record`` ending with the generation prompt (for ``generate``)."""
-        return self.render(record.prompt, "", len(record.images))[0]
+        return self.render(record.prompt, "", len(record.images), record.messages)[0]
 
     # -- encoding
 
     def _tok_ids(self, text: str) -> List[int]:
         return list(self.tokenizer(text, add_special_tokens=self._template_owner is None)["input_ids"])
 
-    def _encode(self, prompt: str, answer: str, images: list, where: str) -> tuple:
+    def _encode(self, prompt: str, answer: str, images: list, where: str, turns: Optional[List[dict]] = None) -> tuple:
         """(features of one row, prompt length in tokens)."""
-        p_text, full_text = self.render(prompt, answer, len(images))
+        p_text, full_text = self.render(prompt, answer, len(images), turns)
         if self.prefix_lm and images:
             # The processor marks the answer (its suffix) with token_type_ids 1: causal there, the prefix
             # (images + prompt) bidirectional; its own labels are left out (the collator makes them).
@@ -505,7 +303,7 @@ class PreferenceCollator:
         encoded = []
         for i, answer, _ in rows:
             r = records[i]
-            encoded.append(self._encode(r.prompt, answer, list(r.images), r.where or f"record {i}"))
+            encoded.append(self._encode(r.prompt, answer, list(r.images), r.where or f"record {i}", r.messages))
 
         T = min(self.max_length, max(f["input_ids"].shape[1] for f, _ in encoded))
         out = self._pad([f for f, _ in encoded], T, left=False)

@@ -70,7 +70,9 @@ class TrainConfig:
     init_from: Optional[str] = None  # a model folder, run folder or checkpoint to start from (replaces model)
     revision: Optional[str] = None  # of a hub id in model / init_from (resolved to its cached folder by prepare)
     trust_remote_code: bool = False  # let a model folder's own Python code run
-    data: str = "synthetic"
+    data: str = "synthetic"  # prefopt.train.sources: JSONL, parquet, arrow, save_to_disk, hub id or synthetic
+    data_split: str = "train"
+    data_columns: Optional[str] = None  # "prompt=question,images=image,...": the columns of the record fields
     out: str = "runs/train"
     reference: str = "auto"  # model | adapters | precompute | auto (adapters with --lora, else model)
     # model
@@ -87,6 +89,7 @@ class TrainConfig:
     strict_data: bool = False
     allow_outside_images: bool = False
     max_image_pixels: int = 50_000_000  # prefopt.train.data.MAX_IMAGE_PIXELS
+    max_record_bytes: int = 64 << 20  # prefopt.train.data.MAX_RECORD_BYTES
     probe_data: Optional[str] = None
     probe_size: int = 16
     eval_size: Optional[int] = None  # held-out records of the final evaluation; None: all, 0: none
@@ -184,7 +187,7 @@ def init_source(init_from: Optional[str]) -> Optional[str]:
 def check_resume_identity(saved: Dict[str, Any], now: Dict[str, Any], out: str) -> None:
     """``ValueError`` naming the first difference between the saved run's identity and this run's."""
     names = {"world_size": "the world size", "dtype": "the parameter dtype (--dtype)",
-             "data_fingerprint": "the data content (JSONL bytes or image sizes)",
+             "data_fingerprint": "the data content (or --data-split, --data-columns)",
              "init_source": "the model --init-from resolves to"}
     flat_saved = {**saved, **(saved.get("options") or {})}
     for key, value in {**now, **now["options"]}.items():
@@ -361,8 +364,9 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     seed_everything(cfg.seed + state.rank)
     problems = DataProblems(cfg.strict_data)  # every skipped record: one line FILE:LINE: reason
     load = dict(strict=cfg.strict_data, seed=cfg.seed, problems=problems,
-                allow_outside_images=cfg.allow_outside_images, max_image_pixels=cfg.max_image_pixels)
-    records = load_records(cfg.data, split="train", size=cfg.train_size, **load)
+                allow_outside_images=cfg.allow_outside_images, max_image_pixels=cfg.max_image_pixels,
+                max_record_bytes=cfg.max_record_bytes, columns=cfg.data_columns)
+    records = load_records(cfg.data, split=cfg.data_split, size=cfg.train_size, **load)
     if not records:
         raise ValueError(f"--data {cfg.data}: no training records")
     method_probe = build_method(cfg.method, cfg.method_options(), total_steps=1)  # validates the method's options
@@ -373,7 +377,7 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
         for i, r in enumerate(records):
             if r.rejected is None:
                 problems(r.where or f"record {i}", f"no rejected answer, which {cfg.method} needs")
-        records = [r for r in records if r.rejected is not None]
+        records = records.select([i for i, r in enumerate(records) if r.rejected is not None])
     if "nsft" in modes and not any(r.corrections for r in records):
         raise ValueError(f"--data {cfg.data}: no record has corrections, which nsft trains on")
 
@@ -383,16 +387,17 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
                                     device=state.device, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
     collator = PreferenceCollator(processor, max_length=cfg.max_length)
     try:  # a model whose processor cannot take this data at all is one error, not a report per record
-        collator._check_images(records[:1] + [r for r in records if r.images][:1])
+        collator._check_images([next((r for r in records if r.images), records[0])])
     except ValueError as e:
         raise ValueError(f"--model {cfg.model} cannot take --data {cfg.data}: {e}") from None
     # Everything a batch can fail on, per record, before training (the built-in set is made to fit).
-    records = [r for r in records if not (r.where and _skip_record(collator, r, modes, problems))]
+    records = records.select([i for i, r in enumerate(records) if not (r.where and _skip_record(collator, r, modes,
+                                                                                                problems))])
     if not records:
         raise ValueError(f"--data {cfg.data}: no usable training records ({len(problems)} skipped)")
-    training = {id(r) for r in records}
-    probe_records = [r for r in _probe_records(cfg, records, load)
-                     if id(r) in training or not (r.where and _skip_record(collator, r, ["pair"], problems))]
+    probe_records, checked = _probe_records(cfg, records, load)
+    probe_records = [r for r in probe_records if checked or not (r.where and _skip_record(collator, r, ["pair"],
+                                                                                           problems))]
     if not probe_records:
         raise ValueError("probe set: no usable record (give --probe-data)")
     eval_records = [r for r in _eval_records(cfg, load) if not (r.where and _skip_record(collator, r, ["pair"], problems))]
@@ -441,10 +446,13 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
 
 
 def record_key(record) -> str:
-    """A record's identity by content (its text and image paths): what ``OUT/skipped_records.json`` lists,
-    so that it names the same records whatever options filter or order the data."""
-    text = json.dumps([record.prompt, record.chosen, record.rejected, [str(i) for i in record.images],
-                       list(record.corrections)])
+    """A record's identity by content (its text, messages and image paths or contents): what
+    ``OUT/skipped_records.json`` lists, so that it names the same records whatever options filter or order
+    the data."""
+    from .sources import image_key
+
+    text = json.dumps([record.prompt, record.chosen, record.rejected, [image_key(i) for i in record.images],
+                       list(record.corrections)] + ([record.messages] if record.messages is not None else []))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -493,6 +501,7 @@ def _skip_record(collator, record, modes, problems) -> bool:
 
 
 def _probe_records(cfg: TrainConfig, records, load: Dict[str, Any]):
+    """(the probe records, whether they are training records, which passed the collator's checks)."""
     from .data import load_records
 
     source = cfg.probe_data
@@ -505,7 +514,7 @@ def _probe_records(cfg: TrainConfig, records, load: Dict[str, Any]):
     probe = [r for r in probe if r.rejected is not None]
     if not probe:
         raise ValueError("probe set: no record with a rejected answer (give --probe-data)")
-    return probe
+    return probe, source is None
 
 
 # ================================================================================================ the run

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .data import PreferenceRecord
+from .sources import image_key
 from .distributed import DistState, all_gather_object, barrier, gathered
 
 MODES = ("model", "adapters", "precompute")
@@ -175,7 +176,7 @@ def fingerprint(records: Sequence[PreferenceRecord], model: str, seed: int, poin
     """Identifies the training set, initial model and reference point a precompute file belongs to."""
     h = hashlib.sha256(f"{model}\0{seed}\0{point}\0{len(records)}".encode())
     for r in records:
-        h.update(json.dumps([r.prompt, r.chosen, r.rejected, [str(i) for i in r.images]]).encode())
+        h.update(json.dumps([r.prompt, r.chosen, r.rejected, [image_key(i) for i in r.images]]).encode())
     return h.hexdigest()[:32]
 
 
