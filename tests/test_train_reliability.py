@@ -25,6 +25,7 @@ pytest.importorskip("safetensors")
 from prefopt.train import checkpoint as ckpt  # noqa: E402
 from prefopt.train.cli import main  # noqa: E402
 from prefopt.train.distributed import _free_port as free_port  # noqa: E402
+from prefopt.train.faultpoints import FAULT_ENV  # noqa: E402
 from prefopt.train.interrupts import SKIPPED_FILE  # noqa: E402
 from prefopt.train.loop import METRICS_FILE, DataPlan, TrainConfig, prepare, train  # noqa: E402
 from prefopt.train.methods import MethodOptions  # noqa: E402
@@ -34,7 +35,7 @@ from test_train_loop import write_text_data  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
            PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-ENV.pop(ckpt.FAULT_ENV, None)
+ENV.pop(FAULT_ENV, None)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +136,7 @@ def test_a_second_sigint_exits_at_once(tmp_path, text_data):
     run never reaches, the second exits at once."""
     out = tmp_path / "run"
     proc = spawn(cli_args(text_data, out, "--method", "dpo", "--steps", "400", "--probe-every", "0"),
-                 env=dict(ENV, **{ckpt.FAULT_ENV: "step-1:hang"}))
+                 env=dict(ENV, **{FAULT_ENV: "step-1:hang"}))
     wait_for_steps(out, 1, proc)
     proc.send_signal(signal.SIGINT)
     while "stopping with a checkpoint" not in proc.stderr.readline():
@@ -163,7 +164,7 @@ def test_sigkill_at_seeded_points_then_resume_reaches_the_uninterrupted_numbers(
     points = random.Random(seed).sample(POINTS, 3)
     for point in points:
         out = tmp_path / point.replace("/", "_")
-        proc = spawn(cli_args(text_data, out, *CWDPO), env=dict(ENV, **{ckpt.FAULT_ENV: f"{point}:kill"}))
+        proc = spawn(cli_args(text_data, out, *CWDPO), env=dict(ENV, **{FAULT_ENV: f"{point}:kill"}))
         _, err = proc.communicate(timeout=180)
         assert proc.returncode == -signal.SIGKILL, (point, seed, err[-2000:])
         # A killed run: --resume continues from its newest intact checkpoint, or starts again when it died
@@ -197,7 +198,7 @@ def test_an_exception_checkpoints_the_steps_trained_so_far(tmp_path, text_data, 
 @pytest.mark.parametrize("fault,cause", [("trainable.safetensors:enospc", "No space left on device (ENOSPC)"),
                                          ("rng_state_0.safetensors:erofs", "Read-only file system (EROFS)")])
 def test_disk_full_or_read_only_is_one_line_and_leaves_no_tmp(tmp_path, text_data, monkeypatch, capsys, fault, cause):
-    monkeypatch.setenv(ckpt.FAULT_ENV, fault)
+    monkeypatch.setenv(FAULT_ENV, fault)
     assert main(cli_args(text_data, tmp_path / "run", "--method", "sft", "--steps", "1", "--probe-every", "0")) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("prefopt train: error: cannot write checkpoint"), err
@@ -304,12 +305,12 @@ def test_an_interrupted_export_leaves_no_folder_to_take_for_a_model(tmp_path, te
     run = tmp_path / "run"
     assert main(cli_args(text_data, run, "--method", "sft", "--steps", "1", "--probe-every", "0")) == 0
     exported = tmp_path / "exported"
-    monkeypatch.setenv(ckpt.FAULT_ENV, "prefopt.json:sigint")
+    monkeypatch.setenv(FAULT_ENV, "prefopt.json:sigint")
     capsys.readouterr()
     assert export_main([str(run / "checkpoint-1"), str(exported)]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"prefopt export: interrupted; nothing was written to {exported}")
-    monkeypatch.delenv(ckpt.FAULT_ENV)
+    monkeypatch.delenv(FAULT_ENV)
     assert sorted(os.listdir(tmp_path)) == ["run"]
     assert main(cli_args(text_data, tmp_path / "next", "--method", "sft", "--steps", "1", "--probe-every", "0",
                          "--init-from", str(exported))[2:]) == 2  # [2:]: without --model
@@ -323,12 +324,12 @@ def test_sigint_in_the_final_evaluation_then_resume_writes_its_report_and_line_o
     again: the whole report, and one eval_ line in metrics.jsonl."""
     out = tmp_path / "run"
     args = cli_args(text_data, out, "--method", "sft", "--steps", "1", "--probe-every", "0", "--eval-size", "2")
-    monkeypatch.setenv(ckpt.FAULT_ENV, "per_type.png:sigint")
+    monkeypatch.setenv(FAULT_ENV, "per_type.png:sigint")
     assert main(args) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "prefopt train: interrupted outside the training steps; the run folder keeps its last checkpoint")
     assert not (out / "eval").exists() and not [n for n in os.listdir(out) if n.endswith(".tmp")]
-    monkeypatch.delenv(ckpt.FAULT_ENV)
+    monkeypatch.delenv(FAULT_ENV)
     assert main(args + ["--resume"]) == 0
     assert sorted(os.listdir(out / "eval")) == ["eval.json", "eval.md", "per_type.png", "reliability.png"]
     assert sum("eval_pair_accuracy" in r for r in rows(out)) == 1 and "eval_pair_accuracy" in rows(out)[-1]
@@ -519,7 +520,7 @@ def launch_two(args, fault, timeout=180):
     stderr, its exit code, seconds until it exited). Rank 1 is killed once rank 0 is done."""
     port = str(free_port())
     procs = [spawn(args, env=dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                                  MASTER_PORT=port, **{ckpt.FAULT_ENV: fault})) for r in (0, 1)]
+                                  MASTER_PORT=port, **{FAULT_ENV: fault})) for r in (0, 1)]
     started = time.monotonic()
     try:
         _, err = procs[0].communicate(timeout=timeout)
@@ -953,10 +954,10 @@ def test_a_nonfinite_step_is_not_applied_and_three_in_a_row_stop_the_run(tmp_pat
     non-finite: the third in a row stops the run with exit code 3 and one line naming the option; it keeps the
     last checkpoint (finite: the skipped steps left the weights as they were) and exports it, or, with none, writes no model and says so."""
     out = tmp_path / "nan"
-    monkeypatch.setenv(ckpt.FAULT_ENV, "loss-2:nan")
+    monkeypatch.setenv(FAULT_ENV, "loss-2:nan")
     assert main(cli_args(text_data, out, "--method", "dpo", "--steps", "3", "--probe-every", "0", "--save-every", "1",
                          "--keep-checkpoints", "0", "--json")) == 0
-    monkeypatch.delenv(ckpt.FAULT_ENV)
+    monkeypatch.delenv(FAULT_ENV)
     assert math.isfinite(json.loads(capsys.readouterr().out)["loss"])  # the mean of the steps applied
     logged = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
     assert [m.get("nonfinite", False) for m in logged] == [False, True, False] and logged[1]["loss"] is None
@@ -1027,7 +1028,7 @@ def test_under_deepspeed_a_nonfinite_loss_on_one_rank_is_applied_by_no_rank(tmp_
     out = tmp_path / "run"
     results = launch_ranks(["-1", "plain"], two_rank_dpo(text_data, out, "--steps", "3", "--deepspeed", "zero2",
                                                          "--save-every", "1", "--keep-checkpoints", "0"),
-                           env=dict(ENV, **{ckpt.FAULT_ENV: "loss-2:nan:1"}))
+                           env=dict(ENV, **{FAULT_ENV: "loss-2:nan:1"}))
     assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
     logged = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
     assert [m.get("nonfinite", False) for m in logged] == [False, True, False] and logged[1]["loss"] is None

@@ -41,9 +41,7 @@ import os
 import random
 import re
 import shutil
-import signal
 import sys
-import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -51,6 +49,8 @@ import torch
 
 from .distributed import DistState, barrier, gathered, ranks_with
 from .errors import first_line
+from .faultpoints import fault_point
+from .runfolder import swap_in, write_text_atomic
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -61,12 +61,6 @@ OPTIMIZER_JSON = "optimizer.json"
 SCHEDULER_FILE = "scheduler.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
-#: Test hook: ``PREFOPT_FAULT=<point>:<kind>[:<rank>]`` makes the process (of that rank only, if given)
-#: SIGKILL itself (``kill``), send itself SIGINT (``sigint``), hang (``hang``) or fail with ENOSPC/EROFS
-#: (``enospc``, ``erofs``) when it reaches ``<point>``: a checkpoint or export file's name, just before it is
-#: written, ``step-<n>``, the boundary after step n, or ``eval``, the start of the final evaluation; and
-#: ``loss-<n>:nan`` makes step n's loss NaN. For the fault-injection tests only.
-FAULT_ENV = "PREFOPT_FAULT"
 
 
 class CheckpointError(RuntimeError):
@@ -84,34 +78,6 @@ def nonfinite_count(tensors) -> int:
 
 def rng_file(rank: int) -> str:
     return f"rng_state_{rank}.safetensors"
-
-
-def fault_kind(path: str) -> Optional[str]:
-    """The kind :data:`FAULT_ENV` asks for at the point ``path`` (named by its trailing components, e.g.
-    ``optimizer.json`` or ``.checkpoint-4.tmp/optimizer.json``) in this rank, or None."""
-    spec = os.environ.get(FAULT_ENV, "").split(":")
-    if len(spec) < 2 or not os.path.join(os.sep, path).endswith(os.sep + spec[0]):
-        return None
-    if len(spec) > 2 and spec[2] != os.environ.get("RANK", "0"):
-        return None
-    return spec[1]
-
-
-def fault_point(path: str) -> None:
-    """Act on :data:`FAULT_ENV` at the point ``path`` (a no-op unless that test hook names it)."""
-    kind = fault_kind(path)
-    if kind is None or kind == "nan":
-        return
-    if kind == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif kind == "sigint":
-        os.kill(os.getpid(), signal.SIGINT)
-    elif kind == "hang":
-        while True:
-            time.sleep(60)
-    else:
-        code = {"enospc": errno.ENOSPC, "erofs": errno.EROFS}[kind]
-        raise OSError(code, os.strerror(code), path)
 
 
 # --------------------------------------------------------------------------------------- safe encodings
@@ -347,25 +313,6 @@ def trainable_state(module: torch.nn.Module, state: DistState, everywhere: bool 
     return out
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename (never half written)."""
-    _write_text_atomic(path, json.dumps(obj, indent=1))
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    from .runfolder import open_nofollow
-
-    tmp = path + ".tmp"
-    try:
-        fault_point(tmp)
-        with open_nofollow(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def os_error_line(e: OSError, fallback: str) -> str:
     """``PATH: cause`` of an OSError (the errno's name and text)."""
     where = e.filename if e.filename else fallback
@@ -381,8 +328,6 @@ def save_checkpoint(out_dir: str, step: int, *, engine, trainer_state: Dict[str,
     :class:`NonFiniteWeights` (on every rank, before anything is written) when a weight is NaN or infinite;
     nothing temporary is left behind."""
     from safetensors.torch import save_file
-
-    from .runfolder import swap_in
 
     name = f"checkpoint-{step}"
     final = os.path.join(out_dir, name)
@@ -411,7 +356,7 @@ def save_checkpoint(out_dir: str, step: int, *, engine, trainer_state: Dict[str,
         if state.is_main:
             write_manifest(tmp)
             swap_in(tmp, final)
-            _write_text_atomic(os.path.join(out_dir, LATEST), name)
+            write_text_atomic(os.path.join(out_dir, LATEST), name)
             _prune(out_dir, keep, current=name)
     except OSError as e:
         if state.is_main:
@@ -522,6 +467,6 @@ def _load_checkpoint(path: str, *, engine, state: DistState) -> Dict[str, Any]:
     return trainer_state
 
 
-__all__ = ["save_checkpoint", "write_json_atomic", "load_checkpoint", "latest_checkpoint", "checkpoints", "verify",
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoints", "verify",
            "read_trainer_state", "trainable_state", "rng_state", "set_rng_state", "CheckpointError", "NonFiniteWeights",
            "nonfinite_count"]

@@ -9,7 +9,6 @@ nothing written to ``--out``; a run stopped as diverged (README: "Divergence") e
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
@@ -19,7 +18,7 @@ import sys
 import time
 from typing import List, Optional
 
-from .errors import DIVERGED_EXIT, Diverged, RankFailed, StepNotRedone, first_line
+from .errors import DIVERGED_EXIT, Diverged, OneLineParser, RankFailed, StepNotRedone, first_line
 
 EXAMPLES = """\
 examples:
@@ -38,13 +37,6 @@ Data: JSONL records {"images": [paths], "prompt": ..., "chosen": ..., "rejected"
 trained model to OUT/model/, a Hugging Face folder (prefopt export CHECKPOINT OUT writes one from any checkpoint)."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (no usage block), exit code 2."""
-
-    def error(self, message: str):  # noqa: D401
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .loop import TrainConfig
     from .methods import GRPO_LOSS_TYPES, METHODS, MethodOptions
@@ -52,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .reference import MODES
 
     d, m = TrainConfig(), MethodOptions()
-    p = _Parser(
+    p = OneLineParser(
         prog="prefopt train",
         description="Preference-train a Hugging Face causal LM or VLM with prefopt's fused losses (logits are "
                     "never materialised): SFT, SFT-C, DPO (every loss type), CW-DPO, nSFT, SimPO, ORPO, GRPO; one "
@@ -347,34 +339,6 @@ def resume_command(argv: List[str], out: str) -> str:
     return "prefopt train " + shlex.join(args)
 
 
-@contextlib.contextmanager
-def keep_num_threads():
-    """Context that gives torch's intra-op thread count back as it found it: the commands may set one thread
-    for the tiny models, and an in-process caller keeps its own."""
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def one_thread_for_tiny_models(model: str, device: str) -> None:
-    """One intra-op thread for an embedded tiny model on the CPU unless OMP_NUM_THREADS says otherwise: its
-    matrices are too small to share, and on a busy machine a second thread waits for a core on every product
-    (the default main job, measured on 2 shared cores: 78 s with 2 threads, 10 s with 1)."""
-    import os
-
-    import torch
-
-    from .models import TINY_MODELS
-
-    if model in TINY_MODELS and device in ("auto", "cpu") and "OMP_NUM_THREADS" not in os.environ and (
-            device == "cpu" or not torch.cuda.is_available()):
-        torch.set_num_threads(1)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """Run ``prefopt train`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     missing = missing_train_extra()
@@ -382,6 +346,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"prefopt train: error: the trainer needs the train extra (no module {missing!r}): "
               "pip install 'prefopt[train]'", file=sys.stderr)
         return 2
+    from .threads import keep_num_threads
+
     parser = build_parser()
     try:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -398,6 +364,7 @@ def _train(args, argv: List[str]) -> int:
     from .interrupts import Interrupted
     from .loop import prepare
     from .runfolder import RunFolderError
+    from .threads import one_thread_for_tiny_models
 
     if args.model is not None and args.init_from is not None:
         print("prefopt train: error: give --model or --init-from, not both", file=sys.stderr)

@@ -1,4 +1,12 @@
 """One-line error messages for the trainer's commands."""
+import argparse
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage block), exit code 2."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def first_line(e: BaseException) -> str:

@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import linear_logprobs
-from .checkpoint import fault_point
+from .faultpoints import fault_point
 from .errors import first_line
 
 __all__ = ["evaluate", "ece", "reliability_bins", "shift_and_confidence", "load_model", "EVAL_KEYS", "main"]
@@ -497,7 +497,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     from .checkpoint import CheckpointError
-    from .cli import keep_num_threads
+    from .threads import keep_num_threads
     from .runfolder import FolderLock
 
     lock = None

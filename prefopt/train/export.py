@@ -32,7 +32,8 @@ import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import checkpoint as ckpt
-from .errors import first_line
+from .faultpoints import fault_point
+from .errors import OneLineParser, first_line
 
 METADATA_FILE = "prefopt.json"
 #: The trainable parameters' names in a checkpoint carry the prefix of the module the loop wraps.
@@ -102,8 +103,7 @@ def model_family(model: str, init_from: Optional[str] = None) -> str:
     shipped tiny-llava-sft, ``"tiny"`` for the other embedded tiny models (random weights), ``"hf"``
     otherwise; a model trained from one of them keeps its family (read from ``prefopt.json``, or from the
     run a checkpoint belongs to)."""
-    from .loop import TINY_BASE
-    from .models import TINY_MODELS
+    from .models import TINY_BASE, TINY_MODELS
 
     if init_from is None:
         if model == TINY_BASE:
@@ -195,7 +195,7 @@ def export_model(adapter, processor, out: str, *, keep_adapter: bool = False,
     else:
         _save_base(model, out)
     processor.save_pretrained(out)
-    ckpt.fault_point(os.path.join(out, METADATA_FILE))
+    fault_point(os.path.join(out, METADATA_FILE))
     with open(os.path.join(out, METADATA_FILE), "w", encoding="utf-8") as f:
         json.dump(metadata or {}, f, indent=1)
     return out
@@ -279,9 +279,7 @@ def quiet_transformers():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import _Parser
-
-    p = _Parser(prog="prefopt export", description="Write a Hugging Face model folder (config.json, "
+    p = OneLineParser(prog="prefopt export", description="Write a Hugging Face model folder (config.json, "
                 "model.safetensors, processor files) from a checkpoint of prefopt train (also one saved under "
                 "DeepSpeed ZeRO-3: its weights are saved whole).")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint folder (RUN/checkpoint-N) or a run folder "

@@ -19,7 +19,7 @@ import time
 from typing import Optional
 
 from . import distributed as dist
-from .checkpoint import fault_point
+from .faultpoints import fault_point
 
 #: Records found failing inside a step, kept beside the checkpoints: a restart (the same data, so they still
 #: fail) or a resume skips them.

@@ -39,8 +39,8 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as dist
+from . import faultpoints, runfolder
 from . import reference as ref_mod
-from . import runfolder
 from .data import DataProblems
 from .errors import Diverged, RankFailed, StepNotRedone, first_line
 from .interrupts import SKIPPED_FILE, Cadence, Interrupted, StopSignals, at_boundary
@@ -53,7 +53,6 @@ MODEL_DIR = "model"  # the Hugging Face folder every run ends with
 TINY_LR = 1e-3  # the embedded tiny models learn visibly in a few dozen steps at this rate
 # tiny-llava-sft is a trained model: at 1e-3, 64 steps of CW-DPO undid its grounding (held-out greedy colour
 # accuracy 1.0 -> 0.15); it takes a fine-tuning rate, and CW-DPO's floor for trained models.
-TINY_BASE = "tiny-llava-sft"
 TINY_BASE_LR = 1e-4
 # CW-DPO's floor for the tiny models: their per-token log-probs start near -log(640) = -6.5 and stay
 # below the -3 nats of the default (meant for real models) for the whole default run, which would cool
@@ -872,7 +871,7 @@ class Run:
             try:
                 listed = [{"where": self.records[i].where, "key": record_key(self.records[i])}
                           for i in sorted(self.unusable)]
-                ckpt.write_json_atomic(path, {"records": listed})
+                runfolder.write_json_atomic(path, {"records": listed})
             except OSError as e:
                 written = False
                 print(f"prefopt train: warning: {ckpt.os_error_line(e, path)}; a resume or restart will meet these "
@@ -1068,7 +1067,7 @@ class Run:
                 if failure is None:
                     # DDP and DeepSpeed average gradients over ranks; the count is already global.
                     share = out.loss / len(micro) if per_call else out.loss * state.world_size
-                    if ckpt.fault_kind(f"loss-{step + 1}") == "nan":  # the tests' non-finite step
+                    if faultpoints.fault_kind(f"loss-{step + 1}") == "nan":  # the tests' non-finite step
                         share = share * math.nan
                     try:
                         engine.backward(share)

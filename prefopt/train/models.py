@@ -29,6 +29,7 @@ from .errors import first_line
 __all__ = ["HeadSpec", "ModelAdapter", "build_model", "resolve_model", "TINY_MODELS", "SUPPORTED_MODELS"]
 
 TINY_MODELS = ("tiny-llava", "tiny-llava-sft", "tiny-qwen2-vl", "tiny-llama")
+TINY_BASE = "tiny-llava-sft"  # the tiny model with trained weights: the main job's base
 
 
 @dataclass
@@ -399,14 +400,8 @@ def image_only_processor_class(base) -> type:
 
 def _build_tiny(name: str, *, dtype, attn: str, seed: int):
     """(model, processor) of an embedded tiny model, weights drawn from ``seed`` (global RNG untouched)."""
-    from transformers import (
-        LlamaForCausalLM,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-    )
+    from transformers import (LlamaForCausalLM, LlavaForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
 
     if name == "tiny-llama":
         tok = tiny_tokenizer()

@@ -25,6 +25,8 @@ import socket
 import uuid
 from typing import List, Optional
 
+from .faultpoints import fault_point
+
 MARKER = "prefopt-run.json"
 LOCK_FILE = "prefopt-run.lock"
 #: What a run writes into its folder (besides the marker and the lock), by name: the entries a run that
@@ -54,8 +56,6 @@ def read_marker(folder: str) -> Optional[str]:
 
 def write_marker(folder: str) -> str:
     """Mark ``folder`` as a run's (a new run id); returns the id."""
-    from .checkpoint import write_json_atomic
-
     run_id = uuid.uuid4().hex
     write_json_atomic(os.path.join(folder, MARKER), {"run_id": run_id, "host": socket.gethostname(),
                                                       "pid": os.getpid()})
@@ -131,5 +131,23 @@ class FolderLock:
         self.release()
 
 
+def write_json_atomic(path: str, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename (never half written)."""
+    write_text_atomic(path, json.dumps(obj, indent=1))
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename, never through a link."""
+    tmp = path + ".tmp"
+    try:
+        fault_point(tmp)
+        with open_nofollow(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 __all__ = ["MARKER", "LOCK_FILE", "RunFolderError", "FolderLock", "read_marker", "write_marker", "contents",
-           "run_entries", "remove_entry", "swap_in", "open_nofollow"]
+           "run_entries", "remove_entry", "swap_in", "open_nofollow", "write_json_atomic", "write_text_atomic"]

@@ -40,7 +40,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .errors import first_line
+from .errors import OneLineParser, first_line
 
 #: Variant name -> (method, method options): the comparison's arms.
 VARIANTS: Dict[str, Tuple[str, Dict[str, Any]]] = {
@@ -440,10 +440,8 @@ def plot(result: Dict[str, Any], out_dir: str) -> List[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import _Parser
-
     d = StudyConfig()
-    p = _Parser(prog="prefopt study", description="The embedded comparison: an SFT base, then every variant from it "
+    p = OneLineParser(prog="prefopt study", description="The embedded comparison: an SFT base, then every variant from it "
                 "(" + ", ".join(VARIANTS) + ") with the same steps and records per step, for several seeds; a table "
                 "of the held-out evaluation (mean and spread), plots and STUDY.md with the commit and conditions.")
     p.add_argument("--out", default=d.out, help="study folder, new or empty (default %(default)s)")
@@ -481,7 +479,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         base_steps=args.base_steps, steps=args.steps, batch_size=args.batch_size,
                         train_size=args.train_size, eval_size=args.eval_size, probe_every=args.probe_every,
                         probe_size=args.probe_size, device=args.device, progress=not args.no_progress)
-    from .cli import keep_num_threads, one_thread_for_tiny_models
+    from .threads import keep_num_threads, one_thread_for_tiny_models
 
     with keep_num_threads():
         # One thread for the tiny models, as prefopt train: faster on a shared machine, and the trained base
