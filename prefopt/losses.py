@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from . import objectives
 from .ops import TokenStats, linear_logprobs
+from .ops.objective import ObjectiveOutput, linear_objective
 
 
 class LossOutput(NamedTuple):
@@ -66,18 +67,25 @@ class FusedLoss(nn.Module):
         shift: targets are Hugging Face labels (``hidden[:, t]`` predicts ``targets[:, t + 1]``);
             False means they are already aligned with ``hidden``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`prefopt.linear_logprobs`).
+        fused_gradient: form the gradients in the forward pass (:func:`prefopt.linear_objective`: 3 matrix
+            products for a trainable head instead of 4) where the loss allows it; False always recomputes.
+        budget_bytes: memory for the logits tiles of one chunk of tokens on that path (None: the op's
+            default, :data:`prefopt.ops.objective.DEFAULT_BUDGET_BYTES`).
     """
 
     unit = "tokens"
 
     def __init__(self, *, ignore_index: int = -100, temperature: float = 1.0, softcap: Optional[float] = None,
-                 shift: bool = False, backend: str = "auto"):
+                 shift: bool = False, backend: str = "auto", fused_gradient: bool = True,
+                 budget_bytes: Optional[int] = None):
         super().__init__()
         self.ignore_index = ignore_index
         self.temperature = temperature
         self.softcap = softcap
         self.shift = shift
         self.backend = backend
+        self.fused_gradient = fused_gradient
+        self.budget_bytes = budget_bytes
 
     def align(self, per_token: Tensor, fill) -> Tensor:
         """Shift a per-position tensor like the targets when ``shift`` is on."""
@@ -102,6 +110,17 @@ class FusedLoss(nn.Module):
             backend=self.backend, **flags,
         )
         return stats, targets != self.ignore_index
+
+    def objective_pass(self, weight, hidden, targets, token_loss, token_inputs=(), bias=None, ref_hidden=None,
+                       ref_weight=None, ref_bias=None, **flags) -> ObjectiveOutput:
+        """Run :func:`prefopt.linear_objective` on the (aligned) targets: the loss ``sum_t token_loss``,
+        its gradient formed in the forward pass where it applies. ``token_inputs`` are aligned already."""
+        return linear_objective(
+            hidden, weight, self.align(targets, self.ignore_index), token_loss, token_inputs=token_inputs, bias=bias,
+            ignore_index=self.ignore_index, temperature=self.temperature, softcap=self.softcap, ref_hidden=ref_hidden,
+            ref_weight=ref_weight, ref_bias=ref_bias, backend=self.backend, budget_bytes=self.budget_bytes,
+            fused_gradient=self.fused_gradient, **flags,
+        )
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "training")
@@ -322,13 +341,18 @@ class FusedSFTLoss(FusedLoss):
 
     def forward(self, weight: Tensor, hidden: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
                 num_items_in_batch: Optional[int] = None) -> LossOutput:
-        stats, mask = self.token_stats(weight, hidden, targets, bias, uniform_nll=self.label_smoothing > 0)
-        nll = -stats.logp
-        if stats.uniform_nll is not None:
-            nll = (1 - self.label_smoothing) * nll + self.label_smoothing * stats.uniform_nll
-        count = mask.sum()
-        loss = nll.sum() / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
-        return LossOutput(loss, {"nll": (-stats.logp.sum() / count.clamp(min=1)).detach()})
+        count = (self.align(targets, self.ignore_index) != self.ignore_index).sum()
+        divisor = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
+        smoothing = self.label_smoothing
+
+        def token_loss(stats: TokenStats) -> Tensor:
+            nll = -stats.logp
+            if smoothing > 0:
+                nll = (1 - smoothing) * nll + smoothing * stats.uniform_nll
+            return nll / divisor
+
+        out = self.objective_pass(weight, hidden, targets, token_loss, bias=bias, uniform_nll=smoothing > 0)
+        return LossOutput(out.loss, {"nll": -out.stats.logp.sum() / count.clamp(min=1)})
 
 
 class FusedNSFTLoss(FusedLoss):
@@ -347,12 +371,16 @@ class FusedNSFTLoss(FusedLoss):
                 ref_bias: Optional[Tensor] = None, num_items_in_batch: Optional[int] = None) -> LossOutput:
         if ref_hidden is None:
             raise ValueError("ref_hidden: FusedNSFTLoss needs the reference hidden states for its per-token KL")
-        stats, mask = self.token_stats(weight, hidden, targets, bias, ref_hidden, ref_weight, ref_bias, kl=True)
-        count = mask.sum().clamp(min=1)
+        count = (self.align(targets, self.ignore_index) != self.ignore_index).sum().clamp(min=1)
         divisor = num_items_in_batch if num_items_in_batch is not None else count
-        nll, kl = -stats.logp.sum() / divisor, stats.kl.sum() / divisor
-        loss = objectives.nsft_loss(nll, kl, kl_coef=self.kl_coef)
-        return LossOutput(loss, {"nll": (-stats.logp.sum() / count).detach(), "kl": (stats.kl.sum() / count).detach()})
+        kl_coef = self.kl_coef
+
+        def token_loss(stats: TokenStats) -> Tensor:
+            return objectives.nsft_loss(-stats.logp, stats.kl, kl_coef=kl_coef) / divisor
+
+        out = self.objective_pass(weight, hidden, targets, token_loss, (), bias, ref_hidden, ref_weight, ref_bias,
+                                  kl=True)
+        return LossOutput(out.loss, {"nll": -out.stats.logp.sum() / count, "kl": out.stats.kl.sum() / count})
 
 
 class FusedGRPOLoss(FusedLoss):
@@ -440,38 +468,55 @@ class FusedGRPOLoss(FusedLoss):
             raise ValueError("ref_logps: give either ref_logps or ref_hidden, not both")
         if num_items_in_batch is not None:
             self.count_items(targets)  # refuses it for bnpo
-        stats, mask = self.token_stats(weight, hidden, targets, bias, ref_hidden, ref_weight, ref_bias)
+        aligned = self.align(targets, self.ignore_index)
+        mask = aligned != self.ignore_index
+        stat_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        # num_items_in_batch is rows for grpo, sapo and dr_grpo, tokens for dapo and cispo (see count_items).
+        given = num_items_in_batch
+        token_weights = objectives.policy_token_weights(
+            mask.to(stat_dtype), loss_type=self.loss_type, max_completion_length=self.max_completion_length,
+            num_sequences=rows.numel() if given is None else given, num_tokens=given)
+        zero = torch.zeros((), dtype=stat_dtype, device=hidden.device)
+        # Padding may carry -inf or huge old/reference log-probs: they are replaced before anything reads
+        # them (and the op never hands ignored positions to the per-token loss).
+        inputs = [advantages.to(stat_dtype)[..., None].expand(aligned.shape), token_weights]
+        for per_token in (old_logps, ref_logps):
+            if per_token is not None:
+                inputs.append(torch.where(mask, self.align(per_token, 0).to(stat_dtype), zero))
+
+        def token_loss(stats: TokenStats, advantage: Tensor, token_weight: Tensor, *given_logps: Tensor) -> Tensor:
+            return self.token_terms(stats, advantage, *given_logps, old_given=old_logps is not None).loss * token_weight
+
+        out = self.objective_pass(weight, hidden, targets, token_loss, inputs, bias, ref_hidden, ref_weight, ref_bias)
+        stats = out.stats
         logps = stats.logp
-        zero = logps.new_zeros(())
-        # Padding may carry -inf or huge old/reference log-probs: replace them before any exp, where the
-        # policy's log-prob is 0 too, so that ignored positions give rho = 1 and k3 = 0 exactly.
-        old = logps.detach() if old_logps is None else torch.where(mask, self.align(old_logps, 0).to(logps.dtype), zero)
-        ref = stats.ref_logp
-        if ref_logps is not None:
-            ref = torch.where(mask, self.align(ref_logps, 0).to(logps.dtype), zero)
+        token = self.token_terms(stats, inputs[0], *inputs[2:], old_given=old_logps is not None)
+        weights = mask.to(stat_dtype)
+        count = weights.sum().clamp(min=1)
+        old = inputs[2] if old_logps is not None else logps
+        metrics = {
+            "clip_fraction": (token.clipped.to(weights.dtype) * weights).sum() / count,
+            "ratio": torch.where(mask, torch.exp(logps - old), zero).sum() / count,
+        }
+        if token.k3 is not None:
+            metrics["kl"] = torch.where(mask, token.k3, zero).sum() / count
+        return LossOutput(out.loss, metrics)
+
+    def token_terms(self, stats: TokenStats, advantage: Tensor, *given_logps: Tensor,
+                    old_given: bool) -> objectives.GRPOTokenLoss:
+        """:func:`prefopt.objectives.grpo_loss` per token, with this module's options: the old log-probs are
+        the first of ``given_logps`` when ``old_given`` (else the policy's, detached: on-policy), the
+        reference's the next one (else the op's ``ref_logp``, or None)."""
+        rest = list(given_logps)
+        old = rest.pop(0) if old_given else stats.logp.detach()
+        ref = rest.pop(0) if rest else stats.ref_logp
         policy_loss = {"cispo": "cispo", "sapo": "sapo"}.get(self.loss_type, "clip")
-        token = objectives.grpo_loss(
-            logps, old, advantages.to(logps.dtype)[..., None], ref, beta=self.beta, epsilon_low=self.epsilon_low,
+        return objectives.grpo_loss(
+            stats.logp, old, advantage, ref, beta=self.beta, epsilon_low=self.epsilon_low,
             epsilon_high=self.epsilon_high, policy_loss=policy_loss, delta=self.delta,
             sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
             use_bias_correction_kl=self.use_bias_correction_kl,
         )
-        per_token = torch.where(mask, token.loss, zero)
-        weights = mask.to(logps.dtype)
-        # num_items_in_batch is rows for grpo, sapo and dr_grpo, tokens for dapo and cispo (see count_items).
-        given = num_items_in_batch
-        loss = objectives.aggregate_policy_loss(
-            per_token.reshape(-1, per_token.shape[-1]), weights.reshape(-1, weights.shape[-1]),
-            loss_type=self.loss_type, max_completion_length=self.max_completion_length,
-            num_sequences=rows.numel() if given is None else given, num_tokens=given)
-        count = weights.sum().clamp(min=1)
-        metrics = {
-            "clip_fraction": ((token.clipped.to(weights.dtype) * weights).sum() / count).detach(),
-            "ratio": (torch.where(mask, torch.exp(logps - old), zero).sum() / count).detach(),
-        }
-        if token.k3 is not None:
-            metrics["kl"] = (torch.where(mask, token.k3, zero).sum() / count).detach()
-        return LossOutput(loss, metrics)
 
 
 def _functional(module_cls) -> Callable[..., LossOutput]:

@@ -4,16 +4,26 @@ import torch
 import torch.nn.functional as F
 
 import prefopt
+import prefopt.ops.objective as objective
 import prefopt.ops.torch_backend as torch_backend
 from prefopt.bench.oracle import oracle_linear_logprobs
 from test_op import BACKENDS, assert_close
 
 ROWS, LENGTH, HIDDEN, VOCAB = 4, 6, 12, 31  # 2 pairs
+PATHS = [objective.FUSED_GRADIENT, objective.RECOMPUTE]
 
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     monkeypatch.setitem(torch_backend.CHUNK_SIZES, "cpu", (4, 8))
+    monkeypatch.setattr(objective, "DEFAULT_BUDGET_BYTES", 1)  # one token per chunk on the fused-gradient path
+    objective.PATH_COUNTS.clear()
+
+
+def ran(path, backend="torch"):
+    """Every call of the op took ``path`` (the Triton backend has no fused-gradient path yet: it recomputes)."""
+    expected = objective.RECOMPUTE if backend != "torch" else path
+    return set(objective.PATH_COUNTS) == {expected}
 
 
 def batch(rows=ROWS, length=LENGTH, hidden_size=HIDDEN, vocab=VOCAB):
@@ -149,12 +159,16 @@ def test_cwdpo_reports_its_cooling_weight(seed):
     assert_close(out.metrics["cooling_weight"], cooling(t).mean(), 1e-5, "cooling_weight", seed)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
-def test_sft_loss(backend, label_smoothing, seed):
+def test_sft_loss(backend, label_smoothing, path, seed):
     h, w, b, y, _ = batch()
-    out = prefopt.FusedSFTLoss(label_smoothing=label_smoothing, backend=backend)(w, h, y, b)
+    module = prefopt.FusedSFTLoss(label_smoothing=label_smoothing, backend=backend,
+                                  fused_gradient=path == objective.FUSED_GRADIENT)
+    out = module(w, h, y, b)
     out.loss.backward()
+    assert ran(path, backend)
     h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, w, b))
     s = oracle_linear_logprobs(h64, w64, y, bias=b64)
     expected = ((1 - label_smoothing) * -s.logp + label_smoothing * s.uniform_nll).sum() / (y != -100).sum()
@@ -164,11 +178,14 @@ def test_sft_loss(backend, label_smoothing, seed):
     assert_close(w.grad, w64.grad, 2e-5, "d weight", seed)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nsft_loss(backend, seed):
+def test_nsft_loss(backend, path, seed):
     h, w, b, y, ref = batch()
-    out = prefopt.FusedNSFTLoss(kl_coef=0.3, backend=backend)(w, h, y, b, **ref)
+    module = prefopt.FusedNSFTLoss(kl_coef=0.3, backend=backend, fused_gradient=path == objective.FUSED_GRADIENT)
+    out = module(w, h, y, b, **ref)
     out.loss.backward()
+    assert ran(path, backend)
     h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, w, b))
     s = oracle_linear_logprobs(h64, w64, y, bias=b64, **{k: v.double() for k, v in ref.items()})
     n = (y != -100).sum()
@@ -222,9 +239,10 @@ def grpo_inputs(padding_old=None, padding_ref=None):
     return h, w, b, y, ref, mask, old, ref_logps
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(GRPO_CASES))
-def test_grpo_loss_types(backend, case, seed):
+def test_grpo_loss_types(backend, case, path, seed):
     if backend != "torch" and case not in ("grpo", "dapo"):
         pytest.skip("the Triton backend runs the two aggregations; the formulas are backend-independent")
     options = GRPO_CASES[case]
@@ -232,9 +250,11 @@ def test_grpo_loss_types(backend, case, seed):
     h, w, b, y, ref, mask, old, _ = grpo_inputs()
     advantages = torch.randn(ROWS)
     module = prefopt.FusedGRPOLoss(beta=0.1, epsilon_low=0.2, epsilon_high=options.pop("epsilon_high", 0.28),
-                                   loss_type=loss_type, backend=backend, **options)
+                                   loss_type=loss_type, backend=backend,
+                                   fused_gradient=path == objective.FUSED_GRADIENT, **options)
     out = module(w, h, y, advantages, b, old_logps=old.float(), **ref)
     out.loss.backward()
+    assert ran(path, backend)
     h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, w, b))
     s = oracle_linear_logprobs(h64, w64, y, bias=b64, **{k: v.double() for k, v in ref.items()})
     expected = grpo_reference(s.logp, old.double(), s.ref_logp, advantages.double(), mask, 0.1, 0.2,
@@ -250,16 +270,18 @@ def test_grpo_loss_types(backend, case, seed):
         assert_close(out.metrics["clip_fraction"], (clipped.double() * mask).sum() / mask.sum(), 1e-6, "clip", seed)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("padding", [float("-inf"), -1e4])
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
-def test_grpo_padding_never_reaches_the_loss(padding, loss_type, seed):
+def test_grpo_padding_never_reaches_the_loss(padding, loss_type, path, seed):
     """Old and reference log-probs of -inf or -1e4 at ignored positions: finite loss and gradients, the
     oracle's values (which never reads those positions)."""
     h, w, b, y, ref, mask, old, ref_logps = grpo_inputs(padding, padding)
     advantages = torch.randn(ROWS)
-    out = prefopt.FusedGRPOLoss(beta=0.1, loss_type=loss_type)(w, h, y, advantages, b, old_logps=old.float(),
-                                                                ref_logps=ref_logps.float())
+    module = prefopt.FusedGRPOLoss(beta=0.1, loss_type=loss_type, fused_gradient=path == objective.FUSED_GRADIENT)
+    out = module(w, h, y, advantages, b, old_logps=old.float(), ref_logps=ref_logps.float())
     out.loss.backward()
+    assert ran(path)
     assert torch.isfinite(out.loss) and all(torch.isfinite(v) for v in out.metrics.values()), f"seed {seed}"
     assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all() and torch.isfinite(b.grad).all()
     assert torch.equal(h.grad[y == -100], torch.zeros_like(h.grad[y == -100])), "gradient at padding"
@@ -273,6 +295,20 @@ def test_grpo_padding_never_reaches_the_loss(padding, loss_type, seed):
     assert_close(out.loss, expected, 2e-5, "loss", seed)
     assert_close(h.grad, h64.grad, 2e-5, "d hidden", seed)
     assert_close(w.grad, w64.grad, 2e-5, "d weight", seed)
+
+
+@pytest.mark.parametrize("loss_type", prefopt.objectives.POLICY_LOSS_TYPES)
+@pytest.mark.parametrize("given", [False, True], ids=["own-counts", "num-items"])
+def test_policy_token_weights_sum_to_the_aggregation(loss_type, given, seed):
+    """The per-token weights the fused-gradient path uses give aggregate_policy_loss's reduction."""
+    mask = (torch.rand(5, 7) < 0.7).double()
+    mask[2] = 0  # an empty row
+    counts = dict(num_sequences=8, num_tokens=40) if given else {}
+    weights = prefopt.objectives.policy_token_weights(mask, loss_type=loss_type, max_completion_length=9, **counts)
+    for per_token in (torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)):
+        expected = prefopt.objectives.aggregate_policy_loss(per_token, mask, loss_type=loss_type,
+                                                            max_completion_length=9, **counts)
+        assert_close((per_token * weights).sum(), expected, 1e-12, f"{loss_type} {list(per_token.shape)}", seed)
 
 
 def test_grpo_accumulation_matches_the_whole_batch(seed):
@@ -289,15 +325,24 @@ def test_grpo_accumulation_matches_the_whole_batch(seed):
         assert_close(accumulated, full, 1e-6, f"{loss_type} loss", seed)
 
 
-def test_grpo_gradcheck(seed):
+@pytest.mark.parametrize("module", [prefopt.FusedGRPOLoss(beta=0.1), prefopt.FusedGRPOLoss(beta=0.1, loss_type="grpo"),
+                                    prefopt.FusedNSFTLoss(kl_coef=0.3), prefopt.FusedSFTLoss(label_smoothing=0.2)],
+                         ids=["grpo-dapo", "grpo-grpo", "nsft", "sft-smoothed"])
+def test_token_losses_gradcheck(module, seed):
+    """float64 gradcheck of the losses on the fused-gradient path (the recompute backward has test_op's)."""
     h, w, b, y, ref = small_batch()
     old = torch.randn(y.shape, dtype=torch.float64) - 3.0
     adv = torch.randn(ROWS, dtype=torch.float64)
-    module = prefopt.FusedGRPOLoss(beta=0.1)
     inputs = tuple(t.detach().double().requires_grad_() for t in (h, w, b))
     ref64 = {k: v.double() for k, v in ref.items()}
-    assert torch.autograd.gradcheck(
-        lambda *x: module(x[1], x[0], y, adv, x[2], old_logps=old, **ref64).loss, inputs), f"seed {seed}"
+    if isinstance(module, prefopt.FusedGRPOLoss):
+        fn = lambda *x: module(x[1], x[0], y, adv, x[2], old_logps=old, **ref64).loss  # noqa: E731
+    elif isinstance(module, prefopt.FusedNSFTLoss):
+        fn = lambda *x: module(x[1], x[0], y, x[2], **ref64).loss  # noqa: E731
+    else:
+        fn = lambda *x: module(x[1], x[0], y, x[2]).loss  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs), f"seed {seed}"
+    assert ran(objective.FUSED_GRADIENT)
 
 
 def test_gradient_accumulation_matches_the_whole_batch(seed):

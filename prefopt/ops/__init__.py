@@ -7,6 +7,7 @@ per-token results back to the shape of ``targets``.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import NamedTuple, Optional
 
 import torch
@@ -15,6 +16,13 @@ from torch import Tensor
 from .common import OpConfig, compute_dtype
 
 BACKENDS = ("auto", "torch", "triton")
+
+FUSED_GRADIENT = "fused-gradient"
+RECOMPUTE = "recompute"
+
+#: Calls of the op by path: ``"recompute"`` (:func:`linear_logprobs`: statistics out, backward recomputes
+#: the logits) and ``"fused-gradient"`` (:func:`prefopt.linear_objective`: gradients formed in forward).
+PATH_COUNTS: Counter = Counter()
 SIGNED_INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 
 
@@ -270,6 +278,7 @@ def linear_logprobs(
     packed = pack_inputs(hidden, weight, targets, bias=bias, ignore_index=ignore_index, temperature=temperature,
                          softcap=softcap, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, kl=kl,
                          backend=backend, capturable=capturable)
+    PATH_COUNTS[RECOMPUTE] += 1
     config = OpConfig(float(temperature), None if softcap is None else float(softcap), entropy, kl, uniform_nll,
                       mean_logit, top1, log_sum_sq_probs)
     outputs = _backend_function(packed.backend).apply(

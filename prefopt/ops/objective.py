@@ -12,29 +12,22 @@ the reference tile). The gradients wait for backward, which only scales them by 
 The chunk of tokens is sized so that its tiles fit ``budget_bytes``. Where the path does not apply (no
 gradient wanted, a backend without it, a head partitioned by DeepSpeed ZeRO-3, whose full-size gradient
 would be held from forward to backward), the same objective runs on :func:`linear_logprobs` and the
-recompute backward. :data:`PATH_COUNTS` counts which path each call took.
+recompute backward. :data:`prefopt.ops.PATH_COUNTS` counts the calls of each path.
 """
 from __future__ import annotations
 
-from collections import Counter
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from . import TokenStats, linear_logprobs, pack_inputs, resolve_backend
+from . import FUSED_GRADIENT, PATH_COUNTS, RECOMPUTE, TokenStats, linear_logprobs, pack_inputs, resolve_backend
 from .common import ForwardStats, GradCoefficients, OpConfig, empty_stat, logit_grad_coefficients
 from .torch_backend import fused_gradient_pass
 
 #: Per-call memory for the logits tiles of one chunk of tokens (the policy's, its probabilities, a
 #: temporary, the reference's): 64 MiB is 55 tokens of a 50k vocabulary with a reference head in fp32.
 DEFAULT_BUDGET_BYTES = 64 * 2**20
-
-FUSED_GRADIENT = "fused-gradient"
-RECOMPUTE = "recompute"
-
-#: How many calls of :func:`linear_objective` took each path (``"fused-gradient"``, ``"recompute"``).
-PATH_COUNTS: Counter = Counter()
 
 #: ``token_loss(stats, *token_inputs) -> [n]``: each scored token's share of the loss (see linear_objective).
 TokenLoss = Callable[..., Tensor]
@@ -164,7 +157,8 @@ def linear_objective(
     the incoming gradient; it refuses double backward.
     """
     if not callable(token_loss):
-        raise TypeError(f"token_loss: expected a callable (stats, *token_inputs) -> [n], got {type(token_loss).__name__}")
+        raise TypeError("token_loss: expected a callable (stats, *token_inputs) -> [n], "
+                        f"got {type(token_loss).__name__}")
     for i, x in enumerate(token_inputs):
         if not isinstance(x, Tensor) or x.shape != targets.shape:
             raise ValueError(f"token_inputs[{i}]: expected a tensor of shape {list(targets.shape)} like targets, "
@@ -180,10 +174,10 @@ def linear_objective(
     common = dict(bias=bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
                   ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, backend=backend)
     if not applies:
-        PATH_COUNTS[RECOMPUTE] += 1
         stats = linear_logprobs(hidden, weight, targets, entropy=entropy, kl=kl, uniform_nll=uniform_nll, **common)
         valid = targets != ignore_index
-        per_token = token_loss(TokenStats(*(None if s is None else s[valid] for s in stats)), *(x[valid] for x in inputs))
+        scored = TokenStats(*(None if s is None else s[valid] for s in stats))
+        per_token = token_loss(scored, *(x[valid] for x in inputs))
         detached = TokenStats(*(None if s is None else s.detach() for s in stats))
         return ObjectiveOutput(per_token.sum(), detached, RECOMPUTE)
 
