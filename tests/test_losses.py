@@ -447,3 +447,54 @@ def test_orpo_log_odds_ratio_is_finite_at_a_certain_answer():
     torch.testing.assert_close(ratio[1], expected)
     loss = objectives.orpo_loss(chosen, rejected, torch.zeros(2), beta=0.1)
     torch.testing.assert_close(loss, -0.1 * torch.nn.functional.logsigmoid(ratio))
+
+
+TOKEN_LOSSES = {
+    "sft": lambda **o: (prefopt.FusedSFTLoss(label_smoothing=0.1, **o), lambda m, w, h, y, b, ref: m(w, h, y, b)),
+    "nsft": lambda **o: (prefopt.FusedNSFTLoss(kl_coef=0.3, **o), lambda m, w, h, y, b, ref: m(w, h, y, b, **ref)),
+    "grpo": lambda **o: (prefopt.FusedGRPOLoss(beta=0.1, loss_type="grpo", **o),
+                         lambda m, w, h, y, b, ref: m(w, h, y, torch.linspace(-1, 1, y.shape[0]), b, **ref)),
+}
+EDGE_CASES = {
+    "all-ignored": dict(ignore=1.0), "one-token": dict(rows=1, length=1), "ragged-vocab": dict(vocab=17),
+    "huge-logits": dict(scale=2e3), "frozen-head": dict(frozen=True), "non-contiguous": dict(transposed=True),
+}
+
+
+@pytest.mark.parametrize("case", list(EDGE_CASES))
+@pytest.mark.parametrize("name", list(TOKEN_LOSSES))
+def test_token_losses_edge_cases_on_both_paths(name, case, seed):
+    """The fused-gradient path gives the recompute path's loss and gradients (that path is checked against
+    the oracle above and in test_op) on every edge case of the op."""
+    o = EDGE_CASES[case]
+    rows, length = o.get("rows", ROWS), o.get("length", LENGTH)
+    h, w, b, y, ref = batch(rows=rows, length=length, vocab=o.get("vocab", VOCAB))
+    if rows * length == 1:
+        y.fill_(3)
+    if o.get("ignore"):
+        y.fill_(-100)
+    h = (h.detach() * o.get("scale", 1.0)).requires_grad_()
+    if o.get("transposed"):
+        h = h.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+        w = w.detach().T.contiguous().T.requires_grad_()
+        assert not (h.is_contiguous() or w.is_contiguous())
+    w.requires_grad_(not o.get("frozen"))
+    b.requires_grad_(not o.get("frozen"))
+    leaves = [t for t in (h, w, b) if t.requires_grad]
+    results = []
+    for path in PATHS:
+        objective.PATH_COUNTS.clear()
+        module, call = TOKEN_LOSSES[name](fused_gradient=path == objective.FUSED_GRADIENT)
+        if name == "grpo" and "scale" in o:
+            module.beta, ref = 0.0, {}  # k3 = exp(rf - lp) overflows at |lp| ~ 1e3 on either path
+        out = call(module, w, h, y, b, ref)
+        results.append((out.loss, torch.autograd.grad(out.loss, leaves, allow_unused=True)))
+        assert ran(path)
+    (fused, fused_grads), (recomputed, recomputed_grads) = results
+    tol = 3e-3 if "scale" in o else 2e-5
+    assert torch.isfinite(fused) and all(torch.isfinite(g).all() for g in fused_grads)
+    assert_close(fused, recomputed, tol, f"{name} {case} loss", seed)
+    for got, want in zip(fused_grads, recomputed_grads):
+        assert_close(got, want, tol, f"{name} {case} gradient", seed)
+    if o.get("ignore"):
+        assert fused.item() == 0.0 and all(float(g.abs().max()) == 0.0 for g in fused_grads)
