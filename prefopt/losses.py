@@ -184,26 +184,45 @@ class PairedLoss(FusedLoss):
             raise ValueError(f"ref_hidden/ref_logps: {type(self).__name__} needs the reference policy")
         if ref_logps is not None and ref_logps.shape != (hidden.shape[0],):
             raise ValueError(f"ref_logps: expected shape [{hidden.shape[0]}] (one per row), got {list(ref_logps.shape)}")
-        stats, mask = self.token_stats(weight, hidden, targets, bias, ref_hidden, ref_weight, ref_bias, **self.stat_flags())
-        half = hidden.shape[0] // 2
-        logps, lengths = stats.logp.sum(-1), mask.sum(-1)
-        if stats.ref_logp is not None:
-            ref_logps = stats.ref_logp.sum(-1)
-        if ref_logps is not None:
-            ref_logps = ref_logps.detach().to(logps.dtype)
-        uniform = stats.uniform_nll.sum(-1)[:half] if stats.uniform_nll is not None else None
-        pairs = PairStats(
-            logps[:half], logps[half:], lengths[:half], lengths[half:],
-            None if ref_logps is None else ref_logps[:half], None if ref_logps is None else ref_logps[half:],
-            uniform,
-        )
-        per_pair, metrics = self.objective(pairs)
-        loss = per_pair.sum() / (num_items_in_batch if num_items_in_batch is not None else half)
-        metrics = {k: v.detach().float().mean() for k, v in metrics.items()}
+        rows, half = hidden.shape[0], hidden.shape[0] // 2
+        lengths = (self.align(targets, self.ignore_index) != self.ignore_index).sum(-1)
+        divisor = num_items_in_batch if num_items_in_batch is not None else half
+        row_ids = torch.arange(rows, device=targets.device)[:, None].expand(targets.shape)
+
+        def pair_stats(logps: Tensor, refs: Optional[Tensor], uniform: Optional[Tensor], pairs: Tensor) -> PairStats:
+            """The per-row sums ``[2B]`` of ``pairs`` (indices of pairs) as PairStats."""
+            if ref_logps is not None:
+                refs = ref_logps.detach().to(logps.dtype)
+            take = lambda t, offset: None if t is None else t.index_select(0, pairs + offset)  # noqa: E731
+            return PairStats(take(logps, 0), take(logps, half), take(lengths, 0), take(lengths, half),
+                             take(refs, 0), take(refs, half), take(uniform, 0))
+
+        def pair_loss(stats: TokenStats, row: Tensor) -> Tensor:
+            # A chunk holds whole pairs: the objective of the pairs present, on their row sums.
+            def row_sums(values):
+                return None if values is None else values.new_zeros(rows).index_add(0, row, values)
+
+            pairs = torch.unique(row % half)
+            per_pair, _ = self.objective(pair_stats(row_sums(stats.logp), row_sums(stats.ref_logp),
+                                                    row_sums(stats.uniform_nll), pairs))
+            return per_pair / divisor
+
+        out = self.objective_pass(weight, hidden, targets, pair_loss, [row_ids], bias, ref_hidden, ref_weight, ref_bias,
+                                  groups=row_ids % half, **self.stat_flags())
+        sums = [None if t is None else t.sum(-1) for t in (out.stats.logp, out.stats.ref_logp, out.stats.uniform_nll)]
+        pairs = pair_stats(*sums, torch.arange(half, device=targets.device))
+        with torch.no_grad():
+            per_pair, metrics = self.objective(pairs)
+        loss = out.loss
+        empty = (lengths[:half] + lengths[half:]) == 0
+        if bool(empty.any()):
+            # Pairs without a scored token never reach pair_loss; their loss is a constant.
+            loss = loss + per_pair[empty].sum() / divisor
+        metrics = {k: v.float().mean() for k, v in metrics.items()}
         chosen, rejected = ((pairs.chosen_avg, pairs.rejected_avg) if self.average_logps
                             else (pairs.chosen_logps, pairs.rejected_logps))
-        metrics["logps/chosen"] = chosen.detach().float().mean()
-        metrics["logps/rejected"] = rejected.detach().float().mean()
+        metrics["logps/chosen"] = chosen.float().mean()
+        metrics["logps/rejected"] = rejected.float().mean()
         return LossOutput(loss, metrics)
 
     def objective(self, pairs: PairStats) -> Tuple[Tensor, Dict[str, Tensor]]:

@@ -91,12 +91,26 @@ PAIRED = {
 }
 
 
+# About one pair's tokens (8 at most) per chunk of the test shapes: whole pairs, several chunks.
+PAIR_BUDGET = 8 * VOCAB * 4 * 5
+
+
+def on_path(module, path, budget=PAIR_BUDGET):
+    """Set a paired loss up for ``path``: the fused gradient with whole pairs per chunk, or a budget no
+    pair fits (which recomputes, as fused_gradient=False does)."""
+    module.fused_gradient = True
+    module.budget_bytes = budget if path == objective.FUSED_GRADIENT else 1
+    return module
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(PAIRED))
 @pytest.mark.parametrize("reference", ["hidden", "logps"])
-def test_paired_loss_matches_reference(name, backend, reference, seed):
+def test_paired_loss_matches_reference(name, backend, reference, path, seed):
     module, formula = PAIRED[name]
     module.backend = backend
+    on_path(module, path)
     h, w, b, y, ref = batch()
     if reference == "hidden":
         out = module(w, h, y, b, **ref)
@@ -104,6 +118,7 @@ def test_paired_loss_matches_reference(name, backend, reference, seed):
         ref_logps = oracle_linear_logprobs(ref["ref_hidden"], ref["ref_weight"], y).logp.sum(-1).float()
         out = module(w, h, y, b, ref_logps=ref_logps)
     out.loss.backward()
+    assert ran(path, backend)
     h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, w, b))
     ref64 = {k: v.double() for k, v in ref.items()}
     expected = formula(pair_terms(h64, w64, b64, y, ref64)).mean()
@@ -113,14 +128,37 @@ def test_paired_loss_matches_reference(name, backend, reference, seed):
         assert_close(got, want, 2e-5, f"{name} d {what}", seed)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", ["dpo", "ipo", "orpo", "cwdpo-live-weight", "sftc"])
-def test_paired_loss_gradcheck(name, seed):
+def test_paired_loss_gradcheck(name, path, seed):
     module, _ = PAIRED[name]
     module.backend = "torch"
+    on_path(module, path, budget=4 * 11 * 8 * 5)  # one pair (4 tokens) of small_batch per float64 chunk
     h, w, b, y, ref = small_batch()
     inputs = tuple(t.detach().double().requires_grad_() for t in (h, w, b))
     ref64 = {k: v.double() for k, v in ref.items()}
     assert torch.autograd.gradcheck(lambda *x: module(x[1], x[0], y, x[2], **ref64).loss, inputs), f"seed {seed}"
+    assert ran(path)
+
+
+@pytest.mark.parametrize("name", ["dpo", "simpo", "sftc"])
+def test_paired_loss_with_an_empty_pair(name, seed):
+    """A pair without any scored token never reaches the per-chunk objective; its (constant) loss still
+    counts, as on the recompute path."""
+    module, _ = PAIRED[name]
+    module.backend = "torch"
+    h, w, b, y, ref = batch()
+    y[[1, 3]] = -100  # pair 1: both rows unscored
+    results = []
+    for path in PATHS:
+        objective.PATH_COUNTS.clear()
+        out = on_path(module, path)(w, h, y, b, **ref)
+        results.append((out.loss, torch.autograd.grad(out.loss, (h, w, b))))
+        assert ran(path)
+    (fused, fused_grads), (recomputed, recomputed_grads) = results
+    assert_close(fused, recomputed, 1e-6, f"{name} loss", seed)
+    for got, want in zip(fused_grads, recomputed_grads):
+        assert_close(got, want, 1e-6, f"{name} gradient", seed)
 
 
 def test_dpo_metrics_use_trl_names(seed):

@@ -16,14 +16,15 @@ recompute backward. :data:`prefopt.ops.PATH_COUNTS` counts the calls of each pat
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from . import FUSED_GRADIENT, PATH_COUNTS, RECOMPUTE, TokenStats, linear_logprobs, pack_inputs, resolve_backend
+from . import (FUSED_GRADIENT, PATH_COUNTS, RECOMPUTE, PackedInputs, TokenStats, linear_logprobs, pack_inputs,
+               resolve_backend)
 from .common import ForwardStats, GradCoefficients, OpConfig, empty_stat, logit_grad_coefficients
-from .torch_backend import fused_gradient_pass
+from .torch_backend import fused_gradient_pass, tokens_per_chunk
 
 #: Per-call memory for the logits tiles of one chunk of tokens (the policy's, its probabilities, a
 #: temporary, the reference's): 64 MiB is 55 tokens of a 50k vocabulary with a reference head in fp32.
@@ -58,8 +59,8 @@ class _Upstream:
     """The objective's per-token gradient rule for one call: the chunk's statistics in, the coefficients
     of its logit gradient out; it also sums the per-token losses."""
 
-    def __init__(self, token_loss: TokenLoss, inputs: Sequence[Tensor], config: OpConfig, vocab: int):
-        self.token_loss, self.inputs, self.config, self.vocab = token_loss, inputs, config, vocab
+    def __init__(self, token_loss: TokenLoss, inputs: Sequence[Tensor], config: OpConfig, vocab: int, grouped: bool):
+        self.token_loss, self.inputs, self.config, self.vocab, self.grouped = token_loss, inputs, config, vocab, grouped
         self.parts = []
 
     def __call__(self, t0: int, t1: int, fs: ForwardStats) -> GradCoefficients:
@@ -69,9 +70,7 @@ class _Upstream:
             leaves = values._replace(**{k: v.detach().requires_grad_() for k, v in values._asdict().items()
                                         if v is not None and k != "ref_logp"})
             per_token = self.token_loss(leaves, *(x[t0:t1] for x in self.inputs))
-            if not isinstance(per_token, Tensor) or per_token.shape != (t1 - t0,):
-                raise ValueError(f"token_loss: expected a tensor of shape [{t1 - t0}] (one loss per scored token), "
-                                 f"got {getattr(per_token, 'shape', type(per_token).__name__)}")
+            _check_token_loss(per_token, t1 - t0, self.grouped)
             names = [k for k, v in leaves._asdict().items() if v is not None and v.requires_grad]
             grads = [None] * len(names)
             if per_token.requires_grad:
@@ -87,13 +86,13 @@ class _Upstream:
 
 class FusedGradientTorch(torch.autograd.Function):
     """forward(hidden [n, H], weight, bias, targets [n], ref_hidden, ref_weight, ref_bias, config, upstream,
-    budget_bytes) -> (loss, logp, lse, entropy, ref_logp, kl, uniform_nll), the statistics without gradient.
+    chunks) -> (loss, logp, lse, entropy, ref_logp, kl, uniform_nll), the statistics without gradient.
     Saved for backward: the objective's d hidden, d weight, d bias (nothing else)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config, upstream, budget_bytes):
+    def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config, upstream, chunks):
         stats, grad_hidden, grad_weight, grad_bias = fused_gradient_pass(
-            hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config, upstream, budget_bytes,
+            hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config, upstream, chunks,
             *ctx.needs_input_grad[:3])
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         values = [empty_stat(stats.lse) if v is None else v
@@ -109,6 +108,26 @@ class FusedGradientTorch(torch.autograd.Function):
         if g_loss is not None and not bool(g_loss == 1):
             grads = [None if g is None else g * g_loss.to(g.dtype) for g in grads]
         return (*grads,) + (None,) * 7
+
+
+def _check_token_loss(loss, tokens: int, grouped: bool) -> None:
+    if not isinstance(loss, Tensor) or (not grouped and loss.shape != (tokens,)):
+        expected = "a tensor" if grouped else f"a tensor of shape [{tokens}] (one loss per scored token)"
+        raise ValueError(f"token_loss: expected {expected}, got {getattr(loss, 'shape', type(loss).__name__)}")
+
+
+def _chunks(group_sizes: Sequence[int], limit: int) -> List[Tuple[int, int]]:
+    """Consecutive groups of tokens packed greedily into chunks of at most ``limit`` tokens (a group is
+    never split; every group fits)."""
+    chunks, start, end = [], 0, 0
+    for size in group_sizes:
+        if end + size - start > limit:
+            chunks.append((start, end))
+            start = end
+        end += size
+    if end > start:
+        chunks.append((start, end))
+    return chunks
 
 
 def _partitioned(t: Optional[Tensor]) -> bool:
@@ -136,6 +155,7 @@ def linear_objective(
     backend: str = "auto",
     budget_bytes: Optional[int] = None,
     fused_gradient: bool = True,
+    groups: Optional[Tensor] = None,
 ) -> ObjectiveOutput:
     """``loss = sum over scored tokens t of token_loss(stats_t, *token_inputs_t)``, with its gradient formed
     in the forward pass (3 matrix products for a trainable head) where it applies.
@@ -147,6 +167,14 @@ def linear_objective(
     treat tokens independently: a normalisation over the batch (a token mean, a per-sequence mean) goes
     in as a per-token weight among ``token_inputs`` or as a constant, computed from the targets before
     the call, so that the gradient formed in the forward is the exact one.
+
+    Objectives on whole sequences (DPO's per-pair sums) pass ``groups``, an integer tensor shaped like
+    ``targets`` (a pair's id at each of its positions): every chunk then holds whole groups, and
+    ``token_loss`` may return any tensor whose sum is the chunk's share of the loss (it finds each token's
+    sequence among its ``token_inputs``); tokens of one group never straddle two chunks. Where the largest
+    group does not fit the budget, the call recomputes (memory first; a larger ``budget_bytes`` trades it).
+    ``token_loss`` also runs once on all scored tokens together on the recompute path, so groups without
+    any scored token never reach it: their share of the loss is the caller's.
 
     The other arguments are those of :func:`prefopt.linear_logprobs`. ``token_inputs`` are tensors shaped
     like ``targets`` (per position; detached: they get no gradient). ``budget_bytes`` bounds the logits
@@ -167,26 +195,50 @@ def linear_objective(
         budget_bytes = DEFAULT_BUDGET_BYTES
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0:
         raise ValueError(f"budget_bytes: expected a positive int (bytes), got {budget_bytes!r}")
+    if groups is not None and (not isinstance(groups, Tensor) or groups.shape != targets.shape
+                               or groups.is_floating_point() or groups.is_complex()):
+        raise ValueError(f"groups: expected an integer tensor of shape {list(targets.shape)} like targets, "
+                         f"got {getattr(groups, 'dtype', type(groups).__name__)} {getattr(groups, 'shape', '')}")
     inputs = [x.detach() for x in token_inputs]
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    applies = (fused_gradient and wants_grad and resolve_backend(backend, hidden.device) == "torch"
-               and not (_partitioned(weight) or _partitioned(bias)))
     common = dict(bias=bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
                   ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, backend=backend)
-    if not applies:
+    packed = chunks = None
+    if (fused_gradient and wants_grad and resolve_backend(backend, hidden.device) == "torch"
+            and not (_partitioned(weight) or _partitioned(bias))):
+        packed = pack_inputs(hidden, weight, targets, kl=kl, capturable=False, **common)
+        limit = tokens_per_chunk(weight.shape[0], packed.stat_dtype, ref_hidden is not None, softcap is not None,
+                                 budget_bytes)
+        n = packed.targets.shape[0]
+        chunks = [(t0, min(t0 + limit, n)) for t0 in range(0, n, limit)]
+        if groups is not None:
+            packed, sizes = _grouped(packed, groups)
+            chunks = _chunks(sizes, limit) if max(sizes, default=0) <= limit else None
+    if chunks is None:
         stats = linear_logprobs(hidden, weight, targets, entropy=entropy, kl=kl, uniform_nll=uniform_nll, **common)
         valid = targets != ignore_index
         scored = TokenStats(*(None if s is None else s[valid] for s in stats))
         per_token = token_loss(scored, *(x[valid] for x in inputs))
+        _check_token_loss(per_token, int(valid.sum()), groups is not None)
         detached = TokenStats(*(None if s is None else s.detach() for s in stats))
         return ObjectiveOutput(per_token.sum(), detached, RECOMPUTE)
 
     PATH_COUNTS[FUSED_GRADIENT] += 1
-    packed = pack_inputs(hidden, weight, targets, kl=kl, capturable=False, **common)
     config = OpConfig(float(temperature), None if softcap is None else float(softcap), entropy, kl, uniform_nll)
-    upstream = _Upstream(token_loss, [packed.pack(x) for x in inputs], config, weight.shape[0])
+    upstream = _Upstream(token_loss, [packed.pack(x) for x in inputs], config, weight.shape[0], groups is not None)
     loss, *values = FusedGradientTorch.apply(packed.hidden, weight, bias, packed.targets, packed.ref_hidden,
-                                             packed.ref_weight, packed.ref_bias, config, upstream, budget_bytes)
+                                             packed.ref_weight, packed.ref_bias, config, upstream, chunks)
     asked = (True, True, entropy, ref_hidden is not None, kl, uniform_nll)
     stats = TokenStats(*(packed.unpack(v) if wanted else None for v, wanted in zip(values, asked)))
     return ObjectiveOutput(loss, stats, FUSED_GRADIENT)
+
+
+def _grouped(packed: PackedInputs, groups: Tensor) -> Tuple[PackedInputs, List[int]]:
+    """The scored tokens reordered so that each group's are consecutive (stable: in order within a group),
+    and the size of each group in that order."""
+    ids = packed.pack(groups)
+    order = torch.argsort(ids, stable=True)
+    sizes = torch.unique_consecutive(ids.index_select(0, order), return_counts=True)[1].tolist()
+    take = lambda t: None if t is None else t.index_select(0, order)  # noqa: E731
+    return packed._replace(hidden=take(packed.hidden), targets=take(packed.targets),
+                           ref_hidden=take(packed.ref_hidden), index=take(packed.index)), sizes

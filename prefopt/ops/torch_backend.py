@@ -13,7 +13,7 @@ accumulates ``M' = sum_{v != y} p_v f_v W_v`` per token (f is the softcap deriva
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -266,10 +266,10 @@ def tokens_per_chunk(vocab: int, dtype: torch.dtype, reference: bool, softcap: b
 
 
 def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config: OpConfig, upstream,
-                        budget_bytes: int, want_h: bool, want_w: bool, want_b: bool):
-    """The 3-product pass: per chunk of tokens, the whole-vocabulary logits tile, the statistics, the
-    objective's per-token gradient (``upstream(t0, t1, ForwardStats of the chunk) -> GradCoefficients``)
-    and, while the tile is live, d hidden and the chunk's share of d weight / d bias.
+                        chunks: Sequence[Tuple[int, int]], want_h: bool, want_w: bool, want_b: bool):
+    """The 3-product pass: per chunk ``[t0, t1)`` of tokens, the whole-vocabulary logits tile, the
+    statistics, the objective's per-token gradient (``upstream(t0, t1, ForwardStats of the chunk) ->
+    GradCoefficients``) and, while the tile is live, d hidden and the chunk's share of d weight / d bias.
 
     Returns ``(ForwardStats of every token, d hidden, d weight, d bias)``; the gradients are those of the
     objective itself (not yet scaled by an incoming gradient), in the dtype of their input.
@@ -278,7 +278,6 @@ def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, r
     vocab = weight.shape[0]
     dtype = compute_dtype(hidden.dtype)
     want_ref = ref_hidden is not None
-    chunk = tokens_per_chunk(vocab, dtype, want_ref, config.softcap is not None, budget_bytes)
 
     def new():
         return hidden.new_zeros(n, dtype=dtype)
@@ -289,8 +288,7 @@ def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, r
     grad_hidden = hidden.new_empty(n, hidden_size) if want_h else None
     grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if want_w else None
     grad_bias = torch.zeros(vocab, dtype=dtype, device=weight.device) if want_b else None
-    for t0 in range(0, n, chunk):
-        t1 = min(t0 + chunk, n)
+    for t0, t1 in chunks:
         h, y = hidden[t0:t1], targets[t0:t1]
         z, tanh = logits_tile(h, weight, bias, config, dtype)
         stats.target_logit[t0:t1] = z.gather(1, y[:, None]).squeeze(1)
