@@ -70,7 +70,7 @@ class FusedLoss(nn.Module):
         fused_gradient: form the gradients in the forward pass (:func:`prefopt.linear_objective`: 3 matrix
             products for a trainable head instead of 4) where the loss allows it; False always recomputes.
         budget_bytes: memory for the logits tiles of one chunk of tokens on that path (None: the op's
-            default, :data:`prefopt.ops.objective.DEFAULT_BUDGET_BYTES`).
+            default, :func:`prefopt.ops.objective.default_budget_bytes`).
     """
 
     unit = "tokens"

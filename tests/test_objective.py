@@ -191,3 +191,34 @@ def test_bad_arguments_name_themselves():
         linear_objective(h, w, y, None)
     with pytest.raises(ValueError, match="token_loss: expected a tensor of shape"):
         linear_objective(h, w, y, lambda s: s.logp.sum(), backend="torch")
+
+
+def test_default_budget_is_half_the_head_gradient_within_bounds():
+    from prefopt.ops.objective import DEFAULT_BUDGET_BYTES, MIN_BUDGET_BYTES, default_budget_bytes
+
+    assert default_budget_bytes(torch.empty(8192, 256)) == MIN_BUDGET_BYTES  # 8 MiB gradient: the floor
+    assert default_budget_bytes(torch.empty(32000, 256)) == 32000 * 256 * 2
+    assert default_budget_bytes(torch.empty(50000, 1024)) == DEFAULT_BUDGET_BYTES
+
+
+def test_groups_stay_whole_and_must_be_integers(seed):
+    h, w, b, y, _ = make_inputs(rows=4, length=5, ignore_fraction=0.0, reference=False)
+    rows = torch.arange(4)[:, None].expand(y.shape)
+    seen = []
+
+    def row_loss(stats, row):
+        seen.append(row.clone())
+        return -stats.logp
+
+    # 2 rows (10 tokens) per chunk, rows 0 and 2 grouped: chunks hold {0, 2} and {1, 3}.
+    budget = 10 * 53 * 4 * 3
+    out = linear_objective(h, w, y, row_loss, token_inputs=[rows], groups=rows % 2, backend="torch",
+                           budget_bytes=budget)
+    assert out.path == FUSED_GRADIENT
+    assert [sorted(set(r.tolist())) for r in seen] == [[0, 2], [1, 3]]
+    h64, w64 = h.detach().double(), w.detach().double()
+    assert_close(out.stats.logp, oracle_linear_logprobs(h64, w64, y).logp, 2e-5, "logp", seed)
+    assert linear_objective(h, w, y, row_loss, token_inputs=[rows], groups=rows, backend="torch",
+                            budget_bytes=4 * 53 * 4 * 3).path == RECOMPUTE  # a 5-token group over a 4-token budget
+    with pytest.raises(ValueError, match="groups: expected an integer tensor"):
+        linear_objective(h, w, y, row_loss, token_inputs=[rows], groups=rows.float())

@@ -26,9 +26,17 @@ from . import (FUSED_GRADIENT, PATH_COUNTS, RECOMPUTE, PackedInputs, TokenStats,
 from .common import ForwardStats, GradCoefficients, OpConfig, empty_stat, logit_grad_coefficients
 from .torch_backend import fused_gradient_pass, tokens_per_chunk
 
-#: Per-call memory for the logits tiles of one chunk of tokens (the policy's, its probabilities, a
-#: temporary, the reference's): 64 MiB is 55 tokens of a 50k vocabulary with a reference head in fp32.
+#: The most memory the logits tiles of one chunk of tokens take by default (see :func:`default_budget_bytes`).
 DEFAULT_BUDGET_BYTES = 64 * 2**20
+#: ... and the least (below it the products get too thin to run at speed).
+MIN_BUDGET_BYTES = 4 * 2**20
+
+
+def default_budget_bytes(weight: Tensor) -> int:
+    """Half the size of the head's fp32 gradient, within [MIN_BUDGET_BYTES, DEFAULT_BUDGET_BYTES]: the
+    weight gradient every path must produce stays the larger part of the op's peak memory."""
+    return min(DEFAULT_BUDGET_BYTES, max(MIN_BUDGET_BYTES, weight.numel() * 4 // 2))
+
 
 #: ``token_loss(stats, *token_inputs) -> [n]``: each scored token's share of the loss (see linear_objective).
 TokenLoss = Callable[..., Tensor]
@@ -178,7 +186,7 @@ def linear_objective(
 
     The other arguments are those of :func:`prefopt.linear_logprobs`. ``token_inputs`` are tensors shaped
     like ``targets`` (per position; detached: they get no gradient). ``budget_bytes`` bounds the logits
-    tiles of one chunk of tokens (default :data:`DEFAULT_BUDGET_BYTES`; at least one token per chunk);
+    tiles of one chunk of tokens (default :func:`default_budget_bytes`; at least one token per chunk);
     ``fused_gradient=False`` forces the recompute path.
 
     Returns :class:`ObjectiveOutput`. Backward of the fused-gradient path scales the stored gradients by
@@ -192,7 +200,7 @@ def linear_objective(
             raise ValueError(f"token_inputs[{i}]: expected a tensor of shape {list(targets.shape)} like targets, "
                              f"got {getattr(x, 'shape', type(x).__name__)}")
     if budget_bytes is None:
-        budget_bytes = DEFAULT_BUDGET_BYTES
+        budget_bytes = default_budget_bytes(weight)
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0:
         raise ValueError(f"budget_bytes: expected a positive int (bytes), got {budget_bytes!r}")
     if groups is not None and (not isinstance(groups, Tensor) or groups.shape != targets.shape
