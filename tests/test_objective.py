@@ -211,7 +211,7 @@ def test_groups_stay_whole_and_must_be_integers(seed):
         return -stats.logp
 
     # 2 rows (10 tokens) per chunk, rows 0 and 2 grouped: chunks hold {0, 2} and {1, 3}.
-    budget = 10 * 53 * 4 * 3
+    budget = 10 * 53 * 4 * 2
     out = linear_objective(h, w, y, row_loss, token_inputs=[rows], groups=rows % 2, backend="torch",
                            budget_bytes=budget)
     assert out.path == FUSED_GRADIENT
@@ -219,6 +219,6 @@ def test_groups_stay_whole_and_must_be_integers(seed):
     h64, w64 = h.detach().double(), w.detach().double()
     assert_close(out.stats.logp, oracle_linear_logprobs(h64, w64, y).logp, 2e-5, "logp", seed)
     assert linear_objective(h, w, y, row_loss, token_inputs=[rows], groups=rows, backend="torch",
-                            budget_bytes=4 * 53 * 4 * 3).path == RECOMPUTE  # a 5-token group over a 4-token budget
+                            budget_bytes=4 * 53 * 4 * 2).path == RECOMPUTE  # a 5-token group over a 4-token budget
     with pytest.raises(ValueError, match="groups: expected an integer tensor"):
         linear_objective(h, w, y, row_loss, token_inputs=[rows], groups=rows.float())

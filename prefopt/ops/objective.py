@@ -211,12 +211,12 @@ def linear_objective(
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     common = dict(bias=bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
                   ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, backend=backend)
+    config = OpConfig(float(temperature), None if softcap is None else float(softcap), entropy, kl, uniform_nll)
     packed = chunks = None
     if (fused_gradient and wants_grad and resolve_backend(backend, hidden.device) == "torch"
             and not (_partitioned(weight) or _partitioned(bias))):
         packed = pack_inputs(hidden, weight, targets, kl=kl, capturable=False, **common)
-        limit = tokens_per_chunk(weight.shape[0], packed.stat_dtype, ref_hidden is not None, softcap is not None,
-                                 budget_bytes)
+        limit = tokens_per_chunk(weight.shape[0], packed.stat_dtype, config, ref_hidden is not None, budget_bytes)
         n = packed.targets.shape[0]
         chunks = [(t0, min(t0 + limit, n)) for t0 in range(0, n, limit)]
         if groups is not None:
@@ -232,7 +232,6 @@ def linear_objective(
         return ObjectiveOutput(per_token.sum(), detached, RECOMPUTE)
 
     PATH_COUNTS[FUSED_GRADIENT] += 1
-    config = OpConfig(float(temperature), None if softcap is None else float(softcap), entropy, kl, uniform_nll)
     upstream = _Upstream(token_loss, [packed.pack(x) for x in inputs], config, weight.shape[0], groups is not None)
     loss, *values = FusedGradientTorch.apply(packed.hidden, weight, bias, packed.targets, packed.ref_hidden,
                                              packed.ref_weight, packed.ref_bias, config, upstream, chunks)

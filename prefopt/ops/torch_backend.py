@@ -258,10 +258,12 @@ def _row_dot(a: Tensor, b: Tensor) -> Tensor:
     return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
 
 
-def tokens_per_chunk(vocab: int, dtype: torch.dtype, reference: bool, softcap: bool, budget_bytes: int) -> int:
-    """Tokens whose whole-vocabulary tiles fit ``budget_bytes``: the logits, their probabilities and one
-    temporary, plus the reference's logits and its log-sum-exp temporary, plus tanh under softcap."""
-    tiles = 3 + (2 if reference else 0) + (1 if softcap else 0)
+def tokens_per_chunk(vocab: int, dtype: torch.dtype, config: OpConfig, reference: bool, budget_bytes: int) -> int:
+    """Tokens whose whole-vocabulary tiles in :func:`fused_gradient_pass` fit ``budget_bytes``: the
+    probabilities (in the logits' storage unless E_p[z] or the entropy / KL gradients need the logits too)
+    and one temporary, the reference's logits (and a log-sum-exp temporary when the KL keeps them), tanh
+    under softcap."""
+    tiles = 2 + config.needs_mean_logit + (1 + config.kl if reference else 0) + (config.softcap is not None)
     return max(1, budget_bytes // (vocab * torch.finfo(dtype).bits // 8 * tiles))
 
 
@@ -295,7 +297,8 @@ def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, r
         if stats.logit_sum is not None:
             stats.logit_sum[t0:t1] = z.sum(1)
         shift = _finite_or_zero(z.amax(1))
-        p = (z - shift[:, None]).exp_()
+        # The logits are read after p exists only for E_p[z] (and then the entropy / KL gradients).
+        p = (z - shift[:, None]).exp_() if config.needs_mean_logit else z.sub_(shift[:, None]).exp_()
         total = p.sum(1)
         p.div_(total[:, None])
         stats.lse[t0:t1] = shift + total.log()
@@ -305,9 +308,12 @@ def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, r
         if want_ref:
             zr, _ = logits_tile(ref_hidden[t0:t1], ref_weight, ref_bias, config, dtype)
             stats.ref_target_logit[t0:t1] = zr.gather(1, y[:, None]).squeeze(1)
-            stats.ref_lse[t0:t1] = torch.logsumexp(zr, 1)
-            if stats.mean_ref_logit is not None:
+            if config.kl:  # the KL gradient reads the reference logits again
+                stats.ref_lse[t0:t1] = torch.logsumexp(zr, 1)
                 stats.mean_ref_logit[t0:t1] = _row_dot(p, zr)
+            else:
+                stats.ref_lse[t0:t1] = _tile_logsumexp_(zr, zr.amax(1))
+                zr = None
         coef = upstream(t0, t1, ForwardStats(*(None if s is None else s[t0:t1] for s in (
             stats.lse, stats.target_logit, stats.mean_logit, stats.logit_sum, stats.ref_lse, stats.ref_target_logit,
             stats.mean_ref_logit))))
