@@ -193,12 +193,12 @@ def test_bad_arguments_name_themselves():
         linear_objective(h, w, y, lambda s: s.logp.sum(), backend="torch")
 
 
-def test_default_budget_is_half_the_head_gradient_within_bounds():
+def test_default_budget_is_the_head_gradient_within_bounds():
     from prefopt.ops.objective import DEFAULT_BUDGET_BYTES, MIN_BUDGET_BYTES, default_budget_bytes
 
-    assert default_budget_bytes(torch.empty(8192, 256)) == MIN_BUDGET_BYTES  # 8 MiB gradient: the floor
-    assert default_budget_bytes(torch.empty(32000, 256)) == 32000 * 256 * 2
-    assert default_budget_bytes(torch.empty(50000, 1024)) == DEFAULT_BUDGET_BYTES
+    assert default_budget_bytes(torch.empty(1000, 256)) == MIN_BUDGET_BYTES  # a 1 MiB gradient: the floor
+    assert default_budget_bytes(torch.empty(8192, 256)) == 8192 * 256 * 4
+    assert default_budget_bytes(torch.empty(32000, 1024)) == DEFAULT_BUDGET_BYTES
 
 
 def test_groups_stay_whole_and_must_be_integers(seed):
