@@ -319,7 +319,8 @@ def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, r
             stats.mean_ref_logit))))
         rows = torch.arange(t1 - t0, device=hidden.device)
         grad = logit_grad_(p, z, zr, tanh, coef, rows, y, config)
-        del z, zr, tanh
+        # Only the gradient tile stays (in p's storage); nothing of this chunk may outlive it (below).
+        del z, zr, tanh, p
         if want_h:
             if h.dtype == dtype == weight.dtype:
                 torch.mm(grad, weight, out=grad_hidden[t0:t1])
@@ -332,5 +333,6 @@ def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, r
                 grad_weight += (grad.T.to(h.dtype) @ h).to(dtype)
         if want_b:
             grad_bias += grad.sum(0)
+        del grad  # before the next chunk's tiles exist
     return (stats, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype))
