@@ -136,6 +136,7 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
         run_lse, run_ref_lse = run_max.clone(), run_max.clone()
         for v0 in range(0, vocab, chunk_v):
             v1 = min(v0 + chunk_v, vocab)
+            z = tanh = e = zr = weights = None  # the previous tile's, freed before this one exists
             z, tanh = logits_tile(h, weight[v0:v1], None if bias is None else bias[v0:v1], config, dtype)
             rows, cols = _target_columns(y, v0, v1)
             target_logit[t0 + rows] = z[rows, cols]
@@ -218,6 +219,7 @@ def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, 
         for t0 in range(0, n, chunk_t):
             t1 = min(t0 + chunk_t, n)
             h = hidden[t0:t1]
+            z = tanh = p = grad = None  # the previous tile's, freed before this one exists
             z, tanh = logits_tile(h, w, b, config, dtype)
             zr = None
             if coef.c2 is not None:
