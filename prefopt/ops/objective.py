@@ -114,7 +114,7 @@ class FusedGradientTorch(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("linear_objective: double backward (create_graph=True) is not supported by the fused op")
         grads = ctx.saved_tensors
-        if g_loss is not None and not bool(g_loss == 1):
+        if not bool(g_loss == 1):  # g_loss is materialised: 0 when only the statistics were used
             grads = [None if g is None else g * g_loss.to(g.dtype) for g in grads]
         return (*grads,) + (None,) * 7
 
