@@ -82,14 +82,15 @@ def logit_grad_(p: Tensor, z: Tensor, zr: Optional[Tensor], tanh: Optional[Tenso
 
     ``dz = a onehot + p (c0 + c1 z + c2 zr) + c3``, then the softcap and temperature derivatives; ``p`` is
     the tile's probabilities, ``coef`` the tile's rows, ``(rows, cols)`` the tile entries of the targets.
-    ``z`` and ``zr`` are overwritten when c1 / c2 are live (they are fresh tiles, not needed afterwards).
+    ``z`` is overwritten when c1 / c2 are live (a fresh tile, not needed afterwards).
     """
     if coef.c1 is None and coef.c2 is None:
         grad = p.mul_(coef.c0[:, None])
     else:
-        inner = z.mul_(coef.c1[:, None]).add_(coef.c0[:, None])
+        # one pass per term, in the logits' storage
+        inner = torch.addcmul(coef.c0[:, None], z, coef.c1[:, None], out=z)
         if coef.c2 is not None:
-            inner.add_(zr.mul_(coef.c2[:, None]))
+            inner.addcmul_(zr, coef.c2[:, None])
         grad = p.mul_(inner)
     if coef.c3 is not None:
         grad.add_(coef.c3[:, None])
