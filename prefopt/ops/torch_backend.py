@@ -303,9 +303,9 @@ def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, r
         # The logits are read after p exists only for E_p[z] (and then the entropy / KL gradients).
         p = (z - shift[:, None]).exp_() if config.needs_mean_logit else z.sub_(shift[:, None]).exp_()
         total = p.sum(1)
-        p.div_(total[:, None])
         stats.lse[t0:t1] = shift + total.log()
-        if stats.mean_logit is not None:
+        if config.needs_mean_logit:
+            p.div_(total[:, None])
             stats.mean_logit[t0:t1] = _row_dot(p, z)
         zr = None
         if want_ref:
@@ -320,6 +320,9 @@ def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, r
         coef = upstream(t0, t1, ForwardStats(*(None if s is None else s[t0:t1] for s in (
             stats.lse, stats.target_logit, stats.mean_logit, stats.logit_sum, stats.ref_lse, stats.ref_target_logit,
             stats.mean_ref_logit))))
+        if not config.needs_mean_logit:
+            # p is still exp(z - max), unnormalised; without c1 / c2 the 1 / sum folds into c0 (one pass fewer).
+            coef = coef._replace(c0=coef.c0 / total)
         rows = torch.arange(t1 - t0, device=hidden.device)
         grad = logit_grad_(p, z, zr, tanh, coef, rows, y, config)
         # Only the gradient tile stays (in p's storage); nothing of this chunk may outlive it (below).
