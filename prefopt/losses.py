@@ -100,17 +100,6 @@ class FusedLoss(nn.Module):
             return int(mask.any(-1).sum())
         return targets.shape[0] // 2
 
-    def token_stats(self, weight, hidden, targets, bias=None, ref_hidden=None, ref_weight=None, ref_bias=None,
-                    **flags) -> Tuple[TokenStats, Tensor]:
-        """Run the fused op; returns the per-token statistics and the (aligned) mask of scored tokens."""
-        targets = self.align(targets, self.ignore_index)
-        stats = linear_logprobs(
-            hidden, weight, targets, bias=bias, ignore_index=self.ignore_index, temperature=self.temperature,
-            softcap=self.softcap, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
-            backend=self.backend, **flags,
-        )
-        return stats, targets != self.ignore_index
-
     def objective_pass(self, weight, hidden, targets, token_loss, token_inputs=(), bias=None, ref_hidden=None,
                        ref_weight=None, ref_bias=None, **flags) -> ObjectiveOutput:
         """Run :func:`prefopt.linear_objective` on the (aligned) targets: the loss ``sum_t token_loss``,
