@@ -413,7 +413,8 @@ class FusedGRPOLoss(FusedLoss):
 
     ``old_logps`` / ``ref_logps`` are per-position tensors shaped like ``targets`` (shifted with them when
     ``shift=True``); their values at ignored positions never reach the loss or its gradient (padding may
-    carry ``-inf`` there). Without ``old_logps`` the step is on-policy (``rho = 1`` with its gradient).
+    carry ``-inf`` there); neither gets a gradient. Without ``old_logps`` the step is on-policy (``rho = 1``
+    with its gradient).
     The reference comes as ``ref_logps`` or as hidden states (``ref_hidden``, same fused pass).
     Metrics: ``kl`` (mean k3), ``clip_fraction`` (TRL's ``clip_ratio/region_mean``), ``ratio``.
 
