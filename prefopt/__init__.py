@@ -55,11 +55,12 @@ from .losses import (  # noqa: E402
     sequence_logps,
 )
 from .ops import TokenStats, linear_logprobs  # noqa: E402
+from .ops.objective import ObjectiveOutput, linear_objective  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "linear_logprobs", "TokenStats", "sequence_logps", "LossOutput", "FusedLoss", "objectives",
+    "linear_logprobs", "linear_objective", "ObjectiveOutput", "TokenStats", "sequence_logps", "LossOutput", "FusedLoss", "objectives",
     "FusedDPOLoss", "FusedCWDPOLoss", "FusedSimPOLoss", "FusedORPOLoss", "FusedSFTCLoss", "FusedSFTLoss",
     "FusedNSFTLoss", "FusedGRPOLoss",
     "fused_dpo_loss", "fused_cwdpo_loss", "fused_simpo_loss", "fused_orpo_loss", "fused_sftc_loss",

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from . import objectives
 from .ops import TokenStats, linear_logprobs
+from .ops.objective import ObjectiveOutput, linear_objective
 
 
 class LossOutput(NamedTuple):
@@ -66,18 +67,25 @@ class FusedLoss(nn.Module):
         shift: targets are Hugging Face labels (``hidden[:, t]`` predicts ``targets[:, t + 1]``);
             False means they are already aligned with ``hidden``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`prefopt.linear_logprobs`).
+        fused_gradient: form the gradients in the forward pass (:func:`prefopt.linear_objective`: 3 matrix
+            products for a trainable head instead of 4) where the loss allows it; False always recomputes.
+        budget_bytes: memory for the logits tiles of one chunk of tokens on that path (None: the op's
+            default, :func:`prefopt.ops.objective.default_budget_bytes`).
     """
 
     unit = "tokens"
 
     def __init__(self, *, ignore_index: int = -100, temperature: float = 1.0, softcap: Optional[float] = None,
-                 shift: bool = False, backend: str = "auto"):
+                 shift: bool = False, backend: str = "auto", fused_gradient: bool = True,
+                 budget_bytes: Optional[int] = None):
         super().__init__()
         self.ignore_index = ignore_index
         self.temperature = temperature
         self.softcap = softcap
         self.shift = shift
         self.backend = backend
+        self.fused_gradient = fused_gradient
+        self.budget_bytes = budget_bytes
 
     def align(self, per_token: Tensor, fill) -> Tensor:
         """Shift a per-position tensor like the targets when ``shift`` is on."""
@@ -92,16 +100,16 @@ class FusedLoss(nn.Module):
             return int(mask.any(-1).sum())
         return targets.shape[0] // 2
 
-    def token_stats(self, weight, hidden, targets, bias=None, ref_hidden=None, ref_weight=None, ref_bias=None,
-                    **flags) -> Tuple[TokenStats, Tensor]:
-        """Run the fused op; returns the per-token statistics and the (aligned) mask of scored tokens."""
-        targets = self.align(targets, self.ignore_index)
-        stats = linear_logprobs(
-            hidden, weight, targets, bias=bias, ignore_index=self.ignore_index, temperature=self.temperature,
-            softcap=self.softcap, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
-            backend=self.backend, **flags,
+    def objective_pass(self, weight, hidden, targets, token_loss, token_inputs=(), bias=None, ref_hidden=None,
+                       ref_weight=None, ref_bias=None, **flags) -> ObjectiveOutput:
+        """Run :func:`prefopt.linear_objective` on the (aligned) targets: the loss ``sum_t token_loss``,
+        its gradient formed in the forward pass where it applies. ``token_inputs`` are aligned already."""
+        return linear_objective(
+            hidden, weight, self.align(targets, self.ignore_index), token_loss, token_inputs=token_inputs, bias=bias,
+            ignore_index=self.ignore_index, temperature=self.temperature, softcap=self.softcap, ref_hidden=ref_hidden,
+            ref_weight=ref_weight, ref_bias=ref_bias, backend=self.backend, budget_bytes=self.budget_bytes,
+            fused_gradient=self.fused_gradient, **flags,
         )
-        return stats, targets != self.ignore_index
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "training")
@@ -165,26 +173,45 @@ class PairedLoss(FusedLoss):
             raise ValueError(f"ref_hidden/ref_logps: {type(self).__name__} needs the reference policy")
         if ref_logps is not None and ref_logps.shape != (hidden.shape[0],):
             raise ValueError(f"ref_logps: expected shape [{hidden.shape[0]}] (one per row), got {list(ref_logps.shape)}")
-        stats, mask = self.token_stats(weight, hidden, targets, bias, ref_hidden, ref_weight, ref_bias, **self.stat_flags())
-        half = hidden.shape[0] // 2
-        logps, lengths = stats.logp.sum(-1), mask.sum(-1)
-        if stats.ref_logp is not None:
-            ref_logps = stats.ref_logp.sum(-1)
-        if ref_logps is not None:
-            ref_logps = ref_logps.detach().to(logps.dtype)
-        uniform = stats.uniform_nll.sum(-1)[:half] if stats.uniform_nll is not None else None
-        pairs = PairStats(
-            logps[:half], logps[half:], lengths[:half], lengths[half:],
-            None if ref_logps is None else ref_logps[:half], None if ref_logps is None else ref_logps[half:],
-            uniform,
-        )
-        per_pair, metrics = self.objective(pairs)
-        loss = per_pair.sum() / (num_items_in_batch if num_items_in_batch is not None else half)
-        metrics = {k: v.detach().float().mean() for k, v in metrics.items()}
+        rows, half = hidden.shape[0], hidden.shape[0] // 2
+        lengths = (self.align(targets, self.ignore_index) != self.ignore_index).sum(-1)
+        divisor = num_items_in_batch if num_items_in_batch is not None else half
+        row_ids = torch.arange(rows, device=targets.device)[:, None].expand(targets.shape)
+
+        def pair_stats(logps: Tensor, refs: Optional[Tensor], uniform: Optional[Tensor], pairs: Tensor) -> PairStats:
+            """The per-row sums ``[2B]`` of ``pairs`` (indices of pairs) as PairStats."""
+            if ref_logps is not None:
+                refs = ref_logps.detach().to(logps.dtype)
+            take = lambda t, offset: None if t is None else t.index_select(0, pairs + offset)  # noqa: E731
+            return PairStats(take(logps, 0), take(logps, half), take(lengths, 0), take(lengths, half),
+                             take(refs, 0), take(refs, half), take(uniform, 0))
+
+        def pair_loss(stats: TokenStats, row: Tensor) -> Tensor:
+            # A chunk holds whole pairs: the objective of the pairs present, on their row sums.
+            def row_sums(values):
+                return None if values is None else values.new_zeros(rows).index_add(0, row, values)
+
+            pairs = torch.unique(row % half)
+            per_pair, _ = self.objective(pair_stats(row_sums(stats.logp), row_sums(stats.ref_logp),
+                                                    row_sums(stats.uniform_nll), pairs))
+            return per_pair / divisor
+
+        out = self.objective_pass(weight, hidden, targets, pair_loss, [row_ids], bias, ref_hidden, ref_weight, ref_bias,
+                                  groups=row_ids % half, **self.stat_flags())
+        sums = [None if t is None else t.sum(-1) for t in (out.stats.logp, out.stats.ref_logp, out.stats.uniform_nll)]
+        pairs = pair_stats(*sums, torch.arange(half, device=targets.device))
+        with torch.no_grad():
+            per_pair, metrics = self.objective(pairs)
+        loss = out.loss
+        empty = (lengths[:half] + lengths[half:]) == 0
+        if bool(empty.any()):
+            # Pairs without a scored token never reach pair_loss; their loss is a constant.
+            loss = loss + per_pair[empty].sum() / divisor
+        metrics = {k: v.float().mean() for k, v in metrics.items()}
         chosen, rejected = ((pairs.chosen_avg, pairs.rejected_avg) if self.average_logps
                             else (pairs.chosen_logps, pairs.rejected_logps))
-        metrics["logps/chosen"] = chosen.detach().float().mean()
-        metrics["logps/rejected"] = rejected.detach().float().mean()
+        metrics["logps/chosen"] = chosen.float().mean()
+        metrics["logps/rejected"] = rejected.float().mean()
         return LossOutput(loss, metrics)
 
     def objective(self, pairs: PairStats) -> Tuple[Tensor, Dict[str, Tensor]]:
@@ -322,13 +349,18 @@ class FusedSFTLoss(FusedLoss):
 
     def forward(self, weight: Tensor, hidden: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
                 num_items_in_batch: Optional[int] = None) -> LossOutput:
-        stats, mask = self.token_stats(weight, hidden, targets, bias, uniform_nll=self.label_smoothing > 0)
-        nll = -stats.logp
-        if stats.uniform_nll is not None:
-            nll = (1 - self.label_smoothing) * nll + self.label_smoothing * stats.uniform_nll
-        count = mask.sum()
-        loss = nll.sum() / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
-        return LossOutput(loss, {"nll": (-stats.logp.sum() / count.clamp(min=1)).detach()})
+        count = (self.align(targets, self.ignore_index) != self.ignore_index).sum()
+        divisor = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
+        smoothing = self.label_smoothing
+
+        def token_loss(stats: TokenStats) -> Tensor:
+            nll = -stats.logp
+            if smoothing > 0:
+                nll = (1 - smoothing) * nll + smoothing * stats.uniform_nll
+            return nll / divisor
+
+        out = self.objective_pass(weight, hidden, targets, token_loss, bias=bias, uniform_nll=smoothing > 0)
+        return LossOutput(out.loss, {"nll": -out.stats.logp.sum() / count.clamp(min=1)})
 
 
 class FusedNSFTLoss(FusedLoss):
@@ -347,12 +379,16 @@ class FusedNSFTLoss(FusedLoss):
                 ref_bias: Optional[Tensor] = None, num_items_in_batch: Optional[int] = None) -> LossOutput:
         if ref_hidden is None:
             raise ValueError("ref_hidden: FusedNSFTLoss needs the reference hidden states for its per-token KL")
-        stats, mask = self.token_stats(weight, hidden, targets, bias, ref_hidden, ref_weight, ref_bias, kl=True)
-        count = mask.sum().clamp(min=1)
+        count = (self.align(targets, self.ignore_index) != self.ignore_index).sum().clamp(min=1)
         divisor = num_items_in_batch if num_items_in_batch is not None else count
-        nll, kl = -stats.logp.sum() / divisor, stats.kl.sum() / divisor
-        loss = objectives.nsft_loss(nll, kl, kl_coef=self.kl_coef)
-        return LossOutput(loss, {"nll": (-stats.logp.sum() / count).detach(), "kl": (stats.kl.sum() / count).detach()})
+        kl_coef = self.kl_coef
+
+        def token_loss(stats: TokenStats) -> Tensor:
+            return objectives.nsft_loss(-stats.logp, stats.kl, kl_coef=kl_coef) / divisor
+
+        out = self.objective_pass(weight, hidden, targets, token_loss, (), bias, ref_hidden, ref_weight, ref_bias,
+                                  kl=True)
+        return LossOutput(out.loss, {"nll": -out.stats.logp.sum() / count, "kl": out.stats.kl.sum() / count})
 
 
 class FusedGRPOLoss(FusedLoss):
@@ -377,7 +413,8 @@ class FusedGRPOLoss(FusedLoss):
 
     ``old_logps`` / ``ref_logps`` are per-position tensors shaped like ``targets`` (shifted with them when
     ``shift=True``); their values at ignored positions never reach the loss or its gradient (padding may
-    carry ``-inf`` there). Without ``old_logps`` the step is on-policy (``rho = 1`` with its gradient).
+    carry ``-inf`` there); neither gets a gradient. Without ``old_logps`` the step is on-policy (``rho = 1``
+    with its gradient).
     The reference comes as ``ref_logps`` or as hidden states (``ref_hidden``, same fused pass).
     Metrics: ``kl`` (mean k3), ``clip_fraction`` (TRL's ``clip_ratio/region_mean``), ``ratio``.
 
@@ -440,38 +477,55 @@ class FusedGRPOLoss(FusedLoss):
             raise ValueError("ref_logps: give either ref_logps or ref_hidden, not both")
         if num_items_in_batch is not None:
             self.count_items(targets)  # refuses it for bnpo
-        stats, mask = self.token_stats(weight, hidden, targets, bias, ref_hidden, ref_weight, ref_bias)
+        aligned = self.align(targets, self.ignore_index)
+        mask = aligned != self.ignore_index
+        stat_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        # num_items_in_batch is rows for grpo, sapo and dr_grpo, tokens for dapo and cispo (see count_items).
+        given = num_items_in_batch
+        token_weights = objectives.policy_token_weights(
+            mask.to(stat_dtype), loss_type=self.loss_type, max_completion_length=self.max_completion_length,
+            num_sequences=rows.numel() if given is None else given, num_tokens=given)
+        zero = torch.zeros((), dtype=stat_dtype, device=hidden.device)
+        # Padding may carry -inf or huge old/reference log-probs: they are replaced before anything reads
+        # them (and the op never hands ignored positions to the per-token loss).
+        inputs = [advantages.to(stat_dtype)[..., None].expand(aligned.shape), token_weights]
+        for per_token in (old_logps, ref_logps):
+            if per_token is not None:
+                inputs.append(torch.where(mask, self.align(per_token, 0).to(stat_dtype), zero))
+
+        def token_loss(stats: TokenStats, advantage: Tensor, token_weight: Tensor, *given_logps: Tensor) -> Tensor:
+            return self.token_terms(stats, advantage, *given_logps, old_given=old_logps is not None).loss * token_weight
+
+        out = self.objective_pass(weight, hidden, targets, token_loss, inputs, bias, ref_hidden, ref_weight, ref_bias)
+        stats = out.stats
         logps = stats.logp
-        zero = logps.new_zeros(())
-        # Padding may carry -inf or huge old/reference log-probs: replace them before any exp, where the
-        # policy's log-prob is 0 too, so that ignored positions give rho = 1 and k3 = 0 exactly.
-        old = logps.detach() if old_logps is None else torch.where(mask, self.align(old_logps, 0).to(logps.dtype), zero)
-        ref = stats.ref_logp
-        if ref_logps is not None:
-            ref = torch.where(mask, self.align(ref_logps, 0).to(logps.dtype), zero)
+        token = self.token_terms(stats, inputs[0], *inputs[2:], old_given=old_logps is not None)
+        weights = mask.to(stat_dtype)
+        count = weights.sum().clamp(min=1)
+        old = inputs[2] if old_logps is not None else logps
+        metrics = {
+            "clip_fraction": (token.clipped.to(weights.dtype) * weights).sum() / count,
+            "ratio": torch.where(mask, torch.exp(logps - old), zero).sum() / count,
+        }
+        if token.k3 is not None:
+            metrics["kl"] = torch.where(mask, token.k3, zero).sum() / count
+        return LossOutput(out.loss, metrics)
+
+    def token_terms(self, stats: TokenStats, advantage: Tensor, *given_logps: Tensor,
+                    old_given: bool) -> objectives.GRPOTokenLoss:
+        """:func:`prefopt.objectives.grpo_loss` per token, with this module's options: the old log-probs are
+        the first of ``given_logps`` when ``old_given`` (else the policy's, detached: on-policy), the
+        reference's the next one (else the op's ``ref_logp``, or None)."""
+        rest = list(given_logps)
+        old = rest.pop(0) if old_given else stats.logp.detach()
+        ref = rest.pop(0) if rest else stats.ref_logp
         policy_loss = {"cispo": "cispo", "sapo": "sapo"}.get(self.loss_type, "clip")
-        token = objectives.grpo_loss(
-            logps, old, advantages.to(logps.dtype)[..., None], ref, beta=self.beta, epsilon_low=self.epsilon_low,
+        return objectives.grpo_loss(
+            stats.logp, old, advantage, ref, beta=self.beta, epsilon_low=self.epsilon_low,
             epsilon_high=self.epsilon_high, policy_loss=policy_loss, delta=self.delta,
             sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
             use_bias_correction_kl=self.use_bias_correction_kl,
         )
-        per_token = torch.where(mask, token.loss, zero)
-        weights = mask.to(logps.dtype)
-        # num_items_in_batch is rows for grpo, sapo and dr_grpo, tokens for dapo and cispo (see count_items).
-        given = num_items_in_batch
-        loss = objectives.aggregate_policy_loss(
-            per_token.reshape(-1, per_token.shape[-1]), weights.reshape(-1, weights.shape[-1]),
-            loss_type=self.loss_type, max_completion_length=self.max_completion_length,
-            num_sequences=rows.numel() if given is None else given, num_tokens=given)
-        count = weights.sum().clamp(min=1)
-        metrics = {
-            "clip_fraction": ((token.clipped.to(weights.dtype) * weights).sum() / count).detach(),
-            "ratio": (torch.where(mask, torch.exp(logps - old), zero).sum() / count).detach(),
-        }
-        if token.k3 is not None:
-            metrics["kl"] = (torch.where(mask, token.k3, zero).sum() / count).detach()
-        return LossOutput(loss, metrics)
 
 
 def _functional(module_cls) -> Callable[..., LossOutput]:

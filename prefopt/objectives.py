@@ -439,3 +439,36 @@ def aggregate_policy_loss(
     if loss_type == "luspo":
         return masked.sum() / sequences
     raise ValueError(f"loss_type: expected one of {POLICY_LOSS_TYPES}, got {loss_type!r}")
+
+
+def policy_token_weights(
+    mask: Tensor,
+    *,
+    loss_type: str = "dapo",
+    num_sequences: Optional[int] = None,
+    max_completion_length: Optional[int] = None,
+    num_tokens=None,
+) -> Tensor:
+    """Per-token weights ``w [B, T]`` with ``aggregate_policy_loss(l, mask) = sum_{b,t} l * w`` (for ``l``
+    of shape ``[B, T]`` or ``[B, 1]``): the aggregation written as a weighted sum over tokens, known from
+    the mask before any log-prob is computed (so a per-token gradient can be formed chunk by chunk).
+
+    grpo, sapo: ``mask / (max(n_b, 1) S)``; bnpo: ``mask / max(sum mask, 1)``; dr_grpo:
+    ``mask / (S max_completion_length)``; dapo, cispo, vespo: ``mask / max(N, 1)``; luspo: ``mask / S``.
+    """
+    mask = mask.to(torch.get_default_dtype() if not mask.is_floating_point() else mask.dtype)
+    sequences = mask.shape[0] if num_sequences is None else num_sequences
+    if loss_type in ("grpo", "sapo"):
+        return mask / (mask.sum(-1, keepdim=True).clamp(min=1.0) * sequences)
+    if loss_type == "bnpo":
+        return mask / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("max_completion_length: required for loss_type='dr_grpo'")
+        return mask / (sequences * max_completion_length)
+    if loss_type in ("dapo", "cispo", "vespo"):
+        tokens = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=mask.dtype, device=mask.device)
+        return mask / tokens.clamp(min=1.0)
+    if loss_type == "luspo":
+        return mask / sequences
+    raise ValueError(f"loss_type: expected one of {POLICY_LOSS_TYPES}, got {loss_type!r}")

@@ -187,14 +187,19 @@ def test_one_fused_pass_per_call(monkeypatch):
     import prefopt.liger.grpo_loss as grpo
 
     calls = []
-    real = common.linear_logprobs
 
-    def counting(hidden, weight, targets, **kwargs):
-        calls.append((int((targets != kwargs.get("ignore_index", -100)).sum()), kwargs.get("ref_hidden") is not None))
-        return real(hidden, weight, targets, **kwargs)
+    def counted(real):
+        def counting(hidden, weight, targets, *args, **kwargs):
+            scored = int((targets != kwargs.get("ignore_index", -100)).sum())
+            calls.append((scored, kwargs.get("ref_hidden") is not None))
+            return real(hidden, weight, targets, *args, **kwargs)
+        return counting
 
+    counting_op = counted(common.linear_logprobs)
     for module in (common, grpo, paired):
-        monkeypatch.setattr(module, "linear_logprobs", counting)
+        monkeypatch.setattr(module, "linear_logprobs", counting_op)
+    # GRPO's token-level loss takes the op's fused-gradient entry point (one pass as well)
+    monkeypatch.setattr(grpo, "linear_objective", counted(grpo.linear_objective))
     hidden, weight, target = _tiny_pair_batch()
     ours.LigerFusedLinearDPOLoss()(weight, hidden, target, None, hidden + 1, weight)
     assert calls == [(20, True)]

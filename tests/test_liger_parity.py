@@ -22,6 +22,7 @@ from liger_kernel.chunked_loss import functional as liger_functional  # noqa: E4
 from liger_kernel.chunked_loss.dpo_loss import LigerFusedLinearDPOFunction  # noqa: E402
 
 import prefopt.liger as ours  # noqa: E402
+from prefopt.ops import objective  # noqa: E402
 from prefopt.liger import functional as ours_functional  # noqa: E402
 
 TOLERANCES = {torch.float32: (1e-5, 5e-4), torch.bfloat16: (5e-2, 5e-1)}
@@ -363,9 +364,14 @@ def test_grpo_module(loss_type, dtype_name, options, seed):
     theirs_fn = liger_chunked.LigerFusedLinearGRPOLoss(compiled=False, **kwargs)
     ours_fn = ours.LigerFusedLinearGRPOLoss(**kwargs)
     tail = (ref_logps, old, ref_input, ref_weight, None, vllm, num_items)
+    objective.PATH_COUNTS.clear()
     run_both(lambda x, w, b: theirs_fn(x, w, ids, mask, advantages, b, *tail),
              lambda x, w, b: ours_fn(x, w, ids, mask, advantages, b, *tail),
              (hidden, weight, bias), dtype, seed, f"GRPO {loss_type}", frozen)
+    # Token-level importance weights: the gradient is formed in the forward pass; sequence-level ones
+    # (GSPO) and vespo's need whole sequences and recompute.
+    per_token = options.get("importance_sampling_level", "token") == "token" and loss_type != "vespo"
+    assert objective.PATH_COUNTS == {objective.FUSED_GRADIENT if per_token else objective.RECOMPUTE: 1}
 
 
 def test_grpo_functional_positional(seed):

@@ -4,16 +4,26 @@ import torch
 import torch.nn.functional as F
 
 import prefopt
+import prefopt.ops.objective as objective
 import prefopt.ops.torch_backend as torch_backend
 from prefopt.bench.oracle import oracle_linear_logprobs
 from test_op import BACKENDS, assert_close
 
 ROWS, LENGTH, HIDDEN, VOCAB = 4, 6, 12, 31  # 2 pairs
+PATHS = [objective.FUSED_GRADIENT, objective.RECOMPUTE]
 
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     monkeypatch.setitem(torch_backend.CHUNK_SIZES, "cpu", (4, 8))
+    monkeypatch.setattr(objective, "DEFAULT_BUDGET_BYTES", 1)  # one token per chunk on the fused-gradient path
+    objective.PATH_COUNTS.clear()
+
+
+def ran(path, backend="torch"):
+    """Every call of the op took ``path`` (the Triton backend has no fused-gradient path yet: it recomputes)."""
+    expected = objective.RECOMPUTE if backend != "torch" else path
+    return set(objective.PATH_COUNTS) == {expected}
 
 
 def batch(rows=ROWS, length=LENGTH, hidden_size=HIDDEN, vocab=VOCAB):
@@ -81,12 +91,26 @@ PAIRED = {
 }
 
 
+# About one pair's tokens (8 at most) per chunk of the test shapes: whole pairs, several chunks.
+PAIR_BUDGET = 8 * VOCAB * 4 * 3
+
+
+def on_path(module, path, budget=PAIR_BUDGET):
+    """Set a paired loss up for ``path``: the fused gradient with whole pairs per chunk, or a budget no
+    pair fits (which recomputes, as fused_gradient=False does)."""
+    module.fused_gradient = True
+    module.budget_bytes = budget if path == objective.FUSED_GRADIENT else 1
+    return module
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(PAIRED))
 @pytest.mark.parametrize("reference", ["hidden", "logps"])
-def test_paired_loss_matches_reference(name, backend, reference, seed):
+def test_paired_loss_matches_reference(name, backend, reference, path, seed):
     module, formula = PAIRED[name]
     module.backend = backend
+    on_path(module, path)
     h, w, b, y, ref = batch()
     if reference == "hidden":
         out = module(w, h, y, b, **ref)
@@ -94,6 +118,7 @@ def test_paired_loss_matches_reference(name, backend, reference, seed):
         ref_logps = oracle_linear_logprobs(ref["ref_hidden"], ref["ref_weight"], y).logp.sum(-1).float()
         out = module(w, h, y, b, ref_logps=ref_logps)
     out.loss.backward()
+    assert ran(path, backend)
     h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, w, b))
     ref64 = {k: v.double() for k, v in ref.items()}
     expected = formula(pair_terms(h64, w64, b64, y, ref64)).mean()
@@ -103,14 +128,37 @@ def test_paired_loss_matches_reference(name, backend, reference, seed):
         assert_close(got, want, 2e-5, f"{name} d {what}", seed)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", ["dpo", "ipo", "orpo", "cwdpo-live-weight", "sftc"])
-def test_paired_loss_gradcheck(name, seed):
+def test_paired_loss_gradcheck(name, path, seed):
     module, _ = PAIRED[name]
     module.backend = "torch"
+    on_path(module, path, budget=4 * 11 * 8 * 3)  # one pair (4 tokens) of small_batch per float64 chunk
     h, w, b, y, ref = small_batch()
     inputs = tuple(t.detach().double().requires_grad_() for t in (h, w, b))
     ref64 = {k: v.double() for k, v in ref.items()}
     assert torch.autograd.gradcheck(lambda *x: module(x[1], x[0], y, x[2], **ref64).loss, inputs), f"seed {seed}"
+    assert ran(path)
+
+
+@pytest.mark.parametrize("name", ["dpo", "simpo", "sftc"])
+def test_paired_loss_with_an_empty_pair(name, seed):
+    """A pair without any scored token never reaches the per-chunk objective; its (constant) loss still
+    counts, as on the recompute path."""
+    module, _ = PAIRED[name]
+    module.backend = "torch"
+    h, w, b, y, ref = batch()
+    y[[1, 3]] = -100  # pair 1: both rows unscored
+    results = []
+    for path in PATHS:
+        objective.PATH_COUNTS.clear()
+        out = on_path(module, path)(w, h, y, b, **ref)
+        results.append((out.loss, torch.autograd.grad(out.loss, (h, w, b))))
+        assert ran(path)
+    (fused, fused_grads), (recomputed, recomputed_grads) = results
+    assert_close(fused, recomputed, 1e-6, f"{name} loss", seed)
+    for got, want in zip(fused_grads, recomputed_grads):
+        assert_close(got, want, 1e-6, f"{name} gradient", seed)
 
 
 def test_dpo_metrics_use_trl_names(seed):
@@ -149,12 +197,16 @@ def test_cwdpo_reports_its_cooling_weight(seed):
     assert_close(out.metrics["cooling_weight"], cooling(t).mean(), 1e-5, "cooling_weight", seed)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
-def test_sft_loss(backend, label_smoothing, seed):
+def test_sft_loss(backend, label_smoothing, path, seed):
     h, w, b, y, _ = batch()
-    out = prefopt.FusedSFTLoss(label_smoothing=label_smoothing, backend=backend)(w, h, y, b)
+    module = prefopt.FusedSFTLoss(label_smoothing=label_smoothing, backend=backend,
+                                  fused_gradient=path == objective.FUSED_GRADIENT)
+    out = module(w, h, y, b)
     out.loss.backward()
+    assert ran(path, backend)
     h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, w, b))
     s = oracle_linear_logprobs(h64, w64, y, bias=b64)
     expected = ((1 - label_smoothing) * -s.logp + label_smoothing * s.uniform_nll).sum() / (y != -100).sum()
@@ -164,11 +216,14 @@ def test_sft_loss(backend, label_smoothing, seed):
     assert_close(w.grad, w64.grad, 2e-5, "d weight", seed)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nsft_loss(backend, seed):
+def test_nsft_loss(backend, path, seed):
     h, w, b, y, ref = batch()
-    out = prefopt.FusedNSFTLoss(kl_coef=0.3, backend=backend)(w, h, y, b, **ref)
+    module = prefopt.FusedNSFTLoss(kl_coef=0.3, backend=backend, fused_gradient=path == objective.FUSED_GRADIENT)
+    out = module(w, h, y, b, **ref)
     out.loss.backward()
+    assert ran(path, backend)
     h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, w, b))
     s = oracle_linear_logprobs(h64, w64, y, bias=b64, **{k: v.double() for k, v in ref.items()})
     n = (y != -100).sum()
@@ -222,9 +277,10 @@ def grpo_inputs(padding_old=None, padding_ref=None):
     return h, w, b, y, ref, mask, old, ref_logps
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(GRPO_CASES))
-def test_grpo_loss_types(backend, case, seed):
+def test_grpo_loss_types(backend, case, path, seed):
     if backend != "torch" and case not in ("grpo", "dapo"):
         pytest.skip("the Triton backend runs the two aggregations; the formulas are backend-independent")
     options = GRPO_CASES[case]
@@ -232,9 +288,11 @@ def test_grpo_loss_types(backend, case, seed):
     h, w, b, y, ref, mask, old, _ = grpo_inputs()
     advantages = torch.randn(ROWS)
     module = prefopt.FusedGRPOLoss(beta=0.1, epsilon_low=0.2, epsilon_high=options.pop("epsilon_high", 0.28),
-                                   loss_type=loss_type, backend=backend, **options)
+                                   loss_type=loss_type, backend=backend,
+                                   fused_gradient=path == objective.FUSED_GRADIENT, **options)
     out = module(w, h, y, advantages, b, old_logps=old.float(), **ref)
     out.loss.backward()
+    assert ran(path, backend)
     h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, w, b))
     s = oracle_linear_logprobs(h64, w64, y, bias=b64, **{k: v.double() for k, v in ref.items()})
     expected = grpo_reference(s.logp, old.double(), s.ref_logp, advantages.double(), mask, 0.1, 0.2,
@@ -250,16 +308,18 @@ def test_grpo_loss_types(backend, case, seed):
         assert_close(out.metrics["clip_fraction"], (clipped.double() * mask).sum() / mask.sum(), 1e-6, "clip", seed)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("padding", [float("-inf"), -1e4])
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
-def test_grpo_padding_never_reaches_the_loss(padding, loss_type, seed):
+def test_grpo_padding_never_reaches_the_loss(padding, loss_type, path, seed):
     """Old and reference log-probs of -inf or -1e4 at ignored positions: finite loss and gradients, the
     oracle's values (which never reads those positions)."""
     h, w, b, y, ref, mask, old, ref_logps = grpo_inputs(padding, padding)
     advantages = torch.randn(ROWS)
-    out = prefopt.FusedGRPOLoss(beta=0.1, loss_type=loss_type)(w, h, y, advantages, b, old_logps=old.float(),
-                                                                ref_logps=ref_logps.float())
+    module = prefopt.FusedGRPOLoss(beta=0.1, loss_type=loss_type, fused_gradient=path == objective.FUSED_GRADIENT)
+    out = module(w, h, y, advantages, b, old_logps=old.float(), ref_logps=ref_logps.float())
     out.loss.backward()
+    assert ran(path)
     assert torch.isfinite(out.loss) and all(torch.isfinite(v) for v in out.metrics.values()), f"seed {seed}"
     assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all() and torch.isfinite(b.grad).all()
     assert torch.equal(h.grad[y == -100], torch.zeros_like(h.grad[y == -100])), "gradient at padding"
@@ -273,6 +333,20 @@ def test_grpo_padding_never_reaches_the_loss(padding, loss_type, seed):
     assert_close(out.loss, expected, 2e-5, "loss", seed)
     assert_close(h.grad, h64.grad, 2e-5, "d hidden", seed)
     assert_close(w.grad, w64.grad, 2e-5, "d weight", seed)
+
+
+@pytest.mark.parametrize("loss_type", prefopt.objectives.POLICY_LOSS_TYPES)
+@pytest.mark.parametrize("given", [False, True], ids=["own-counts", "num-items"])
+def test_policy_token_weights_sum_to_the_aggregation(loss_type, given, seed):
+    """The per-token weights the fused-gradient path uses give aggregate_policy_loss's reduction."""
+    mask = (torch.rand(5, 7) < 0.7).double()
+    mask[2] = 0  # an empty row
+    counts = dict(num_sequences=8, num_tokens=40) if given else {}
+    weights = prefopt.objectives.policy_token_weights(mask, loss_type=loss_type, max_completion_length=9, **counts)
+    for per_token in (torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)):
+        expected = prefopt.objectives.aggregate_policy_loss(per_token, mask, loss_type=loss_type,
+                                                            max_completion_length=9, **counts)
+        assert_close((per_token * weights).sum(), expected, 1e-12, f"{loss_type} {list(per_token.shape)}", seed)
 
 
 def test_grpo_accumulation_matches_the_whole_batch(seed):
@@ -289,15 +363,24 @@ def test_grpo_accumulation_matches_the_whole_batch(seed):
         assert_close(accumulated, full, 1e-6, f"{loss_type} loss", seed)
 
 
-def test_grpo_gradcheck(seed):
+@pytest.mark.parametrize("module", [prefopt.FusedGRPOLoss(beta=0.1), prefopt.FusedGRPOLoss(beta=0.1, loss_type="grpo"),
+                                    prefopt.FusedNSFTLoss(kl_coef=0.3), prefopt.FusedSFTLoss(label_smoothing=0.2)],
+                         ids=["grpo-dapo", "grpo-grpo", "nsft", "sft-smoothed"])
+def test_token_losses_gradcheck(module, seed):
+    """float64 gradcheck of the losses on the fused-gradient path (the recompute backward has test_op's)."""
     h, w, b, y, ref = small_batch()
     old = torch.randn(y.shape, dtype=torch.float64) - 3.0
     adv = torch.randn(ROWS, dtype=torch.float64)
-    module = prefopt.FusedGRPOLoss(beta=0.1)
     inputs = tuple(t.detach().double().requires_grad_() for t in (h, w, b))
     ref64 = {k: v.double() for k, v in ref.items()}
-    assert torch.autograd.gradcheck(
-        lambda *x: module(x[1], x[0], y, adv, x[2], old_logps=old, **ref64).loss, inputs), f"seed {seed}"
+    if isinstance(module, prefopt.FusedGRPOLoss):
+        fn = lambda *x: module(x[1], x[0], y, adv, x[2], old_logps=old, **ref64).loss  # noqa: E731
+    elif isinstance(module, prefopt.FusedNSFTLoss):
+        fn = lambda *x: module(x[1], x[0], y, x[2], **ref64).loss  # noqa: E731
+    else:
+        fn = lambda *x: module(x[1], x[0], y, x[2]).loss  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs), f"seed {seed}"
+    assert ran(objective.FUSED_GRADIENT)
 
 
 def test_gradient_accumulation_matches_the_whole_batch(seed):
@@ -402,3 +485,54 @@ def test_orpo_log_odds_ratio_is_finite_at_a_certain_answer():
     torch.testing.assert_close(ratio[1], expected)
     loss = objectives.orpo_loss(chosen, rejected, torch.zeros(2), beta=0.1)
     torch.testing.assert_close(loss, -0.1 * torch.nn.functional.logsigmoid(ratio))
+
+
+TOKEN_LOSSES = {
+    "sft": lambda **o: (prefopt.FusedSFTLoss(label_smoothing=0.1, **o), lambda m, w, h, y, b, ref: m(w, h, y, b)),
+    "nsft": lambda **o: (prefopt.FusedNSFTLoss(kl_coef=0.3, **o), lambda m, w, h, y, b, ref: m(w, h, y, b, **ref)),
+    "grpo": lambda **o: (prefopt.FusedGRPOLoss(beta=0.1, loss_type="grpo", **o),
+                         lambda m, w, h, y, b, ref: m(w, h, y, torch.linspace(-1, 1, y.shape[0]), b, **ref)),
+}
+EDGE_CASES = {
+    "all-ignored": dict(ignore=1.0), "one-token": dict(rows=1, length=1), "ragged-vocab": dict(vocab=17),
+    "huge-logits": dict(scale=2e3), "frozen-head": dict(frozen=True), "non-contiguous": dict(transposed=True),
+}
+
+
+@pytest.mark.parametrize("case", list(EDGE_CASES))
+@pytest.mark.parametrize("name", list(TOKEN_LOSSES))
+def test_token_losses_edge_cases_on_both_paths(name, case, seed):
+    """The fused-gradient path gives the recompute path's loss and gradients (that path is checked against
+    the oracle above and in test_op) on every edge case of the op."""
+    o = EDGE_CASES[case]
+    rows, length = o.get("rows", ROWS), o.get("length", LENGTH)
+    h, w, b, y, ref = batch(rows=rows, length=length, vocab=o.get("vocab", VOCAB))
+    if rows * length == 1:
+        y.fill_(3)
+    if o.get("ignore"):
+        y.fill_(-100)
+    h = (h.detach() * o.get("scale", 1.0)).requires_grad_()
+    if o.get("transposed"):
+        h = h.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+        w = w.detach().T.contiguous().T.requires_grad_()
+        assert not (h.is_contiguous() or w.is_contiguous())
+    w.requires_grad_(not o.get("frozen"))
+    b.requires_grad_(not o.get("frozen"))
+    leaves = [t for t in (h, w, b) if t.requires_grad]
+    results = []
+    for path in PATHS:
+        objective.PATH_COUNTS.clear()
+        module, call = TOKEN_LOSSES[name](fused_gradient=path == objective.FUSED_GRADIENT)
+        if name == "grpo" and "scale" in o:
+            module.beta, ref = 0.0, {}  # k3 = exp(rf - lp) overflows at |lp| ~ 1e3 on either path
+        out = call(module, w, h, y, b, ref)
+        results.append((out.loss, torch.autograd.grad(out.loss, leaves, allow_unused=True)))
+        assert ran(path)
+    (fused, fused_grads), (recomputed, recomputed_grads) = results
+    tol = 3e-3 if "scale" in o else 2e-5
+    assert torch.isfinite(fused) and all(torch.isfinite(g).all() for g in fused_grads)
+    assert_close(fused, recomputed, tol, f"{name} {case} loss", seed)
+    for got, want in zip(fused_grads, recomputed_grads):
+        assert_close(got, want, tol, f"{name} {case} gradient", seed)
+    if o.get("ignore"):
+        assert fused.item() == 0.0 and all(float(g.abs().max()) == 0.0 for g in fused_grads)

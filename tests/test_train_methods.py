@@ -148,6 +148,36 @@ def test_grpo_nonzero_advantages_reach_the_gradient():
     assert all(g is None or float(g.abs().max()) == 0.0 for g in zero)
 
 
+@pytest.mark.parametrize("method", ["sft", "nsft", "grpo"])
+def test_token_methods_form_the_gradient_in_the_forward(method):
+    """The trainer's per-token losses (nSFT with its KL, GRPO with k3 to a reference head) take the
+    fused-gradient path by default, with the recompute path's gradients on every trainable weight."""
+    from prefopt.ops import objective as objective_mod
+
+    policy, processor = build_model("tiny-llama", seed=1)
+    reference = ref_mod.ModelReference(build_model("tiny-llama", seed=2)[0])
+    batch = PreferenceCollator(processor)(text_records("train", 4), mode="sft")
+    if method == "grpo":
+        batch["advantages"] = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    stage = build_method(method, MethodOptions(num_generations=2, grpo_beta=0.1), total_steps=1).stage_at(0)
+    objective = PolicyObjective(policy, reference)
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    n = stage.loss.count_items(batch["labels"])
+    grads = {}
+    for fused in (True, False):
+        stage.loss.fused_gradient = fused
+        objective_mod.PATH_COUNTS.clear()
+        out = objective(dict(batch), stage=stage, num_items=n)
+        grads[fused] = torch.autograd.grad(out.loss * 0.5, params, allow_unused=True)
+        expected = objective_mod.FUSED_GRADIENT if fused else objective_mod.RECOMPUTE
+        assert set(objective_mod.PATH_COUNTS) == {expected}
+    assert sum(float(g.abs().sum()) for g in grads[True] if g is not None) > 0
+    for a, b in zip(grads[True], grads[False]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def _answers_from(pattern):
     """A ``Run.sample_answers`` stand-in: answer i of each prompt is the chosen answer when
     ``pattern[i]`` is True, else a wrong one."""

@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import objectives
 from ..ops import linear_logprobs
+from ..ops.objective import linear_objective
 from ._common import ArgumentAssertionError, LigerFunction
 
 _UNSCORED = -100
@@ -55,7 +56,8 @@ class LigerFusedLinearGRPOFunction(LigerFunction):
     bias, ref_per_token_logps, old_per_token_logps, ref_input, ref_weight, ref_bias, beta, ...)``.
 
     Per token: :func:`prefopt.objectives.policy_gradient_loss` plus ``beta * k3`` (times the importance
-    weight with ``use_bias_correction_kl``), reduced by :func:`prefopt.objectives.aggregate_policy_loss`.
+    weight with ``use_bias_correction_kl``), reduced with the weights of :func:`prefopt.objectives.policy_token_weights`
+    (the gradient formed in the forward pass for token-level importance weights, see :func:`prefopt.linear_objective`).
     The reference is ``ref_per_token_logps`` if given, else the reference head on ``ref_input`` in the same
     fused pass; without ``use_ref_model`` it is the policy itself (KL 0). ``old_per_token_logps`` None means
     on-policy (``rho = 1`` with its gradient).
@@ -88,47 +90,78 @@ class LigerFusedLinearGRPOFunction(LigerFunction):
         scored = attention_mask != 0
         targets = torch.where(scored, selected_token_ids, _UNSCORED)
         ref_from_head = use_ref_model and ref_per_token_logps is None
-        stats = linear_logprobs(
-            _input, weight, targets, bias=bias, ignore_index=_UNSCORED, temperature=temperature,
-            ref_hidden=ref_input if ref_from_head else None, ref_weight=ref_weight if ref_from_head else None,
-            ref_bias=ref_bias if ref_from_head else None,
-        )
-        logps = stats.logp
-        current = logps.detach()
+        options = dict(loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                       importance_sampling_level=importance_sampling_level, delta=delta,
+                       sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+                       vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+                       vespo_lambda_neg=vespo_lambda_neg)
+        given_ref = ref_per_token_logps if use_ref_model and not ref_from_head else None
 
-        def at_scored(per_token: Optional[torch.Tensor]) -> torch.Tensor:
-            # Padded positions take the policy's own value: ratio 1, KL 0, nothing from padding.
-            if per_token is None:
-                return current
-            return torch.where(scored, per_token.detach().to(logps.dtype), current)
+        def terms(logps, mask, advantage, old, ref, is_ratio):
+            """Per-token loss, k3 (None without beta) and clipped, for logps ``[B, T]`` (or ``[n, 1]``);
+            ``old`` / ``ref`` None: the policy's own log-probs (on-policy; no reference model)."""
+            current = logps.detach()
+            token = objectives.policy_gradient_loss(
+                logps, current if old is None else old, advantage, mask, vllm_is_ratio=is_ratio, **options)
+            per_token, kl = token.loss, None
+            if beta != 0.0:
+                kl = objectives.k3_kl(logps, current if ref is None else ref)
+                if use_bias_correction_kl:
+                    kl = kl * torch.exp(token.log_weights)
+                per_token = per_token + beta * kl
+            return per_token, kl, token.clipped
 
-        if not use_ref_model:
-            ref = current
-        else:
-            ref = at_scored(stats.ref_logp if ref_from_head else ref_per_token_logps)
-        token = objectives.policy_gradient_loss(
-            logps, at_scored(old_per_token_logps), advantages, attention_mask, loss_type=loss_type,
-            epsilon_low=epsilon_low, epsilon_high=epsilon_high, importance_sampling_level=importance_sampling_level,
-            delta=delta, sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
-            vllm_is_ratio=vllm_is_ratio, vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos,
-            vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg,
-        )
-        per_token = token.loss
-        mask = attention_mask.to(logps.dtype)
-        tokens = mask.sum().clamp(min=1.0)
-        metrics = []
-        if beta != 0.0:
-            kl = objectives.k3_kl(logps, ref)
-            if use_bias_correction_kl:
-                kl = kl * torch.exp(token.log_weights)
-            per_token = per_token + beta * kl
-            metrics.append((kl * mask).sum() / tokens)
+        # The aggregation as per-token weights, from the mask alone (see objectives.policy_token_weights).
+        stat_dtype = torch.float64 if _input.dtype == torch.float64 else torch.float32
         normalizer = None
         if loss_type in ("dapo", "cispo", "vespo"):
             normalizer = _token_normalizer(attention_mask, num_items_in_batch)
-        loss = objectives.aggregate_policy_loss(per_token, attention_mask, loss_type=loss_type,
-                                                max_completion_length=max_completion_length, num_tokens=normalizer)
-        metrics.append((token.clipped.to(mask.dtype) * mask).sum() / tokens)
+        token_weights = objectives.policy_token_weights(
+            attention_mask.to(stat_dtype), loss_type=loss_type, max_completion_length=max_completion_length,
+            num_tokens=normalizer)
+        head = dict(bias=bias, ignore_index=_UNSCORED, temperature=temperature,
+                    ref_hidden=ref_input if ref_from_head else None, ref_weight=ref_weight if ref_from_head else None,
+                    ref_bias=ref_bias if ref_from_head else None)
+        out = None
+        if importance_sampling_level == "token" and loss_type != "vespo":
+            # Each token's loss is a function of its own statistics: the gradient is formed in the forward
+            # pass. GSPO's sequence-level weights and vespo's need whole sequences: they recompute.
+            extras = [t for t in (old_per_token_logps, given_ref) if t is not None]
+            if vllm_is_ratio is not None:
+                extras.append(vllm_is_ratio.expand(attention_mask.shape))
+
+            def token_loss(stats, advantage, token_weight, *rest):
+                rest = [t[:, None] for t in rest]
+                old = rest.pop(0) if old_per_token_logps is not None else None
+                ref = rest.pop(0) if given_ref is not None else (stats.ref_logp[:, None] if ref_from_head else None)
+                per_token, _, _ = terms(stats.logp[:, None], torch.ones_like(advantage[:, None]), advantage, old, ref,
+                                        rest.pop(0) if rest else None)
+                return per_token[:, 0] * token_weight
+
+            inputs = [advantages[:, None].expand(attention_mask.shape), token_weights, *extras]
+            out = linear_objective(_input, weight, targets, token_loss,
+                                   token_inputs=[t.to(stat_dtype) for t in inputs], **head)
+            stats = out.stats
+        else:
+            stats = linear_logprobs(_input, weight, targets, **head)
+        logps = stats.logp
+        current = logps.detach()
+
+        def at_scored(per_token: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            # Padded positions take the policy's own value: ratio 1, KL 0, nothing from padding.
+            if per_token is None:
+                return None
+            return torch.where(scored, per_token.detach().to(logps.dtype), current)
+
+        ref = at_scored(stats.ref_logp if ref_from_head else given_ref)
+        with torch.set_grad_enabled(out is None and torch.is_grad_enabled()):
+            per_token, kl, clipped = terms(logps, attention_mask, advantages, at_scored(old_per_token_logps), ref,
+                                           vllm_is_ratio)
+        loss = (per_token * token_weights).sum() if out is None else out.loss
+        mask = attention_mask.to(logps.dtype)
+        tokens = mask.sum().clamp(min=1.0)
+        metrics = [] if kl is None else [(kl * mask).sum() / tokens]
+        metrics.append((clipped.to(mask.dtype) * mask).sum() / tokens)
         return loss, tuple(m.detach() for m in metrics)
 
 

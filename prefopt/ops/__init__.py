@@ -7,6 +7,7 @@ per-token results back to the shape of ``targets``.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import NamedTuple, Optional
 
 import torch
@@ -15,6 +16,13 @@ from torch import Tensor
 from .common import OpConfig, compute_dtype
 
 BACKENDS = ("auto", "torch", "triton")
+
+FUSED_GRADIENT = "fused-gradient"
+RECOMPUTE = "recompute"
+
+#: Calls of the op by path: ``"recompute"`` (:func:`linear_logprobs`: statistics out, backward recomputes
+#: the logits) and ``"fused-gradient"`` (:func:`prefopt.linear_objective`: gradients formed in forward).
+PATH_COUNTS: Counter = Counter()
 SIGNED_INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 
 
@@ -100,63 +108,40 @@ def _backend_function(name: str):
     return LinearLogprobsTriton
 
 
-def linear_logprobs(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    *,
-    bias: Optional[Tensor] = None,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: Optional[float] = None,
-    ref_hidden: Optional[Tensor] = None,
-    ref_weight: Optional[Tensor] = None,
-    ref_bias: Optional[Tensor] = None,
-    entropy: bool = False,
-    kl: bool = False,
-    uniform_nll: bool = False,
-    mean_logit: bool = False,
-    top1: bool = False,
-    log_sum_sq_probs: bool = False,
-    backend: str = "auto",
-    capturable: bool = False,
-) -> TokenStats:
-    """Per-token log-probabilities of ``targets`` under the head ``weight`` applied to ``hidden``.
+class PackedInputs(NamedTuple):
+    """The scored tokens of one call, as a backend takes them, and the way back to the shape of ``targets``."""
 
-    Computes, for every token whose target is not ``ignore_index``,
+    hidden: Tensor  # [n, H]
+    targets: Tensor  # [n] int64, every value a valid index
+    ref_hidden: Optional[Tensor]  # [n, H'], detached, in the policy's compute precision
+    ref_weight: Optional[Tensor]
+    ref_bias: Optional[Tensor]
+    backend: str
+    index: Optional[Tensor]  # positions of the scored tokens in targets.reshape(-1); None under capturable
+    valid: Tensor  # [numel(targets)] bool
+    shape: torch.Size
+    stat_dtype: torch.dtype
 
-        z = softcap(hidden @ weight.T + bias) / temperature,   softcap(s) = cap * tanh(s / cap)
-        logp = z[y] - logsumexp(z),   lse = logsumexp(z)
+    def pack(self, per_position: Tensor) -> Tensor:
+        """A tensor shaped like ``targets`` -> its values at the scored tokens, in the backend's order."""
+        flat = per_position.reshape(-1)
+        return flat if self.index is None else flat.index_select(0, self.index)
 
-    and on request ``entropy = -sum p log p``, ``uniform_nll = -(1/V) sum log p``,
-    ``mean_logit = (1/V) sum_v z_v``, ``top1 = [y == argmax_v z_v]`` (first maximum),
-    ``log_sum_sq_probs = log sum_v p_v^2`` (from an online ``sum_v exp(2 (z_v - max))``) and, with a reference
-    head, ``ref_logp`` (no gradient) and ``kl = KL(pi || pi_ref)`` over the full vocabulary, streaming
-    over vocabulary tiles so that no ``[tokens, V]`` tensor ever exists. Statistics are accumulated in
-    float32 (float64 for float64 inputs) whatever the input dtype, and returned in that precision.
+    def unpack(self, packed: Tensor) -> Tensor:
+        """Per-token values of the scored tokens -> shaped like ``targets``, 0 at ignored positions."""
+        zero = torch.zeros((), dtype=self.stat_dtype, device=packed.device)
+        if self.index is None:
+            return torch.where(self.valid, packed.to(self.stat_dtype), zero).view(self.shape)
+        full = torch.zeros(self.valid.shape[0], dtype=self.stat_dtype, device=packed.device)
+        return full.index_copy(0, self.index, packed.to(self.stat_dtype)).view(self.shape)
 
-    Args:
-        hidden: ``[..., H]`` final hidden states of the policy, any float dtype.
-        weight: ``[V, H]`` output head. When it (and ``bias``) do not require grad (a frozen or LoRA
-            head) no weight gradient is computed and, for log-prob-only calls, backward needs no pass
-            over the vocabulary.
-        targets: signed integer ``[...]`` (the leading shape of ``hidden``), aligned with ``hidden``
-            (position t is scored on ``targets[t]``); values in ``[0, V)`` or ``ignore_index``.
-        ref_hidden / ref_weight / ref_bias: the reference model's hidden states (same shape as
-            ``hidden``) and head; ``ref_weight`` defaults to ``weight`` (shared frozen head, e.g. LoRA
-            with adapters disabled). No gradient flows into the reference.
-        entropy / kl / uniform_nll / mean_logit / top1 / log_sum_sq_probs: also return these statistics
-            (``kl`` needs ``ref_hidden``; ``top1`` and ``log_sum_sq_probs`` have no gradient).
-        backend: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"torch"`` or ``"triton"``.
-        capturable: no host synchronisation in the op itself, so that it can be captured in a CUDA graph
-            or compiled with ``fullgraph=True`` (with the Triton backend, whose launchers do not
-            synchronise either): the target range is checked on the device (a device-side assert instead
-            of the ``ValueError``), and ignored positions are computed and masked out instead of being
-            removed first (they cost their share of the products, and their hidden states must be finite).
 
-    Returns:
-        :class:`TokenStats` of tensors shaped like ``targets`` (0 at ignored positions).
-    """
+def pack_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Optional[Tensor], ignore_index: int,
+                temperature: float, softcap: Optional[float], ref_hidden: Optional[Tensor],
+                ref_weight: Optional[Tensor], ref_bias: Optional[Tensor], kl: bool, backend: str,
+                capturable: bool) -> PackedInputs:
+    """Check the arguments of :func:`linear_logprobs` (one clear error naming the argument) and keep the
+    scored tokens only (all of them, target 0 where ignored, under ``capturable``)."""
     _check_float("hidden", hidden)
     if hidden.dim() < 2:
         raise ValueError(f"hidden: expected shape [..., H] with at least 2 dims, got {list(hidden.shape)}")
@@ -229,19 +214,75 @@ def linear_logprobs(
         ref_weight = ref_weight.detach()
         ref_bias = ref_bias.detach() if ref_bias is not None else None
 
+    return PackedInputs(packed_hidden, packed_targets, packed_ref, ref_weight, ref_bias, name, index, valid,
+                        targets.shape, compute_dtype(hidden.dtype))
+
+
+def linear_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    ref_hidden: Optional[Tensor] = None,
+    ref_weight: Optional[Tensor] = None,
+    ref_bias: Optional[Tensor] = None,
+    entropy: bool = False,
+    kl: bool = False,
+    uniform_nll: bool = False,
+    mean_logit: bool = False,
+    top1: bool = False,
+    log_sum_sq_probs: bool = False,
+    backend: str = "auto",
+    capturable: bool = False,
+) -> TokenStats:
+    """Per-token log-probabilities of ``targets`` under the head ``weight`` applied to ``hidden``.
+
+    Computes, for every token whose target is not ``ignore_index``,
+
+        z = softcap(hidden @ weight.T + bias) / temperature,   softcap(s) = cap * tanh(s / cap)
+        logp = z[y] - logsumexp(z),   lse = logsumexp(z)
+
+    and on request ``entropy = -sum p log p``, ``uniform_nll = -(1/V) sum log p``,
+    ``mean_logit = (1/V) sum_v z_v``, ``top1 = [y == argmax_v z_v]`` (first maximum),
+    ``log_sum_sq_probs = log sum_v p_v^2`` (from an online ``sum_v exp(2 (z_v - max))``) and, with a reference
+    head, ``ref_logp`` (no gradient) and ``kl = KL(pi || pi_ref)`` over the full vocabulary, streaming
+    over vocabulary tiles so that no ``[tokens, V]`` tensor ever exists. Statistics are accumulated in
+    float32 (float64 for float64 inputs) whatever the input dtype, and returned in that precision.
+
+    Args:
+        hidden: ``[..., H]`` final hidden states of the policy, any float dtype.
+        weight: ``[V, H]`` output head. When it (and ``bias``) do not require grad (a frozen or LoRA
+            head) no weight gradient is computed and, for log-prob-only calls, backward needs no pass
+            over the vocabulary.
+        targets: signed integer ``[...]`` (the leading shape of ``hidden``), aligned with ``hidden``
+            (position t is scored on ``targets[t]``); values in ``[0, V)`` or ``ignore_index``.
+        ref_hidden / ref_weight / ref_bias: the reference model's hidden states (same shape as
+            ``hidden``) and head; ``ref_weight`` defaults to ``weight`` (shared frozen head, e.g. LoRA
+            with adapters disabled). No gradient flows into the reference.
+        entropy / kl / uniform_nll / mean_logit / top1 / log_sum_sq_probs: also return these statistics
+            (``kl`` needs ``ref_hidden``; ``top1`` and ``log_sum_sq_probs`` have no gradient).
+        backend: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"torch"`` or ``"triton"``.
+        capturable: no host synchronisation in the op itself, so that it can be captured in a CUDA graph
+            or compiled with ``fullgraph=True`` (with the Triton backend, whose launchers do not
+            synchronise either): the target range is checked on the device (a device-side assert instead
+            of the ``ValueError``), and ignored positions are computed and masked out instead of being
+            removed first (they cost their share of the products, and their hidden states must be finite).
+
+    Returns:
+        :class:`TokenStats` of tensors shaped like ``targets`` (0 at ignored positions).
+    """
+    packed = pack_inputs(hidden, weight, targets, bias=bias, ignore_index=ignore_index, temperature=temperature,
+                         softcap=softcap, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, kl=kl,
+                         backend=backend, capturable=capturable)
+    PATH_COUNTS[RECOMPUTE] += 1
     config = OpConfig(float(temperature), None if softcap is None else float(softcap), entropy, kl, uniform_nll,
                       mean_logit, top1, log_sum_sq_probs)
-    outputs = _backend_function(name).apply(
-        packed_hidden, weight, bias, packed_targets, packed_ref, ref_weight, ref_bias, config
+    outputs = _backend_function(packed.backend).apply(
+        packed.hidden, weight, bias, packed.targets, packed.ref_hidden, packed.ref_weight, packed.ref_bias, config
     )
-    stat_dtype = compute_dtype(hidden.dtype)
     asked = (True, True, entropy, ref_hidden is not None, kl, uniform_nll, mean_logit, top1, log_sum_sq_probs)
-
-    def unpack(packed: Tensor) -> Tensor:
-        if index is None:
-            return torch.where(valid, packed.to(stat_dtype), torch.zeros((), dtype=stat_dtype,
-                                                                        device=hidden.device)).view(targets.shape)
-        full = torch.zeros(flat_targets.shape[0], dtype=stat_dtype, device=hidden.device)
-        return full.index_copy(0, index, packed.to(stat_dtype)).view(targets.shape)
-
-    return TokenStats(*(unpack(out) if wanted else None for out, wanted in zip(outputs, asked)))
+    return TokenStats(*(packed.unpack(out) if wanted else None for out, wanted in zip(outputs, asked)))

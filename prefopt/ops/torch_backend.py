@@ -13,12 +13,12 @@ accumulates ``M' = sum_{v != y} p_v f_v W_v`` per token (f is the softcap deriva
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .common import ForwardStats, OpConfig, compute_dtype, make_backend_function
+from .common import ForwardStats, GradCoefficients, OpConfig, compute_dtype, make_backend_function
 
 #: Tile sizes (tokens, vocabulary entries) per device type; the largest temporary has their product.
 CHUNK_SIZES = {"cpu": (1024, 4096), "cuda": (2048, 8192)}
@@ -71,6 +71,37 @@ def _target_columns(targets: Tensor, start: int, stop: int) -> Tuple[Tensor, Ten
     return rows, targets.index_select(0, rows) - start
 
 
+def _coef_rows(coef: GradCoefficients, t0: int, t1: int) -> GradCoefficients:
+    """The gradient coefficients of tokens [t0, t1)."""
+    return GradCoefficients(*(None if c is None else c[t0:t1] for c in coef))
+
+
+def logit_grad_(p: Tensor, z: Tensor, zr: Optional[Tensor], tanh: Optional[Tensor], coef: GradCoefficients,
+                rows: Tensor, cols: Tensor, config: OpConfig) -> Tensor:
+    """The gradient on the raw logits of a tile (common.py's formula), formed in the storage of ``p``.
+
+    ``dz = a onehot + p (c0 + c1 z + c2 zr) + c3``, then the softcap and temperature derivatives; ``p`` is
+    the tile's probabilities, ``coef`` the tile's rows, ``(rows, cols)`` the tile entries of the targets.
+    ``z`` is overwritten when c1 / c2 are live (a fresh tile, not needed afterwards).
+    """
+    if coef.c1 is None and coef.c2 is None:
+        grad = p.mul_(coef.c0[:, None])
+    else:
+        # one pass per term, in the logits' storage
+        inner = torch.addcmul(coef.c0[:, None], z, coef.c1[:, None], out=z)
+        if coef.c2 is not None:
+            inner.addcmul_(zr, coef.c2[:, None])
+        grad = p.mul_(inner)
+    if coef.c3 is not None:
+        grad.add_(coef.c3[:, None])
+    grad[rows, cols] += coef.a[rows]
+    if tanh is not None:
+        grad.mul_(1 - tanh * tanh)
+    if config.temperature != 1.0:
+        grad.div_(config.temperature)
+    return grad
+
+
 def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config: OpConfig,
                    moments: bool) -> ForwardStats:
     """Token chunks outside, vocabulary chunks inside with an online (max, sum-exp) per token."""
@@ -106,6 +137,7 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
         run_lse, run_ref_lse = run_max.clone(), run_max.clone()
         for v0 in range(0, vocab, chunk_v):
             v1 = min(v0 + chunk_v, vocab)
+            z = tanh = e = zr = weights = None  # the previous tile's, freed before this one exists
             z, tanh = logits_tile(h, weight[v0:v1], None if bias is None else bias[v0:v1], config, dtype)
             rows, cols = _target_columns(y, v0, v1)
             target_logit[t0 + rows] = z[rows, cols]
@@ -188,27 +220,16 @@ def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, 
         for t0 in range(0, n, chunk_t):
             t1 = min(t0 + chunk_t, n)
             h = hidden[t0:t1]
+            z = tanh = p = grad = None  # the previous tile's, freed before this one exists
             z, tanh = logits_tile(h, w, b, config, dtype)
-            if coef.c1 is None and coef.c2 is None:
-                # Log-prob / lse gradients only: p * c0, computed in place over the logits tile.
-                grad = z.sub_(lse[t0:t1, None]).exp_().mul_(coef.c0[t0:t1, None])
-            else:
-                inner = coef.c0[t0:t1, None]
-                if coef.c1 is not None:
-                    inner = inner + coef.c1[t0:t1, None] * z
-                if coef.c2 is not None:
-                    rb = None if ref_bias is None else ref_bias[v0:v1]
-                    zr, _ = logits_tile(ref_hidden[t0:t1], ref_weight[v0:v1], rb, config, dtype)
-                    inner = inner + coef.c2[t0:t1, None] * zr
-                grad = torch.exp(z - lse[t0:t1, None]).mul_(inner)
-            if coef.c3 is not None:
-                grad.add_(coef.c3[t0:t1, None])
+            zr = None
+            if coef.c2 is not None:
+                rb = None if ref_bias is None else ref_bias[v0:v1]
+                zr, _ = logits_tile(ref_hidden[t0:t1], ref_weight[v0:v1], rb, config, dtype)
+            # Without c1 the logits are not needed once p is formed: p takes their storage.
+            p = z.sub_(lse[t0:t1, None]).exp_() if coef.c1 is None else torch.exp(z - lse[t0:t1, None])
             rows, cols = _target_columns(targets[t0:t1], v0, v1)
-            grad[rows, cols] += coef.a[t0 + rows]
-            if tanh is not None:
-                grad.mul_(1 - tanh * tanh)
-            if config.temperature != 1.0:
-                grad.div_(config.temperature)
+            grad = logit_grad_(p, z, zr, tanh, _coef_rows(coef, t0, t1), rows, cols, config)
             if want_h:
                 if h.dtype == dtype == w.dtype:
                     grad_hidden[t0:t1].addmm_(grad, w)
@@ -233,3 +254,91 @@ def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, 
 
 
 LinearLogprobsTorch = make_backend_function("LinearLogprobsTorch", stream_forward, recompute_grads)
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """sum_v a[n, v] * b[n, v] per row, without a tile-sized temporary."""
+    return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
+
+
+def tokens_per_chunk(vocab: int, dtype: torch.dtype, config: OpConfig, reference: bool, budget_bytes: int) -> int:
+    """Tokens whose whole-vocabulary tiles in :func:`fused_gradient_pass` fit ``budget_bytes``: the
+    probabilities (in the logits' storage unless E_p[z] or the entropy / KL gradients need the logits too)
+    and one temporary, the reference's logits (and a log-sum-exp temporary when the KL keeps them), tanh
+    under softcap."""
+    tiles = 2 + config.needs_mean_logit + (1 + config.kl if reference else 0) + (config.softcap is not None)
+    return max(1, budget_bytes // (vocab * torch.finfo(dtype).bits // 8 * tiles))
+
+
+def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config: OpConfig, upstream,
+                        chunks: Sequence[Tuple[int, int]], want_h: bool, want_w: bool, want_b: bool):
+    """The 3-product pass: per chunk ``[t0, t1)`` of tokens, the whole-vocabulary logits tile, the
+    statistics, the objective's per-token gradient (``upstream(t0, t1, ForwardStats of the chunk) ->
+    GradCoefficients``) and, while the tile is live, d hidden and the chunk's share of d weight / d bias.
+
+    Returns ``(ForwardStats of every token, d hidden, d weight, d bias)``; the gradients are those of the
+    objective itself (not yet scaled by an incoming gradient), in the dtype of their input.
+    """
+    n, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    dtype = compute_dtype(hidden.dtype)
+    want_ref = ref_hidden is not None
+
+    def new():
+        return hidden.new_zeros(n, dtype=dtype)
+
+    stats = ForwardStats(new(), new(), new() if config.needs_mean_logit else None,
+                         new() if config.needs_logit_sum else None, new() if want_ref else None,
+                         new() if want_ref else None, new() if config.kl else None)
+    grad_hidden = hidden.new_empty(n, hidden_size) if want_h else None
+    grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if want_w else None
+    grad_bias = torch.zeros(vocab, dtype=dtype, device=weight.device) if want_b else None
+    for t0, t1 in chunks:
+        h, y = hidden[t0:t1], targets[t0:t1]
+        z, tanh = logits_tile(h, weight, bias, config, dtype)
+        stats.target_logit[t0:t1] = z.gather(1, y[:, None]).squeeze(1)
+        if stats.logit_sum is not None:
+            stats.logit_sum[t0:t1] = z.sum(1)
+        shift = _finite_or_zero(z.amax(1))
+        # The logits are read after p exists only for E_p[z] (and then the entropy / KL gradients).
+        p = (z - shift[:, None]).exp_() if config.needs_mean_logit else z.sub_(shift[:, None]).exp_()
+        total = p.sum(1)
+        stats.lse[t0:t1] = shift + total.log()
+        if config.needs_mean_logit:
+            p.div_(total[:, None])
+            stats.mean_logit[t0:t1] = _row_dot(p, z)
+        zr = None
+        if want_ref:
+            zr, _ = logits_tile(ref_hidden[t0:t1], ref_weight, ref_bias, config, dtype)
+            stats.ref_target_logit[t0:t1] = zr.gather(1, y[:, None]).squeeze(1)
+            if config.kl:  # the KL gradient reads the reference logits again
+                stats.ref_lse[t0:t1] = torch.logsumexp(zr, 1)
+                stats.mean_ref_logit[t0:t1] = _row_dot(p, zr)
+            else:
+                stats.ref_lse[t0:t1] = _tile_logsumexp_(zr, zr.amax(1))
+                zr = None
+        coef = upstream(t0, t1, ForwardStats(*(None if s is None else s[t0:t1] for s in (
+            stats.lse, stats.target_logit, stats.mean_logit, stats.logit_sum, stats.ref_lse, stats.ref_target_logit,
+            stats.mean_ref_logit))))
+        if not config.needs_mean_logit:
+            # p is still exp(z - max), unnormalised; without c1 / c2 the 1 / sum folds into c0 (one pass fewer).
+            coef = coef._replace(c0=coef.c0 / total)
+        rows = torch.arange(t1 - t0, device=hidden.device)
+        grad = logit_grad_(p, z, zr, tanh, coef, rows, y, config)
+        # Only the gradient tile stays (in p's storage); nothing of this chunk may outlive it (below).
+        del z, zr, tanh, p
+        if want_h:
+            if h.dtype == dtype == weight.dtype:
+                torch.mm(grad, weight, out=grad_hidden[t0:t1])
+            else:
+                grad_hidden[t0:t1] = grad.to(h.dtype) @ weight.to(h.dtype)
+        if want_w:
+            if h.dtype == dtype:
+                grad_weight.addmm_(grad.T, h)
+            else:
+                grad_weight += (grad.T.to(h.dtype) @ h).to(dtype)
+        if want_b:
+            grad_bias += grad.sum(0)
+        del grad  # before the next chunk's tiles exist
+    return (stats, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype))
