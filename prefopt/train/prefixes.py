@@ -1,5 +1,6 @@
 """One prefix per record: a record's images and prompt run through the vision tower and the decoder once,
-its answers (chosen and rejected; chosen and corrections) after them in the same row.
+its answers (chosen and rejected; chosen and corrections; GRPO's group of sampled answers) after them in
+the same row.
 
 A packed row is ``[prefix | answer 1 | answer 2 | ... | padding]``. A boolean 4-D attention mask
 (``[B, 1, T, T]``, True = attend, taken as it is by transformers' SDPA attention) lets every answer token see
@@ -32,7 +33,7 @@ import torch
 
 from .data import PreferenceCollator, PreferenceRecord, answer_rows
 
-__all__ = ["SHARE_PREFIX_CHOICES", "SHARED_FAMILIES", "NOT_SHARED", "SHARED_MODES", "SHARED_METHODS",
+__all__ = ["SHARE_PREFIX_CHOICES", "SHARED_FAMILIES", "NOT_SHARED", "SHARED_METHODS",
            "SharedPrefixCollator", "share_refusal", "method_refusal", "make_collator", "logical_tokens",
            "decoder_tokens", "block_mask", "packed_positions"]
 
@@ -48,11 +49,9 @@ NOT_SHARED = {
     "paligemma": "its prefix-LM mask (bidirectional over image and prompt) is its own",
 }
 
-#: Collator modes with more than one answer per record (the ones sharing packs).
-SHARED_MODES = ("pair", "nsft")
-
-#: The methods whose batches share prefixes (their collator modes are :data:`SHARED_MODES`).
-SHARED_METHODS = ("sft-c", "dpo", "cw-dpo", "simpo", "orpo", "nsft")
+#: The methods whose batches share prefixes: a record's two answers, its chosen answer and corrections, or
+#: GRPO's group of answers sampled for one prompt.
+SHARED_METHODS = ("sft-c", "dpo", "cw-dpo", "simpo", "orpo", "nsft", "grpo")
 
 
 def share_refusal(config) -> Optional[str]:
@@ -73,7 +72,7 @@ def method_refusal(method: str) -> Optional[str]:
     if method == "sft":
         return f"{method} trains one answer per record: there is no prefix to share"
     if method not in SHARED_METHODS:
-        return f"{method} does not share prefixes yet (its group of sampled answers is collated as separate rows)"
+        return f"{method} does not share prefixes"
     return None
 
 
@@ -107,8 +106,10 @@ def decoder_tokens(batch: Dict[str, torch.Tensor]) -> int:
 
 
 class SharedPrefixCollator(PreferenceCollator):
-    """:class:`~prefopt.train.data.PreferenceCollator` whose ``pair`` and ``nsft`` batches hold one packed row
-    per record (see the module's docstring); ``sft`` batches (one answer per record) are the unshared ones.
+    """:class:`~prefopt.train.data.PreferenceCollator` whose batches hold one packed row per prefix (see the
+    module's docstring): the rows of every answer of the records with the same prompt and images (a
+    ``pair`` record's two answers, an ``nsft`` record's chosen answer and corrections, the ``sft`` rows of
+    GRPO's answers sampled for one prompt).
 
     Keys of a shared batch: the processor's model inputs for the packed rows (images once per record),
     ``attention_mask`` the boolean block mask ``[B, 1, T, T]``, ``position_ids [B, T]``; and per logical row
@@ -117,8 +118,8 @@ class SharedPrefixCollator(PreferenceCollator):
     """
 
     def __call__(self, records: Sequence[PreferenceRecord], *, mode: str = "pair") -> Dict[str, torch.Tensor]:
-        if mode not in SHARED_MODES:
-            return super().__call__(records, mode=mode)
+        if mode not in ("pair", "sft", "nsft"):
+            raise ValueError(f"mode: expected 'pair', 'sft' or 'nsft', got {mode!r}")
         if not records:
             raise ValueError("cannot collate an empty list of records")
         self._check_images(records)
@@ -128,13 +129,16 @@ class SharedPrefixCollator(PreferenceCollator):
             r = records[i]
             feats, prompt_len = self._encode(r.prompt, answer, list(r.images), r.where or f"record {i}")
             encoded.append((feats["input_ids"][0, : self.max_length], prompt_len, feats))
-        by_record: Dict[int, List[int]] = {}
+        # Rows with the same prompt and images share a packed row: a record's answers, or GRPO's group of
+        # sampled answers (one row per answer, each a copy of its record).
+        groups: Dict[tuple, List[int]] = {}
         for row, (i, _, _) in enumerate(rows):
-            by_record.setdefault(i, []).append(row)
+            groups.setdefault(prefix_key(records[i]), []).append(row)
 
-        packed, starts, prefix_len = [], {}, {}  # starts[row]: where its answer segment begins in its packed row
-        for i in range(len(records)):
-            group = by_record[i]
+        packed, starts, prefix_len = [], {}, []  # starts[row]: where its answer segment begins in its packed row
+        packed_of = {}  # row -> its packed row
+        for b, group in enumerate(groups.values()):
+            i = rows[group[0]][0]
             first_ids, _, first = encoded[group[0]]
             P = min(encoded[row][1] for row in group)
             for row in group[1:]:
@@ -159,11 +163,12 @@ class SharedPrefixCollator(PreferenceCollator):
                 else:  # images and their sizes / grids: once per record, from its first row
                     feats[key] = value
             packed.append((feats, group))
-            prefix_len[i] = P
+            prefix_len.append(P)
+            packed_of.update({row: b for row in group})
 
         T = max(f["input_ids"].shape[1] for f, _ in packed)
         out = self._pad([f for f, _ in packed], T, left=False)
-        B = len(records)
+        B = len(packed)
         segment = torch.full((B, T), -1, dtype=torch.long)  # -1 padding, 0 prefix, a + 1 answer a
         positions = torch.zeros((B, T), dtype=torch.long)
         for b, (feats, group) in enumerate(packed):
@@ -176,13 +181,13 @@ class SharedPrefixCollator(PreferenceCollator):
                 positions[b, starts[row]:starts[row] + n] = torch.arange(P, P + n)
         out["attention_mask"] = block_mask(segment)
         out["position_ids"] = positions
-        out["prefix_lengths"] = torch.tensor([prefix_len[b] for b in range(B)], dtype=torch.long)
+        out["prefix_lengths"] = torch.tensor(prefix_len, dtype=torch.long)
 
         width = max(len(ids) - prompt_len + 1 for ids, prompt_len, _ in encoded)
         labels = torch.full((len(rows), width), self.ignore_index, dtype=torch.long)
         answer_positions = torch.zeros((len(rows), width), dtype=torch.long)
         for row, (ids, prompt_len, _) in enumerate(encoded):
-            b = rows[row][0]
+            b = packed_of[row]
             P = prefix_len[b]
             logical = torch.arange(prompt_len - 1, len(ids))  # the prompt's last position, then the answer
             packed_at = torch.where(logical < P, logical, starts[row] + logical - P)
@@ -198,6 +203,11 @@ class SharedPrefixCollator(PreferenceCollator):
             out["correction_rows"] = torch.tensor([c for _, _, c in rows], dtype=torch.bool)
         out["logical_tokens"] = torch.tensor(sum(len(ids) for ids, _, _ in encoded))
         return out
+
+
+def prefix_key(record: PreferenceRecord) -> tuple:
+    """What a row's prefix is made of: its prompt and its images (paths, or the image objects themselves)."""
+    return record.prompt, tuple(i if isinstance(i, str) else id(i) for i in record.images)
 
 
 def packed_positions(backbone, inputs: Dict[str, torch.Tensor], prefix_lengths: torch.Tensor) -> torch.Tensor:
