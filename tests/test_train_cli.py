@@ -56,6 +56,9 @@ def test_no_arguments_is_the_embedded_default():
     (["--model", "tiny-llama", "--deepspeed", "zero9", "--data", "TEXT"], "--deepspeed"),
     (["--model", "tiny-llama", "--method", "dpo", "--batch-size", "0", "--data", "TEXT"], "--batch-size"),
     (["--model", "tiny-llama", "--method", "nsft", "--data", "TEXT"], "no record has corrections"),
+    (["--model", "tiny-llama", "--method", "sft", "--share-prefix", "on", "--data", "TEXT"],
+     "--share-prefix on: sft trains one answer per record"),
+    (["--share-prefix", "yes"], "invalid choice: 'yes'"),
 ])
 def test_errors_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, text_file, args, message):
     out = tmp_path / "run"
