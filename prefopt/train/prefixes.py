@@ -68,12 +68,10 @@ def share_refusal(config) -> Optional[str]:
 
 
 def method_refusal(method: str) -> Optional[str]:
-    """Why ``method``'s batches cannot share prefixes (one line), or None: every paired method and nSFT share."""
-    if method == "sft":
-        return f"{method} trains one answer per record: there is no prefix to share"
-    if method not in SHARED_METHODS:
-        return f"{method} does not share prefixes"
-    return None
+    """Why ``method``'s batches cannot share prefixes (one line), or None (:data:`SHARED_METHODS`: all but sft)."""
+    if method in SHARED_METHODS:
+        return None
+    return f"{method} trains one answer per record: there is no prefix to share"
 
 
 def make_collator(processor, config, share_prefix: str, *, method: Optional[str],
