@@ -11,6 +11,7 @@ Examples::
     python -m bench --preset gpu                   # issue 3's GPU grid, incl. the matrix-product floor
     python -m bench --preset gpu --io-model        # the H100 IO/FLOP model of that grid (no GPU needed)
     python -m bench --preset gpu-first-contact --out DIR   # first run on a GPU (<= 5 min, nothing to install)
+    python -m bench --preset vlm-step              # DPO steps of a LLaVA-like VLM, shared prefixes or not
     python -m bench --workload grpo,nsft-kl --tokens 1024,2048 --vocab 32000 --impl naive,prefopt-torch
 """
 from __future__ import annotations
@@ -89,6 +90,9 @@ def make_preset(name: str, device: str) -> Preset:
                       "against float64, each kernel alone, the op, AOT compile evidence, a profile, end to end against "
                       "the floor and the installed peers (bench/first_contact.py); without CUDA a dry run", device,
                       "bfloat16", [], [])
+    if name == "vlm-step":
+        return Preset("vlm-step", "whole DPO optimizer steps of a LLaVA-like VLM (576 image tokens), unshared rows "
+                      "against one prefix per record (bench/vlm_step.py)", device, "float32", [], [])
     if name == "full":
         if device == "cuda":
             pts = make_preset("gpu", device).points
@@ -105,7 +109,7 @@ def make_preset(name: str, device: str) -> Preset:
     raise ValueError(name)
 
 
-PRESETS = ("quick", "issue2", "gpu", "gpu-first-contact", "full")
+PRESETS = ("quick", "issue2", "gpu", "gpu-first-contact", "vlm-step", "full")
 
 
 def _csv(text: str) -> List[str]:
@@ -248,6 +252,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
         return first_contact.run(args.out or os.path.join("out", "bench", f"first-contact-{stamp}"), preset.device,
                                  args.deadline or first_contact.DEADLINE_S)
+    if preset.name == "vlm-step":
+        from . import vlm_step
+
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        return vlm_step.run(args.out or os.path.join("out", "bench", f"vlm-step-{stamp}"))
     if args.io_model:
         import torch
 

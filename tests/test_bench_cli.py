@@ -114,3 +114,25 @@ def test_trl_fused_head_peer_gives_the_naive_loss(workload):
     run_all(cells, device="cpu", dtype="float32", warmup=1, repeats=1, timeout=120, progress=lambda _: None)
     assert [c.result["status"] for c in cells] == ["ok", "ok"], [c.result.get("reason") for c in cells]
     assert cells[1].result["loss"] == pytest.approx(cells[0].result["loss"], rel=1e-5)
+
+
+def test_vlm_step_records_have_the_stated_geometry():
+    """--preset vlm-step: 576 image tokens (Qwen2-VL-like: 1,280), a 32-token prompt (+ 8 of the chat template) and 64-token answers
+    (+ the end of turn and its newline); shared, one 616-token prefix per record and both answers after it."""
+    from bench import vlm_step
+    from prefopt.train.data import PreferenceCollator
+    from prefopt.train.prefixes import SharedPrefixCollator
+
+    processor = vlm_step.make_processor("llava")
+    data = vlm_step.records(processor, 2, "llava")
+    plain = PreferenceCollator(processor, max_length=2048)(data, mode="pair")
+    shared = SharedPrefixCollator(processor, max_length=2048)(data, mode="pair")
+    image = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert (plain["input_ids"] == image).sum(-1).tolist() == [576] * 4
+    assert (plain["labels"] == -100).int().argmin(-1).tolist() == [576 + 32 + 8] * 4
+    assert (plain["labels"] != -100).sum(-1).tolist() == [64 + 2] * 4
+    assert shared["prefix_lengths"].tolist() == [616, 616] and list(shared["input_ids"].shape) == [2, 616 + 2 * 66]
+    qwen = vlm_step.make_processor("qwen2-vl")
+    plain = PreferenceCollator(qwen, max_length=4096)(vlm_step.records(qwen, 1, "qwen2-vl"), mode="pair")
+    assert (plain["input_ids"] == qwen.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum(-1).tolist() == [1280] * 2
+    assert (plain["labels"] != -100).sum(-1).tolist() == [64 + 2] * 2

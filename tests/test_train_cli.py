@@ -61,6 +61,9 @@ def test_no_arguments_is_the_embedded_default():
       for option, value in [("--lr", "nan"), ("--lr", "-1"), ("--lr", "inf"), ("--epochs", "inf"), ("--epochs", "nan"),
                             ("--train-size", "-1"), ("--max-grad-norm", "nan"), ("--beta", "-1"),
                             ("--warmup-ratio", "1"), ("--dist-timeout", "nan"), ("--max-nonfinite-steps", "0")]],
+    (["--model", "tiny-llama", "--method", "sft", "--share-prefix", "on", "--data", "TEXT"],
+     "--share-prefix on: sft trains one answer per record"),
+    (["--share-prefix", "yes"], "invalid choice: 'yes'"),
 ])
 def test_errors_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, text_file, args, message):
     out = tmp_path / "run"

@@ -61,8 +61,8 @@ def spawn(args, env=None, **kw):
 
 def rows(out):
     with open(os.path.join(out, METRICS_FILE), encoding="utf-8") as f:
-        return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_second", "peak_memory_mb")}
-                for line in f]
+        timings = ("tokens_per_second", "step_seconds", "peak_memory_mb")
+        return [{k: v for k, v in json.loads(line).items() if k not in timings} for line in f]
 
 
 def final_weights(out):

@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "cuda:N (default %(default)s)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder-layer activations in "
                    "backward to save memory")
+    g.add_argument("--share-prefix", choices=("auto", "on", "off"), default=d.share_prefix,
+                   help="run each record's images and prompt once for all its answers (one packed row with a "
+                   "block mask; see prefopt.train.prefixes): auto where the method and model family are tested "
+                   "with it, on (refuse where it cannot apply), off (default %(default)s)")
     g.add_argument("--op-backend", choices=("auto", "torch", "triton"), default=d.op_backend,
                    help="backend of the fused op (default %(default)s: Triton on CUDA when installed, else torch)")
 
@@ -241,7 +245,8 @@ def config_from_args(args) -> "TrainConfig":
         keep_adapter=args.keep_adapter, data=args.data, data_split=args.data_split, data_columns=args.data_columns,
         out=out, reference=args.reference, lora=args.lora,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, dtype=args.dtype, device=args.device,
-        gradient_checkpointing=args.gradient_checkpointing, op_backend=args.op_backend, train_size=args.train_size,
+        gradient_checkpointing=args.gradient_checkpointing, share_prefix=args.share_prefix,
+        op_backend=args.op_backend, train_size=args.train_size,
         max_length=args.max_length, strict_data=args.strict_data, allow_outside_images=args.allow_outside_images,
         max_image_pixels=args.max_image_pixels, max_record_bytes=args.max_record_bytes, probe_data=args.probe_data,
         probe_size=args.probe_size,

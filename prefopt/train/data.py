@@ -21,10 +21,12 @@ from .sources import (MAX_IMAGE_PIXELS, MAX_RECORD_BYTES, DataProblems, Preferen
                       data_fingerprint, load_records)
 
 __all__ = ["PreferenceRecord", "RecordSet", "load_records", "data_fingerprint", "DataProblems", "check_image",
-           "PreferenceCollator", "EXTRA_BATCH_KEYS", "model_inputs", "MAX_IMAGE_PIXELS", "MAX_RECORD_BYTES"]
+           "PreferenceCollator", "EXTRA_BATCH_KEYS", "model_inputs", "answer_rows", "MAX_IMAGE_PIXELS",
+           "MAX_RECORD_BYTES"]
 
 # Keys the collator adds that are not model inputs; ModelAdapter.hidden_states drops them.
-EXTRA_BATCH_KEYS = ("labels", "num_images", "correction_rows", "row_record")
+EXTRA_BATCH_KEYS = ("labels", "num_images", "correction_rows", "row_record", "answer_positions", "prefix_lengths",
+                    "logical_tokens")
 # What a processor may return that the collator makes itself (PaliGemma's processor returns its own labels).
 COLLATOR_KEYS = ("labels",)
 
@@ -57,6 +59,20 @@ def _pad_trailing(value: torch.Tensor, trailing: Sequence[int]) -> torch.Tensor:
     out = value.new_zeros((value.shape[0], *trailing))
     out[(slice(None), *(slice(0, n) for n in value.shape[1:]))] = value
     return out
+
+
+def answer_rows(records: Sequence[PreferenceRecord], mode: str) -> List[tuple]:
+    """The rows of a batch in ``mode``, in order: (record index, answer, is_correction)."""
+    rows = [(i, r.chosen, False) for i, r in enumerate(records)]
+    if mode == "pair":
+        for i, r in enumerate(records):
+            if r.rejected is None:
+                raise ValueError(f"record {i} has no rejected answer (mode='pair')")
+            rows.append((i, r.rejected, False))
+    elif mode == "nsft":
+        for i, r in enumerate(records):
+            rows.extend((i, c, True) for c in r.corrections)
+    return rows
 
 
 class PreferenceCollator:
@@ -288,18 +304,7 @@ class PreferenceCollator:
         if not records:
             raise ValueError("cannot collate an empty list of records")
         self._check_images(records)
-        rows = []  # (record index, answer, is_correction)
-        for i, r in enumerate(records):
-            rows.append((i, r.chosen, False))
-        if mode == "pair":
-            for i, r in enumerate(records):
-                if r.rejected is None:
-                    raise ValueError(f"record {i} has no rejected answer (mode='pair')")
-                rows.append((i, r.rejected, False))
-        elif mode == "nsft":
-            for i, r in enumerate(records):
-                rows.extend((i, c, True) for c in r.corrections)
-
+        rows = answer_rows(records, mode)
         encoded = []
         for i, answer, _ in rows:
             r = records[i]

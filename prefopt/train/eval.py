@@ -209,7 +209,8 @@ def _type_of(record) -> str:
 def evaluate(model, *, processor=None, reference=None, data: str = "synthetic", records=None,
              size: Optional[int] = None, seed: int = 0, shuffle_images: bool = False, batch_size: int = 16,
              max_new_tokens: int = 16, max_length: int = 512, device=None, dtype=None, backend: str = "auto",
-             synced_gpus: bool = False, gather=None, progress: bool = False) -> Dict[str, Any]:
+             synced_gpus: bool = False, gather=None, progress: bool = False,
+             share_prefix: str = "auto") -> Dict[str, Any]:
     """Evaluate ``model`` on held-out preference records; returns the metrics dict (see the module docstring).
 
     ``model``: a :class:`~prefopt.train.models.ModelAdapter` (then ``processor`` is required) or a folder: a
@@ -221,6 +222,7 @@ def evaluate(model, *, processor=None, reference=None, data: str = "synthetic", 
     verifiable questions. ``shuffle_images``: the grounding control. The model is left in the mode it was in.
     ``synced_gpus`` and ``gather`` (``gather(params)``: a context in which partitioned ``params`` hold their
     full data, entered around the fused op only) are for ZeRO-3, where every rank must take part.
+    ``share_prefix``: pairs are scored with one prefix per record (:mod:`prefopt.train.prefixes`).
     """
     start = None
     if not hasattr(model, "hidden_states"):
@@ -232,9 +234,9 @@ def evaluate(model, *, processor=None, reference=None, data: str = "synthetic", 
     elif isinstance(reference, str):
         reference, _ = load_model(reference, device=device or "cpu", dtype=dtype)
     device = model.device
-    from .data import PreferenceCollator
+    from .prefixes import make_collator
 
-    collator = PreferenceCollator(processor, max_length=max_length)
+    collator = make_collator(processor, model.config, share_prefix, method=None, max_length=max_length)
     records = list(records) if records is not None else _records(data, size, seed)
     if shuffle_images:
         records = _shuffle_images(records, seed)

@@ -45,6 +45,7 @@ from .data import DataProblems
 from .errors import Diverged, RankFailed, StepNotRedone, first_line
 from .interrupts import SKIPPED_FILE, Cadence, Interrupted, StopSignals, at_boundary
 from .methods import METHODS, MethodOptions, PolicyObjective, Stage, build_method
+from .prefixes import decoder_tokens, logical_tokens
 from .probes import LogpProbe, ProbeResult, should_stop
 
 METRICS_FILE = "metrics.jsonl"
@@ -81,6 +82,7 @@ class TrainConfig:
     dtype: Optional[str] = None  # None: bf16 on GPU, fp32 on CPU
     device: str = "auto"
     gradient_checkpointing: bool = False
+    share_prefix: str = "auto"  # auto | on | off: one prefix per record (prefopt.train.prefixes)
     op_backend: str = "auto"  # the fused op's backend
     # data
     train_size: Optional[int] = None
@@ -357,8 +359,9 @@ def _check_out_dir(cfg: TrainConfig) -> Tuple[Optional[Dict[str, Any]], List[str
 
 
 def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
-    from .data import PreferenceCollator, data_fingerprint, load_records
+    from .data import data_fingerprint, load_records
     from .models import build_model
+    from .prefixes import make_collator
 
     seed_everything(cfg.seed + state.rank)
     problems = DataProblems(cfg.strict_data)  # every skipped record: one line FILE:LINE: reason
@@ -384,7 +387,7 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     policy, processor = build_model(source, dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r,
                                     lora_alpha=cfg.lora_alpha, gradient_checkpointing=cfg.gradient_checkpointing,
                                     device=state.device, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
-    collator = PreferenceCollator(processor, max_length=cfg.max_length)
+    collator = make_collator(processor, policy.config, cfg.share_prefix, method=cfg.method, max_length=cfg.max_length)
     try:  # a model whose processor cannot take this data at all is one error, not a report per record
         collator._check_images([next((r for r in records if r.images), records[0])])
     except ValueError as e:
@@ -740,7 +743,7 @@ class Run:
                               trust_remote_code=cfg.trust_remote_code)
         result = evaluate(self.policy, processor=self.processor, reference=start, records=self.eval_records,
                           batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
-                          backend=cfg.op_backend, synced_gpus=state.zero_stage == 3,
+                          backend=cfg.op_backend, synced_gpus=state.zero_stage == 3, share_prefix=cfg.share_prefix,
                           gather=lambda params: dist.gathered(params, state), progress=cfg.progress and state.is_main)
         del start
         line = {"step": step, **{f"eval_{k}": result[k] for k in EVAL_KEYS}}
@@ -1057,7 +1060,7 @@ class Run:
         # losses are averaged over the accumulation, and DDP averages them over ranks.
         per_call = stage.loss.unit is None
         lr = engine.learning_rate
-        loss_sum, tokens = 0.0, 0
+        loss_sum, tokens, decoded = 0.0, 0, 0
         weighted: Dict[str, float] = {}
         counters: Dict[str, float] = {}
         for a, (idx, batch, drawn) in enumerate(micro):
@@ -1083,7 +1086,8 @@ class Run:
             if not last:
                 engine.micro_step()
             loss_sum += float(share.detach()) / state.world_size
-            tokens += int(batch["attention_mask"].sum())
+            tokens += logical_tokens(batch)
+            decoded += decoder_tokens(batch)
             for k, v in drawn.items():
                 counters[k] = counters.get(k, 0.0) + v
             for k, v in out.metrics.items():
@@ -1092,11 +1096,11 @@ class Run:
         # Summed over ranks before the optimizer step: a rank's non-finite loss makes the sum non-finite on
         # every rank, and no rank applies the step.
         totals = dist.all_reduce([loss_sum, tokens, sum(local_items)] + [weighted[k] for k in keys]
-                                 + [counters[k] for k in counter_keys], state)
+                                 + [counters[k] for k in counter_keys] + [decoded], state)
         loss, tokens, items = totals[:3]
         self.ahead_of_count = True
         applied = engine.step(loss_finite=math.isfinite(loss))
-        counters = dict(zip(counter_keys, totals[3 + len(keys):]))
+        counters = dict(zip(counter_keys, totals[3 + len(keys):-1]))
         elapsed = time.perf_counter() - t0
         (peak,) = dist.all_reduce([peak_memory_mb(state.device)], state, op="max")
         metrics: Dict[str, Any] = {
@@ -1108,6 +1112,8 @@ class Run:
             "learning_rate": lr,
             "grad_norm": engine.grad_norm,
             "tokens_per_second": tokens / max(elapsed, 1e-9),
+            "step_seconds": elapsed,
+            "decoder_tokens": int(totals[-1]),
             "peak_memory_mb": peak,
         }
         if not (applied and math.isfinite(loss) and math.isfinite(engine.grad_norm)):

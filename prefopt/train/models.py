@@ -157,20 +157,27 @@ class ModelAdapter:
 
         Takes the collator's / processor's batch as keyword arguments (``input_ids``, ``attention_mask``,
         ``pixel_values``, ``image_grid_thw``, ...); the collator's extra keys (``labels``, ``num_images``,
-        ``row_record``, ``correction_rows``) are dropped. Runs under the caller's grad mode and inside
-        ``disable_adapters()`` when the caller enters it.
+        ``row_record``, ``correction_rows``) are dropped. A shared-prefix batch
+        (:mod:`prefopt.train.prefixes`) gives the hidden states of its logical rows, ``[R, A, H]``. Runs
+        under the caller's grad mode and inside ``disable_adapters()`` when the caller enters it.
         """
         kwargs = {k: v for k, v in inputs.items() if k not in EXTRA_BATCH_KEYS}
         dtype = self.head().weight.dtype
         for k, v in kwargs.items():  # pixel values come from the processor in fp32
             if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != dtype:
                 kwargs[k] = v.to(dtype)
+        if "answer_positions" in inputs:  # packed rows of shared prefixes
+            from .prefixes import packed_positions
+
+            kwargs["position_ids"] = packed_positions(self.backbone, kwargs, inputs["prefix_lengths"])
         kwargs.setdefault("use_cache", False)
         kwargs["return_dict"] = True
         out = self.backbone(**kwargs)
         hidden = getattr(out, "last_hidden_state", None)
         if hidden is None:
             hidden = out[0]
+        if "answer_positions" in inputs:  # packed rows of shared prefixes: the logical rows' positions
+            hidden = hidden.reshape(-1, hidden.shape[-1])[inputs["answer_positions"]]
         return hidden
 
     def head(self) -> HeadSpec:
