@@ -118,6 +118,25 @@ def test_every_objective_equals_unshared(family):
     compare(policy, reference, processor, records(with_images=name == "tiny-llava"), OBJECTIVES)
 
 
+def test_messages_prompts_keep_their_turns_and_image_places(family):
+    """TRL's conversational prompts (a system turn, two user turns, the image between two texts) are rendered
+    from their messages in the packed rows as in the unshared ones; two records with the same text but other
+    turns never share a row."""
+    name, policy, reference, processor = family
+    if name != "tiny-llava":
+        pytest.skip("the image placement needs the image family")
+    data = []
+    for k, r in enumerate(records(with_images=True)[:2]):
+        text = lambda t: {"type": "text", "text": t}  # noqa: E731
+        system = [{"role": "system", "content": [text(f"Answer briefly{'.' * k}")]}]
+        turns = [{"role": "user", "content": [text("Look at this."), {"type": "image"}, text(r.prompt)]}]
+        data.append(dataclasses.replace(r, images=r.images[:1], messages=system + turns, corrections=[]))
+    data.append(dataclasses.replace(data[1], messages=data[1].messages[1:]))  # same prompt text, no system turn
+    shared = SharedPrefixCollator(processor, max_length=512)(data, mode="pair")
+    assert shared["input_ids"].shape[0] == 3
+    compare(policy, reference, processor, data, [("dpo", {"loss_type": "sigmoid"})])
+
+
 @pytest.mark.parametrize("name", ["tiny-qwen2-vl", "qwen2.5-vl"])
 def test_mrope_answers_continue_from_the_prefix(name, tiny_family):
     """Qwen2-VL / Qwen2.5-VL: 3-D positions over the image, each answer's continuing from the prefix's end."""

@@ -125,7 +125,7 @@ class SharedPrefixCollator(PreferenceCollator):
         encoded = []  # per logical row: (token ids cut at max_length, prompt length, features)
         for i, answer, _ in rows:
             r = records[i]
-            feats, prompt_len = self._encode(r.prompt, answer, list(r.images), r.where or f"record {i}")
+            feats, prompt_len = self._encode(r.prompt, answer, list(r.images), r.where or f"record {i}", r.messages)
             encoded.append((feats["input_ids"][0, : self.max_length], prompt_len, feats))
         # Rows with the same prompt and images share a packed row: a record's answers, or GRPO's group of
         # sampled answers (one row per answer, each a copy of its record).
@@ -204,8 +204,9 @@ class SharedPrefixCollator(PreferenceCollator):
 
 
 def prefix_key(record: PreferenceRecord) -> tuple:
-    """What a row's prefix is made of: its prompt and its images (paths, or the image objects themselves)."""
-    return record.prompt, tuple(i if isinstance(i, str) else id(i) for i in record.images)
+    """What a row's prefix is made of: its prompt (and the messages it came from) and its images (paths, or
+    the image objects themselves)."""
+    return record.prompt, repr(record.messages), tuple(i if isinstance(i, str) else id(i) for i in record.images)
 
 
 def packed_positions(backbone, inputs: Dict[str, torch.Tensor], prefix_lengths: torch.Tensor) -> torch.Tensor:
