@@ -497,3 +497,72 @@ def test_a_json_array_with_image_paths(tmp_path, capsys):
         f"{path}:1: image not found: {tmp_path / 'img' / 'missing.png'} (skipped)"]
     lines = _write_jsonl(tmp_path / "lines.json", [dict(r, prompt=r["question"]) for r in rows])
     assert [r.where for r in load_records(lines, columns="images=image")] == [f"{lines}:1", f"{lines}:3"]
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow"])
+def test_an_oversized_row_is_refused_before_it_becomes_python_objects(tmp_path, capsys, kind):
+    """A row whose embedded image bytes are 50 times --max-record-bytes: one line SOURCE:ROW: reason, the rows
+    around it kept, and the traced Python peak a small part of that row (its size is read from Arrow's buffers)."""
+    import pyarrow as pa
+
+    limit = 64 << 10
+    small = {"bytes": _png(COLOURS["red"]), "path": None}
+    rows = [{"prompt": f"Colour {i}?", "chosen": "Red.", "rejected": "Blue.", "images": [small]} for i in range(3)]
+    rows[1]["images"] = [{"bytes": b"\x89PNG" + bytes(50 * limit), "path": None}]
+    ds = datasets.Dataset.from_list(rows)
+    path = str(tmp_path / f"d.{kind}")
+    if kind == "parquet":
+        ds.to_parquet(path)
+    else:
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, ds.data.table.schema) as writer:
+            writer.write_table(ds.data.table)
+    del ds, rows
+    capsys.readouterr()  # datasets' progress bars
+    tracemalloc.start()
+    try:
+        records = load_records(path, max_record_bytes=limit)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [r.prompt for r in records] == ["Colour 0?", "Colour 2?"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"{path}:1: record is over {limit} bytes (--max-record-bytes) (skipped)"], err
+    assert peak < 10 * limit, f"peak {peak} bytes while reading a {50 * limit}-byte row with a {limit}-byte limit"
+
+
+MAIN_DATA, V2_DATA = "c" * 40, "d" * 40
+
+
+def test_data_revision_reads_that_revision_of_a_hub_dataset(tmp_path, capsys, monkeypatch):
+    """``--data org/prefs --data-revision v2`` (or its commit) reads the v2 snapshot of the hub cache, whose main
+    holds no usable record; a revision not in the cache (offline) and a revision of a local file are one line."""
+    import huggingface_hub
+
+    repo = tmp_path / "hub" / "datasets--org--prefs"
+    for ref, sha, rejected in (("main", MAIN_DATA, "Same."), ("v2", V2_DATA, "Other.")):
+        (repo / "snapshots" / sha).mkdir(parents=True)
+        datasets.Dataset.from_list([{"prompt": f"{ref} {i}?", "chosen": "Same.", "rejected": rejected}
+                                    for i in range(4)]).to_parquet(str(repo / "snapshots" / sha / "train.parquet"))
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(sha)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    assert len(load_records("org/prefs")) == 0
+    capsys.readouterr()
+    for revision in ("v2", V2_DATA):
+        assert [r.prompt for r in load_records("org/prefs", revision=revision)] == [f"v2 {i}?" for i in range(4)]
+    with pytest.raises(ValueError, match=r"^--data org/prefs: .*hub dataset of that id at revision v3 is cached"):
+        load_records("org/prefs", revision="v3")
+    local = str(repo / "snapshots" / V2_DATA / "train.parquet")
+    for source in (local, "synthetic"):
+        with pytest.raises(ValueError, match=r"^--data-revision v2: applies to a hub dataset id \(org/name\)"):
+            load_records(source, revision="v2")
+
+    args = ["--model", "tiny-llama", "--method", "dpo", "--data", "org/prefs", "--steps", "1", "--batch-size", "2",
+            "--probe-size", "2", "--probe-every", "0", "--eval-size", "0", "--no-progress", "--device", "cpu"]
+    assert main(args + ["--out", str(tmp_path / "main")]) == 2
+    assert "--data org/prefs: no training records" in capsys.readouterr().err
+    assert main(args + ["--data-revision", "v2", "--out", str(tmp_path / "v2")]) == 0
+    with open(tmp_path / "v2" / "config.json", encoding="utf-8") as f:
+        assert json.load(f)["data_revision"] == "v2"

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "format (strings or messages, images column)")
     g.add_argument("--data-split", default=d.data_split, help="the split of a folder, save_to_disk DatasetDict or "
                    "hub dataset to train on (default %(default)s)")
+    g.add_argument("--data-revision", default=None, help="the branch, tag or commit of a hub dataset id given to "
+                   "--data (default main)")
     g.add_argument("--data-columns", default=None, metavar="FIELD=COLUMN,...",
                    help="the columns holding the record fields, e.g. prompt=question,images=image,chosen=chosen,"
                         "rejected=rejected (fields: prompt, chosen, rejected, images, corrections; default: the "
@@ -242,7 +244,8 @@ def config_from_args(args) -> "TrainConfig":
     return TrainConfig(
         method=args.method, model=args.model or args.init_from or TrainConfig.model, init_from=args.init_from,
         revision=args.revision, trust_remote_code=args.trust_remote_code,
-        keep_adapter=args.keep_adapter, data=args.data, data_split=args.data_split, data_columns=args.data_columns,
+        keep_adapter=args.keep_adapter, data=args.data, data_split=args.data_split,
+        data_revision=args.data_revision, data_columns=args.data_columns,
         out=out, reference=args.reference, lora=args.lora,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, dtype=args.dtype, device=args.device,
         gradient_checkpointing=args.gradient_checkpointing, share_prefix=args.share_prefix,

@@ -72,6 +72,7 @@ class TrainConfig:
     trust_remote_code: bool = False  # let a model folder's own Python code run
     data: str = "synthetic"  # prefopt.train.sources: JSONL, parquet, arrow, save_to_disk, hub id or synthetic
     data_split: str = "train"
+    data_revision: Optional[str] = None  # the branch, tag or commit of a hub dataset id in data
     data_columns: Optional[str] = None  # "prompt=question,images=image,...": the columns of the record fields
     out: str = "runs/train"
     reference: str = "auto"  # model | adapters | precompute | auto (adapters with --lora, else model)
@@ -368,7 +369,7 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     load = dict(strict=cfg.strict_data, seed=cfg.seed, problems=problems,
                 allow_outside_images=cfg.allow_outside_images, max_image_pixels=cfg.max_image_pixels,
                 max_record_bytes=cfg.max_record_bytes, columns=cfg.data_columns)
-    records = load_records(cfg.data, split=cfg.data_split, size=cfg.train_size, **load)
+    records = load_records(cfg.data, split=cfg.data_split, size=cfg.train_size, revision=cfg.data_revision, **load)
     if not records:
         raise ValueError(f"--data {cfg.data}: no training records")
     method_probe = build_method(cfg.method, cfg.method_options(), total_steps=1)  # validates the method's options

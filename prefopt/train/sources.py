@@ -9,8 +9,9 @@
 * a ``.parquet`` or ``.arrow`` file, or a folder of them (names starting with a split name, e.g.
   ``train-00000-of-00002.parquet``, are that split's; other names are all ``train``);
 * a ``save_to_disk`` folder (``state.json`` or ``dataset_dict.json``);
-* else a Hugging Face hub dataset id (``org/name``): its snapshot in the hub cache (``HF_HOME``,
-  ``HF_HUB_OFFLINE`` honoured), downloaded when online, read as a folder (JSONL, or parquet/arrow files).
+* else a Hugging Face hub dataset id (``org/name``): its snapshot at ``--data-revision`` (default ``main``) in
+  the hub cache (``HF_HOME``, ``HF_HUB_OFFLINE`` honoured), downloaded when online, read as a folder (JSONL,
+  or parquet/arrow files).
 
 A folder with both JSONL and parquet/arrow files is refused unless ``--data`` names the file.
 
@@ -159,20 +160,6 @@ def _nesting_depth(obj: Any) -> int:
             deepest = max(deepest, depth)
             stack.extend((c, depth + 1) for c in children)
     return deepest
-
-
-def _row_bytes(obj: Any) -> int:
-    """The bytes of the strings and binary values in ``obj`` (a decoded row), without recursion."""
-    total, stack = 0, [obj]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
-        elif isinstance(value, (str, bytes)):
-            total += len(value)
-    return total
 
 
 def _verify_image(open_image: Callable, name: str, max_pixels: int) -> None:
@@ -599,13 +586,19 @@ def _read_dataset(source: str, split: str) -> Tuple[Any, Optional[str], str, str
         return ds, folder, fingerprint, source
 
 
-def _dataset_rows(ds) -> Iterator[Tuple[int, dict]]:
-    """``(row index, row)`` of every row of ``ds``, as stored (images undecoded), a few rows at a time."""
+def _dataset_rows(ds, max_record_bytes: int) -> Iterator[Tuple[int, Any]]:
+    """``(row index, row)`` of every row of ``ds``, as stored (images undecoded), a few rows at a time; a row
+    whose Arrow data (text, bytes and their offsets, from the row's slice of the buffers) is over
+    ``max_record_bytes`` comes as a ``ValueError`` instead, without becoming Python objects."""
     table = ds.with_format("arrow")
     start = 0
     for batch in table.iter(batch_size=_STREAM_ROWS):
-        for offset, row in enumerate(batch.to_pylist()):
-            yield start + offset, row
+        for offset in range(batch.num_rows):
+            row = batch.slice(offset, 1)
+            if row.nbytes > max_record_bytes:
+                yield start + offset, ValueError(f"record is over {max_record_bytes} bytes (--max-record-bytes)")
+            else:
+                yield start + offset, row.to_pylist()[0]
         start += batch.num_rows
 
 
@@ -640,34 +633,36 @@ def _data_kind(source: str) -> str:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def _hub_snapshot(source: str) -> str:
-    """The folder of hub dataset ``source`` (``org/name``): its snapshot in the hub cache (``HF_HOME``,
-    ``HF_HUB_OFFLINE`` honoured), downloaded when online. ``ValueError`` (one line) when ``source`` is no
-    such id or it cannot be had."""
+def _hub_snapshot(source: str, revision: Optional[str]) -> str:
+    """The folder of hub dataset ``source`` (``org/name``) at ``revision`` (a branch, tag or commit; default
+    ``main``): its snapshot in the hub cache (``HF_HOME``, ``HF_HUB_OFFLINE`` honoured), downloaded when
+    online. ``ValueError`` (one line) when ``source`` is no such id or it cannot be had."""
     from huggingface_hub import snapshot_download
 
     if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", source) or source.endswith((".jsonl", ".json", ".parquet", ".arrow")):
         raise ValueError(f"data file not found: {source!r} (expected a JSONL, parquet or arrow file, a folder, a hub "
                          "dataset id or 'synthetic')")
     try:
-        return snapshot_download(source, repo_type="dataset")
+        return snapshot_download(source, repo_type="dataset", revision=revision)
     except Exception as e:  # the hub's errors come in many types
-        raise ValueError(f"--data {source}: not a file or folder, and no hub dataset of that id is cached or could "
-                         f"be downloaded ({first_line(e)})") from None
+        at = f" at revision {revision}" if revision else ""
+        raise ValueError(f"--data {source}: not a file or folder, and no hub dataset of that id{at} is cached or "
+                         f"could be downloaded ({first_line(e)})") from None
 
 
 def load_records(
     source: Any, *, split: str = "train", strict: bool = False, seed: int = 0, size: Optional[int] = None,
     problems: Optional[DataProblems] = None, allow_outside_images: bool = False,
     max_image_pixels: int = MAX_IMAGE_PIXELS, max_record_bytes: int = MAX_RECORD_BYTES,
-    columns: Optional[str] = None,
+    columns: Optional[str] = None, revision: Optional[str] = None,
 ) -> RecordSet:
     """The usable records of ``source`` (module docstring), checked as they stream past.
 
     ``source``: ``"synthetic"`` (:func:`prefopt.train.synthetic.make_synthetic_records` with ``split``,
     ``size`` and ``seed``), a path or hub id (module docstring), or a ``datasets.Dataset``. ``split`` picks
     ``{split}.jsonl`` in a folder, a split's files in a folder of parquet/arrow files, a ``save_to_disk``
-    DatasetDict's split or a hub dataset's. ``size`` keeps the first ``size`` usable records. ``columns``:
+    DatasetDict's split or a hub dataset's; ``revision`` (``--data-revision``) a hub dataset's branch, tag or
+    commit. ``size`` keeps the first ``size`` usable records. ``columns``:
     ``--data-columns``. Each record's ``where`` is ``FILE:LINE`` (JSONL) or ``SOURCE:ROW`` (row counted from
     0, as ``dataset[ROW]``). A record that is not UTF-8 or not JSON (JSONL), over ``max_record_bytes``
     (a JSONL line is never held whole) or nested deeper than ``MAX_RECORD_DEPTH``, has a duplicate key, a
@@ -676,6 +671,9 @@ def load_records(
     ``max_image_pixels``) is reported to ``problems`` (default: a new :class:`DataProblems` with ``strict``)
     and skipped. A missing source or a bad option: ``ValueError`` with a one-line message.
     """
+    if revision is not None and (not isinstance(source, str) or source == "synthetic" or os.path.exists(source)):
+        raise ValueError(f"--data-revision {revision}: applies to a hub dataset id (org/name), and --data "
+                         f"{source if isinstance(source, str) else 'dataset'} is not one")
     if isinstance(source, str) and source == "synthetic":
         from .synthetic import make_synthetic_records
 
@@ -685,7 +683,7 @@ def load_records(
         raise ValueError(f"--max-record-bytes: expected a positive number of bytes, got {max_record_bytes!r}")
     mapping = parse_columns(columns)
     report = problems if problems is not None else DataProblems(strict)
-    local = source if not isinstance(source, str) or os.path.exists(source) else _hub_snapshot(source)
+    local = source if not isinstance(source, str) or os.path.exists(source) else _hub_snapshot(source, revision)
     if isinstance(local, str) and _data_kind(local) == "jsonl":
         path = os.path.join(local, f"{split}.jsonl") if os.path.isdir(local) else local
         if not os.path.isfile(path):
@@ -702,7 +700,7 @@ def load_records(
         if absent:
             raise ValueError(f"--data {name}: no column {absent[0]!r} (columns: {', '.join(ds.column_names)}; map "
                              "them with --data-columns FIELD=COLUMN,...)")
-        rows = ((i, f"{name}:{i}", row) for i, row in _dataset_rows(ds))
+        rows = ((i, f"{name}:{i}", row) for i, row in _dataset_rows(ds, max_record_bytes))
         arrow = ds.with_format("arrow")
 
         def read_row(i):
@@ -711,11 +709,9 @@ def load_records(
     def parse(where, row, check_images=True):
         if isinstance(row, ValueError):
             raise row
-        if read_row is not None:  # JSONL lines were checked for size and nesting as they were read
-            if _row_bytes(row) > max_record_bytes:
-                raise ValueError(f"record is over {max_record_bytes} bytes (--max-record-bytes)")
-            if _nesting_depth(row) > MAX_RECORD_DEPTH:
-                raise ValueError(f"record is nested deeper than {MAX_RECORD_DEPTH} levels")
+        # JSONL lines were checked for size and nesting as they were read, dataset rows for size (_dataset_rows)
+        if read_row is not None and _nesting_depth(row) > MAX_RECORD_DEPTH:
+            raise ValueError(f"record is nested deeper than {MAX_RECORD_DEPTH} levels")
         record = record_from_row(row, mapping, lambda v: _checked_images(
             v, folder, allow_outside_images, max_image_pixels, check=check_images))
         record.where = where
