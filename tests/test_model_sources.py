@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 
 from huggingface_hub import constants  # noqa: E402
 
+from prefopt.train import eval as prefopt_eval  # noqa: E402
 from prefopt.train.cli import main  # noqa: E402
 from prefopt.train.loop import TrainConfig  # noqa: E402
 from prefopt.train.models import build_model, resolve_hub_ids  # noqa: E402
@@ -111,6 +112,31 @@ def test_hub_id_from_hf_home_offline_in_a_fresh_process(hf_home, tmp_path):
         assert json.load(f)["model"] == str(hf_home / "hub" / "models--org--tiny" / "snapshots" / MAIN_SHA)
 
 
+def _eval(args, capsys):
+    """``prefopt eval ARGS --json`` in-process: (exit code, the result or None, stderr lines)."""
+    capsys.readouterr()
+    code = prefopt_eval.main(args + ["--json"])
+    out, err = capsys.readouterr()
+    return code, json.loads(out) if code == 0 else None, err.strip().splitlines()
+
+
+def test_eval_resolves_hub_ids_as_train_does(offline_cache, tmp_path, capsys):
+    """``prefopt eval --model org/tiny [--revision R]``: the cached snapshot, as ``prefopt train --model``
+    resolves it; --revision without a hub id, and a revision not in the cache, are one line, exit 2."""
+    data = write_text_data(tmp_path, train=1, heldout=2)
+    snapshots = offline_cache / "hub" / "models--org--tiny" / "snapshots"
+    by_path = {sha: _eval(["--model", str(snapshots / sha), "--data", data], capsys)[1] for sha in (MAIN_SHA, V2_SHA)}
+    assert by_path[MAIN_SHA]["logp_gap"] != by_path[V2_SHA]["logp_gap"]
+    for extra, sha in (([], MAIN_SHA), (["--revision", "v2"], V2_SHA), (["--revision", V2_SHA], V2_SHA)):
+        code, result, err = _eval(["--model", "org/tiny", "--data", data] + extra, capsys)
+        assert code == 0 and result == by_path[sha], (extra, err)
+    code, _, err = _eval(["--model", "org/tiny", "--revision", "v3", "--data", data], capsys)
+    assert code == 2 and len(err) == 1 and "--model org/tiny: " in err[0] and "at revision v3" in err[0], err
+    code, _, err = _eval(["--model", str(snapshots / V2_SHA), "--revision", "v2", "--data", data], capsys)
+    assert code == 2 and err == ["prefopt eval: error: --revision v2: applies to a hub id (org/name), and --model "
+                                 "is not one here"], err
+
+
 # ---------------------------------------------------------------------------------------------- remote code
 
 CUSTOM_CODE = '''
@@ -154,6 +180,17 @@ def test_remote_code_runs_only_when_trusted(remote_code_folder):
     assert not (remote_code_folder / "RAN").exists()
     adapter, _ = build_model(str(remote_code_folder), trust_remote_code=True)
     assert type(adapter.hf_model).__name__ == "CustomForCausalLM" and (remote_code_folder / "RAN").exists()
+
+
+def test_eval_runs_remote_code_only_when_trusted(remote_code_folder, tmp_path, capsys):
+    """``prefopt eval`` on a model folder that ships its own code: one line and exit 2 without
+    --trust-remote-code (the code never runs); evaluated with it."""
+    data = write_text_data(tmp_path, train=1, heldout=2)
+    code, _, err = _eval(["--model", str(remote_code_folder), "--data", data], capsys)
+    assert code == 2 and len(err) == 1 and "only with --trust-remote-code" in err[0], err
+    assert not (remote_code_folder / "RAN").exists()
+    code, result, err = _eval(["--model", str(remote_code_folder), "--data", data, "--trust-remote-code"], capsys)
+    assert code == 0 and result["pair_accuracy"] is not None and (remote_code_folder / "RAN").exists(), err
 
 
 @pytest.mark.parametrize("stdin", ["devnull", "pty"])

@@ -117,9 +117,10 @@ def shift_and_confidence(hidden, weight, lse, *, bias=None, ref_hidden=None, ref
 
 # --------------------------------------------------------------------------------------------- loading
 
-def _adapter_and_processor(source, *, device, dtype):
+def _adapter_and_processor(source, *, device, dtype, trust_remote_code: bool = False):
     """``(ModelAdapter, processor, start)`` of a Hugging Face folder or a run folder; ``start`` builds the
-    model the run started from (None when unknown)."""
+    model the run started from (None when unknown). A folder's own Python code runs only with
+    ``trust_remote_code``."""
     from .export import check_finite
     from .models import build_model
 
@@ -132,7 +133,7 @@ def _adapter_and_processor(source, *, device, dtype):
         adapter, processor, start = load_run(source, device=device, dtype=dtype)
         check_finite(adapter.model, f"--model {source}")
         return adapter, processor, start
-    adapter, processor = build_model(source, dtype=dtype, device=device)
+    adapter, processor = build_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     check_finite(adapter.model, f"--model {source}")
     parent = os.path.dirname(os.path.abspath(source))  # OUT/model inside a run folder: its run's start
     start = None
@@ -468,9 +469,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "hallucination per question type, calibration (ECE), shift from a reference (TV, KL) and "
                     "entropy, computed with the fused op.",
     )
-    p.add_argument("--model", required=True, metavar="FOLDER|RUN",
-                   help="a Hugging Face model folder (save_pretrained) or a prefopt train run folder (its latest "
-                        "checkpoint)")
+    p.add_argument("--model", required=True, metavar="FOLDER|RUN|ORG/NAME",
+                   help="a Hugging Face model folder (save_pretrained), a prefopt train run folder (its latest "
+                        "checkpoint), or a hub id resolved as prefopt train --model resolves it (a local folder of "
+                        "that name, else the Hugging Face cache; downloaded when online)")
+    p.add_argument("--revision", default=None, help="the branch, tag or commit of a hub id given to --model "
+                   "(default main)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code to run; "
+                   "without it such a model is refused")
     p.add_argument("--reference", default=None, metavar="FOLDER",
                    help="reference model for tv_shift / kl_shift (default: the model the run started from, when "
                         "known; otherwise no shift metrics)")
@@ -499,6 +505,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     from .checkpoint import CheckpointError
+    from .models import check_revision, resolve_hub_id
     from .threads import keep_num_threads
     from .runfolder import FolderLock
 
@@ -508,7 +515,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.batch_size < 1 or args.max_new_tokens < 1:
                 raise ValueError("--batch-size and --max-new-tokens: expected positive numbers")
             lock = FolderLock(args.out, "--out") if args.out else None  # one writer at a time
-            model, processor, start = _adapter_and_processor(args.model, device=args.device, dtype=None)
+            check_revision(args.revision, {"--model": args.model})
+            source = resolve_hub_id(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code)
+            model, processor, start = _adapter_and_processor(source, device=args.device, dtype=None,
+                                                             trust_remote_code=args.trust_remote_code)
             if sum(p.numel() for p in model.model.parameters()) < SMALL_MODEL and "OMP_NUM_THREADS" not in os.environ \
                     and model.device.type == "cpu":
                 torch.set_num_threads(1)  # as prefopt train does for the tiny models (one_thread_for_tiny_models)

@@ -480,19 +480,29 @@ def is_hub_id(name: str) -> bool:
 
 def resolve_hub_ids(cfg):
     """``cfg`` (a run's options: ``model``, ``init_from``, ``revision``, ``trust_remote_code``) with a hub id in
-    ``model`` or ``init_from`` replaced by its folder in the Hugging Face cache (:func:`resolve_model`), once
+    ``model`` or ``init_from`` replaced by its folder in the Hugging Face cache (:func:`resolve_hub_id`), once
     per run: every model the run builds, and a resumed run, use the same snapshot."""
     import dataclasses
 
-    def local(name, option):
-        if name is None or not is_hub_id(name):
-            return name
-        return resolve_model(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, option=option)
+    check_revision(cfg.revision, {"--model": cfg.model, "--init-from": cfg.init_from})
+    kw = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    return dataclasses.replace(cfg, model=resolve_hub_id(cfg.model, option="--model", **kw),
+                               init_from=resolve_hub_id(cfg.init_from, option="--init-from", **kw))
 
-    if cfg.revision is not None and not any(n is not None and is_hub_id(n) for n in (cfg.model, cfg.init_from)):
-        raise ValueError(f"--revision {cfg.revision}: applies to a hub id (org/name), and neither --model nor "
-                         "--init-from is one here")
-    return dataclasses.replace(cfg, model=local(cfg.model, "--model"), init_from=local(cfg.init_from, "--init-from"))
+
+def check_revision(revision: Optional[str], named: Dict[str, Optional[str]]) -> None:
+    """``ValueError`` when ``revision`` is given and none of ``named`` (``{option: name}``) is a hub id."""
+    if revision is not None and not any(n is not None and is_hub_id(n) for n in named.values()):
+        which = f"neither {' nor '.join(named)} is" if len(named) > 1 else f"{next(iter(named))} is not"
+        raise ValueError(f"--revision {revision}: applies to a hub id (org/name), and {which} one here")
+
+
+def resolve_hub_id(name: Optional[str], *, revision: Optional[str] = None, trust_remote_code: bool = False,
+                   option: str = "--model") -> Optional[str]:
+    """``name`` as it is unless it is a hub id, else its folder at ``revision`` (:func:`resolve_model`)."""
+    if name is None or not is_hub_id(name):
+        return name
+    return resolve_model(name, revision=revision, trust_remote_code=trust_remote_code, option=option)
 
 
 def resolve_model(name: str, *, revision: Optional[str] = None, trust_remote_code: bool = False,
