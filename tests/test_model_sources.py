@@ -135,6 +135,8 @@ def test_eval_resolves_hub_ids_as_train_does(offline_cache, tmp_path, capsys):
     code, _, err = _eval(["--model", str(snapshots / V2_SHA), "--revision", "v2", "--data", data], capsys)
     assert code == 2 and err == ["prefopt eval: error: --revision v2: applies to a hub id (org/name), and --model "
                                  "is not one here"], err
+    code, _, err = _eval(["--model", "org/tiny", "--revision"], capsys)  # a usage error: one line too
+    assert code == 2 and err == ["prefopt eval: error: argument --revision: expected one argument"], err
 
 
 # ---------------------------------------------------------------------------------------------- remote code

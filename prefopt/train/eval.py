@@ -39,7 +39,7 @@ import torch
 
 from .. import linear_logprobs
 from .faultpoints import fault_point
-from .errors import first_line
+from .errors import OneLineParser, first_line
 
 __all__ = ["evaluate", "ece", "reliability_bins", "shift_and_confidence", "load_model", "EVAL_KEYS", "main"]
 
@@ -463,7 +463,7 @@ def write_report(result: Dict[str, Any], out_dir: str, whole: bool = False) -> L
 # ------------------------------------------------------------------------------------------ command line
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="prefopt eval",
         description="Held-out evaluation of a model: pairwise accuracy, greedy generation accuracy and "
                     "hallucination per question type, calibration (ECE), shift from a reference (TV, KL) and "
