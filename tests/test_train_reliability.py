@@ -318,6 +318,30 @@ def test_an_interrupted_export_leaves_no_folder_to_take_for_a_model(tmp_path, te
     assert export_main([str(run / "checkpoint-1"), str(exported)]) == 0 and is_model_folder(str(exported))
 
 
+def test_sigint_in_the_end_of_run_export_leaves_no_model_folder_and_resume_writes_it(tmp_path, text_data, monkeypatch,
+                                                                                   capsys):
+    """SIGINT just before the run's own export writes its last file: one line, no OUT/model (nor a temporary
+    folder) that --init-from or eval could take for a whole model; --resume writes the whole folder."""
+    from prefopt.train.eval import main as eval_main
+    from prefopt.train.export import is_model_folder
+
+    out = tmp_path / "run"
+    args = cli_args(text_data, out, "--method", "sft", "--steps", "1", "--probe-every", "0")
+    monkeypatch.setenv(FAULT_ENV, "prefopt.json:sigint")
+    assert main(args) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "prefopt train: interrupted outside the training steps; the run folder keeps its last checkpoint")
+    monkeypatch.delenv(FAULT_ENV)
+    assert not os.path.lexists(out / "model") and not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    assert main(cli_args(text_data, tmp_path / "next", "--method", "sft", "--steps", "1", "--probe-every", "0",
+                         "--init-from", str(out / "model"))[2:]) == 2  # [2:]: without --model
+    assert f"--init-from {out / 'model'}: not a folder" in capsys.readouterr().err
+    assert eval_main(["--model", str(out / "model"), "--size", "2"]) == 2
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0 and is_model_folder(str(out / "model"))
+    assert [r["step"] for r in rows(out)] == [1]
+
+
 def test_sigint_in_the_final_evaluation_then_resume_writes_its_report_and_line_once(tmp_path, text_data, monkeypatch,
                                                                                    capsys):
     """SIGINT just before the evaluation's last plot: one line, no eval/ and no eval_ line; --resume evaluates
@@ -423,6 +447,66 @@ def test_latest_may_not_point_outside_the_run(stopped, tmp_path):
     (out / "latest").write_text("../../elsewhere")
     with pytest.raises(ValueError, match="not a checkpoint folder inside"):
         prepare(cfg)
+
+
+def test_resume_never_reads_or_writes_through_planted_links(stopped, tmp_path, capsys):
+    """OUT/latest replaced by a link to a file outside the run: --resume refuses in one line (today: it read
+    the target). checkpoint-3 (the one latest names) replaced by a link to a folder outside: refused in one
+    line. checkpoint-4 (the next one the run writes) a link to a folder outside: the resumed run replaces
+    the link, never writing through it. Every target stays as it was."""
+    cfg, out = copy_run(stopped, tmp_path)
+    outside = tmp_path / "user-latest.txt"
+    outside.write_text("checkpoint-3")
+    os.remove(out / "latest")
+    os.symlink(outside, out / "latest")
+    with pytest.raises(ValueError) as e:
+        prepare(cfg)
+    assert str(e.value) == f"--resume: {out / 'latest'}: a symbolic link, not the run's pointer file; remove it to " \
+                           "resume from the newest intact checkpoint"
+    assert outside.read_text() == "checkpoint-3" and os.path.islink(out / "latest")
+    os.remove(out / "latest")
+    (out / "latest").write_text("checkpoint-3")
+    user = {name: tmp_path / f"user-{name}" for name in ("checkpoint-3", "checkpoint-4")}
+    for name, target in user.items():
+        target.mkdir()
+        (target / "keep.txt").write_text("mine")
+    os.rename(out / "checkpoint-3", tmp_path / "moved-checkpoint-3")
+    os.symlink(user["checkpoint-3"], out / "checkpoint-3")
+    with pytest.raises(ValueError, match=re.escape("names 'checkpoint-3', not a checkpoint folder inside")):
+        prepare(cfg)
+    os.remove(out / "checkpoint-3")
+    os.rename(tmp_path / "moved-checkpoint-3", out / "checkpoint-3")
+    os.symlink(user["checkpoint-4"], out / "checkpoint-4")
+    capsys.readouterr()
+    assert prepare(cfg).execute()["steps"] == 4
+    assert not os.path.islink(out / "checkpoint-4") and ckpt.verify(str(out / "checkpoint-4")) is None
+    assert (out / "latest").read_text() == "checkpoint-4"
+    assert {n: os.listdir(t) for n, t in user.items()} == {n: ["keep.txt"] for n in user}
+    assert {n: (t / "keep.txt").read_text() for n, t in user.items()} == {n: "mine" for n in user}
+
+
+def test_a_reference_file_is_never_written_through_a_link(tmp_path, monkeypatch):
+    """A link at the name the reference file was once written under (``reference-2.safetensors.tmp``), which
+    appears after any check for it (the check made blind): safetensors is never handed a name that existed
+    before (today it was, and what happened then was safetensors' choice: 0.8 replaces the link, an opener
+    of the path writes through it), so the link and its target stay as they were; the file is written
+    whole at its name, and no temporary entry is left."""
+    from safetensors.torch import load_file
+
+    from prefopt.train import reference as ref_mod
+    from prefopt.train.distributed import DistState
+
+    path = tmp_path / "reference-2.safetensors"
+    target = tmp_path / "user.txt"
+    target.write_text("mine")
+    os.symlink(target, str(path) + ".tmp")
+    lexists = os.path.lexists
+    monkeypatch.setattr(os.path, "lexists", lambda p: False if str(p).endswith(".tmp") else lexists(p))
+    ref_mod.save_tensors(str(path), {"w": torch.arange(3.0)}, DistState())
+    monkeypatch.undo()
+    assert target.read_text() == "mine"
+    assert torch.equal(load_file(str(path))["w"], torch.arange(3.0))
+    assert sorted(os.listdir(tmp_path)) == ["reference-2.safetensors", "reference-2.safetensors.tmp", "user.txt"]
 
 
 def test_a_missing_rng_file_is_an_error(stopped, tmp_path, capsys):
