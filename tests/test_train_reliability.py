@@ -884,7 +884,8 @@ BAD_RANK1 = DataPlan(24, 1, 2, 2, 0).indices(2, 1, 1)[0]
 # Runs prefopt train with the objective's forward patched (argv[1] record numbers, comma-separated; argv[2]
 # how): "fails" raises in the forward of those records, or, for a number written cN, in the collation of
 # record N once training has started; "known" marks them unusable from the start instead; "broken" raises
-# for every forward on rank 1 once it has trained argv[1] micro-batches (an error that is not the data's).
+# for every forward on rank 1 once it has trained argv[1] micro-batches (an error that is not the data's);
+# "nanloss" makes rank 1's loss of its micro-batch number argv[1] (from 0) NaN with finite gradients.
 FAILING_RECORD_PROGRAM = """
 import os, sys
 import torch
@@ -907,9 +908,13 @@ def forward(self, batch, stage=None, num_items=None, indices=None):
         raise ValueError("the model cannot take this record")
     if stage is not None and how == "broken" and os.environ["RANK"] == "1" and len(trained) >= numbers[0]:
         raise ValueError("the model is broken")
+    nan = how == "nanloss" and os.environ["RANK"] == "1" and len(trained) == numbers[0]
     if stage is not None and torch.is_grad_enabled():
         trained.append(indices)
-    return real_forward(self, batch, stage=stage, num_items=num_items, indices=indices)
+    out = real_forward(self, batch, stage=stage, num_items=num_items, indices=indices)
+    if stage is not None and torch.is_grad_enabled() and nan:  # NaN + the loss: its gradient is the loss's
+        return out._replace(loss=out.loss + out.loss.detach() * float("nan"))
+    return out
 def known(self, *args, **kw):
     real_init(self, *args, **kw)
     self.unusable.update(numbers + collated)
@@ -1105,17 +1110,40 @@ def test_nonfinite_weights_are_never_written_nor_evaluated(tmp_path, capsys):
         f"prefopt eval: error: --model {tmp_path / 'nan-model'}: the model holds 1 non-finite weights (a diverged run?)")
 
 
-def test_under_deepspeed_a_nonfinite_loss_on_one_rank_is_applied_by_no_rank(tmp_path, text_data):
-    """ZeRO-2, two processes: rank 1's loss of step 2 is NaN. Neither rank applies that step (checkpoints 1
-    and 2 hold the same weights), both log it as non-finite, and training goes on."""
+def zero_state(out, step):
+    """Checkpoint ``step``'s ZeRO optimizer partitions of both ranks (tensors, and the JSON less ``overflow``:
+    the last step's flag, which the next step sets afresh) and scheduler."""
+    from safetensors.torch import load_file
+
+    folder = out / f"checkpoint-{step}"
+    files = [name for r in range(2) for name in ckpt.deepspeed_files(r)]
+    tensors = {name: load_file(folder / name) for name in files if name.endswith(".safetensors")}
+    texts = {name: [kv for kv in json.loads((folder / name).read_text())["__dict__"] if kv[0] != "overflow"]
+             for name in files if name.endswith(".json")}
+    return tensors, texts, ckpt.load_state_dict(str(folder / ckpt.SCHEDULER_FILE), None)["scheduler"]
+
+
+@pytest.mark.parametrize("zero,nan", [("zero2", "loss-and-gradients"), ("zero2", "loss-only"), ("zero3", "loss-only")])
+def test_under_deepspeed_a_nonfinite_loss_on_one_rank_is_applied_by_no_rank(tmp_path, text_data, zero, nan):
+    """ZeRO-2 or 3, two processes: rank 1's loss of step 2 is NaN, its gradients NaN too (the fault hook) or
+    finite (NaN added to the loss). Neither rank applies that step: checkpoints 1 and 2 hold the same weights,
+    ZeRO optimizer partitions (master weights, moments, step counts) and scheduler state (today, with finite
+    gradients, DeepSpeed applied it); both log it as non-finite, and training goes on."""
     pytest.importorskip("deepspeed")
     out = tmp_path / "run"
-    results = launch_ranks(["-1", "plain"], two_rank_dpo(text_data, out, "--steps", "3", "--deepspeed", "zero2",
-                                                         "--save-every", "1", "--keep-checkpoints", "0"),
-                           env=dict(ENV, **{FAULT_ENV: "loss-2:nan:1"}))
+    args = two_rank_dpo(text_data, out, "--steps", "3", "--deepspeed", zero, "--save-every", "1",
+                        "--keep-checkpoints", "0")
+    if nan == "loss-only":
+        results = launch_ranks(["2", "nanloss"], args)  # micro-batch 2: the first of step 2
+    else:
+        results = launch_ranks(["-1", "plain"], args, env=dict(ENV, **{FAULT_ENV: "loss-2:nan:1"}))
     assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
     logged = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
     assert [m.get("nonfinite", False) for m in logged] == [False, True, False] and logged[1]["loss"] is None
     assert_same_weights(checkpoint_weights(out, 1), checkpoint_weights(out, 2))
+    (tensors1, texts1, scheduler1), (tensors2, texts2, scheduler2) = zero_state(out, 1), zero_state(out, 2)
+    assert texts1 == texts2 and scheduler1 == scheduler2 and tensors1.keys() == tensors2.keys()
+    for name in tensors1:
+        assert_same_weights(tensors1[name], tensors2[name])
     two, three = checkpoint_weights(out, 2), checkpoint_weights(out, 3)
     assert any(not torch.equal(two[k], three[k]) for k in two)
