@@ -52,6 +52,27 @@ def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
     assert f"base: {base}" in (again / "STUDY.md").read_text(encoding="utf-8")
 
 
+def test_a_study_folder_in_use_is_refused_by_a_second_study_or_train(tmp_path, capsys):
+    """While a study holds --out (its lock, and the files it has written so far): a second study and a
+    ``prefopt train`` on that folder each print the one line naming the holder, exit 2, and write nothing
+    (today: "already holds files" and "holds files but no prefopt run")."""
+    from prefopt.train.runfolder import FolderLock
+
+    out = tmp_path / "study"
+    line = (f"--out {out}: in use by pid {os.getpid()} on host {os.uname().nodename} (one writer per run folder; "
+            "wait for it or choose another folder)")
+    with FolderLock(str(out)):
+        (out / "base").mkdir()
+        assert prefopt_main(["study", "--out", str(out), "--no-progress"]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"prefopt study: error: {line}"]
+        assert prefopt_main(["train", "--model", "tiny-llama", "--data", "synthetic", "--out", str(out),
+                             "--no-progress"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"prefopt train: error: {line}"
+        assert sorted(os.listdir(out)) == ["base", "prefopt-run.lock"] and not os.listdir(out / "base")
+    assert prefopt_main(["study", "--out", str(out), "--no-progress"]) == 2  # free now: its files are what refuses
+    assert capsys.readouterr().err.strip() == f"prefopt study: error: --out {out}: already holds files; choose a new folder"
+
+
 def test_mean_spread_and_verdicts():
     runs = [{"variant": "cw-dpo", "metrics": {"eval_hallucination_rate": v}} for v in (0.10, 0.12, 0.14)]
     runs += [{"variant": "dpo", "metrics": {"eval_hallucination_rate": v, "eval_generation_accuracy": 0.6}}

@@ -318,6 +318,30 @@ def test_an_interrupted_export_leaves_no_folder_to_take_for_a_model(tmp_path, te
     assert export_main([str(run / "checkpoint-1"), str(exported)]) == 0 and is_model_folder(str(exported))
 
 
+def test_sigint_in_the_end_of_run_export_leaves_no_model_folder_and_resume_writes_it(tmp_path, text_data, monkeypatch,
+                                                                                   capsys):
+    """SIGINT just before the run's own export writes its last file: one line, no OUT/model (nor a temporary
+    folder) that --init-from or eval could take for a whole model; --resume writes the whole folder."""
+    from prefopt.train.eval import main as eval_main
+    from prefopt.train.export import is_model_folder
+
+    out = tmp_path / "run"
+    args = cli_args(text_data, out, "--method", "sft", "--steps", "1", "--probe-every", "0")
+    monkeypatch.setenv(FAULT_ENV, "prefopt.json:sigint")
+    assert main(args) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "prefopt train: interrupted outside the training steps; the run folder keeps its last checkpoint")
+    monkeypatch.delenv(FAULT_ENV)
+    assert not os.path.lexists(out / "model") and not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    assert main(cli_args(text_data, tmp_path / "next", "--method", "sft", "--steps", "1", "--probe-every", "0",
+                         "--init-from", str(out / "model"))[2:]) == 2  # [2:]: without --model
+    assert f"--init-from {out / 'model'}: not a folder" in capsys.readouterr().err
+    assert eval_main(["--model", str(out / "model"), "--size", "2"]) == 2
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0 and is_model_folder(str(out / "model"))
+    assert [r["step"] for r in rows(out)] == [1]
+
+
 def test_sigint_in_the_final_evaluation_then_resume_writes_its_report_and_line_once(tmp_path, text_data, monkeypatch,
                                                                                    capsys):
     """SIGINT just before the evaluation's last plot: one line, no eval/ and no eval_ line; --resume evaluates
@@ -423,6 +447,66 @@ def test_latest_may_not_point_outside_the_run(stopped, tmp_path):
     (out / "latest").write_text("../../elsewhere")
     with pytest.raises(ValueError, match="not a checkpoint folder inside"):
         prepare(cfg)
+
+
+def test_resume_never_reads_or_writes_through_planted_links(stopped, tmp_path, capsys):
+    """OUT/latest replaced by a link to a file outside the run: --resume refuses in one line (today: it read
+    the target). checkpoint-3 (the one latest names) replaced by a link to a folder outside: refused in one
+    line. checkpoint-4 (the next one the run writes) a link to a folder outside: the resumed run replaces
+    the link, never writing through it. Every target stays as it was."""
+    cfg, out = copy_run(stopped, tmp_path)
+    outside = tmp_path / "user-latest.txt"
+    outside.write_text("checkpoint-3")
+    os.remove(out / "latest")
+    os.symlink(outside, out / "latest")
+    with pytest.raises(ValueError) as e:
+        prepare(cfg)
+    assert str(e.value) == f"--resume: {out / 'latest'}: a symbolic link, not the run's pointer file; remove it to " \
+                           "resume from the newest intact checkpoint"
+    assert outside.read_text() == "checkpoint-3" and os.path.islink(out / "latest")
+    os.remove(out / "latest")
+    (out / "latest").write_text("checkpoint-3")
+    user = {name: tmp_path / f"user-{name}" for name in ("checkpoint-3", "checkpoint-4")}
+    for name, target in user.items():
+        target.mkdir()
+        (target / "keep.txt").write_text("mine")
+    os.rename(out / "checkpoint-3", tmp_path / "moved-checkpoint-3")
+    os.symlink(user["checkpoint-3"], out / "checkpoint-3")
+    with pytest.raises(ValueError, match=re.escape("names 'checkpoint-3', not a checkpoint folder inside")):
+        prepare(cfg)
+    os.remove(out / "checkpoint-3")
+    os.rename(tmp_path / "moved-checkpoint-3", out / "checkpoint-3")
+    os.symlink(user["checkpoint-4"], out / "checkpoint-4")
+    capsys.readouterr()
+    assert prepare(cfg).execute()["steps"] == 4
+    assert not os.path.islink(out / "checkpoint-4") and ckpt.verify(str(out / "checkpoint-4")) is None
+    assert (out / "latest").read_text() == "checkpoint-4"
+    assert {n: os.listdir(t) for n, t in user.items()} == {n: ["keep.txt"] for n in user}
+    assert {n: (t / "keep.txt").read_text() for n, t in user.items()} == {n: "mine" for n in user}
+
+
+def test_a_reference_file_is_never_written_through_a_link(tmp_path, monkeypatch):
+    """A link at the name the reference file was once written under (``reference-2.safetensors.tmp``), which
+    appears after any check for it (the check made blind): safetensors is never handed a name that existed
+    before (today it was, and what happened then was safetensors' choice: 0.8 replaces the link, an opener
+    of the path writes through it), so the link and its target stay as they were; the file is written
+    whole at its name, and no temporary entry is left."""
+    from safetensors.torch import load_file
+
+    from prefopt.train import reference as ref_mod
+    from prefopt.train.distributed import DistState
+
+    path = tmp_path / "reference-2.safetensors"
+    target = tmp_path / "user.txt"
+    target.write_text("mine")
+    os.symlink(target, str(path) + ".tmp")
+    lexists = os.path.lexists
+    monkeypatch.setattr(os.path, "lexists", lambda p: False if str(p).endswith(".tmp") else lexists(p))
+    ref_mod.save_tensors(str(path), {"w": torch.arange(3.0)}, DistState())
+    monkeypatch.undo()
+    assert target.read_text() == "mine"
+    assert torch.equal(load_file(str(path))["w"], torch.arange(3.0))
+    assert sorted(os.listdir(tmp_path)) == ["reference-2.safetensors", "reference-2.safetensors.tmp", "user.txt"]
 
 
 def test_a_missing_rng_file_is_an_error(stopped, tmp_path, capsys):
@@ -800,7 +884,8 @@ BAD_RANK1 = DataPlan(24, 1, 2, 2, 0).indices(2, 1, 1)[0]
 # Runs prefopt train with the objective's forward patched (argv[1] record numbers, comma-separated; argv[2]
 # how): "fails" raises in the forward of those records, or, for a number written cN, in the collation of
 # record N once training has started; "known" marks them unusable from the start instead; "broken" raises
-# for every forward on rank 1 once it has trained argv[1] micro-batches (an error that is not the data's).
+# for every forward on rank 1 once it has trained argv[1] micro-batches (an error that is not the data's);
+# "nanloss" makes rank 1's loss of its micro-batch number argv[1] (from 0) NaN with finite gradients.
 FAILING_RECORD_PROGRAM = """
 import os, sys
 import torch
@@ -823,9 +908,13 @@ def forward(self, batch, stage=None, num_items=None, indices=None):
         raise ValueError("the model cannot take this record")
     if stage is not None and how == "broken" and os.environ["RANK"] == "1" and len(trained) >= numbers[0]:
         raise ValueError("the model is broken")
+    nan = how == "nanloss" and os.environ["RANK"] == "1" and len(trained) == numbers[0]
     if stage is not None and torch.is_grad_enabled():
         trained.append(indices)
-    return real_forward(self, batch, stage=stage, num_items=num_items, indices=indices)
+    out = real_forward(self, batch, stage=stage, num_items=num_items, indices=indices)
+    if stage is not None and torch.is_grad_enabled() and nan:  # NaN + the loss: its gradient is the loss's
+        return out._replace(loss=out.loss + out.loss.detach() * float("nan"))
+    return out
 def known(self, *args, **kw):
     real_init(self, *args, **kw)
     self.unusable.update(numbers + collated)
@@ -1021,17 +1110,40 @@ def test_nonfinite_weights_are_never_written_nor_evaluated(tmp_path, capsys):
         f"prefopt eval: error: --model {tmp_path / 'nan-model'}: the model holds 1 non-finite weights (a diverged run?)")
 
 
-def test_under_deepspeed_a_nonfinite_loss_on_one_rank_is_applied_by_no_rank(tmp_path, text_data):
-    """ZeRO-2, two processes: rank 1's loss of step 2 is NaN. Neither rank applies that step (checkpoints 1
-    and 2 hold the same weights), both log it as non-finite, and training goes on."""
+def zero_state(out, step):
+    """Checkpoint ``step``'s ZeRO optimizer partitions of both ranks (tensors, and the JSON less ``overflow``:
+    the last step's flag, which the next step sets afresh) and scheduler."""
+    from safetensors.torch import load_file
+
+    folder = out / f"checkpoint-{step}"
+    files = [name for r in range(2) for name in ckpt.deepspeed_files(r)]
+    tensors = {name: load_file(folder / name) for name in files if name.endswith(".safetensors")}
+    texts = {name: [kv for kv in json.loads((folder / name).read_text())["__dict__"] if kv[0] != "overflow"]
+             for name in files if name.endswith(".json")}
+    return tensors, texts, ckpt.load_state_dict(str(folder / ckpt.SCHEDULER_FILE), None)["scheduler"]
+
+
+@pytest.mark.parametrize("zero,nan", [("zero2", "loss-and-gradients"), ("zero2", "loss-only"), ("zero3", "loss-only")])
+def test_under_deepspeed_a_nonfinite_loss_on_one_rank_is_applied_by_no_rank(tmp_path, text_data, zero, nan):
+    """ZeRO-2 or 3, two processes: rank 1's loss of step 2 is NaN, its gradients NaN too (the fault hook) or
+    finite (NaN added to the loss). Neither rank applies that step: checkpoints 1 and 2 hold the same weights,
+    ZeRO optimizer partitions (master weights, moments, step counts) and scheduler state (today, with finite
+    gradients, DeepSpeed applied it); both log it as non-finite, and training goes on."""
     pytest.importorskip("deepspeed")
     out = tmp_path / "run"
-    results = launch_ranks(["-1", "plain"], two_rank_dpo(text_data, out, "--steps", "3", "--deepspeed", "zero2",
-                                                         "--save-every", "1", "--keep-checkpoints", "0"),
-                           env=dict(ENV, **{FAULT_ENV: "loss-2:nan:1"}))
+    args = two_rank_dpo(text_data, out, "--steps", "3", "--deepspeed", zero, "--save-every", "1",
+                        "--keep-checkpoints", "0")
+    if nan == "loss-only":
+        results = launch_ranks(["2", "nanloss"], args)  # micro-batch 2: the first of step 2
+    else:
+        results = launch_ranks(["-1", "plain"], args, env=dict(ENV, **{FAULT_ENV: "loss-2:nan:1"}))
     assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
     logged = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
     assert [m.get("nonfinite", False) for m in logged] == [False, True, False] and logged[1]["loss"] is None
     assert_same_weights(checkpoint_weights(out, 1), checkpoint_weights(out, 2))
+    (tensors1, texts1, scheduler1), (tensors2, texts2, scheduler2) = zero_state(out, 1), zero_state(out, 2)
+    assert texts1 == texts2 and scheduler1 == scheduler2 and tensors1.keys() == tensors2.keys()
+    for name in tensors1:
+        assert_same_weights(tensors1[name], tensors2[name])
     two, three = checkpoint_weights(out, 2), checkpoint_weights(out, 3)
     assert any(not torch.equal(two[k], three[k]) for k in two)

@@ -264,9 +264,13 @@ def checkpoints(out_dir: str) -> List[str]:
 def latest_checkpoint(out_dir: str, warn: bool = False) -> Optional[str]:
     """Path of the newest intact checkpoint in ``out_dir`` (the one ``latest`` names, or an older one
     with a warning when that is corrupt or incomplete), or None when there is none.
-    ``CheckpointError`` when ``latest`` names anything but a checkpoint folder inside ``out_dir``."""
+    ``CheckpointError`` when ``latest`` is a symbolic link or names anything but a checkpoint folder inside
+    ``out_dir``."""
     pointer = os.path.join(out_dir, LATEST)
     named = None
+    if os.path.islink(pointer):  # not what prefopt writes (a file): its target is not read
+        raise CheckpointError(f"{pointer}: a symbolic link, not the run's pointer file; remove it to resume from "
+                              "the newest intact checkpoint")
     if os.path.isfile(pointer):
         with open(pointer, encoding="utf-8", errors="replace") as f:
             named = f.read(200).strip()

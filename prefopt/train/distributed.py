@@ -313,12 +313,18 @@ class Engine:
         step was applied: one whose loss (``loss_finite``, agreed over ranks by the caller) or gradient norm is
         not finite changes nothing (no optimizer or scheduler step; gradients dropped). DeepSpeed decides on
         the norm itself (its overflow flag, all-reduced over ranks; bf16's ``check_grad_overflow`` is on by
-        default) and keeps weights, optimizer and scheduler as they were."""
+        default) and is told to discard a step whose loss is not finite (:func:`_discarded_by_zero`); either
+        way it keeps weights, optimizer and scheduler as they were."""
         if self.state.backend == "deepspeed":
-            self.wrapped.step()  # the boundary micro-batch: clip, optimizer, scheduler, zero_grad
+            with contextlib.nullcontext() if loss_finite else _discarded_by_zero(self.wrapped.optimizer):
+                self.wrapped.step()  # the boundary micro-batch: clip, optimizer, scheduler, zero_grad
+            applied = bool(getattr(self.wrapped, "_step_applied", True))
+            if applied and not loss_finite:  # a DeepSpeed whose ZeRO optimizer no longer takes that path
+                raise RuntimeError(f"--deepspeed: {type(self.wrapped.optimizer).__name__} applied a step whose loss "
+                                   "is not finite")
             norm = self.wrapped.get_global_grad_norm()
             self.grad_norm = float(norm) if norm is not None else float("nan")
-            return bool(getattr(self.wrapped, "_step_applied", True))
+            return applied
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm if self.max_grad_norm > 0 else float("inf"))
         self.grad_norm = float(norm)
@@ -332,6 +338,28 @@ class Engine:
     @property
     def learning_rate(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+
+@contextlib.contextmanager
+def _discarded_by_zero(optimizer):
+    """Make DeepSpeed's ZeRO optimizer (stages 1-3) discard the step taken inside, as it discards one whose
+    gradients overflowed: each hands its overflow verdict to ``_update_scale`` (a static loss scale's, as
+    prefopt's bf16/fp32 have, updates nothing) and then, on overflow, clears the gradients and steps nothing;
+    the engine counts the step as skipped and leaves the scheduler. Every rank enters this together (the
+    loss it follows is all-reduced), so the collectives stay matched. ``RuntimeError`` before the step for
+    an optimizer without that path (ZeRO stage 0 from a JSON config)."""
+    if not hasattr(optimizer, "_update_scale"):
+        raise RuntimeError(f"--deepspeed: cannot discard a step whose loss is not finite with "
+                           f"{type(optimizer).__name__} (ZeRO stages 1-3 can)")
+
+    def overflowed(has_overflow=False):
+        optimizer.overflow = True
+
+    optimizer._update_scale = overflowed
+    try:
+        yield
+    finally:
+        del optimizer._update_scale
 
 
 def wrap(state: DistState, module: nn.Module, optimizer, scheduler, *, max_grad_norm: float,

@@ -334,6 +334,8 @@ def _check_out_dir(cfg: TrainConfig) -> Tuple[Optional[Dict[str, Any]], List[str
     main_rank = os.environ.get("RANK", "0") == "0"
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ValueError(f"--out {cfg.out}: exists and is not a folder")
+    if main_rank:  # another writer (a run or a study) is named before its files are judged
+        runfolder.check_not_held(cfg.out)
     if not runfolder.contents(cfg.out):
         if cfg.resume:
             raise ValueError(f"--resume: no checkpoint in {cfg.out}")

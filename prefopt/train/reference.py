@@ -30,6 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -38,6 +40,7 @@ from torch import Tensor
 from .data import PreferenceRecord
 from .sources import image_key
 from .distributed import DistState, all_gather_object, barrier, gathered
+from .faultpoints import fault_point
 
 MODES = ("model", "adapters", "precompute")
 
@@ -213,15 +216,20 @@ def precompute_logps(engine, records: Sequence[PreferenceRecord], collator, *, b
 
 
 def save_tensors(path: str, tensors: Dict[str, Tensor], state: DistState, metadata: Optional[Dict[str, str]] = None) -> None:
-    """Rank 0 writes a safetensors file atomically (temporary name, then rename); every rank waits."""
+    """Rank 0 writes a safetensors file atomically, never through a link: into a new folder of its own
+    beside ``path`` (``.<name>.<random>.tmp``, made by ``mkdtemp``: no entry in it can be planted), then
+    renamed to ``path``; every rank waits."""
     from safetensors.torch import save_file
 
     if state.is_main:
-        tmp = path + ".tmp"
-        if os.path.lexists(tmp):  # a leftover (or a planted link): never written through
-            os.remove(tmp)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        folder = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
+        try:
+            tmp = os.path.join(folder, os.path.basename(path))
+            fault_point(tmp)
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
     barrier(state)
 
 

@@ -12,7 +12,9 @@
   0 holds it and the other ranks check the run id.
 * **No writing through links.** An entry replaced as a whole (a checkpoint, ``model/``, ``eval/``) is built
   under a temporary name beside it and swapped in by renames (:func:`swap_in`); the old entry, a symbolic
-  link included, is renamed aside and removed without following it.
+  link included, is renamed aside and removed without following it. A file is written under a temporary
+  name opened with ``O_NOFOLLOW`` (:func:`open_nofollow`) or, when a library writes it by path, inside a
+  new folder of its own; a link at ``latest`` is not read.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ LOCK_FILE = "prefopt-run.lock"
 #: stopped before its first checkpoint is started again without. ``skipped_records.json`` stays (a restart
 #: skips those records again).
 RUN_ENTRY_RE = re.compile(r"^(config\.json|metrics\.jsonl(\.tmp)?|latest(\.tmp)?|skipped_records\.json\.tmp"
-                          r"|reference(_logps)?-\d+\.safetensors(\.tmp)?|\.checkpoint-\d+\.tmp|\.(model|eval)\..+\.tmp"
+                          r"|reference(_logps)?-\d+\.safetensors(\.tmp)?|\.checkpoint-\d+\.tmp"
+                          r"|\.(model|eval|reference(_logps)?-\d+\.safetensors)\..+\.tmp"
                           r"|(model|eval|checkpoint-\d+)\.old-[0-9a-f]{8}|model|eval)$")
 
 
@@ -112,10 +115,9 @@ class FolderLock:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self.fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            line = _held_line(folder, option, self.fd)
             self.release()
-            raise RunFolderError(f"{option} {folder}: in use by {holder} (one writer per run folder; wait for it or "
-                                 "choose another folder)") from None
+            raise RunFolderError(line) from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
 
@@ -129,6 +131,26 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def check_not_held(folder: str, option: str = "--out") -> None:
+    """:class:`RunFolderError` naming the holder when another process holds ``folder``'s lock (a shared
+    probe, dropped at once; a folder without a lock file is not held, and none is created)."""
+    try:
+        fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RunFolderError(_held_line(folder, option, fd)) from None
+    finally:
+        os.close(fd)
+
+
+def _held_line(folder: str, option: str, fd: int) -> str:
+    holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+    return f"{option} {folder}: in use by {holder} (one writer per run folder; wait for it or choose another folder)"
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -150,4 +172,4 @@ def write_text_atomic(path: str, text: str) -> None:
 
 
 __all__ = ["MARKER", "LOCK_FILE", "RunFolderError", "FolderLock", "read_marker", "write_marker", "contents",
-           "run_entries", "remove_entry", "swap_in", "open_nofollow", "write_json_atomic", "write_text_atomic"]
+           "run_entries", "remove_entry", "swap_in", "check_not_held", "open_nofollow", "write_json_atomic", "write_text_atomic"]

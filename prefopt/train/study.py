@@ -156,16 +156,16 @@ def _scalars(summary: Dict[str, Any]) -> Dict[str, float]:
 def run_study(study: StudyConfig) -> Dict[str, Any]:
     """Train the base and every (variant, seed); write ``study.json``, the plots and ``STUDY.md`` to
     ``study.out`` (locked meanwhile: one writer at a time); returns the study's result."""
-    from .runfolder import FolderLock
+    from .runfolder import FolderLock, contents
 
     unknown = [v for v in study.variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"--methods: unknown variant {unknown[0]!r} (expected some of {', '.join(VARIANTS)})")
     if study.seeds < 1 or study.steps < 1 or study.base_steps < 1:
         raise ValueError("--seeds, --steps and --base-steps must be at least 1")
-    if os.path.isdir(study.out) and os.listdir(study.out):
-        raise ValueError(f"--out {study.out}: already holds files; choose a new folder")
-    with FolderLock(study.out):
+    with FolderLock(study.out):  # first: a study running there holds files (its lock names it)
+        if contents(study.out):
+            raise ValueError(f"--out {study.out}: already holds files; choose a new folder")
         return _study(study)
 
 
