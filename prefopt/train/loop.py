@@ -27,7 +27,6 @@ import json
 import math
 import os
 import random
-import resource
 import sys
 import time
 import traceback
@@ -39,14 +38,15 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from . import faultpoints, runfolder
+from . import runfolder
 from . import reference as ref_mod
 from .data import DataProblems
 from .errors import Diverged, RankFailed, StepNotRedone, first_line
 from .interrupts import SKIPPED_FILE, Cadence, Interrupted, StopSignals, at_boundary
 from .methods import METHODS, MethodOptions, PolicyObjective, Stage, build_method
-from .prefixes import decoder_tokens, logical_tokens
 from .probes import LogpProbe, ProbeResult, should_stop
+from .rollouts import RolloutsMixin
+from .step import StepMixin, count_items, peak_memory_mb, to_device
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -226,37 +226,10 @@ class DataPlan:
         return steps if steps > 0 else max(1, math.ceil(epochs * self.n / self.global_batch))
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch (CUDA) or the process's peak resident set (CPU), in MiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def count_items(loss, labels: torch.Tensor) -> int:
-    """The micro-batch's size in ``loss``'s unit (see :meth:`~prefopt.FusedLoss.count_items`); its scored
-    tokens for a loss that normalises within each call (unit None: GRPO's bnpo)."""
-    if loss.unit is None:
-        return int((loss.align(labels, loss.ignore_index) != loss.ignore_index).sum())
-    return loss.count_items(labels)
-
-
-def rollout_metrics(counters: Dict[str, float]) -> Dict[str, float]:
-    """GRPO's step metrics under TRL's names from the summed rollout counters: mean reward, mean
-    within-group reward standard deviation, share of groups whose rewards are all equal (no signal)."""
-    groups, completions = max(counters["groups"], 1), max(counters["completions"], 1)
-    return {"reward": counters["reward"] / completions, "reward_std": counters["reward_std"] / groups,
-            "frac_reward_zero_std": counters["frac_reward_zero_std"] / groups}
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _to(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 # ================================================================================================ prepare
@@ -522,7 +495,7 @@ def _probe_records(cfg: TrainConfig, records, load: Dict[str, Any]):
 # ================================================================================================ the run
 
 
-class Run:
+class Run(StepMixin, RolloutsMixin):
     """A prepared run; :meth:`execute` trains it."""
 
     def __init__(self, cfg, state, policy, processor, collator, records, probe_records, plan, method, ref_mode,
@@ -799,21 +772,6 @@ class Run:
         copy.model = dist.wrap_frozen(state, copy.model, self.policy.head().weight.dtype)
         return reference
 
-    def micro_batch(self, step: int, micro: int, stage: Stage) -> Tuple[List[int], Dict[str, torch.Tensor], Dict[str, float]]:
-        """(record indices, collated batch on the device, counters of what was sampled) of one micro-batch."""
-        idx = self.usable(self.plan.indices(step, micro, self.state.rank))
-        records = [self.records[i] for i in idx]
-        if stage.mode == "grpo":
-            idx, prompts = self.collate(idx, records, "sft", self.collator.generation_inputs)
-            batch, counters = self.rollouts([self.records[i] for i in idx], prompts, stage.num_generations)
-            return idx, _to(batch, self.state.device), counters
-        counters = {}
-        if stage.onpolicy_fraction > 0:
-            idx, records, sampled = self.onpolicy_negatives(idx, records, stage.onpolicy_fraction, (step, micro))
-            counters["onpolicy/negatives"] = sampled
-        idx, batch = self.collate(idx, records, stage.mode)
-        return idx, _to(batch, self.state.device), counters
-
     def collate(self, idx: List[int], records, mode: str, build=None) -> Tuple[List[int], Dict[str, torch.Tensor]]:
         """Collate ``records`` in ``mode`` (or ``build(records)``: prompts to sample from); a record that
         fails although the up-front check passed it is replaced by the next usable record, so every rank
@@ -881,23 +839,6 @@ class Run:
                       "records again", file=sys.stderr, flush=True)
         self.skipped_listed = not dist.ranks_with(not written, state)
 
-    def forward(self, batch, stage: Stage, num_items: Optional[int], idx: List[int]):
-        """(the objective's output, None), or (output or None, the error) when this micro-batch's forward
-        raised here (out of memory included) or on another rank (:class:`RankFailed`). In more than one
-        process every rank all-reduces a failure flag after its forward, before any backward, so no rank
-        enters the backward's collectives alone; not under ZeRO-3, whose forward is itself collective (a
-        failure there ends the run)."""
-        out, failure = None, None
-        try:
-            out = self.engine(batch, stage=stage, num_items=num_items, indices=idx)
-        except Exception as e:
-            failure = e
-        if self.state.distributed and self.state.zero_stage != 3:
-            failed = dist.ranks_with(failure is not None, self.state)
-            if failed and failure is None:
-                failure = RankFailed(failed)
-        return out, failure
-
     def skip_failing_records(self, failure: Exception, idx: List[int], stage: Stage, step: int,
                              first_micro_batch: bool) -> None:
         """After a micro-batch's forward (in one process, also its backward) raised, here or on another rank:
@@ -950,7 +891,7 @@ class Run:
         def fails_alone(i: int) -> Optional[str]:
             try:
                 with torch.enable_grad() if with_backward else torch.no_grad():
-                    batch = _to(self.collator([self.records[i]], mode=stage.mode), self.state.device)
+                    batch = to_device(self.collator([self.records[i]], mode=stage.mode), self.state.device)
                     out = self.engine.module(batch, stage=stage, num_items=count_items(stage.loss, batch["labels"]),
                                              indices=[i])
                     if with_backward:
@@ -970,159 +911,6 @@ class Run:
             if len(excluded) == len(self.records) or fails_alone(self.usable(idx, excluded)[0]) is not None:
                 return None
         return failed
-
-    @torch.no_grad()
-    def sample_answers(self, records, num: int, prompts: Optional[Dict[str, torch.Tensor]] = None) -> List[str]:
-        """``num`` answers sampled from the current policy for each record's prompt (record by record, the
-        ``num`` answers of a record consecutive; ``prompts``: the records' collated prompts, else collated
-        here); every rank samples the same number (ZeRO-3 generation is collective)."""
-        inputs = _to(self.collator.generation_inputs(records) if prompts is None else prompts, self.state.device)
-        model = self.policy.model
-        was_training = model.training
-        model.eval()
-        out = model.generate(**inputs, do_sample=True, num_return_sequences=num, max_new_tokens=self.cfg.max_new_tokens,
-                             use_cache=True, pad_token_id=self.collator.pad_token_id,
-                             synced_gpus=self.state.zero_stage == 3)
-        model.train(was_training)
-        texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        return [t.strip() for t in texts]
-
-    def rollouts(self, records, prompts, num_generations: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
-        """GRPO's batch: ``num_generations`` answers sampled per prompt (``prompts``: the records' collated
-        prompts), each rewarded 1.0 when it is right (:func:`~prefopt.train.methods.answer_reward`); the
-        answers as SFT rows with their group advantages, and the reward counters (TRL's metric names)."""
-        from .methods import answer_reward, group_advantages
-
-        answers = self.sample_answers(records, num_generations, prompts)
-        owners = [r for r in records for _ in range(num_generations)]
-        rewards = torch.tensor([answer_reward(r.prompt, r.chosen, a) for a, r in zip(answers, owners)])
-        # An empty sample still needs a scored token: it is the end of turn alone.
-        rows = [dataclasses.replace(r, chosen=a or " ", rejected=None) for a, r in zip(answers, owners)]
-        batch = self.collator(rows, mode="sft")
-        batch["advantages"] = group_advantages(rewards, num_generations)
-        groups = rewards.view(-1, num_generations)
-        std = groups.std(-1)
-        counters = {"reward": float(rewards.sum()), "reward_std": float(std.sum()),
-                    "frac_reward_zero_std": float((std == 0).sum()), "groups": len(records),
-                    "completions": len(rows)}
-        return batch, counters
-
-    @torch.no_grad()
-    def onpolicy_negatives(self, idx: List[int], records, fraction: float, key) -> Tuple[List[int], list, int]:
-        """Replace the rejected answer of ``fraction * B`` records (rounded up or down at random, so the
-        share is right on average; which records is drawn from ``(seed, step, micro, rank)``) with an
-        answer sampled from the current policy; a sample that is empty or equals the chosen answer keeps
-        the dataset negative. A drawn record whose prompt fails to collate is replaced (:meth:`collate`).
-        Returns (indices, records, number sampled). Every rank samples the same number of prompts (ZeRO-3
-        generation is collective)."""
-        k = int(fraction * len(records) + random.Random(repr((self.cfg.seed, *key))).random())
-        if k == 0:
-            return idx, records, 0
-        rng = random.Random(repr((self.cfg.seed, *key, self.state.rank)))
-        picks = sorted(rng.sample(range(len(records)), k))
-        picked, prompts = self.collate([idx[p] for p in picks], [records[p] for p in picks], "sft",
-                                       self.collator.generation_inputs)
-        idx, records, sampled = list(idx), list(records), 0
-        for p, i in zip(picks, picked):
-            if i != idx[p]:  # its prompt failed to collate: replaced
-                idx[p], records[p] = i, self.records[i]
-        texts = self.sample_answers([records[p] for p in picks], 1, prompts)
-        for p, text in zip(picks, texts):
-            if text and text != records[p].chosen.strip():
-                records[p] = dataclasses.replace(records[p], rejected=text)
-                sampled += 1
-        return idx, records, sampled
-
-    def train_step(self, step: int, stage: Stage) -> Dict[str, Any]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics (all ranks).
-        A micro-batch whose forward raises because of a record is redone without it, from the same
-        generator state (:meth:`skip_failing_records`); in more than one process the ranks first agree,
-        before any backward, whether a forward failed."""
-        started = ckpt.rng_state()  # a step redone without a failing record draws as the first try did
-        while True:
-            metrics = self.try_step(step, stage)
-            if metrics is not None:
-                return metrics
-            ckpt.set_rng_state(started)
-
-    def try_step(self, step: int, stage: Stage) -> Optional[Dict[str, Any]]:
-        """:meth:`train_step`'s one try: its metrics, or None when it must be redone."""
-        cfg, state, engine = self.cfg, self.state, self.engine
-        t0 = time.perf_counter()
-        micro = [self.micro_batch(step, a, stage) for a in range(cfg.grad_accum)]
-        self.share_found_records()  # records that failed to collate on any rank
-        # The whole global batch's size in the loss's unit (pairs or tokens): every micro-batch loss is
-        # divided by it, so the accumulated gradient is that of one big batch.
-        local_items = [count_items(stage.loss, batch["labels"]) for _, batch, _ in micro]
-        (global_items,) = dist.all_reduce([sum(local_items)], state)
-        global_items = max(1, int(global_items))
-        # A loss that normalises within each call (GRPO's bnpo, as TRL) gets no count; its micro-batch
-        # losses are averaged over the accumulation, and DDP averages them over ranks.
-        per_call = stage.loss.unit is None
-        lr = engine.learning_rate
-        loss_sum, tokens, decoded = 0.0, 0, 0
-        weighted: Dict[str, float] = {}
-        counters: Dict[str, float] = {}
-        for a, (idx, batch, drawn) in enumerate(micro):
-            last = a == len(micro) - 1
-            with contextlib.nullcontext() if last else engine.no_sync():
-                out, failure = self.forward(batch, stage, None if per_call else global_items, idx)
-                if failure is None:
-                    # DDP and DeepSpeed average gradients over ranks; the count is already global.
-                    share = out.loss / len(micro) if per_call else out.loss * state.world_size
-                    if faultpoints.fault_kind(f"loss-{step + 1}") == "nan":  # the tests' non-finite step
-                        share = share * math.nan
-                    try:
-                        engine.backward(share)
-                    except Exception as e:
-                        if state.distributed:  # the other ranks are inside this backward's collectives
-                            self.own_failure = True
-                            raise
-                        failure = e
-            if failure is not None:
-                out = share = None  # the failed try's graph goes before the records are run alone
-                self.skip_failing_records(failure, idx, stage, step, first_micro_batch=a == 0)
-                return None
-            if not last:
-                engine.micro_step()
-            loss_sum += float(share.detach()) / state.world_size
-            tokens += logical_tokens(batch)
-            decoded += decoder_tokens(batch)
-            for k, v in drawn.items():
-                counters[k] = counters.get(k, 0.0) + v
-            for k, v in out.metrics.items():
-                weighted[k] = weighted.get(k, 0.0) + float(v) * local_items[a]
-        keys, counter_keys = sorted(weighted), sorted(counters)
-        # Summed over ranks before the optimizer step: a rank's non-finite loss makes the sum non-finite on
-        # every rank, and no rank applies the step.
-        totals = dist.all_reduce([loss_sum, tokens, sum(local_items)] + [weighted[k] for k in keys]
-                                 + [counters[k] for k in counter_keys] + [decoded], state)
-        loss, tokens, items = totals[:3]
-        self.ahead_of_count = True
-        applied = engine.step(loss_finite=math.isfinite(loss))
-        counters = dict(zip(counter_keys, totals[3 + len(keys):-1]))
-        elapsed = time.perf_counter() - t0
-        (peak,) = dist.all_reduce([peak_memory_mb(state.device)], state, op="max")
-        metrics: Dict[str, Any] = {
-            "step": step + 1,
-            "epoch": round(self.plan.epoch(step + 1), 4),
-            "stage": stage.name,
-            "loss": loss,
-            **{k: v / max(items, 1) for k, v in zip(keys, totals[3:3 + len(keys)])},
-            "learning_rate": lr,
-            "grad_norm": engine.grad_norm,
-            "tokens_per_second": tokens / max(elapsed, 1e-9),
-            "step_seconds": elapsed,
-            "decoder_tokens": int(totals[-1]),
-            "peak_memory_mb": peak,
-        }
-        if not (applied and math.isfinite(loss) and math.isfinite(engine.grad_norm)):
-            metrics["nonfinite"] = True  # the step was not applied (see Engine.step)
-        if stage.onpolicy_fraction:
-            metrics["onpolicy/negatives"] = int(counters["onpolicy/negatives"])
-        if stage.mode == "grpo":
-            metrics.update(rollout_metrics(counters))
-        return metrics
 
     def save(self, step: int, probe: LogpProbe) -> None:
         """Checkpoint ``step`` with the generators as they were at that step's boundary; unless its weights are
