@@ -741,7 +741,8 @@ def test_the_skipped_records_file_names_records_by_content(tmp_path, text_data):
     """OUT/skipped_records.json names records by content, so another filtering or order of the data (a
     restart with other options) skips the same records."""
     from prefopt.train.data import load_records
-    from prefopt.train.loop import SKIPPED_FILE, read_skipped_records, record_key
+    from prefopt.train.faults import read_skipped_records, record_key
+    from prefopt.train.loop import SKIPPED_FILE
 
     records = load_records(text_data)
     (tmp_path / SKIPPED_FILE).write_text(json.dumps({"records": [{"where": records[5].where,
