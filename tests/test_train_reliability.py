@@ -27,8 +27,9 @@ from prefopt.train.cli import main  # noqa: E402
 from prefopt.train.distributed import _free_port as free_port  # noqa: E402
 from prefopt.train.faultpoints import FAULT_ENV  # noqa: E402
 from prefopt.train.interrupts import SKIPPED_FILE  # noqa: E402
-from prefopt.train.loop import METRICS_FILE, DataPlan, TrainConfig, prepare, train  # noqa: E402
+from prefopt.train.loop import DataPlan, TrainConfig, prepare, train  # noqa: E402
 from prefopt.train.methods import MethodOptions  # noqa: E402
+from prefopt.train.summary import METRICS_FILE  # noqa: E402
 
 from test_train_loop import write_text_data  # noqa: E402
 
