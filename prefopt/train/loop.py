@@ -7,12 +7,19 @@
         reference            at the method's reference point (step 0; CW-DPO: the end of stage 1) the
                              reference becomes the current policy (frozen copy / adapters off /
                              precompute pass)
-        batches              this rank's micro-batches of the step (on-policy negatives and GRPO's rollouts are
-                             sampled here)
-        item count           the size of the whole accumulated global batch in the loss's unit
-        forward/backward     every micro-batch's loss is normalised by that count
-        step                 clip, AdamW, schedule; metrics (TRL names), probes, checkpoints (at the end,
-                             the cadence, an early stop, SIGINT/SIGTERM: see interrupts.py)
+        train_step           :mod:`.step`: this rank's micro-batches (on-policy negatives and GRPO's rollouts
+                             are sampled by :mod:`.rollouts`), the global item count, forward/backward with
+                             every micro-batch's loss normalised by it, clip, AdamW, schedule, metrics (TRL
+                             names); a record that fails is found, agreed on by the ranks and replaced
+                             (:mod:`.faults`), and the step redone
+        log, save            metrics.jsonl (:mod:`.summary`), probes, checkpoints (at the end, the cadence, an
+                             early stop, SIGINT/SIGTERM: see interrupts.py)
+    then                     export (``OUT/model/``), the held-out evaluation, the summary (:mod:`.summary`)
+
+:class:`Run` is this module's state and loop; its step, fault, rollout and summary methods come from the mixins
+of those modules (so each concern is read, and changed, in its own file). The options are a
+:class:`~prefopt.train.config.TrainConfig`. This module is over 500 lines because half of it is
+:func:`prepare`'s checks, which stay beside the run they build.
 
 The loss is always a fused prefopt module on the backbone's final hidden states and the head weight
 (:class:`~prefopt.train.methods.PolicyObjective`); the loop never computes logits. Data order is a
