@@ -373,8 +373,15 @@ class Run(StepMixin, FaultsMixin, RolloutsMixin, SummaryMixin):
                                            f"marked {ids[0]} (the ranks need one shared run folder)")
 
     def _execute(self) -> Dict[str, Any]:
-        cfg, state = self.cfg, self.state
         started = time.perf_counter()
+        objective, probe, start_step = self.start()
+        history, done, stopped_early = self.steps(objective, probe, start_step)
+        return self.finish(history, done, stopped_early, started)
+
+    def start(self) -> Tuple[PolicyObjective, LogpProbe, int]:
+        """The objective, the optimizer, the schedule and the backend's wrap (:attr:`engine`); the resumed
+        state or the probes' starting point. Returns (objective, probe, the first step to train)."""
+        cfg, state = self.cfg, self.state
 
         # The module every gradient flows through (its reference is set at the method's reference point).
         objective = PolicyObjective(self.policy)
@@ -409,6 +416,14 @@ class Run(StepMixin, FaultsMixin, RolloutsMixin, SummaryMixin):
             self.log(f"resumed from {self.resume_state['path']} at step {start_step}/{self.total_steps}")
         elif cfg.probe_every > 0:
             self.write_metrics({"step": 0, **probe.metrics(probe.measure(engine))})
+        return objective, probe, start_step
+
+    def steps(self, objective: PolicyObjective, probe: LogpProbe,
+              start_step: int) -> Tuple[List[Dict[str, Any]], int, bool]:
+        """Train from ``start_step``: per step the reference point, the step, its probes and log line, the
+        divergence check and the checkpoint. Returns (the steps' metrics, the steps trained, whether the
+        probes stopped the run early); raises :class:`Interrupted` on a signal."""
+        cfg, state, engine = self.cfg, self.state, self.engine
 
         # The steps. A checkpoint at the end, an early stop, a signal (then the run stops) and the cadence
         # (--save-every, --save-minutes); in one process an exception checkpoints the steps trained so far.
@@ -461,6 +476,12 @@ class Run(StepMixin, FaultsMixin, RolloutsMixin, SummaryMixin):
                 if stopped_early:
                     break
         bar.close()
+        return history, done, stopped_early
+
+    def finish(self, history: List[Dict[str, Any]], done: int, stopped_early: bool, started: float) -> Dict[str, Any]:
+        """Export the last checkpoint's model (``OUT/model/``), evaluate on the held-out records once the run has
+        ended, and return the summary; a diverged run raises :class:`Diverged` after its export."""
+        state = self.state
         if self.diverged:  # the last checkpoint it wrote is finite and not collapsed: that one is the model
             self.model_folder = self.export_model()
             dist.teardown(state)
