@@ -22,10 +22,12 @@ import torch
 
 from prefopt.train import reference as ref_mod
 from prefopt.train.data import PreferenceCollator, PreferenceRecord, load_records
-from prefopt.train.loop import METRICS_FILE, TrainConfig, count_items, train
+from prefopt.train.loop import TrainConfig, train
 from prefopt.train.methods import MethodOptions, PolicyObjective, build_method
 from prefopt.train.models import build_model
 from prefopt.train.prefixes import SharedPrefixCollator, block_mask, make_collator, share_refusal
+from prefopt.train.step import count_items
+from prefopt.train.summary import METRICS_FILE
 from tiny_families import FAMILIES, TEXT_FAMILIES
 
 #: (method, options) of every objective that trains on packed rows.

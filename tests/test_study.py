@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from prefopt.cli import main as prefopt_main  # noqa: E402
-from prefopt.train.loop import TINY_BASE_LR  # noqa: E402
+from prefopt.train.config import TINY_BASE_LR  # noqa: E402
 from prefopt.train.study import CLAIMS, aggregate, check_claims  # noqa: E402
 
 

@@ -14,9 +14,10 @@ pytest.importorskip("safetensors")
 
 from prefopt.cli import main as prefopt_main  # noqa: E402
 from prefopt.train import checkpoint as ckpt  # noqa: E402
+from prefopt.train.config import TINY_BASE_LR, TINY_CW_FLOOR, TINY_LR  # noqa: E402
 from prefopt.train.data import PreferenceCollator, model_inputs  # noqa: E402
 from prefopt.train.export import METADATA_FILE, load_trained_model, model_family  # noqa: E402
-from prefopt.train.loop import TINY_BASE_LR, TINY_CW_FLOOR, TINY_LR, TrainConfig, prepare  # noqa: E402
+from prefopt.train.loop import TrainConfig, prepare  # noqa: E402
 from prefopt.train.models import TINY_BASE  # noqa: E402
 from prefopt.train.synthetic import make_synthetic_records  # noqa: E402
 from test_train_loop import config, text_data, text_records  # noqa: E402,F401

@@ -17,9 +17,10 @@ from prefopt.train import checkpoint as ckpt  # noqa: E402
 from prefopt.train import reference as ref_mod  # noqa: E402
 from prefopt.train.data import PreferenceCollator  # noqa: E402
 from prefopt.train.distributed import DistState, Engine  # noqa: E402
-from prefopt.train.loop import METRICS_FILE, DataPlan, TrainConfig, train  # noqa: E402
+from prefopt.train.loop import DataPlan, TrainConfig, train  # noqa: E402
 from prefopt.train.methods import MethodOptions, PolicyObjective, build_method  # noqa: E402
 from prefopt.train.models import build_model  # noqa: E402
+from prefopt.train.summary import METRICS_FILE  # noqa: E402
 from prefopt.train.synthetic import make_synthetic_records  # noqa: E402
 
 TEXT = "tiny-llama"

@@ -27,7 +27,7 @@ from prefopt.train.methods import (  # noqa: E402
     group_advantages,
 )
 from prefopt import FusedGRPOLoss  # noqa: E402
-from prefopt.train.loop import count_items  # noqa: E402
+from prefopt.train.step import count_items  # noqa: E402
 from prefopt.train.models import build_model  # noqa: E402
 from test_train_loop import config, metrics, text_data, text_records  # noqa: E402,F401
 

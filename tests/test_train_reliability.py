@@ -27,8 +27,9 @@ from prefopt.train.cli import main  # noqa: E402
 from prefopt.train.distributed import _free_port as free_port  # noqa: E402
 from prefopt.train.faultpoints import FAULT_ENV  # noqa: E402
 from prefopt.train.interrupts import SKIPPED_FILE  # noqa: E402
-from prefopt.train.loop import METRICS_FILE, DataPlan, TrainConfig, prepare, train  # noqa: E402
+from prefopt.train.loop import DataPlan, TrainConfig, prepare, train  # noqa: E402
 from prefopt.train.methods import MethodOptions  # noqa: E402
+from prefopt.train.summary import METRICS_FILE  # noqa: E402
 
 from test_train_loop import write_text_data  # noqa: E402
 
@@ -825,7 +826,8 @@ def test_the_skipped_records_file_names_records_by_content(tmp_path, text_data):
     """OUT/skipped_records.json names records by content, so another filtering or order of the data (a
     restart with other options) skips the same records."""
     from prefopt.train.data import load_records
-    from prefopt.train.loop import SKIPPED_FILE, read_skipped_records, record_key
+    from prefopt.train.faults import read_skipped_records, record_key
+    from prefopt.train.loop import SKIPPED_FILE
 
     records = load_records(text_data)
     (tmp_path / SKIPPED_FILE).write_text(json.dumps({"records": [{"where": records[5].where,

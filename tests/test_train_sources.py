@@ -81,7 +81,8 @@ datasets = pytest.importorskip("datasets")
 from PIL import Image  # noqa: E402
 
 from prefopt.train.data import PreferenceCollator, data_fingerprint  # noqa: E402
-from prefopt.train.loop import SKIPPED_FILE, TrainConfig, prepare, read_skipped_records, record_key  # noqa: E402
+from prefopt.train.faults import read_skipped_records, record_key  # noqa: E402
+from prefopt.train.loop import SKIPPED_FILE, TrainConfig, prepare  # noqa: E402
 from prefopt.train.models import build_model  # noqa: E402
 from prefopt.train.sources import image_key  # noqa: E402
 

@@ -38,7 +38,7 @@ trained model to OUT/model/, a Hugging Face folder (prefopt export CHECKPOINT OU
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .loop import TrainConfig
+    from .config import TrainConfig
     from .methods import GRPO_LOSS_TYPES, METHODS, MethodOptions
     from .models import TINY_MODELS
     from .reference import MODES
@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> "TrainConfig":
-    from .loop import TrainConfig
+    from .config import TrainConfig
     from .methods import MethodOptions
 
     options = MethodOptions(

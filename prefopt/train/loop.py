@@ -7,12 +7,19 @@
         reference            at the method's reference point (step 0; CW-DPO: the end of stage 1) the
                              reference becomes the current policy (frozen copy / adapters off /
                              precompute pass)
-        batches              this rank's micro-batches of the step (on-policy negatives and GRPO's rollouts are
-                             sampled here)
-        item count           the size of the whole accumulated global batch in the loss's unit
-        forward/backward     every micro-batch's loss is normalised by that count
-        step                 clip, AdamW, schedule; metrics (TRL names), probes, checkpoints (at the end,
-                             the cadence, an early stop, SIGINT/SIGTERM: see interrupts.py)
+        train_step           :mod:`.step`: this rank's micro-batches (on-policy negatives and GRPO's rollouts
+                             are sampled by :mod:`.rollouts`), the global item count, forward/backward with
+                             every micro-batch's loss normalised by it, clip, AdamW, schedule, metrics (TRL
+                             names); a record that fails is found, agreed on by the ranks and replaced
+                             (:mod:`.faults`), and the step redone
+        log, save            metrics.jsonl (:mod:`.summary`), probes, checkpoints (at the end, the cadence, an
+                             early stop, SIGINT/SIGTERM: see interrupts.py)
+    then                     export (``OUT/model/``), the held-out evaluation, the summary (:mod:`.summary`)
+
+:class:`Run` is this module's state and loop; its step, fault, rollout and summary methods come from the mixins
+of those modules (so each concern is read, and changed, in its own file). The options are a
+:class:`~prefopt.train.config.TrainConfig`. This module is over 500 lines because half of it is
+:func:`prepare`'s checks, which stay beside the run they build.
 
 The loss is always a fused prefopt module on the backbone's final hidden states and the head weight
 (:class:`~prefopt.train.methods.PolicyObjective`); the loop never computes logits. Data order is a
@@ -22,16 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import random
-import resource
 import sys
 import time
-import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -39,163 +43,21 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from . import faultpoints, runfolder
+from . import runfolder
 from . import reference as ref_mod
+from .config import TrainConfig, check_ranges, check_resume_identity, run_identity
 from .data import DataProblems
-from .errors import Diverged, RankFailed, StepNotRedone, first_line
+from .errors import Diverged
+from .faults import FaultsMixin, read_skipped_records
 from .interrupts import SKIPPED_FILE, Cadence, Interrupted, StopSignals, at_boundary
-from .methods import METHODS, MethodOptions, PolicyObjective, Stage, build_method
-from .prefixes import decoder_tokens, logical_tokens
+from .methods import METHODS, PolicyObjective, Stage, build_method
 from .probes import LogpProbe, ProbeResult, should_stop
+from .rollouts import RolloutsMixin
+from .step import StepMixin
+from .summary import SummaryMixin
 
-METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 MODEL_DIR = "model"  # the Hugging Face folder every run ends with
-TINY_LR = 1e-3  # the embedded tiny models learn visibly in a few dozen steps at this rate
-# tiny-llava-sft is a trained model: at 1e-3, 64 steps of CW-DPO undid its grounding (held-out greedy colour
-# accuracy 1.0 -> 0.15); it takes a fine-tuning rate, and CW-DPO's floor for trained models.
-TINY_BASE_LR = 1e-4
-# CW-DPO's floor for the tiny models: their per-token log-probs start near -log(640) = -6.5 and stay
-# below the -3 nats of the default (meant for real models) for the whole default run, which would cool
-# every negative off.
-TINY_CW_FLOOR = -6.0
-
-
-@dataclass
-class TrainConfig:
-    """Every option of a run (the CLI's flags, one to one)."""
-
-    method: str = "cw-dpo"
-    model: str = "tiny-llava-sft"
-    init_from: Optional[str] = None  # a model folder, run folder or checkpoint to start from (replaces model)
-    revision: Optional[str] = None  # of a hub id in model / init_from (resolved to its cached folder by prepare)
-    trust_remote_code: bool = False  # let a model folder's own Python code run
-    data: str = "synthetic"  # prefopt.train.sources: JSONL, parquet, arrow, save_to_disk, hub id or synthetic
-    data_split: str = "train"
-    data_revision: Optional[str] = None  # the branch, tag or commit of a hub dataset id in data
-    data_columns: Optional[str] = None  # "prompt=question,images=image,...": the columns of the record fields
-    out: str = "runs/train"
-    reference: str = "auto"  # model | adapters | precompute | auto (adapters with --lora, else model)
-    # model
-    lora: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 16
-    dtype: Optional[str] = None  # None: bf16 on GPU, fp32 on CPU
-    device: str = "auto"
-    gradient_checkpointing: bool = False
-    share_prefix: str = "auto"  # auto | on | off: one prefix per record (prefopt.train.prefixes)
-    op_backend: str = "auto"  # the fused op's backend
-    # data
-    train_size: Optional[int] = None
-    max_length: int = 512
-    strict_data: bool = False
-    allow_outside_images: bool = False
-    max_image_pixels: int = 50_000_000  # prefopt.train.data.MAX_IMAGE_PIXELS
-    max_record_bytes: int = 64 << 20  # prefopt.train.data.MAX_RECORD_BYTES
-    probe_data: Optional[str] = None
-    probe_size: int = 16
-    eval_size: Optional[int] = None  # held-out records of the final evaluation; None: all, 0: none
-    # optimisation
-    steps: int = 0  # 0: from epochs
-    epochs: float = 1.0
-    batch_size: int = 4  # records per micro-batch per process (a record is one pair)
-    grad_accum: int = 1
-    lr: Optional[float] = None  # None: 1e-3 for the tiny models, 1e-4 with LoRA, 5e-6 otherwise
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0  # 0: no clipping
-    max_nonfinite_steps: int = 3  # skipped non-finite steps in a row that stop the run as diverged
-    seed: int = 0
-    # method
-    options: MethodOptions = field(default_factory=MethodOptions)
-    max_new_tokens: int = 24
-    # probes, checkpoints, launch
-    probe_every: int = 10
-    early_stop_chosen_drop: Optional[float] = None
-    save_every: int = 0  # 0: by time only (save_minutes) and at the end
-    save_minutes: float = 30.0  # a checkpoint once this long has passed since the last; 0: never by time
-    keep_checkpoints: int = 2
-    resume: bool = False
-    stop_after: Optional[int] = None  # stop (with a checkpoint) after this many steps of the schedule
-    deepspeed: Optional[str] = None
-    keep_adapter: bool = False  # OUT/model/ keeps LoRA as a peft adapter instead of merging it
-    dist_timeout: float = dist.DEFAULT_TIMEOUT_S  # seconds a collective waits for a hung or dead rank
-    progress: bool = True
-
-    def family(self) -> str:
-        """The model family the defaults are keyed on (:func:`~prefopt.train.export.model_family`): "tiny"
-        (the embedded models with random weights), "tiny-sft" (the shipped tiny-llava-sft) or "hf"; a model
-        trained from one of them keeps its family (recorded in an export's prefopt.json)."""
-        from .export import model_family
-
-        return model_family(self.model, self.init_from)
-
-    def learning_rate(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        if self.family() == "tiny-sft":
-            return TINY_BASE_LR
-        if self.family() == "tiny":
-            return TINY_LR
-        return 1e-4 if self.lora else 5e-6
-
-    def method_options(self) -> MethodOptions:
-        """The method options with the run-dependent defaults filled in (CW-DPO's floor for the tiny
-        models; GRPO's completion length is the sampling limit)."""
-        options = dataclasses.replace(self.options, max_completion_length=self.max_new_tokens)
-        if options.cw_floor is None and self.family() == "tiny":
-            options = dataclasses.replace(options, cw_floor=TINY_CW_FLOOR)
-        return options
-
-    def reference_mode(self, method) -> str:
-        if method.reference == "none":
-            return "none"
-        if self.reference == "auto":
-            return "adapters" if self.lora else "model"
-        return self.reference
-
-
-#: Options that change a run's numbers: a resumed run must share them with the run it continues (``steps``
-#: and ``epochs`` may grow: the run is extended, with a note).
-RESUME_KEYS = ("method", "model", "init_from", "reference", "lora", "lora_r", "lora_alpha", "train_size", "max_length",
-               "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "seed", "options",
-               "max_new_tokens", "deepspeed")
-
-
-def run_identity(cfg: TrainConfig, world_size: int, dtype: torch.dtype, data_fingerprint: str) -> Dict[str, Any]:
-    """What a resumed run must match (saved in every checkpoint): the options that change the numbers,
-    with their defaults resolved, the world size, the parameter dtype and the data's fingerprint."""
-    options = asdict(cfg)
-    identity = {k: options[k] for k in RESUME_KEYS}
-    identity.update(lr=cfg.learning_rate(), options=asdict(cfg.method_options()), world_size=world_size,
-                    dtype=str(dtype).replace("torch.", ""), data_fingerprint=data_fingerprint,
-                    init_source=init_source(cfg.init_from))
-    return identity
-
-
-def init_source(init_from: Optional[str]) -> Optional[str]:
-    """What ``--init-from`` resolves to now: a model folder, or a checkpoint with its manifest's hash (a run
-    folder resolves to its newest checkpoint, which may change while the path stays the same)."""
-    if init_from is None:
-        return None
-    from .export import resolve_init_from
-
-    kind, path = resolve_init_from(init_from)
-    if kind == "checkpoint":
-        return f"checkpoint {os.path.realpath(path)} ({ckpt.sha256_file(os.path.join(path, ckpt.MANIFEST_FILE))[:16]})"
-    return f"folder {os.path.realpath(path)}"
-
-
-def check_resume_identity(saved: Dict[str, Any], now: Dict[str, Any], out: str) -> None:
-    """``ValueError`` naming the first difference between the saved run's identity and this run's."""
-    names = {"world_size": "the world size", "dtype": "the parameter dtype (--dtype)",
-             "data_fingerprint": "the data content (or --data-split, --data-columns)",
-             "init_source": "the model --init-from resolves to"}
-    flat_saved = {**saved, **(saved.get("options") or {})}
-    for key, value in {**now, **now["options"]}.items():
-        if key != "options" and flat_saved.get(key) != value:
-            what = names.get(key, f"--{key.replace('_', '-')}")
-            raise ValueError(f"--resume: {what} is {value!r} but the run in {out} used {flat_saved.get(key)!r}")
 
 
 class DataPlan:
@@ -227,79 +89,13 @@ class DataPlan:
         return steps if steps > 0 else max(1, math.ceil(epochs * self.n / self.global_batch))
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch (CUDA) or the process's peak resident set (CPU), in MiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def count_items(loss, labels: torch.Tensor) -> int:
-    """The micro-batch's size in ``loss``'s unit (see :meth:`~prefopt.FusedLoss.count_items`); its scored
-    tokens for a loss that normalises within each call (unit None: GRPO's bnpo)."""
-    if loss.unit is None:
-        return int((loss.align(labels, loss.ignore_index) != loss.ignore_index).sum())
-    return loss.count_items(labels)
-
-
-def rollout_metrics(counters: Dict[str, float]) -> Dict[str, float]:
-    """GRPO's step metrics under TRL's names from the summed rollout counters: mean reward, mean
-    within-group reward standard deviation, share of groups whose rewards are all equal (no signal)."""
-    groups, completions = max(counters["groups"], 1), max(counters["completions"], 1)
-    return {"reward": counters["reward"] / completions, "reward_std": counters["reward_std"] / groups,
-            "frac_reward_zero_std": counters["frac_reward_zero_std"] / groups}
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def _to(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 # ================================================================================================ prepare
-
-#: Every numeric option's range (``>=0``, ``>0``, ``[0,1)``...; ``finite``: any finite number). A None (a default
-#: resolved later) passes; NaN and infinity never do. ``max_grad_norm`` 0 turns clipping off.
-RANGES = {
-    "lr": ">0", "epochs": ">0", "max_grad_norm": ">=0", "weight_decay": ">=0", "warmup_ratio": "[0,1)",
-    "steps": ">=0", "train_size": ">=1", "eval_size": ">=0", "batch_size": ">=1", "grad_accum": ">=1",
-    "probe_size": ">=1", "max_length": ">=1", "max_image_pixels": ">=1", "max_new_tokens": ">=1", "lora_r": ">=1",
-    "lora_alpha": ">0", "probe_every": ">=0", "save_every": ">=0", "save_minutes": ">=0", "keep_checkpoints": ">=0",
-    "stop_after": ">=1", "early_stop_chosen_drop": "finite", "dist_timeout": ">0", "max_nonfinite_steps": ">=1",
-    "beta": ">0", "rpo_alpha": ">=0", "simpo_gamma": "finite", "cw_floor": "finite", "cw_tau": ">0",
-    "sftc_lam": ">=0", "sftc_margin": "finite", "sftc_fraction": "[0,1]", "onpolicy_fraction": "[0,1]",
-    "kl_coef": ">=0", "grpo_beta": ">=0", "grpo_epsilon": ">0", "label_smoothing": "[0,1)",
-}
-
-
-def in_range(value: float, rule: str) -> bool:
-    """Whether the finite ``value`` satisfies ``rule`` (see :data:`RANGES`)."""
-    if rule == "finite":
-        return True
-    if rule.startswith(">="):
-        return value >= float(rule[2:])
-    if rule.startswith(">"):
-        return value > float(rule[1:])
-    low, high = (float(x) for x in rule[1:-1].split(","))
-    return low <= value and (value <= high if rule.endswith("]") else value < high)
-
-
-def check_ranges(cfg: TrainConfig) -> None:
-    """``ValueError`` naming the first numeric option outside its :data:`RANGES` rule."""
-    values = {**asdict(cfg), **asdict(cfg.options)}
-    for name, rule in RANGES.items():
-        value = values[name]
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not in_range(value, rule):
-            expected = "a finite number" if rule == "finite" else (
-                f"a number in {rule}" if rule[0] == "[" else f"a finite number {rule}")
-            raise ValueError(f"--{name.replace('_', '-')}: expected {expected}, got {value!r}")
 
 
 def prepare(cfg: TrainConfig) -> "Run":
@@ -450,30 +246,6 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     return run
 
 
-def record_key(record) -> str:
-    """A record's identity by content (its text, messages and image paths or contents): what
-    ``OUT/skipped_records.json`` lists, so that it names the same records whatever options filter or order
-    the data."""
-    from .sources import image_key
-
-    text = json.dumps([record.prompt, record.chosen, record.rejected, [image_key(i) for i in record.images],
-                       list(record.corrections)] + ([record.messages] if record.messages is not None else []))
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def read_skipped_records(out: str, records) -> set:
-    """The indices of ``records`` that ``OUT/skipped_records.json`` lists (by :func:`record_key`)."""
-    path = os.path.join(out, SKIPPED_FILE)
-    if not os.path.isfile(path):
-        return set()
-    try:
-        with open(path, encoding="utf-8") as f:
-            keys = {entry["key"] for entry in json.load(f)["records"]}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: unreadable ({first_line(e)}); remove it to start over") from None
-    return {i for i, r in enumerate(records) if record_key(r) in keys}
-
-
 def collated_mode(stage: Stage) -> str:
     """The collator mode of a stage's rows (GRPO's rollouts are SFT rows of the sampled answers)."""
     return "sft" if stage.mode == "grpo" else stage.mode
@@ -525,7 +297,7 @@ def _probe_records(cfg: TrainConfig, records, load: Dict[str, Any]):
 # ================================================================================================ the run
 
 
-class Run:
+class Run(StepMixin, FaultsMixin, RolloutsMixin, SummaryMixin):
     """A prepared run; :meth:`execute` trains it."""
 
     def __init__(self, cfg, state, policy, processor, collator, records, probe_records, plan, method, ref_mode,
@@ -603,8 +375,15 @@ class Run:
                                            f"marked {ids[0]} (the ranks need one shared run folder)")
 
     def _execute(self) -> Dict[str, Any]:
-        cfg, state = self.cfg, self.state
         started = time.perf_counter()
+        objective, probe, start_step = self.start()
+        history, done, stopped_early = self.steps(objective, probe, start_step)
+        return self.finish(history, done, stopped_early, started)
+
+    def start(self) -> Tuple[PolicyObjective, LogpProbe, int]:
+        """The objective, the optimizer, the schedule and the backend's wrap (:attr:`engine`); the resumed
+        state or the probes' starting point. Returns (objective, probe, the first step to train)."""
+        cfg, state = self.cfg, self.state
 
         # The module every gradient flows through (its reference is set at the method's reference point).
         objective = PolicyObjective(self.policy)
@@ -639,6 +418,14 @@ class Run:
             self.log(f"resumed from {self.resume_state['path']} at step {start_step}/{self.total_steps}")
         elif cfg.probe_every > 0:
             self.write_metrics({"step": 0, **probe.metrics(probe.measure(engine))})
+        return objective, probe, start_step
+
+    def steps(self, objective: PolicyObjective, probe: LogpProbe,
+              start_step: int) -> Tuple[List[Dict[str, Any]], int, bool]:
+        """Train from ``start_step``: per step the reference point, the step, its probes and log line, the
+        divergence check and the checkpoint. Returns (the steps' metrics, the steps trained, whether the
+        probes stopped the run early); raises :class:`Interrupted` on a signal."""
+        cfg, state, engine = self.cfg, self.state, self.engine
 
         # The steps. A checkpoint at the end, an early stop, a signal (then the run stops) and the cadence
         # (--save-every, --save-minutes); in one process an exception checkpoints the steps trained so far.
@@ -691,6 +478,12 @@ class Run:
                 if stopped_early:
                     break
         bar.close()
+        return history, done, stopped_early
+
+    def finish(self, history: List[Dict[str, Any]], done: int, stopped_early: bool, started: float) -> Dict[str, Any]:
+        """Export the last checkpoint's model (``OUT/model/``), evaluate on the held-out records once the run has
+        ended, and return the summary; a diverged run raises :class:`Diverged` after its export."""
+        state = self.state
         if self.diverged:  # the last checkpoint it wrote is finite and not collapsed: that one is the model
             self.model_folder = self.export_model()
             dist.teardown(state)
@@ -802,331 +595,6 @@ class Run:
         copy.model = dist.wrap_frozen(state, copy.model, self.policy.head().weight.dtype)
         return reference
 
-    def micro_batch(self, step: int, micro: int, stage: Stage) -> Tuple[List[int], Dict[str, torch.Tensor], Dict[str, float]]:
-        """(record indices, collated batch on the device, counters of what was sampled) of one micro-batch."""
-        idx = self.usable(self.plan.indices(step, micro, self.state.rank))
-        records = [self.records[i] for i in idx]
-        if stage.mode == "grpo":
-            idx, prompts = self.collate(idx, records, "sft", self.collator.generation_inputs)
-            batch, counters = self.rollouts([self.records[i] for i in idx], prompts, stage.num_generations)
-            return idx, _to(batch, self.state.device), counters
-        counters = {}
-        if stage.onpolicy_fraction > 0:
-            idx, records, sampled = self.onpolicy_negatives(idx, records, stage.onpolicy_fraction, (step, micro))
-            counters["onpolicy/negatives"] = sampled
-        idx, batch = self.collate(idx, records, stage.mode)
-        return idx, _to(batch, self.state.device), counters
-
-    def collate(self, idx: List[int], records, mode: str, build=None) -> Tuple[List[int], Dict[str, torch.Tensor]]:
-        """Collate ``records`` in ``mode`` (or ``build(records)``: prompts to sample from); a record that
-        fails although the up-front check passed it is replaced by the next usable record, so every rank
-        keeps its batch size and no collective waits for a rank that skipped. The ranks share what they
-        found at the start of the step's training (:meth:`share_found_records`)."""
-        try:
-            return idx, self.collator(records, mode=mode) if build is None else build(records)
-        except Exception:
-            failed = {i: self.collate_problem(r, mode, build) for i, r in zip(idx, records) if i not in self.unusable}
-            failed = {i: reason for i, reason in failed.items() if reason is not None}
-            if not failed and not self.unusable.intersection(idx):  # none to replace: not the data
-                raise
-            self.found.update(failed)
-            self.unusable.update(failed)
-            if len(self.unusable) == len(self.records):
-                raise ValueError(f"--data {self.cfg.data}: no usable training records left") from None
-            idx = self.usable(idx)
-            return self.collate(idx, [self.records[i] for i in idx], mode, build)
-
-    def collate_problem(self, record, mode: str, build=None) -> Optional[str]:
-        """Why ``record`` alone cannot be collated in ``mode`` (or by ``build``), or None."""
-        if build is None:
-            return self.collator.check_record(record, [mode])
-        try:
-            build([record])
-        except Exception as e:  # the processor's own errors come in many types
-            return first_line(e)
-        return None
-
-    def usable(self, idx: List[int], unusable: Optional[set] = None) -> List[int]:
-        """``idx`` with each unusable record (default :attr:`unusable`) replaced by the next usable one (in
-        data order, wrapping)."""
-        n, unusable = len(self.records), self.unusable if unusable is None else unusable
-        return [next((i + k) % n for k in range(n) if (i + k) % n not in unusable) for i in idx]
-
-    def share_found_records(self) -> None:
-        """Every rank's records found failing since the last call (:attr:`found`), to every rank: each is
-        reported (``FILE:LINE: reason``, by the rank that found it; under ``--strict-data`` every rank
-        raises here), counted, never used again, and rank 0 lists them in ``OUT/skipped_records.json``
-        for a restart or a resume. Every rank calls this at the same points."""
-        state = self.state
-        found, self.found = self.found, {}
-        union = sorted({i for part in dist.all_gather_ints(sorted(found), state) for i in part})
-        if not union:
-            return
-        self.failure_agreed = True  # --strict-data raises on every rank here
-        for i in union:
-            where = self.records[i].where or f"record {i}"
-            if i in found:
-                self.problems(where, found[i], echo=True)
-            else:
-                self.problems(where, "failed on another rank (reported there)", echo=False)
-        self.failure_agreed = False
-        self.unusable.update(union)
-        written = True
-        if state.is_main:
-            path = os.path.join(self.cfg.out, SKIPPED_FILE)
-            try:
-                listed = [{"where": self.records[i].where, "key": record_key(self.records[i])}
-                          for i in sorted(self.unusable)]
-                runfolder.write_json_atomic(path, {"records": listed})
-            except OSError as e:
-                written = False
-                print(f"prefopt train: warning: {ckpt.os_error_line(e, path)}; a resume or restart will meet these "
-                      "records again", file=sys.stderr, flush=True)
-        self.skipped_listed = not dist.ranks_with(not written, state)
-
-    def forward(self, batch, stage: Stage, num_items: Optional[int], idx: List[int]):
-        """(the objective's output, None), or (output or None, the error) when this micro-batch's forward
-        raised here (out of memory included) or on another rank (:class:`RankFailed`). In more than one
-        process every rank all-reduces a failure flag after its forward, before any backward, so no rank
-        enters the backward's collectives alone; not under ZeRO-3, whose forward is itself collective (a
-        failure there ends the run)."""
-        out, failure = None, None
-        try:
-            out = self.engine(batch, stage=stage, num_items=num_items, indices=idx)
-        except Exception as e:
-            failure = e
-        if self.state.distributed and self.state.zero_stage != 3:
-            failed = dist.ranks_with(failure is not None, self.state)
-            if failed and failure is None:
-                failure = RankFailed(failed)
-        return out, failure
-
-    def skip_failing_records(self, failure: Exception, idx: List[int], stage: Stage, step: int,
-                             first_micro_batch: bool) -> None:
-        """After a micro-batch's forward (in one process, also its backward) raised, here or on another rank:
-        each rank finds the records of its ``idx`` that fail alone (:meth:`records_failing_alone`); the
-        ranks share them (:meth:`share_found_records`), the step's gradients are dropped and the caller
-        redoes the step with their replacements.
-
-        Raises instead, on every rank together (so each can checkpoint the steps trained so far): when on
-        some rank the failure is not the data's (out of memory; no record fails alone; or every one does
-        and so does the record that would replace them), for GRPO (its rows are sampled answers, not
-        records), with ``--strict-data``, and under DeepSpeed once a micro-batch of the step has
-        backpropagated (its gradients are inside DeepSpeed's partitions; a resume or a restart continues
-        without the records). Under ZeRO-3 the failing rank raises alone."""
-        state = self.state
-        if state.zero_stage == 3:
-            self.own_failure = True
-            raise failure
-        if failure.__traceback__ is not None:  # its frames hold the failed forward's activations
-            traceback.clear_frames(failure.__traceback__)
-        found = None
-        if not isinstance(failure, (RankFailed, torch.OutOfMemoryError, MemoryError)):
-            try:
-                found = self.records_failing_alone(idx, stage)
-            except (torch.OutOfMemoryError, MemoryError):
-                found = None
-        not_data = dist.ranks_with(found is None and not isinstance(failure, RankFailed), state)
-        if not_data:
-            self.failure_agreed = True
-            raise failure if found is None and not isinstance(failure, RankFailed) else RankFailed(not_data)
-        self.found.update({i: f"fails inside a training step ({reason})" for i, reason in (found or {}).items()})
-        self.share_found_records()
-        if state.backend == "deepspeed" and not first_micro_batch:
-            self.failure_agreed = True
-            path = os.path.join(self.cfg.out, SKIPPED_FILE)
-            then = (f"a resume or a restart of this run skips it ({path})" if self.skipped_listed else
-                    f"it could not be listed in {path}: remove it from the data to go on")
-            raise StepNotRedone(f"a record failed inside step {step + 1} after a micro-batch of it backpropagated, "
-                                f"and under DeepSpeed the step cannot be redone in place; {then}")
-        self.engine.drop_gradients()
-
-    def records_failing_alone(self, idx: List[int], stage: Stage) -> Optional[Dict[int, str]]:
-        """The records of ``idx`` that fail alone (collated and run one by one on the unwrapped module:
-        forward and backward in one process, forward under ``no_grad`` in more, where a backward would enter
-        the backends' collectives), each with its reason; None when the failure is not the data's. The
-        gradients this leaves are dropped by the caller."""
-        if stage.mode == "grpo":
-            return None
-        with_backward = not self.state.distributed
-
-        def fails_alone(i: int) -> Optional[str]:
-            try:
-                with torch.enable_grad() if with_backward else torch.no_grad():
-                    batch = _to(self.collator([self.records[i]], mode=stage.mode), self.state.device)
-                    out = self.engine.module(batch, stage=stage, num_items=count_items(stage.loss, batch["labels"]),
-                                             indices=[i])
-                    if with_backward:
-                        out.loss.backward()
-            except (torch.OutOfMemoryError, MemoryError):
-                raise
-            except Exception as e:
-                return f"{type(e).__name__}: {first_line(e)}"
-            return None
-
-        reasons = {i: fails_alone(i) for i in dict.fromkeys(idx)}
-        failed = {i: r for i, r in reasons.items() if r is not None}
-        if not failed:
-            return None
-        if len(failed) == len(reasons):  # the model fails on everything, or these records do
-            excluded = self.unusable | set(failed)
-            if len(excluded) == len(self.records) or fails_alone(self.usable(idx, excluded)[0]) is not None:
-                return None
-        return failed
-
-    @torch.no_grad()
-    def sample_answers(self, records, num: int, prompts: Optional[Dict[str, torch.Tensor]] = None) -> List[str]:
-        """``num`` answers sampled from the current policy for each record's prompt (record by record, the
-        ``num`` answers of a record consecutive; ``prompts``: the records' collated prompts, else collated
-        here); every rank samples the same number (ZeRO-3 generation is collective)."""
-        inputs = _to(self.collator.generation_inputs(records) if prompts is None else prompts, self.state.device)
-        model = self.policy.model
-        was_training = model.training
-        model.eval()
-        out = model.generate(**inputs, do_sample=True, num_return_sequences=num, max_new_tokens=self.cfg.max_new_tokens,
-                             use_cache=True, pad_token_id=self.collator.pad_token_id,
-                             synced_gpus=self.state.zero_stage == 3)
-        model.train(was_training)
-        texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        return [t.strip() for t in texts]
-
-    def rollouts(self, records, prompts, num_generations: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
-        """GRPO's batch: ``num_generations`` answers sampled per prompt (``prompts``: the records' collated
-        prompts), each rewarded 1.0 when it is right (:func:`~prefopt.train.methods.answer_reward`); the
-        answers as SFT rows with their group advantages, and the reward counters (TRL's metric names)."""
-        from .methods import answer_reward, group_advantages
-
-        answers = self.sample_answers(records, num_generations, prompts)
-        owners = [r for r in records for _ in range(num_generations)]
-        rewards = torch.tensor([answer_reward(r.prompt, r.chosen, a) for a, r in zip(answers, owners)])
-        # An empty sample still needs a scored token: it is the end of turn alone.
-        rows = [dataclasses.replace(r, chosen=a or " ", rejected=None) for a, r in zip(answers, owners)]
-        batch = self.collator(rows, mode="sft")
-        batch["advantages"] = group_advantages(rewards, num_generations)
-        groups = rewards.view(-1, num_generations)
-        std = groups.std(-1)
-        counters = {"reward": float(rewards.sum()), "reward_std": float(std.sum()),
-                    "frac_reward_zero_std": float((std == 0).sum()), "groups": len(records),
-                    "completions": len(rows)}
-        return batch, counters
-
-    @torch.no_grad()
-    def onpolicy_negatives(self, idx: List[int], records, fraction: float, key) -> Tuple[List[int], list, int]:
-        """Replace the rejected answer of ``fraction * B`` records (rounded up or down at random, so the
-        share is right on average; which records is drawn from ``(seed, step, micro, rank)``) with an
-        answer sampled from the current policy; a sample that is empty or equals the chosen answer keeps
-        the dataset negative. A drawn record whose prompt fails to collate is replaced (:meth:`collate`).
-        Returns (indices, records, number sampled). Every rank samples the same number of prompts (ZeRO-3
-        generation is collective)."""
-        k = int(fraction * len(records) + random.Random(repr((self.cfg.seed, *key))).random())
-        if k == 0:
-            return idx, records, 0
-        rng = random.Random(repr((self.cfg.seed, *key, self.state.rank)))
-        picks = sorted(rng.sample(range(len(records)), k))
-        picked, prompts = self.collate([idx[p] for p in picks], [records[p] for p in picks], "sft",
-                                       self.collator.generation_inputs)
-        idx, records, sampled = list(idx), list(records), 0
-        for p, i in zip(picks, picked):
-            if i != idx[p]:  # its prompt failed to collate: replaced
-                idx[p], records[p] = i, self.records[i]
-        texts = self.sample_answers([records[p] for p in picks], 1, prompts)
-        for p, text in zip(picks, texts):
-            if text and text != records[p].chosen.strip():
-                records[p] = dataclasses.replace(records[p], rejected=text)
-                sampled += 1
-        return idx, records, sampled
-
-    def train_step(self, step: int, stage: Stage) -> Dict[str, Any]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics (all ranks).
-        A micro-batch whose forward raises because of a record is redone without it, from the same
-        generator state (:meth:`skip_failing_records`); in more than one process the ranks first agree,
-        before any backward, whether a forward failed."""
-        started = ckpt.rng_state()  # a step redone without a failing record draws as the first try did
-        while True:
-            metrics = self.try_step(step, stage)
-            if metrics is not None:
-                return metrics
-            ckpt.set_rng_state(started)
-
-    def try_step(self, step: int, stage: Stage) -> Optional[Dict[str, Any]]:
-        """:meth:`train_step`'s one try: its metrics, or None when it must be redone."""
-        cfg, state, engine = self.cfg, self.state, self.engine
-        t0 = time.perf_counter()
-        micro = [self.micro_batch(step, a, stage) for a in range(cfg.grad_accum)]
-        self.share_found_records()  # records that failed to collate on any rank
-        # The whole global batch's size in the loss's unit (pairs or tokens): every micro-batch loss is
-        # divided by it, so the accumulated gradient is that of one big batch.
-        local_items = [count_items(stage.loss, batch["labels"]) for _, batch, _ in micro]
-        (global_items,) = dist.all_reduce([sum(local_items)], state)
-        global_items = max(1, int(global_items))
-        # A loss that normalises within each call (GRPO's bnpo, as TRL) gets no count; its micro-batch
-        # losses are averaged over the accumulation, and DDP averages them over ranks.
-        per_call = stage.loss.unit is None
-        lr = engine.learning_rate
-        loss_sum, tokens, decoded = 0.0, 0, 0
-        weighted: Dict[str, float] = {}
-        counters: Dict[str, float] = {}
-        for a, (idx, batch, drawn) in enumerate(micro):
-            last = a == len(micro) - 1
-            with contextlib.nullcontext() if last else engine.no_sync():
-                out, failure = self.forward(batch, stage, None if per_call else global_items, idx)
-                if failure is None:
-                    # DDP and DeepSpeed average gradients over ranks; the count is already global.
-                    share = out.loss / len(micro) if per_call else out.loss * state.world_size
-                    if faultpoints.fault_kind(f"loss-{step + 1}") == "nan":  # the tests' non-finite step
-                        share = share * math.nan
-                    try:
-                        engine.backward(share)
-                    except Exception as e:
-                        if state.distributed:  # the other ranks are inside this backward's collectives
-                            self.own_failure = True
-                            raise
-                        failure = e
-            if failure is not None:
-                out = share = None  # the failed try's graph goes before the records are run alone
-                self.skip_failing_records(failure, idx, stage, step, first_micro_batch=a == 0)
-                return None
-            if not last:
-                engine.micro_step()
-            loss_sum += float(share.detach()) / state.world_size
-            tokens += logical_tokens(batch)
-            decoded += decoder_tokens(batch)
-            for k, v in drawn.items():
-                counters[k] = counters.get(k, 0.0) + v
-            for k, v in out.metrics.items():
-                weighted[k] = weighted.get(k, 0.0) + float(v) * local_items[a]
-        keys, counter_keys = sorted(weighted), sorted(counters)
-        # Summed over ranks before the optimizer step: a rank's non-finite loss makes the sum non-finite on
-        # every rank, and no rank applies the step.
-        totals = dist.all_reduce([loss_sum, tokens, sum(local_items)] + [weighted[k] for k in keys]
-                                 + [counters[k] for k in counter_keys] + [decoded], state)
-        loss, tokens, items = totals[:3]
-        self.ahead_of_count = True
-        applied = engine.step(loss_finite=math.isfinite(loss))
-        counters = dict(zip(counter_keys, totals[3 + len(keys):-1]))
-        elapsed = time.perf_counter() - t0
-        (peak,) = dist.all_reduce([peak_memory_mb(state.device)], state, op="max")
-        metrics: Dict[str, Any] = {
-            "step": step + 1,
-            "epoch": round(self.plan.epoch(step + 1), 4),
-            "stage": stage.name,
-            "loss": loss,
-            **{k: v / max(items, 1) for k, v in zip(keys, totals[3:3 + len(keys)])},
-            "learning_rate": lr,
-            "grad_norm": engine.grad_norm,
-            "tokens_per_second": tokens / max(elapsed, 1e-9),
-            "step_seconds": elapsed,
-            "decoder_tokens": int(totals[-1]),
-            "peak_memory_mb": peak,
-        }
-        if not (applied and math.isfinite(loss) and math.isfinite(engine.grad_norm)):
-            metrics["nonfinite"] = True  # the step was not applied (see Engine.step)
-        if stage.onpolicy_fraction:
-            metrics["onpolicy/negatives"] = int(counters["onpolicy/negatives"])
-        if stage.mode == "grpo":
-            metrics.update(rollout_metrics(counters))
-        return metrics
-
     def save(self, step: int, probe: LogpProbe) -> None:
         """Checkpoint ``step`` with the generators as they were at that step's boundary; unless its weights are
         not finite or (with probes on: measured here if this step was not) collapsed: then nothing is written
@@ -1176,76 +644,6 @@ class Run:
             self.log(f"model folder {out} (from {path})")
         dist.barrier(self.state)
         return out
-
-    def write_metrics(self, metrics: Dict[str, Any]) -> None:
-        """One line of ``metrics.jsonl`` (strict JSON: a non-finite number is null)."""
-        if self.state.is_main:
-            line = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
-            with open(os.path.join(self.cfg.out, METRICS_FILE), "a", encoding="utf-8") as f:
-                f.write(json.dumps(line, allow_nan=False) + "\n")
-
-    def truncate_metrics(self, step: int) -> None:
-        """Drop the lines a killed run logged after its last checkpoint (they are trained again) and a final
-        evaluation's line (the resumed run evaluates again)."""
-        path = os.path.join(self.cfg.out, METRICS_FILE)
-        if self.state.is_main and os.path.isfile(path):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                lines = [ln for ln in f if _logged_step(ln) <= step and '"eval_' not in ln]
-            with runfolder.open_nofollow(path + ".tmp", "w") as f:
-                f.writelines(lines)
-            os.replace(path + ".tmp", path)
-
-    def summary(self, history: List[Dict[str, Any]], step: int, stopped_early: bool, wall: float,
-                evaluation: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-        """The held-out evaluation (``eval_*``, None without held-out data), then means over the last tenth
-        of the steps (at least 5, all in the final stage) of loss and reward accuracy, the final probes, peak
-        memory, mean throughput and where the checkpoint is."""
-        final_stage = [m for m in history if m["stage"] == history[-1]["stage"]] if history else []
-        tail = final_stage[-max(5, len(history) // 10):]
-
-        def mean(key):  # over the steps that were applied (a non-finite one was not)
-            values = [m[key] for m in tail if key in m and not m.get("nonfinite")]
-            return sum(values) / len(values) if values else None
-
-        probes = next((m for m in reversed(history) if "probe/delta_logp_chosen" in m), {})
-        from .eval import EVAL_KEYS
-
-        held_out = {f"eval_{k}": None if evaluation is None else evaluation[k] for k in EVAL_KEYS}
-        return {
-            "method": self.cfg.method,
-            "model": self.cfg.model,
-            **held_out,
-            "eval_per_type": None if evaluation is None else evaluation["per_type"],
-            "eval_n": 0 if evaluation is None else evaluation["n"],
-            "steps": step,
-            "total_steps": self.total_steps,
-            "stopped_early": stopped_early,
-            "loss": mean("loss"),
-            "reward_accuracy": mean("rewards/accuracies"),
-            "reward_margin": mean("rewards/margins"),
-            "reward": mean("reward"),
-            "reference": self.ref_mode,
-            **{k: v for k, v in probes.items() if k.startswith("probe/")},
-            "peak_memory_mb": max((m["peak_memory_mb"] for m in history), default=peak_memory_mb(self.state.device)),
-            "tokens_per_second": mean("tokens_per_second"),
-            "wall_seconds": wall,
-            "checkpoint": self.checkpoint_path,
-            "model_folder": getattr(self, "model_folder", None),
-            "skipped_records": len(self.problems),
-            "metrics": os.path.join(self.cfg.out, METRICS_FILE),
-            "device": str(self.state.device),
-            "world_size": self.state.world_size,
-            "backend": self.state.backend + (f" ZeRO-{self.state.zero_stage}" if self.state.backend == "deepspeed" else ""),
-        }
-
-
-def _logged_step(line: str) -> float:
-    """The step of a metrics.jsonl line (infinity for a line that does not parse: it is dropped)."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Prepare and run; returns the summary (see :meth:`Run.summary`)."""

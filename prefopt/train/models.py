@@ -9,6 +9,9 @@ that ``logits = softcap(hidden @ weight.T + bias) / temperature`` would be the m
 models (``"tiny-llava"``, ``"tiny-qwen2-vl"``, ``"tiny-llama"``) from a config with random weights, or
 ``"tiny-llava-sft"`` (tiny-llava with the shipped weights of its SFT on the synthetic set), with a
 locally made tokenizer and the real processor classes, for the default run and the tests.
+
+The module is long (about 730 lines) because :func:`build_model` ties three parts together: the adapter,
+the embedded tiny models, and the loading of a user's folder or hub id; a new family touches all three.
 """
 from __future__ import annotations
 

@@ -32,6 +32,9 @@ Rows are read on demand by index: a :class:`RecordSet` holds the source and the 
 never the rows; images are decoded when a batch is built. The up-front checks stream over the rows.
 Parquet is copied once, a few rows at a time, into an arrow file in ``datasets``' cache (``HF_DATASETS_CACHE``)
 and memory-mapped from there; ``.arrow`` files and ``save_to_disk`` folders are memory-mapped in place.
+
+The module is long (about 760 lines) because every ``--data`` layout's reader and the record checks they all
+run live together behind one entry, :func:`load_records`; each reader is a few private functions.
 """
 from __future__ import annotations
 

@@ -118,7 +118,7 @@ class StudyConfig:
 
 
 def _train_config(study: StudyConfig, **kw):
-    from .loop import TrainConfig
+    from .config import TrainConfig
 
     options = kw.pop("options", None)
     base = dict(data="synthetic", batch_size=study.batch_size, train_size=study.train_size,
@@ -172,8 +172,9 @@ def run_study(study: StudyConfig) -> Dict[str, Any]:
 def _study(study: StudyConfig) -> Dict[str, Any]:
     from tqdm import tqdm
 
+    from .config import TINY_BASE_LR
     from .export import quiet_transformers
-    from .loop import TINY_BASE_LR, train
+    from .loop import train
     from .models import TINY_MODELS
 
     started = time.perf_counter()
@@ -331,7 +332,7 @@ def _cell(entry: Optional[Dict[str, Optional[float]]]) -> str:
 
 def markdown(result: Dict[str, Any]) -> str:
     """STUDY.md: conditions, the table (mean ± sample std over seeds), the claims, the plots."""
-    from .loop import TINY_BASE_LR
+    from .config import TINY_BASE_LR
 
     c, table = result["conditions"], result["table"]
     variants = list(table)
