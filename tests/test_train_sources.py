@@ -12,6 +12,16 @@ from prefopt.train.cli import main  # noqa: E402
 from prefopt.train.data import load_records  # noqa: E402
 
 
+
+def traced_load(path, limit):
+    """(the records of ``path`` read with ``--max-record-bytes limit``, the traced Python peak while reading)."""
+    tracemalloc.start()
+    try:
+        records = load_records(path, max_record_bytes=limit)
+        return records, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
 def _write_jsonl(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
     return str(path)
@@ -25,12 +35,7 @@ def test_an_oversized_line_is_one_line_and_never_held_whole(tmp_path, capsys):
     big = {"prompt": "p" * (50 * limit), "chosen": "c", "rejected": "r"}
     path = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p1", "chosen": "c1", "rejected": "r1"}, big,
                                               {"prompt": "p3", "chosen": "c3", "rejected": "r3"}])
-    tracemalloc.start()
-    try:
-        records = load_records(path, max_record_bytes=limit)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    records, peak = traced_load(path, limit)
     assert [r.prompt for r in records] == ["p1", "p3"]
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"{path}:2: record is over {limit} bytes (--max-record-bytes) (skipped)"], err
@@ -519,12 +524,7 @@ def test_an_oversized_row_is_refused_before_it_becomes_python_objects(tmp_path, 
             writer.write_table(ds.data.table)
     del ds, rows
     capsys.readouterr()  # datasets' progress bars
-    tracemalloc.start()
-    try:
-        records = load_records(path, max_record_bytes=limit)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    records, peak = traced_load(path, limit)
     assert [r.prompt for r in records] == ["Colour 0?", "Colour 2?"]
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"{path}:1: record is over {limit} bytes (--max-record-bytes) (skipped)"], err

@@ -298,7 +298,9 @@ class PreferenceCollator:
         feats = [self._features(self.prompt_text(r), list(r.images), f"record {i}") for i, r in enumerate(records)]
         return self._pad(feats, max(f["input_ids"].shape[1] for f in feats), left=True)
 
-    def __call__(self, records: Sequence[PreferenceRecord], *, mode: str = "pair") -> Dict[str, torch.Tensor]:
+    def encode_rows(self, records: Sequence[PreferenceRecord], mode: str) -> tuple:
+        """(the logical rows of ``records`` in ``mode`` (:func:`answer_rows`), each row's (features, prompt
+        length)): what the unshared and the shared-prefix collators both start from."""
         if mode not in ("pair", "sft", "nsft"):
             raise ValueError(f"mode: expected 'pair', 'sft' or 'nsft', got {mode!r}")
         if not records:
@@ -309,6 +311,10 @@ class PreferenceCollator:
         for i, answer, _ in rows:
             r = records[i]
             encoded.append(self._encode(r.prompt, answer, list(r.images), r.where or f"record {i}", r.messages))
+        return rows, encoded
+
+    def __call__(self, records: Sequence[PreferenceRecord], *, mode: str = "pair") -> Dict[str, torch.Tensor]:
+        rows, encoded = self.encode_rows(records, mode)
 
         T = min(self.max_length, max(f["input_ids"].shape[1] for f, _ in encoded))
         out = self._pad([f for f, _ in encoded], T, left=False)

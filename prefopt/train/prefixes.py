@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .data import PreferenceCollator, PreferenceRecord, answer_rows
+from .data import PreferenceCollator, PreferenceRecord
 
 __all__ = ["SHARE_PREFIX_CHOICES", "SHARED_FAMILIES", "NOT_SHARED", "SHARED_METHODS",
            "SharedPrefixCollator", "share_refusal", "method_refusal", "make_collator", "logical_tokens",
@@ -116,17 +116,9 @@ class SharedPrefixCollator(PreferenceCollator):
     """
 
     def __call__(self, records: Sequence[PreferenceRecord], *, mode: str = "pair") -> Dict[str, torch.Tensor]:
-        if mode not in ("pair", "sft", "nsft"):
-            raise ValueError(f"mode: expected 'pair', 'sft' or 'nsft', got {mode!r}")
-        if not records:
-            raise ValueError("cannot collate an empty list of records")
-        self._check_images(records)
-        rows = answer_rows(records, mode)
-        encoded = []  # per logical row: (token ids cut at max_length, prompt length, features)
-        for i, answer, _ in rows:
-            r = records[i]
-            feats, prompt_len = self._encode(r.prompt, answer, list(r.images), r.where or f"record {i}", r.messages)
-            encoded.append((feats["input_ids"][0, : self.max_length], prompt_len, feats))
+        rows, rows_features = self.encode_rows(records, mode)
+        # per logical row: (token ids cut at max_length, prompt length, features)
+        encoded = [(feats["input_ids"][0, : self.max_length], prompt_len, feats) for feats, prompt_len in rows_features]
         # Rows with the same prompt and images share a packed row: a record's answers, or GRPO's group of
         # sampled answers (one row per answer, each a copy of its record).
         groups: Dict[tuple, List[int]] = {}
