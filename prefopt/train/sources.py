@@ -48,10 +48,10 @@ import stat
 import sys
 from array import array
 from collections.abc import Sequence as SequenceABC
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .errors import first_line
+from .records import PreferenceRecord
 
 __all__ = ["PreferenceRecord", "DataProblems", "RecordSet", "check_image", "load_records", "data_fingerprint",
            "parse_columns", "image_key", "same_answer", "MAX_IMAGE_PIXELS", "MAX_RECORD_BYTES", "MAX_RECORD_DEPTH"]
@@ -73,26 +73,6 @@ _STREAM_ROWS = 64
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
 _ROLES = ("system", "user", "assistant")
 _SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "heldout", "eval")
-
-
-@dataclass
-class PreferenceRecord:
-    """One preference example. ``images``: paths, ``{"bytes", "path"}`` dicts or PIL images (in the order
-    their tokens appear). ``messages``: the prompt as chat messages with typed content parts (TRL's
-    conversational format), None for a plain-text ``prompt``; ``prompt`` then holds their text."""
-
-    prompt: str
-    chosen: str
-    rejected: Optional[str] = None
-    images: list = field(default_factory=list)
-    corrections: List[str] = field(default_factory=list)
-    where: str = ""  # SOURCE:ROW (FILE:LINE for JSONL) of a loaded record (what problems with it are reported as)
-    messages: Optional[List[dict]] = None
-
-    def __post_init__(self):
-        if not isinstance(self.images, list):  # one image, or none
-            self.images = [] if self.images is None else list(self.images) if isinstance(self.images, tuple) \
-                else [self.images]
 
 
 class DataProblems:

@@ -40,6 +40,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw
 
+from .records import PreferenceRecord
+
 IMAGE_SIZE = 32
 SHAPES: Tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 COLOURS: Dict[str, Tuple[int, int, int]] = {
@@ -274,10 +276,8 @@ def _answers(kind: str, scene: Sequence[Optional[Obj]], subject, value, rng: ran
 
 
 def generate_scenes(split: str = "train", size: Optional[int] = None, seed: int = 0
-                    ) -> Iterator[Tuple[Scene, str, "object"]]:
+                    ) -> Iterator[Tuple[Scene, str, PreferenceRecord]]:
     """Yield ``(scene, question type, PreferenceRecord)`` (the scenes let tests check the split)."""
-    from .data import PreferenceRecord  # data imports this module lazily; avoid a cycle at import
-
     if split not in SPLITS:
         raise ValueError(f"synthetic split: expected one of {SPLITS}, got {split!r}")
     size = DEFAULT_SIZES[split] if size is None else int(size)
