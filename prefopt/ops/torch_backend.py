@@ -65,6 +65,15 @@ def _tile_logsumexp_(z: Tensor, row_max: Tensor) -> Tensor:
     return shift + z.sub_(shift[:, None]).exp_().sum(1).log()
 
 
+def _add_weight_grad(acc: Tensor, grad: Tensor, h: Tensor) -> None:
+    """``acc += grad^T @ h`` in ``acc``'s dtype: in place when the hidden states share it, else the product in
+    the hidden states' dtype (a low-precision matmul), then added."""
+    if h.dtype == acc.dtype:
+        acc.addmm_(grad.T, h)
+    else:
+        acc += (grad.T.to(h.dtype) @ h).to(acc.dtype)
+
+
 def _target_columns(targets: Tensor, start: int, stop: int) -> Tuple[Tensor, Tensor]:
     """Rows whose target lies in vocabulary tile [start, stop) and that target's column in the tile."""
     rows = ((targets >= start) & (targets < stop)).nonzero().squeeze(1)
@@ -236,10 +245,7 @@ def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, 
                 else:
                     grad_hidden[t0:t1] += (grad.to(h.dtype) @ w.to(h.dtype)).to(dtype)
             if want_w:
-                if h.dtype == dtype:
-                    tile_grad_w.addmm_(grad.T, h)
-                else:
-                    tile_grad_w += (grad.T.to(h.dtype) @ h).to(dtype)
+                _add_weight_grad(tile_grad_w, grad, h)
             if want_b:
                 tile_grad_b += grad.sum(0)
         if want_w and weight.dtype != dtype:
@@ -333,10 +339,7 @@ def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, r
             else:
                 grad_hidden[t0:t1] = grad.to(h.dtype) @ weight.to(h.dtype)
         if want_w:
-            if h.dtype == dtype:
-                grad_weight.addmm_(grad.T, h)
-            else:
-                grad_weight += (grad.T.to(h.dtype) @ h).to(dtype)
+            _add_weight_grad(grad_weight, grad, h)
         if want_b:
             grad_bias += grad.sum(0)
         del grad  # before the next chunk's tiles exist
