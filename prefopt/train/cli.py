@@ -369,6 +369,7 @@ def _train(args, argv: List[str]) -> int:
     import torch
 
     from .checkpoint import CheckpointError, os_error_line
+    from .distributed import exit_without_teardown
     from .interrupts import Interrupted
     from .loop import prepare
     from .runfolder import RunFolderError
@@ -426,7 +427,7 @@ def _train(args, argv: List[str]) -> int:
         first = first_line(e)
         print(f"prefopt train: error: rank {run.state.rank}: a collective failed, another rank hung past "
               f"--dist-timeout {cfg.dist_timeout:g} s or died ({first})", file=sys.stderr, flush=True)
-        return 1
+        exit_without_teardown(1)
     if run.state.is_main:
         print(json.dumps(summary, indent=1) if args.json else format_summary(summary), flush=True)
     return 0

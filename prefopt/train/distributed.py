@@ -29,6 +29,7 @@ import json
 import math
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -144,6 +145,15 @@ def teardown(state: DistState, wait: bool = True) -> None:
         if wait:
             torch_dist.barrier()
         torch_dist.destroy_process_group()
+
+
+def exit_without_teardown(code: int) -> None:
+    """End this process with ``code`` now, after a collective failed (another rank hung or died): the process
+    group cannot be left (its threads wait on that rank), and its destructors at interpreter exit abort the
+    process (SIGABRT, "terminate called without an active exception") instead of returning ``code``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # ------------------------------------------------------------------------------------------ collectives
