@@ -22,12 +22,13 @@ setup(
     extras_require={
         # trl, datasets and liger-kernel pinned exactly: tests compare against them number for number.
         "test": ["pytest", "pytest-benchmark", "triton>=3.0", "liger-kernel==0.8.5", "trl==1.16.0", "datasets==5.2.0",
-                 "transformers>=4.45", "peft", "safetensors", "deepspeed", "pillow", "accelerate",
+                 "transformers>=4.45", "peft", "safetensors", "deepspeed", "pillow", "accelerate", "bitsandbytes",
                  # SmolVLM's processor (transformers 5.25) refuses to load without it; the model-family tests build one.
                  "num2words"],
         "bench": ["triton>=3.0", "liger-kernel>=0.8", "cut-cross-entropy", "trl>=1.16", "matplotlib", "pytest-benchmark",
                   "psutil"],
-        "train": ["transformers>=4.45", "deepspeed", "peft", "safetensors", "pillow", "accelerate", "matplotlib"],
+        "train": ["transformers>=4.45", "deepspeed", "peft", "safetensors", "pillow", "accelerate", "matplotlib",
+                  "bitsandbytes"],
         "gpu": ["triton>=3.0", "flash-attn"],
     },
     entry_points={"console_scripts": ["prefopt=prefopt.cli:main"]},
