@@ -16,8 +16,9 @@ setup(
     packages=find_packages(include=["prefopt", "prefopt.*"])
     + ["prefopt.kernels", "prefopt.bench"],
     package_dir={"prefopt.kernels": "kernels", "prefopt.bench": "bench"},
-    # The shipped grounded base of the embedded VLM (tiny-llava-sft, built by python -m prefopt.train.build_base).
-    package_data={"prefopt": ["assets/*.safetensors"]},
+    # The shipped grounded base of the embedded VLM (tiny-llava-sft, built by python -m prefopt.train.build_base) and
+    # the config-only folders prefopt plan's README table is made from.
+    package_data={"prefopt": ["assets/*.safetensors", "assets/configs/*/*.json"]},
     install_requires=["torch>=2.3", "numpy", "tqdm"],
     extras_require={
         # trl, datasets and liger-kernel pinned exactly: tests compare against them number for number.

@@ -1,4 +1,4 @@
-"""The ``prefopt`` command: ``prefopt train|eval|export|study|bench|demo [options]``; ``prefopt CMD --help`` for each."""
+"""The ``prefopt`` command: ``prefopt train|eval|export|study|bench|plan|demo [options]``; ``prefopt CMD --help`` for each."""
 from __future__ import annotations
 
 import importlib
@@ -12,6 +12,7 @@ COMMANDS = {
     "export": ("prefopt.train.export", "a Hugging Face model folder from a checkpoint of prefopt train"),
     "study": ("prefopt.train.study", "the embedded comparison of the methods from one SFT base, with STUDY.md"),
     "bench": ("prefopt.bench.cli", "memory and throughput of the fused losses against the naive path and peers"),
+    "plan": ("prefopt.train.plan", "will it fit? the peak GPU memory of a training step, term by term, from the config"),
     "demo": ("prefopt.demo", "the fused DPO loss against the naive path on random data: values and peak memory"),
 }
 

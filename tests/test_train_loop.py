@@ -198,7 +198,8 @@ def test_every_method_trains(tmp_path, text_data, method, extra):
     assert s["steps"] == 2 and len(rows) == 2
     for m in rows:
         assert torch.isfinite(torch.tensor(m["loss"])) and m["grad_norm"] > 0
-        assert m["tokens_per_second"] > 0 and m["peak_memory_mb"] > 0
+        # in-process the peak above the pre-model baseline can be 0: a tiny model fits memory the process already held
+        assert m["tokens_per_second"] > 0 and m["peak_memory_mb"] >= 0
     assert rows[0]["learning_rate"] == 0.0 < rows[1]["learning_rate"]  # linear warmup from 0, as in transformers
     if method in ("dpo", "simpo", "orpo"):
         for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",

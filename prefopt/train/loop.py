@@ -53,7 +53,7 @@ from .interrupts import SKIPPED_FILE, Cadence, Interrupted, StopSignals, at_boun
 from .methods import METHODS, PolicyObjective, Stage, build_method
 from .probes import LogpProbe, ProbeResult, should_stop
 from .rollouts import RolloutsMixin
-from .step import StepMixin
+from .step import StepMixin, start_memory_peak
 from .summary import SummaryMixin
 
 CONFIG_FILE = "config.json"
@@ -159,7 +159,7 @@ def _check_out_dir(cfg: TrainConfig) -> Tuple[Optional[Dict[str, Any]], List[str
 
 def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     from .data import data_fingerprint, load_records
-    from .models import build_model
+    from .models import build_model, import_model_code
     from .prefixes import make_collator
 
     seed_everything(cfg.seed + state.rank)
@@ -183,6 +183,8 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
         raise ValueError(f"--data {cfg.data}: no record has corrections, which nsft trains on")
 
     source = model_source(cfg)
+    import_model_code(source, trust_remote_code=cfg.trust_remote_code)
+    start_memory_peak()  # peak_memory_mb on CPU counts from here: the model, not the libraries
     policy, processor = build_model(source, dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r,
                                     lora_alpha=cfg.lora_alpha, gradient_checkpointing=cfg.gradient_checkpointing,
                                     device=state.device, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)

@@ -21,7 +21,7 @@ import os
 import types
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -509,11 +509,12 @@ def resolve_hub_id(name: Optional[str], *, revision: Optional[str] = None, trust
 
 
 def resolve_model(name: str, *, revision: Optional[str] = None, trust_remote_code: bool = False,
-                  option: str = "--model") -> str:
+                  option: str = "--model", files: Optional[List[str]] = None) -> str:
     """The local folder of ``name``, as Hugging Face tools resolve it: a local folder of that name first, else a
     hub id (``org/name``) looked up in the cache of huggingface_hub (``HF_HOME``, ``HF_HUB_CACHE``) at
     ``revision`` (a branch, tag or commit; default ``main``) and downloaded when missing and online
-    (``HF_HUB_OFFLINE=1``: the cache only). ``ValueError`` (one line naming ``option``) when neither."""
+    (``HF_HUB_OFFLINE=1``: the cache only); ``files``: the file patterns fetched (default
+    :data:`MODEL_FILE_PATTERNS`, weights included). ``ValueError`` (one line naming ``option``) when neither."""
     if os.path.isdir(name):
         return name
     if not is_hub_id(name):
@@ -522,7 +523,7 @@ def resolve_model(name: str, *, revision: Optional[str] = None, trust_remote_cod
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HFValidationError
 
-    patterns = MODEL_FILE_PATTERNS + (["*.py"] if trust_remote_code else [])
+    patterns = (MODEL_FILE_PATTERNS if files is None else files) + (["*.py"] if trust_remote_code else [])
     try:
         return snapshot_download(name, revision=revision, allow_patterns=patterns)
     except HFValidationError as e:
@@ -668,6 +669,23 @@ def _load_local(path: str, *, dtype, attn: str, trust_remote_code: bool = False)
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return model, processor
+
+
+def import_model_code(name_or_path: str, *, trust_remote_code: bool = False) -> None:
+    """Import the code :func:`build_model` runs for ``name_or_path`` (peft, the model class of a local folder),
+    so that a memory baseline taken after it counts the model, not the libraries (about 200 MiB)."""
+    import peft  # noqa: F401  (imported for its side effect: the library is loaded)
+    from transformers import AutoConfig
+
+    if name_or_path in TINY_MODELS or not os.path.isdir(name_or_path):
+        return
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, local_files_only=True, trust_remote_code=trust_remote_code)
+        auto = _model_auto_class(config, trust_remote_code)
+        if auto is not None and type(config) in auto._model_mapping:
+            auto._model_mapping[type(config)]  # imports the family's modeling module
+    except Exception:  # build_model reports whatever is wrong with the folder, in its own words
+        return
 
 
 def _lora_targets(hf: nn.Module) -> list:

@@ -27,11 +27,41 @@ from .prefixes import decoder_tokens, logical_tokens
 from .rollouts import rollout_metrics
 
 
+#: The resident set (bytes) when :func:`start_memory_peak` ran: CPU peaks are counted above it.
+_cpu_baseline = 0
+
+
+def _proc_status_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def start_memory_peak() -> None:
+    """Take the CPU baseline of :func:`peak_memory_mb`, just before the model is built: the resident set now,
+    and (Linux) the resident high-water mark reset to it, so that what the process held before (data loading,
+    imports) is not counted."""
+    global _cpu_baseline
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")  # resets VmHWM to VmRSS (Linux >= 4.0)
+    except OSError:
+        pass
+    rss = _proc_status_kib("VmRSS")
+    _cpu_baseline = 1024 * (rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch (CUDA) or the process's peak resident set (CPU), in MiB."""
+    """The run's peak memory in MiB: on CUDA torch's peak allocation (``max_memory_allocated``); on CPU the
+    process's peak resident set above the baseline :func:`start_memory_peak` took before the model was built
+    (the quantity ``prefopt plan --device cpu --dtype fp32`` predicts)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _proc_status_kib("VmHWM")
+    peak = 1024 * (peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return max(0, peak - _cpu_baseline) / 2**20
 
 
 def count_items(loss, labels: torch.Tensor) -> int:
