@@ -195,3 +195,35 @@ def test_the_plan_predicts_the_measured_cpu_peak(measured_models):
     print(report)
     for name, planned, measured in rows:
         assert abs(planned - measured) <= max(0.15 * measured, 64), report
+
+
+def test_train_gpu_memory_picks_the_micro_batch_and_a_resume_reuses_it(tiny_family, tmp_path, capsys):
+    """--gpu-memory between the plans of micro-batch 4 and 2: the run trains 2 x 2 (the global batch kept), says so,
+    records it, and a resume under a budget that would choose 4 x 1 keeps 2 x 2."""
+    import plan_measure as M
+
+    from prefopt.train import checkpoint as ckpt
+    from prefopt.train.cli import main as train_main
+
+    folder, data = tiny_family("llama"), M.write_data(tmp_path / "data", n=8)
+    opts = P.PlanOptions(method="dpo", device="cpu", dtype="fp32", max_length=64, prompt_tokens=16, evaluation=False,
+                         grad_accum=2)
+    shape = P.load_shape(folder, opts)
+    peak = {b: P.plan(shape, dataclasses.replace(opts, batch_size=b))["peak_bytes"] for b in (2, 4)}
+    assert peak[2] < peak[4]
+    budget = f"{(peak[2] + peak[4]) // 2 // 1024}KB"
+    argv = ["--model", folder, "--data", data, "--method", "dpo", "--batch-size", "4", "--max-length", "64",
+            "--steps", "2", "--eval-size", "0", "--probe-every", "0", "--no-progress", "--device", "cpu"]
+    out = str(tmp_path / "run")
+    assert train_main([*argv, "--out", out, "--gpu-memory", budget, "--stop-after", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "micro-batch 2 x accumulation 2, gradient checkpointing off (planned peak" in err, err
+    saved = ckpt.read_trainer_state(ckpt.latest_checkpoint(out))["identity"]
+    assert saved["gpu_memory_choice"] == {"batch_size": 2, "grad_accum": 2, "gradient_checkpointing": False}
+    assert train_main([*argv, "--out", out, "--gpu-memory", "1GB", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "micro-batch 2 x accumulation 2, gradient checkpointing off (as the run being resumed chose)" in err, err
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]
+    assert train_main([*argv, "--out", str(tmp_path / "tiny"), "--gpu-memory", "1KB"]) == 2
+    assert "--gpu-memory 1KB: even micro-batch 1 with gradient checkpointing" in capsys.readouterr().err

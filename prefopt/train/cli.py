@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "process (default %(default)s)")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step; the loss "
                    "is normalised by the item count of the whole accumulated batch (default %(default)s)")
+    g.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                   help="the device's memory, e.g. 24GB: prefopt plan picks the micro-batch and accumulation (the global "
+                        "batch --batch-size x --grad-accum kept) and gradient checkpointing that fit, prints them and saves "
+                        "them with the run (a resume reuses them)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate of AdamW (default 1e-3 for the tiny "
                    "models with random weights, 1e-4 for tiny-llava-sft and with --lora, 5e-6 otherwise)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay "
@@ -254,7 +258,7 @@ def config_from_args(args) -> "TrainConfig":
         max_image_pixels=args.max_image_pixels, max_record_bytes=args.max_record_bytes, probe_data=args.probe_data,
         probe_size=args.probe_size,
         eval_size=args.eval_size, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+        grad_accum=args.grad_accum, gpu_memory=args.gpu_memory, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm, max_nonfinite_steps=args.max_nonfinite_steps,
         seed=args.seed, options=options, max_new_tokens=args.max_new_tokens,
         probe_every=args.probe_every, early_stop_chosen_drop=args.early_stop_chosen_drop, save_every=args.save_every,

@@ -64,6 +64,7 @@ class TrainConfig:
     epochs: float = 1.0
     batch_size: int = 4  # records per micro-batch per process (a record is one pair)
     grad_accum: int = 1
+    gpu_memory: Optional[str] = None  # "24GB": micro-batch, accumulation and checkpointing from prefopt plan
     lr: Optional[float] = None  # None: 1e-3 for the tiny models, 1e-4 with LoRA, 5e-6 otherwise
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
@@ -126,6 +127,10 @@ RESUME_KEYS = ("method", "model", "init_from", "reference", "lora", "lora_r", "l
                "max_new_tokens", "deepspeed")
 
 
+#: The identity's record of what ``--gpu-memory`` chose (micro-batch, accumulation, checkpointing).
+GPU_MEMORY_CHOICE = "gpu_memory_choice"
+
+
 def run_identity(cfg: TrainConfig, world_size: int, dtype: torch.dtype, data_fingerprint: str) -> Dict[str, Any]:
     """What a resumed run must match (saved in every checkpoint): the options that change the numbers,
     with their defaults resolved, the world size, the parameter dtype and the data's fingerprint."""
@@ -154,7 +159,8 @@ def check_resume_identity(saved: Dict[str, Any], now: Dict[str, Any], out: str) 
     """``ValueError`` naming the first difference between the saved run's identity and this run's."""
     names = {"world_size": "the world size", "dtype": "the parameter dtype (--dtype)",
              "data_fingerprint": "the data content (or --data-split, --data-columns)",
-             "init_source": "the model --init-from resolves to"}
+             "init_source": "the model --init-from resolves to",
+             GPU_MEMORY_CHOICE: "what --gpu-memory chose (micro-batch, accumulation, checkpointing)"}
     flat_saved = {**saved, **(saved.get("options") or {})}
     for key, value in {**now, **now["options"]}.items():
         if key != "options" and flat_saved.get(key) != value:

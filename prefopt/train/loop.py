@@ -45,7 +45,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from . import runfolder
 from . import reference as ref_mod
-from .config import TrainConfig, check_ranges, check_resume_identity, run_identity
+from .config import GPU_MEMORY_CHOICE, TrainConfig, check_ranges, check_resume_identity, run_identity
 from .data import DataProblems
 from .errors import Diverged
 from .faults import FaultsMixin, read_skipped_records
@@ -162,6 +162,10 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     from .models import build_model, import_model_code
     from .prefixes import make_collator
 
+    if cfg.gpu_memory is not None:
+        from .plan import fit_gpu_memory
+
+        cfg = fit_gpu_memory(cfg, model_source(cfg), state, (resume_state or {}).get("identity"))
     seed_everything(cfg.seed + state.rank)
     problems = DataProblems(cfg.strict_data)  # every skipped record: one line FILE:LINE: reason
     load = dict(strict=cfg.strict_data, seed=cfg.seed, problems=problems,
@@ -218,6 +222,8 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     total = plan.total_steps(cfg.steps, cfg.epochs)
     head = policy.head()
     identity = run_identity(cfg, state.world_size, head.weight.dtype, data_fingerprint(cfg.data, records))
+    if cfg.gpu_memory is not None:  # what --gpu-memory chose: a resume reuses it (fit_gpu_memory)
+        identity[GPU_MEMORY_CHOICE] = {k: getattr(cfg, k) for k in ("batch_size", "grad_accum", "gradient_checkpointing")}
     if resume_state is not None:
         check_resume_identity(resume_state.get("identity") or {}, identity, cfg.out)
         if total != resume_state["total_steps"]:

@@ -672,9 +672,8 @@ def _load_local(path: str, *, dtype, attn: str, trust_remote_code: bool = False)
 
 
 def import_model_code(name_or_path: str, *, trust_remote_code: bool = False) -> None:
-    """Import the code :func:`build_model` runs for ``name_or_path`` (peft, the model class of a local folder),
-    so that a memory baseline taken after it counts the model, not the libraries (about 200 MiB)."""
-    import peft  # noqa: F401  (imported for its side effect: the library is loaded)
+    """Import the code :func:`build_model` runs for a local folder (its model class, peft), so that a memory
+    baseline taken after it counts the model, not the libraries (about 200 MiB)."""
     from transformers import AutoConfig
 
     if name_or_path in TINY_MODELS or not os.path.isdir(name_or_path):
@@ -686,6 +685,7 @@ def import_model_code(name_or_path: str, *, trust_remote_code: bool = False) -> 
             auto._model_mapping[type(config)]  # imports the family's modeling module
     except Exception:  # build_model reports whatever is wrong with the folder, in its own words
         return
+    import peft  # noqa: F401  (building the model imports it)
 
 
 def _lora_targets(hf: nn.Module) -> list:

@@ -573,8 +573,11 @@ def cheapest_change(shape: ModelShape, opts: PlanOptions, budget: float, margin:
         if found:
             words = [w for w in words if not (change == "qlora" and w == "--lora")] + [found[0]]
             current = found[1]
+            candidates = [(words, current)]
             smaller = apply("micro-batch", current)
-            for words_now, candidate in ((words, current), (words + [smaller[0]], smaller[1]) if smaller else ()):
+            if smaller:
+                candidates.append((words + [smaller[0]], smaller[1]))
+            for words_now, candidate in candidates:
                 if _fits(shape, candidate, budget, margin):
                     return " ".join(words_now), candidate
     return None
@@ -592,11 +595,70 @@ def make_plan(model: str, opts: PlanOptions, *, gpu_memory: Optional[int] = None
               trust_remote_code: bool = False) -> Dict:
     """The plan of ``opts`` for ``model`` (a folder or hub id; configs only), with, given ``gpu_memory`` in
     bytes: ``fits``, ``max_batch_size``, ``max_length`` and the cheapest ``change`` that fits when it does not."""
+    return plan_for_shape(load_shape(model, opts, revision=revision, trust_remote_code=trust_remote_code), opts,
+                          gpu_memory=gpu_memory)
+
+
+def load_shape(model: str, opts: PlanOptions, *, revision: Optional[str] = None,
+               trust_remote_code: bool = False) -> ModelShape:
+    """:func:`model_shape` of ``model`` (a folder, shipped name or hub id) with its images' geometry."""
     folder = config_folder(model, revision=revision, trust_remote_code=trust_remote_code)
     shape = model_shape(folder, trust_remote_code=trust_remote_code)
     shape.image_tokens, shape.vision_tokens, shape.image_pixels = image_geometry(
         folder, shape, opts.image_size, opts.image_tokens)
-    return plan_for_shape(shape, opts, gpu_memory=gpu_memory)
+    return shape
+
+
+def fit_gpu_memory(cfg, source: str, state, saved_identity: Optional[Dict]):
+    """``cfg`` (a run's :class:`~prefopt.train.config.TrainConfig`) with the micro-batch, accumulation and gradient
+    checkpointing ``--gpu-memory`` picks for the model in folder ``source`` on ``state``'s device: the largest
+    micro-batch that divides the global batch (``batch_size x grad_accum``, kept) and fits without checkpointing,
+    else with it (prompts of 64 text tokens, at most a quarter of ``--max-length``). A resumed run reuses what its checkpoint's identity recorded. Prints the choice (main rank);
+    ``PlanError`` (one line) when nothing fits or no plan can be made."""
+    from .config import GPU_MEMORY_CHOICE
+    from .models import TINY_MODELS
+
+    budget = parse_bytes(cfg.gpu_memory)
+    saved = (saved_identity or {}).get(GPU_MEMORY_CHOICE)
+    if saved is not None:
+        chosen, how = dataclasses.replace(cfg, **saved), "as the run being resumed chose"
+    else:
+        if source in TINY_MODELS or not os.path.isdir(source):
+            raise PlanError(f"--gpu-memory: a plan needs a model folder or hub id, and {source} is an embedded model")
+        preset = cfg.deepspeed if cfg.deepspeed in ("zero2", "zero3") else None
+        o = cfg.options
+        opts = PlanOptions(method=cfg.method, lora=cfg.lora, lora_r=cfg.lora_r, reference=cfg.reference,
+                           kl_coef=o.kl_coef, grpo_beta=o.grpo_beta, num_generations=o.num_generations,
+                           onpolicy_fraction=o.onpolicy_fraction, max_new_tokens=cfg.max_new_tokens,
+                           max_length=cfg.max_length, prompt_tokens=min(PlanOptions.prompt_tokens, cfg.max_length // 4),
+                           dtype=cfg.dtype, device=state.device.type,
+                           share_prefix=cfg.share_prefix, deepspeed=preset, world=state.world_size if preset else 1,
+                           evaluation=cfg.eval_size != 0)
+        shape = load_shape(source, opts, trust_remote_code=cfg.trust_remote_code)
+        margin = 0 if opts.device == "cpu" else CUDA_MARGIN_BYTES
+        global_batch = cfg.batch_size * cfg.grad_accum
+        tried = []
+        for checkpointing in sorted({cfg.gradient_checkpointing, True}):
+            for b in (d for d in range(global_batch, 0, -1) if global_batch % d == 0):
+                candidate = dataclasses.replace(opts, batch_size=b, grad_accum=global_batch // b,
+                                                gradient_checkpointing=checkpointing)
+                tried.append(plan(shape, candidate)["peak_bytes"])
+                if tried[-1] + margin <= budget:
+                    break
+            else:
+                continue
+            break
+        else:
+            raise PlanError(f"--gpu-memory {cfg.gpu_memory}: even micro-batch 1 with gradient checkpointing is planned "
+                            f"at {gib(tried[-1] + margin)} (prefopt plan --model {source} ... names the cheapest change)")
+        chosen = dataclasses.replace(cfg, batch_size=b, grad_accum=global_batch // b,
+                                     gradient_checkpointing=checkpointing)
+        how = f"planned peak {gib(tried[-1])}" + (f" + {gib(margin)} margin" if margin else "")
+    if state.is_main:
+        print(f"prefopt train: --gpu-memory {gib(budget)}: micro-batch {chosen.batch_size} x accumulation "
+              f"{chosen.grad_accum}, gradient checkpointing {'on' if chosen.gradient_checkpointing else 'off'} "
+              f"({how})", file=sys.stderr, flush=True)
+    return chosen
 
 
 def plan_for_shape(shape: ModelShape, opts: PlanOptions, *, gpu_memory: Optional[int] = None) -> Dict:
