@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import TrainConfig
     from .methods import GRPO_LOSS_TYPES, METHODS, MethodOptions
     from .models import TINY_MODELS
+    from .optimizers import OPTIMIZERS
     from .reference import MODES
 
     d, m = TrainConfig(), MethodOptions()
@@ -149,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "models with random weights, 1e-4 for tiny-llava-sft and with --lora, 5e-6 otherwise)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay "
                    "(default %(default)s)")
+    g.add_argument("--optim", choices=OPTIMIZERS, default=d.optim,
+                   help="adamw = torch's AdamW (fp32 moments with fp32 weights: 8 bytes per trained parameter); "
+                        "adamw8bit = bitsandbytes' 8-bit AdamW (about 2 bytes per parameter of tensors of 4096 "
+                        "elements or more); paged_adamw8bit = the same in CUDA unified memory, paged to host memory "
+                        "under pressure (unpaged on the CPU); the 8-bit ones not with --deepspeed "
+                        "(default %(default)s)")
     g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="share of the steps of linear warmup "
                    "before the cosine decay (default %(default)s)")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping norm, 0 for none "
@@ -254,7 +261,7 @@ def config_from_args(args) -> "TrainConfig":
         max_image_pixels=args.max_image_pixels, max_record_bytes=args.max_record_bytes, probe_data=args.probe_data,
         probe_size=args.probe_size,
         eval_size=args.eval_size, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+        grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, optim=args.optim, warmup_ratio=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm, max_nonfinite_steps=args.max_nonfinite_steps,
         seed=args.seed, options=options, max_new_tokens=args.max_new_tokens,
         probe_every=args.probe_every, early_stop_chosen_drop=args.early_stop_chosen_drop, save_every=args.save_every,

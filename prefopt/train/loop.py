@@ -2,7 +2,7 @@
 
     prepare(config)          everything that can fail on a user's mistake, before anything is written:
                              options, launcher, data, model, processor/data fit, resume point
-    Run.execute()            the run folder, AdamW + cosine schedule, the DDP/DeepSpeed wrap, resume,
+    Run.execute()            the run folder, AdamW (--optim) + cosine schedule, the DDP/DeepSpeed wrap, resume,
                              then per step:
         reference            at the method's reference point (step 0; CW-DPO: the end of stage 1) the
                              reference becomes the current policy (frozen copy / adapters off /
@@ -51,6 +51,7 @@ from .errors import Diverged
 from .faults import FaultsMixin, read_skipped_records
 from .interrupts import SKIPPED_FILE, Cadence, Interrupted, StopSignals, at_boundary
 from .methods import METHODS, PolicyObjective, Stage, build_method
+from .optimizers import build_optimizer, check_optim
 from .probes import LogpProbe, ProbeResult, should_stop
 from .rollouts import RolloutsMixin
 from .step import StepMixin
@@ -104,6 +105,7 @@ def prepare(cfg: TrainConfig) -> "Run":
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r} (expected one of {', '.join(METHODS)})")
     check_ranges(cfg)
+    check_optim(cfg.optim, deepspeed=cfg.deepspeed is not None)
     if cfg.keep_adapter and not cfg.lora:
         raise ValueError("--keep-adapter needs --lora (without adapters there is nothing to keep apart)")
     if cfg.deepspeed is not None and cfg.deepspeed not in dist.ZERO_PRESETS and not os.path.isfile(cfg.deepspeed):
@@ -388,11 +390,12 @@ class Run(StepMixin, FaultsMixin, RolloutsMixin, SummaryMixin):
         # The module every gradient flows through (its reference is set at the method's reference point).
         objective = PolicyObjective(self.policy)
 
-        # AdamW over the trainable parameters, cosine schedule with linear warmup, the backend's wrap.
+        # --optim (AdamW, 8-bit or not) over the trainable parameters, cosine schedule with linear warmup, the
+        # backend's wrap.
         from transformers import get_cosine_schedule_with_warmup
 
         params = [p for p in objective.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate(), weight_decay=cfg.weight_decay)
+        optimizer = build_optimizer(cfg.optim, params, lr=cfg.learning_rate(), weight_decay=cfg.weight_decay)
         warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, self.total_steps)
         head = self.policy.head()
