@@ -1,8 +1,9 @@
 """The memory features of ``prefopt train``: ``--optim`` (bitsandbytes' 8-bit AdamW), ``--qlora`` and
 ``--offload-activations``, on the CPU with the embedded tiny models, a few steps each.
 
-What a CPU shows: the 8-bit state is what is checkpointed and a resumed run continues to the same numbers;
-the state's size follows the formula ``prefopt plan`` counts (prefopt/train/optimizers.py).
+What a CPU shows: the 8-bit state is what is checkpointed and a resumed run continues to the same numbers; the
+optimizer state's and the 4-bit weights' sizes follow the formulas ``prefopt plan`` counts (optimizers.py,
+quantize.py); QLoRA trains the adapters alone and its export merges them into the unquantised source weights.
 """
 import dataclasses
 import json
@@ -20,6 +21,7 @@ from safetensors import safe_open  # noqa: E402
 from prefopt.train import checkpoint as ckpt  # noqa: E402
 from prefopt.train.loop import TrainConfig, prepare, train  # noqa: E402
 from prefopt.train.optimizers import BLOCK_SIZE, MIN_8BIT_SIZE, build_optimizer  # noqa: E402
+from prefopt.train.quantize import BLOCK_SIZE as BLOCK_4BIT  # noqa: E402
 from test_train_loop import assert_same_weights, final_weights, metrics, write_text_data  # noqa: E402
 
 TEXT = "tiny-llama"
@@ -104,5 +106,102 @@ def test_8bit_optimizer_state_bytes_follow_the_formula():
 def test_optim_refusals(tmp_path, change, message):
     with pytest.raises(ValueError) as e:
         prepare(TrainConfig(out=str(tmp_path / "run"), **change))
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------ --qlora
+
+
+def lora_delta(weights, layer, scale):
+    """B @ A * scale of ``layer``'s adapters in a checkpoint's trainable weights."""
+    a = weights[f"model.base_model.model.{layer}.lora_A.default.weight"]
+    b = weights[f"model.base_model.model.{layer}.lora_B.default.weight"]
+    return (b.double() @ a.double() * scale).float()
+
+
+def test_qlora_trains_the_adapters_on_a_4bit_backbone_and_exports_onto_the_source_weights(tmp_path):
+    """tiny-llava, DPO with the adapters-off reference, 2 steps: the language model's linear layers are bnb 4-bit,
+    the head and the vision tower are not; gradients reach the adapters and only them; OUT/model holds the source
+    weights (rebuilt unquantised) plus B @ A * alpha / r, computed here from the checkpoint."""
+    import bitsandbytes as bnb
+    from transformers import LlavaForConditionalGeneration
+
+    from prefopt.train.models import build_model
+
+    run = prepare(config(tmp_path / "run", "synthetic", model="tiny-llava", method="dpo", qlora=True, steps=2,
+                         train_size=8, lr=1e-2))
+    assert run.cfg.lora and run.ref_mode == "adapters"
+    hf = run.policy.hf_model
+    quantized = {n for n, m in hf.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert quantized and all(".language_model." in n for n in quantized)
+    assert not isinstance(hf.get_output_embeddings(), bnb.nn.Linear4bit)
+    assert run.policy.head().weight.dtype == torch.float32
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in run.policy.vision_tower.modules())
+    trainable = [n for n, p in run.policy.model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    for n in quantized:  # quantize.py's bytes: n/2 of codes, a uint8 absmax per 64 elements, a fp32 one per 256 blocks
+        weight = hf.get_submodule(n).weight
+        elements = math.prod(weight.quant_state.shape)
+        blocks = math.ceil(elements / BLOCK_4BIT)
+        assert weight.dtype == torch.uint8 and weight.numel() == elements // 2
+        assert weight.quant_state.absmax.dtype == torch.uint8 and weight.quant_state.absmax.numel() == blocks
+        assert weight.quant_state.state2.absmax.dtype == torch.float32
+        assert weight.quant_state.state2.absmax.numel() == math.ceil(blocks / 256)
+    codes = {n: hf.get_submodule(n).weight.detach().clone() for n in quantized}
+    summary = run.execute()
+    assert summary["steps"] == 2 and math.isfinite(summary["loss"])
+    assert all(torch.equal(codes[n], hf.get_submodule(n).weight) for n in quantized)  # the 4-bit base is frozen
+    weights = final_weights(summary)
+    assert set(weights) == {"model." + n for n in trainable}
+    assert all(weights[k].abs().max() > 0 for k in weights if ".lora_B." in k)  # B starts at zero: it was trained
+
+    source = build_model("tiny-llava", seed=0)[0].hf_model.state_dict()
+    exported = LlavaForConditionalGeneration.from_pretrained(summary["model_folder"]).state_dict()
+    assert exported.keys() == source.keys()
+    merged = {n.removesuffix(".base_layer") for n in quantized}
+    assert merged and merged <= {n.removesuffix(".weight") for n in source}
+    for name, value in exported.items():
+        assert value.dtype == torch.float32
+        layer = name.removesuffix(".weight")
+        expected = source[name] + lora_delta(weights, layer, 16 / 8) if layer in merged else source[name]
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6, msg=name)
+    with open(os.path.join(summary["model_folder"], "prefopt.json"), encoding="utf-8") as f:
+        assert json.load(f)["qlora"] is True
+
+
+def test_qlora_loads_a_model_folder_in_4bit_and_keeps_the_adapter_apart(tmp_path):
+    """A model folder quantised as it loads (from_pretrained with a BitsAndBytesConfig); --keep-adapter: OUT/model
+    holds the folder's own weights, unchanged, and the trained adapter beside them."""
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
+
+    from prefopt.train.models import build_model
+
+    folder = tmp_path / "source"
+    adapter, tok = build_model(TEXT, seed=3)
+    adapter.hf_model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    run = prepare(config(tmp_path / "run", write_text_data(tmp_path, train=4, heldout=1), model=str(folder),
+                         method="sft", qlora=True, steps=1, keep_adapter=True))
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in run.policy.hf_model.modules())
+    summary = run.execute()
+    out = summary["model_folder"]
+    assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
+    base, source = load_file(os.path.join(out, "model.safetensors")), load_file(folder / "model.safetensors")
+    assert base.keys() == source.keys() and all(torch.equal(base[k], source[k]) for k in source)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"reference": "model"}, "--reference model: not with --qlora"),
+    ({"deepspeed": "zero3"}, "--qlora: not with --deepspeed"),
+    ({"method": "cw-dpo", "options": None}, "--qlora: cw-dpo takes its reference at step 1"),
+])
+def test_qlora_refusals(tmp_path, text_data, change, message):
+    from prefopt.train.methods import MethodOptions
+
+    change = {k: MethodOptions(sftc_fraction=0.5) if k == "options" else v for k, v in change.items()}
+    with pytest.raises(ValueError) as e:
+        prepare(config(tmp_path / "run", text_data, **{"method": "dpo", "qlora": True, "steps": 2, **change}))
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
     assert not (tmp_path / "run").exists()

@@ -380,7 +380,7 @@ def stopped(tmp_path_factory, text_data):
     ({"max_grad_norm": 0.5}, "--max-grad-norm"), ({"weight_decay": 0.1}, "--weight-decay"),
     ({"warmup_ratio": 0.2}, "--warmup-ratio"), ({"dtype": "bf16"}, "parameter dtype"), ({"method": "sft"}, "--method"),
     ({"options": MethodOptions(beta=0.2)}, "--beta is 0.2"), ({"lora": True}, "--lora"),
-    ({"optim": "adamw8bit"}, "--optim is 'adamw8bit' but the run in"),
+    ({"optim": "adamw8bit"}, "--optim is 'adamw8bit' but the run in"), ({"qlora": True}, "--qlora is True"),
     ({"steps": 2}, "fewer than the 3"),
 ])
 def test_resume_refuses_what_changes_the_numbers(stopped, change, message):

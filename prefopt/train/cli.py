@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--lora", action="store_true", help="train LoRA adapters on the language model's linear layers "
                    "(head and everything else frozen)")
+    g.add_argument("--qlora", action="store_true", help="QLoRA: the language model's linear layers in 4-bit NF4 "
+                   "(bitsandbytes, double-quantised: 0.52 bytes per weight) under LoRA adapters (implies --lora); the "
+                   "head, embeddings, norms and vision tower stay in --dtype; the reference is the policy with its "
+                   "adapters off (or precompute); the exported model merges the adapters into the source weights "
+                   "reloaded in --dtype; not with --deepspeed (default off)")
     g.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (default %(default)s)")
     g.add_argument("--lora-alpha", type=int, default=d.lora_alpha, help="LoRA alpha (default %(default)s)")
     g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
@@ -253,7 +258,7 @@ def config_from_args(args) -> "TrainConfig":
         revision=args.revision, trust_remote_code=args.trust_remote_code,
         keep_adapter=args.keep_adapter, data=args.data, data_split=args.data_split,
         data_revision=args.data_revision, data_columns=args.data_columns,
-        out=out, reference=args.reference, lora=args.lora,
+        out=out, reference=args.reference, lora=args.lora or args.qlora, qlora=args.qlora,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, dtype=args.dtype, device=args.device,
         gradient_checkpointing=args.gradient_checkpointing, share_prefix=args.share_prefix,
         op_backend=args.op_backend, train_size=args.train_size,
@@ -261,7 +266,8 @@ def config_from_args(args) -> "TrainConfig":
         max_image_pixels=args.max_image_pixels, max_record_bytes=args.max_record_bytes, probe_data=args.probe_data,
         probe_size=args.probe_size,
         eval_size=args.eval_size, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, optim=args.optim, warmup_ratio=args.warmup_ratio,
+        grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, optim=args.optim,
+        warmup_ratio=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm, max_nonfinite_steps=args.max_nonfinite_steps,
         seed=args.seed, options=options, max_new_tokens=args.max_new_tokens,
         probe_every=args.probe_every, early_stop_chosen_drop=args.early_stop_chosen_drop, save_every=args.save_every,

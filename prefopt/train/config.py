@@ -44,6 +44,8 @@ class TrainConfig:
     lora: bool = False
     lora_r: int = 8
     lora_alpha: int = 16
+    # the language model's linear layers in 4-bit NF4 under the adapters (prefopt.train.quantize); implies lora
+    qlora: bool = False
     dtype: Optional[str] = None  # None: bf16 on GPU, fp32 on CPU
     device: str = "auto"
     gradient_checkpointing: bool = False
@@ -122,9 +124,9 @@ class TrainConfig:
 
 #: Options that change a run's numbers: a resumed run must share them with the run it continues (``steps``
 #: and ``epochs`` may grow: the run is extended, with a note).
-RESUME_KEYS = ("method", "model", "init_from", "reference", "lora", "lora_r", "lora_alpha", "train_size", "max_length",
-               "batch_size", "grad_accum", "lr", "weight_decay", "optim", "warmup_ratio", "max_grad_norm", "seed",
-               "options", "max_new_tokens", "deepspeed")
+RESUME_KEYS = ("method", "model", "init_from", "reference", "qlora", "lora", "lora_r", "lora_alpha", "train_size",
+               "max_length", "batch_size", "grad_accum", "lr", "weight_decay", "optim", "warmup_ratio", "max_grad_norm",
+               "seed", "options", "max_new_tokens", "deepspeed")
 
 
 def run_identity(cfg: TrainConfig, world_size: int, dtype: torch.dtype, data_fingerprint: str) -> Dict[str, Any]:

@@ -133,7 +133,8 @@ def load_trained_model(checkpoint: str, *, device: str = "cpu", dtype: Optional[
     """``(ModelAdapter, processor, run config)`` of the model saved in ``checkpoint``, rebuilt as the run
     built it: the same source and LoRA structure, the base weights as the reference point left them
     (``--reference adapters`` merges the adapters there), the checkpoint's trainable weights; in the
-    run's dtype unless ``dtype`` is given."""
+    run's dtype unless ``dtype`` is given. A ``--qlora`` run's adapters are put on the source weights
+    reloaded unquantised (never a dequantised copy of the 4-bit ones), so an export merges into those."""
     from .models import build_model
     from .reference import load_tensors, merge_adapters
 
@@ -254,6 +255,7 @@ def _export_checkpoint(checkpoint: str, out: str, keep_adapter: bool, final: str
         "checkpoint": os.path.abspath(checkpoint),
         "step": state["step"],
         "lora": "adapter" if config["lora"] and keep_adapter else ("merged" if config["lora"] else None),
+        "qlora": bool(config.get("qlora")),  # trained on a 4-bit backbone; exported onto the source weights
     }
     return export_model(adapter, processor, out, keep_adapter=keep_adapter, metadata=metadata, final=final)
 
