@@ -205,3 +205,44 @@ def test_qlora_refusals(tmp_path, text_data, change, message):
         prepare(config(tmp_path / "run", text_data, **{"method": "dpo", "qlora": True, "steps": 2, **change}))
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------ --offload-activations
+
+
+def test_offloaded_activations_change_no_number(tmp_path, text_data, monkeypatch):
+    """2 steps with checkpointing, and with --offload-activations (which implies it): torch's save_on_cpu packs every
+    decoder layer's checkpointed input (hidden-sized) in each training forward, and the losses, gradient norms and
+    weights are the same, bit for bit (on the CPU the tensors stay where they are: what a CPU can show)."""
+    packed = []
+
+    class CountingSaveOnCpu(torch.autograd.graph.save_on_cpu):
+        def __init__(self, pin_memory=False, device_type="cuda"):
+            super().__init__(pin_memory, device_type)
+            pack = self.pack_hook
+
+            def count(tensor):
+                packed.append(tuple(tensor.shape))
+                return pack(tensor)
+
+            self.pack_hook = count
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", CountingSaveOnCpu)
+    common = dict(method="dpo", steps=2, probe_every=0)
+    plain = train(config(tmp_path / "plain", text_data, gradient_checkpointing=True, **common))
+    assert not packed
+    run = prepare(config(tmp_path / "offloaded", text_data, offload_activations=True, **common))
+    assert run.cfg.gradient_checkpointing
+    offloaded = run.execute()
+    layers = run.policy.config.num_hidden_layers
+    assert sum(len(s) == 3 and s[-1] == run.policy.config.hidden_size for s in packed) >= 2 * layers
+    drop = ("tokens_per_second", "step_seconds", "peak_memory_mb")
+    a, b = ([{k: v for k, v in m.items() if k not in drop} for m in metrics(tmp_path / r)] for r in ("plain", "offloaded"))
+    assert a == b and len(a) == 2
+    assert_same_weights(final_weights(plain), final_weights(offloaded))
+
+
+def test_offload_activations_refused_under_deepspeed(tmp_path):
+    with pytest.raises(ValueError) as e:
+        prepare(TrainConfig(out=str(tmp_path / "run"), offload_activations=True, deepspeed="zero2"))
+    assert str(e.value).startswith("--offload-activations: not with --deepspeed") and "\n" not in str(e.value)

@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "cuda:N (default %(default)s)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder-layer activations in "
                    "backward to save memory")
+    g.add_argument("--offload-activations", action="store_true", help="keep the activations the backward needs "
+                   "in host memory (torch's save_on_cpu; pinned on CUDA): under checkpointing, each decoder layer's "
+                   "input, (batch x length x hidden) per layer; implies --gradient-checkpointing; not with "
+                   "--deepspeed (default off)")
     g.add_argument("--share-prefix", choices=("auto", "on", "off"), default=d.share_prefix,
                    help="run each record's images and prompt once for all its answers (one packed row with a "
                    "block mask; see prefopt.train.prefixes): auto where the method and model family are tested "
@@ -260,7 +264,8 @@ def config_from_args(args) -> "TrainConfig":
         data_revision=args.data_revision, data_columns=args.data_columns,
         out=out, reference=args.reference, lora=args.lora or args.qlora, qlora=args.qlora,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, dtype=args.dtype, device=args.device,
-        gradient_checkpointing=args.gradient_checkpointing, share_prefix=args.share_prefix,
+        gradient_checkpointing=args.gradient_checkpointing or args.offload_activations,
+        offload_activations=args.offload_activations, share_prefix=args.share_prefix,
         op_backend=args.op_backend, train_size=args.train_size,
         max_length=args.max_length, strict_data=args.strict_data, allow_outside_images=args.allow_outside_images,
         max_image_pixels=args.max_image_pixels, max_record_bytes=args.max_record_bytes, probe_data=args.probe_data,

@@ -49,6 +49,9 @@ class TrainConfig:
     dtype: Optional[str] = None  # None: bf16 on GPU, fp32 on CPU
     device: str = "auto"
     gradient_checkpointing: bool = False
+    # the checkpointed layers' inputs (and whatever else the forward saves outside them) kept in host memory
+    # (torch.autograd.graph.save_on_cpu, prefopt.train.step); implies gradient_checkpointing
+    offload_activations: bool = False
     share_prefix: str = "auto"  # auto | on | off: one prefix per record (prefopt.train.prefixes)
     op_backend: str = "auto"  # the fused op's backend
     # data
@@ -126,7 +129,7 @@ class TrainConfig:
 #: and ``epochs`` may grow: the run is extended, with a note).
 RESUME_KEYS = ("method", "model", "init_from", "reference", "qlora", "lora", "lora_r", "lora_alpha", "train_size",
                "max_length", "batch_size", "grad_accum", "lr", "weight_decay", "optim", "warmup_ratio", "max_grad_norm",
-               "seed", "options", "max_new_tokens", "deepspeed")
+               "seed", "options", "max_new_tokens", "deepspeed", "offload_activations")
 
 
 def run_identity(cfg: TrainConfig, world_size: int, dtype: torch.dtype, data_fingerprint: str) -> Dict[str, Any]:

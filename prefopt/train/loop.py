@@ -110,6 +110,10 @@ def prepare(cfg: TrainConfig) -> "Run":
         if cfg.deepspeed is not None:
             raise ValueError("--qlora: not with --deepspeed (4-bit weights under ZeRO are untested; train on one GPU)")
         cfg = dataclasses.replace(cfg, lora=True)  # the adapters QLoRA trains
+    if cfg.offload_activations:
+        if cfg.deepspeed is not None:
+            raise ValueError("--offload-activations: not with --deepspeed (untested with ZeRO's partitioned weights)")
+        cfg = dataclasses.replace(cfg, gradient_checkpointing=True)  # what is offloaded: the checkpoints' inputs
     if cfg.keep_adapter and not cfg.lora:
         raise ValueError("--keep-adapter needs --lora (without adapters there is nothing to keep apart)")
     if cfg.deepspeed is not None and cfg.deepspeed not in dist.ZERO_PRESETS and not os.path.isfile(cfg.deepspeed):
