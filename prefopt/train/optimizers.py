@@ -11,8 +11,14 @@ tests/test_train_memory_features.py):
   the state in CUDA unified memory, which the driver pages out to host memory under pressure; on the CPU
   bitsandbytes runs it unpaged (the same numbers as ``adamw8bit``).
 
+Measured on a 58M Llama config (fp32): 446 MiB of AdamW state, 113 MiB of 8-bit state (2.03 bytes per
+parameter). With bf16 weights torch's AdamW keeps bf16 moments (4 bytes per element); the 8-bit state is the
+same, and the 32-bit state of small tensors stays fp32.
+
 The 8-bit state goes into checkpoints as tensors like any optimizer state (``optimizer.safetensors``: the
-uint8 codes, code maps and absmax). Under DeepSpeed only ``adamw`` is accepted: ZeRO partitions and keeps
+uint8 codes, code maps and absmax). A resumed ``paged_adamw8bit`` run continues with the same numbers, but
+bitsandbytes (0.50) moves the restored state to the GPU as ordinary tensors: it is paged again only from
+the next fresh start (read from its code; no GPU was at hand to see it). Under DeepSpeed only ``adamw`` is accepted: ZeRO partitions and keeps
 the optimizer state itself, and bitsandbytes' optimizers are untested there.
 """
 from __future__ import annotations
