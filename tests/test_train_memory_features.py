@@ -174,6 +174,47 @@ def test_qlora_trains_the_adapters_on_a_4bit_backbone_and_exports_onto_the_sourc
         assert json.load(f)["qlora"] is True
 
 
+def test_qlora_gradients_are_those_of_the_dequantised_model_even_after_an_inference_forward():
+    """The adapters' gradients on the 4-bit backbone equal those on a plain model holding the dequantised NF4
+    weights (the same adapters, B random so that every layer's gradient flows through the later ones); also after
+    an eval-mode forward without gradients (a probe's), which on CPUs with AVX512-BF16 made bitsandbytes repack the
+    weights into a layout with no backward (every gradient changed before quantize.keep_trainable_layout)."""
+    import bitsandbytes as bnb
+
+    from prefopt.train.models import build_model
+
+    quantized, _ = build_model(TEXT, qlora=True, seed=0)
+    plain, _ = build_model(TEXT, lora=True, seed=0)
+    g = torch.Generator().manual_seed(5)
+    plain_modules = dict(plain.model.named_modules())
+    with torch.no_grad():
+        for name, module in quantized.model.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                plain_modules[name].weight.copy_(weight)
+        plain_params = dict(plain.model.named_parameters())
+        for name, p in quantized.model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                plain_params[name].copy_(p)
+    ids = torch.randint(0, 300, (2, 12), generator=g)
+
+    def adapter_grads(adapter):
+        adapter.model.train()
+        adapter.model.zero_grad()
+        adapter.hidden_states(input_ids=ids, attention_mask=torch.ones_like(ids)).pow(2).sum().backward()
+        return {n: p.grad for n, p in adapter.model.named_parameters() if p.requires_grad}
+
+    expected = adapter_grads(plain)
+    quantized.model.eval()
+    with torch.no_grad():
+        quantized.hidden_states(input_ids=ids, attention_mask=torch.ones_like(ids))
+    got = adapter_grads(quantized)
+    assert got.keys() == expected.keys() and len(got) == 28
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_qlora_loads_a_model_folder_in_4bit_and_keeps_the_adapter_apart(tmp_path):
     """A model folder quantised as it loads (from_pretrained with a BitsAndBytesConfig); --keep-adapter: OUT/model
     holds the folder's own weights, unchanged, and the trained adapter beside them."""

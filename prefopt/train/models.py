@@ -740,6 +740,10 @@ def build_model(
         path = resolve_model(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
         model, processor = _load_local(path, dtype=dtype, attn=attn, trust_remote_code=trust_remote_code,
                                        quantize_on=device if qlora else None)
+    if qlora:
+        from .quantize import keep_trainable_layout
+
+        keep_trainable_layout(model)
     model.config.use_cache = False
     if gradient_checkpointing:
         kw = {"use_reentrant": False}

@@ -3,23 +3,24 @@
 State per trainable parameter of ``n`` elements (what ``prefopt plan`` counts; measured in
 tests/test_train_memory_features.py):
 
-* ``adamw``: two moments in the parameter's dtype, ``2 * n * itemsize`` bytes (fp32: 8 bytes per element);
+* ``adamw``: two moments in the parameter's dtype, ``2 * n * itemsize`` bytes (fp32: 8 bytes per element,
+  bf16: 4);
 * ``adamw8bit`` / ``paged_adamw8bit``: a parameter of at least :data:`MIN_8BIT_SIZE` elements keeps its two
   moments as uint8 codes with one fp32 absmax per moment and block of :data:`BLOCK_SIZE` elements,
-  ``2 * n + 2 * 4 * ceil(n / 256)`` bytes (2.03 bytes per element); a smaller one (biases, norms) keeps fp32
-  moments, ``8 * n`` bytes; plus two 256-entry fp32 code maps (2 KiB) shared by all parameters. The paged variant allocates
-  the state in CUDA unified memory, which the driver pages out to host memory under pressure; on the CPU
-  bitsandbytes runs it unpaged (the same numbers as ``adamw8bit``).
+  ``2 * n + 2 * 4 * ceil(n / 256)`` bytes (2.03 bytes per element, whatever the parameter's dtype); a smaller
+  one (biases, norms) keeps fp32 moments, ``8 * n`` bytes; plus two 256-entry fp32 code maps (2 KiB) shared
+  by all parameters. The paged variant allocates the state in CUDA unified memory, which the driver pages
+  out to host memory under pressure; on the CPU bitsandbytes runs it unpaged (the same numbers as
+  ``adamw8bit``).
 
-Measured on a 58M Llama config (fp32): 446 MiB of AdamW state, 113 MiB of 8-bit state (2.03 bytes per
-parameter). With bf16 weights torch's AdamW keeps bf16 moments (4 bytes per element); the 8-bit state is the
-same, and the 32-bit state of small tensors stays fp32.
+Measured on a 58M Llama config in fp32: 446 MiB of AdamW state, 113 MiB of 8-bit state (2.03 bytes per
+parameter).
 
 The 8-bit state goes into checkpoints as tensors like any optimizer state (``optimizer.safetensors``: the
 uint8 codes, code maps and absmax). A resumed ``paged_adamw8bit`` run continues with the same numbers, but
-bitsandbytes (0.50) moves the restored state to the GPU as ordinary tensors: it is paged again only from
-the next fresh start (read from its code; no GPU was at hand to see it). Under DeepSpeed only ``adamw`` is accepted: ZeRO partitions and keeps
-the optimizer state itself, and bitsandbytes' optimizers are untested there.
+bitsandbytes (0.50) moves the restored state to the GPU as ordinary tensors: it is paged again only from a
+fresh start (read from its code; no GPU was at hand to see it). Under DeepSpeed only ``adamw`` is accepted:
+ZeRO partitions and keeps the optimizer state itself, and bitsandbytes' optimizers are untested there.
 """
 from __future__ import annotations
 

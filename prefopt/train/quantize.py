@@ -65,4 +65,17 @@ def quantize_linears(model: nn.Module, targets: List[str], dtype: torch.dtype, d
     model.is_loaded_in_4bit = True
 
 
-__all__ = ["BLOCK_SIZE", "bnb_config", "kept_linears", "quantize_linears"]
+def keep_trainable_layout(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking ``model``'s 4-bit weights for CPU inference. On a CPU with AVX512-BF16
+    the first forward of a ``Linear4bit`` in eval mode without gradients (a probe, the precompute pass)
+    converts its weight, for good, to a layout whose kernel has no backward: every later training step's
+    gradient through that layer would be wrong, silently (measured: every LoRA gradient of tiny-llama changed
+    after one such forward). Training keeps the layout it can differentiate; inference is slower on the CPU."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+__all__ = ["BLOCK_SIZE", "bnb_config", "keep_trainable_layout", "kept_linears", "quantize_linears"]
