@@ -5,7 +5,7 @@ What is quantised: every ``nn.Linear`` of the language model (the layers LoRA ta
 absmax (QLoRA's recipe) and the run's dtype as compute dtype. What is not: the output head (prefopt's fused
 op reads its weight directly, in its own dtype), the embeddings, the norms, and the vision tower and
 projector of a VLM: they are frozen with no adapter on them to make up for quantisation error in the image
-features, and they are a small share of a VLM's weights (Qwen2.5-VL-7B: 0.67B of 8.3B parameters).
+features, and they are a small share of a VLM's weights (Qwen2.5-VL-7B: about 0.7B of 8.3B parameters).
 
 Bytes per quantised weight element (what ``prefopt plan`` counts; measured in
 tests/test_train_memory_features.py): 0.5 for the 4-bit codes, plus per block of :data:`BLOCK_SIZE` (64)
