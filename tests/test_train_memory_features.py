@@ -217,7 +217,8 @@ def test_qlora_gradients_are_those_of_the_dequantised_model_even_after_an_infere
 
 def test_qlora_loads_a_model_folder_in_4bit_and_keeps_the_adapter_apart(tmp_path):
     """A model folder quantised as it loads (from_pretrained with a BitsAndBytesConfig); --keep-adapter: OUT/model
-    holds the folder's own weights, unchanged, and the trained adapter beside them."""
+    holds the folder's own weights, unchanged and in the dtype they are saved in (bf16, where the run computed in
+    fp32), and the trained adapter beside them."""
     import bitsandbytes as bnb
     from safetensors.torch import load_file
 
@@ -225,7 +226,7 @@ def test_qlora_loads_a_model_folder_in_4bit_and_keeps_the_adapter_apart(tmp_path
 
     folder = tmp_path / "source"
     adapter, tok = build_model(TEXT, seed=3)
-    adapter.hf_model.save_pretrained(folder)
+    adapter.hf_model.to(torch.bfloat16).save_pretrained(folder)
     tok.save_pretrained(folder)
     run = prepare(config(tmp_path / "run", write_text_data(tmp_path, train=4, heldout=1), model=str(folder),
                          method="sft", qlora=True, steps=1, keep_adapter=True))
@@ -235,6 +236,7 @@ def test_qlora_loads_a_model_folder_in_4bit_and_keeps_the_adapter_apart(tmp_path
     assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
     base, source = load_file(os.path.join(out, "model.safetensors")), load_file(folder / "model.safetensors")
     assert base.keys() == source.keys() and all(torch.equal(base[k], source[k]) for k in source)
+    assert {t.dtype for t in base.values()} == {t.dtype for t in source.values()} == {torch.bfloat16}
 
 
 @pytest.mark.parametrize("change,message", [

@@ -508,6 +508,18 @@ def resolve_hub_id(name: Optional[str], *, revision: Optional[str] = None, trust
     return resolve_model(name, revision=revision, trust_remote_code=trust_remote_code, option=option)
 
 
+def saved_dtype(name: str, *, revision: Optional[str] = None, trust_remote_code: bool = False) -> Optional[torch.dtype]:
+    """The dtype a model's weights are saved in (its config's ``dtype``), or None for the embedded tiny models and
+    for a config that does not say."""
+    if name in TINY_MODELS:
+        return None
+    from transformers import AutoConfig
+
+    path = resolve_model(name, revision=revision, trust_remote_code=trust_remote_code)
+    dtype = getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "dtype", None)
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def resolve_model(name: str, *, revision: Optional[str] = None, trust_remote_code: bool = False,
                   option: str = "--model") -> str:
     """The local folder of ``name``, as Hugging Face tools resolve it: a local folder of that name first, else a
