@@ -68,7 +68,8 @@ def test_the_terms_follow_the_options(shapes):
     assert lora["breakdown"]["weights"] - qlora["breakdown"]["weights"] == pytest.approx(
         quantised * (2 - P.NF4_BYTES_PER_WEIGHT))
     eight = P.plan(shape, dataclasses.replace(base, optim="adamw8bit"))
-    assert eight["breakdown"]["optimizer"] == (n - shape.small_tensor_params) * 2 + shape.small_tensor_params * 8
+    small = shape.small_tensor_params
+    assert eight["breakdown"]["optimizer"] == (n - small) * P.EIGHT_BIT_STATE_BYTES + small * 8
     zero3 = P.plan(shape, dataclasses.replace(base, deepspeed="zero3", world=8))
     assert zero3["breakdown"]["optimizer"] == 12 * n / 8
     shared = P.plan(shape, base)["step"]

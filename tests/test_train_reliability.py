@@ -380,6 +380,7 @@ def stopped(tmp_path_factory, text_data):
     ({"max_grad_norm": 0.5}, "--max-grad-norm"), ({"weight_decay": 0.1}, "--weight-decay"),
     ({"warmup_ratio": 0.2}, "--warmup-ratio"), ({"dtype": "bf16"}, "parameter dtype"), ({"method": "sft"}, "--method"),
     ({"options": MethodOptions(beta=0.2)}, "--beta is 0.2"), ({"lora": True}, "--lora"),
+    ({"optim": "adamw8bit"}, "--optim is 'adamw8bit' but the run in"), ({"qlora": True}, "--qlora is True"),
     ({"steps": 2}, "fewer than the 3"),
 ])
 def test_resume_refuses_what_changes_the_numbers(stopped, change, message):
@@ -395,6 +396,12 @@ def test_resume_refuses_another_world_size():
     check_resume_identity(saved, run_identity(cfg, 2, torch.float32, "abc"), "OUT")
     with pytest.raises(ValueError, match="the world size is 1 but the run in OUT used 2"):
         check_resume_identity(saved, run_identity(cfg, 1, torch.float32, "abc"), "OUT")
+    # A run saved before an option existed used its default: it resumes with the default, not with another value.
+    older = {k: v for k, v in saved.items() if k != "optim"}
+    check_resume_identity(older, run_identity(cfg, 2, torch.float32, "abc"), "OUT")
+    with pytest.raises(ValueError, match="--optim is 'adamw8bit' but the run in OUT used 'adamw'"):
+        check_resume_identity(older, run_identity(dataclasses.replace(cfg, optim="adamw8bit"), 2, torch.float32, "abc"),
+                              "OUT")
 
 
 def test_resume_refuses_changed_data_and_notes_longer_steps(stopped, capsys):

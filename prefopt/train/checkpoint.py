@@ -11,7 +11,8 @@ name inside ``OUT``). A checkpoint folder holds:
   whole under ZeRO-3 (written by rank 0);
 * ``optimizer.safetensors`` + ``optimizer.json`` (one process and DDP): the optimizer's ``state_dict()``;
   its tensors in the safetensors file under the keys the JSON names (``{"__tensor__": key}``), everything
-  else (param groups, hyper-parameters; tuples as ``{"__tuple__": [...]}``) in the JSON;
+  else (param groups, hyper-parameters; tuples as ``{"__tuple__": [...]}``) in the JSON; with an 8-bit
+  ``--optim`` the uint8 moments, their fp32 absmax and the shared code maps are tensors like the others;
 * ``scheduler.json``: the learning-rate scheduler's ``state_dict()``;
 * ``rng_state_<rank>.safetensors``: every rank's generators: tensors ``torch`` (CPU generator),
   ``cuda.<i>`` and ``numpy`` (the MT19937 key), metadata ``python`` and ``numpy`` (JSON);
@@ -84,14 +85,18 @@ def rng_file(rank: int) -> str:
 
 
 def to_safe(obj: Any) -> Tuple[Any, Dict[str, torch.Tensor]]:
-    """(JSON-able structure, tensors by key) of a nest of dicts, lists, tuples, tensors and scalars."""
+    """(JSON-able structure, tensors by key) of a nest of dicts, lists, tuples, tensors and scalars. A tensor that
+    appears more than once (bitsandbytes' 8-bit optimizers share one code map among all parameters) is stored once
+    and decoded as one tensor again."""
     tensors: Dict[str, torch.Tensor] = {}
+    keys: Dict[int, str] = {}  # id of a tensor already stored -> its key
 
     def enc(x):
         if isinstance(x, torch.Tensor):
-            key = str(len(tensors))
-            tensors[key] = x.detach().to("cpu").contiguous()
-            return {"__tensor__": key}
+            if id(x) not in keys:
+                keys[id(x)] = str(len(tensors))
+                tensors[keys[id(x)]] = x.detach().to("cpu").contiguous()
+            return {"__tensor__": keys[id(x)]}
         if isinstance(x, dict):
             return {"__dict__": [[enc(k), enc(v)] for k, v in x.items()]}
         if isinstance(x, tuple):

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import TrainConfig
     from .methods import GRPO_LOSS_TYPES, METHODS, MethodOptions
     from .models import TINY_MODELS
+    from .optimizers import OPTIMIZERS
     from .reference import MODES
 
     d, m = TrainConfig(), MethodOptions()
@@ -97,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--lora", action="store_true", help="train LoRA adapters on the language model's linear layers "
                    "(head and everything else frozen)")
+    g.add_argument("--qlora", action="store_true", help="QLoRA: the language model's linear layers in 4-bit NF4 "
+                   "(bitsandbytes, double-quantised: 0.52 bytes per weight) under LoRA adapters (implies --lora); the "
+                   "head, embeddings, norms and vision tower stay in --dtype; the reference is the policy with its "
+                   "adapters off (or precompute); the exported model merges the adapters into the source weights "
+                   "reloaded in --dtype; not with --deepspeed (default off)")
     g.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (default %(default)s)")
     g.add_argument("--lora-alpha", type=int, default=d.lora_alpha, help="LoRA alpha (default %(default)s)")
     g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
@@ -105,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "cuda:N (default %(default)s)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder-layer activations in "
                    "backward to save memory")
+    g.add_argument("--offload-activations", action="store_true", help="keep the activations the backward needs "
+                   "in host memory (torch's save_on_cpu; pinned on CUDA): under checkpointing, each decoder layer's "
+                   "input, (batch x length x hidden) per layer; implies --gradient-checkpointing; not with "
+                   "--deepspeed (default off)")
     g.add_argument("--share-prefix", choices=("auto", "on", "off"), default=d.share_prefix,
                    help="run each record's images and prompt once for all its answers (one packed row with a "
                    "block mask; see prefopt.train.prefixes): auto where the method and model family are tested "
@@ -153,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "models with random weights, 1e-4 for tiny-llava-sft and with --lora, 5e-6 otherwise)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay "
                    "(default %(default)s)")
+    g.add_argument("--optim", choices=OPTIMIZERS, default=d.optim,
+                   help="adamw = torch's AdamW (fp32 moments with fp32 weights: 8 bytes per trained parameter); "
+                        "adamw8bit = bitsandbytes' 8-bit AdamW (about 2 bytes per parameter of tensors of 4096 "
+                        "elements or more); paged_adamw8bit = the same in CUDA unified memory, paged to host memory "
+                        "under pressure (unpaged on the CPU); the 8-bit ones not with --deepspeed "
+                        "(default %(default)s)")
     g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="share of the steps of linear warmup "
                    "before the cosine decay (default %(default)s)")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping norm, 0 for none "
@@ -250,15 +266,17 @@ def config_from_args(args) -> "TrainConfig":
         revision=args.revision, trust_remote_code=args.trust_remote_code,
         keep_adapter=args.keep_adapter, data=args.data, data_split=args.data_split,
         data_revision=args.data_revision, data_columns=args.data_columns,
-        out=out, reference=args.reference, lora=args.lora,
+        out=out, reference=args.reference, lora=args.lora or args.qlora, qlora=args.qlora,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, dtype=args.dtype, device=args.device,
-        gradient_checkpointing=args.gradient_checkpointing, share_prefix=args.share_prefix,
+        gradient_checkpointing=args.gradient_checkpointing or args.offload_activations,
+        offload_activations=args.offload_activations, share_prefix=args.share_prefix,
         op_backend=args.op_backend, train_size=args.train_size,
         max_length=args.max_length, strict_data=args.strict_data, allow_outside_images=args.allow_outside_images,
         max_image_pixels=args.max_image_pixels, max_record_bytes=args.max_record_bytes, probe_data=args.probe_data,
         probe_size=args.probe_size,
         eval_size=args.eval_size, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, gpu_memory=args.gpu_memory, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+        grad_accum=args.grad_accum, gpu_memory=args.gpu_memory, lr=args.lr, weight_decay=args.weight_decay,
+        optim=args.optim, warmup_ratio=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm, max_nonfinite_steps=args.max_nonfinite_steps,
         seed=args.seed, options=options, max_new_tokens=args.max_new_tokens,
         probe_every=args.probe_every, early_stop_chosen_drop=args.early_stop_chosen_drop, save_every=args.save_every,

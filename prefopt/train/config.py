@@ -44,9 +44,14 @@ class TrainConfig:
     lora: bool = False
     lora_r: int = 8
     lora_alpha: int = 16
+    # the language model's linear layers in 4-bit NF4 under the adapters (prefopt.train.quantize); implies lora
+    qlora: bool = False
     dtype: Optional[str] = None  # None: bf16 on GPU, fp32 on CPU
     device: str = "auto"
     gradient_checkpointing: bool = False
+    # the checkpointed layers' inputs (and whatever else the forward saves outside them) kept in host memory
+    # (torch.autograd.graph.save_on_cpu, prefopt.train.step); implies gradient_checkpointing
+    offload_activations: bool = False
     share_prefix: str = "auto"  # auto | on | off: one prefix per record (prefopt.train.prefixes)
     op_backend: str = "auto"  # the fused op's backend
     # data
@@ -67,6 +72,7 @@ class TrainConfig:
     gpu_memory: Optional[str] = None  # "24GB": micro-batch, accumulation and checkpointing from prefopt plan
     lr: Optional[float] = None  # None: 1e-3 for the tiny models, 1e-4 with LoRA, 5e-6 otherwise
     weight_decay: float = 0.0
+    optim: str = "adamw"  # adamw (torch) | adamw8bit | paged_adamw8bit (bitsandbytes; prefopt.train.optimizers)
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0  # 0: no clipping
     max_nonfinite_steps: int = 3  # skipped non-finite steps in a row that stop the run as diverged
@@ -122,9 +128,9 @@ class TrainConfig:
 
 #: Options that change a run's numbers: a resumed run must share them with the run it continues (``steps``
 #: and ``epochs`` may grow: the run is extended, with a note).
-RESUME_KEYS = ("method", "model", "init_from", "reference", "lora", "lora_r", "lora_alpha", "train_size", "max_length",
-               "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "seed", "options",
-               "max_new_tokens", "deepspeed")
+RESUME_KEYS = ("method", "model", "init_from", "reference", "qlora", "lora", "lora_r", "lora_alpha", "train_size",
+               "max_length", "batch_size", "grad_accum", "lr", "weight_decay", "optim", "warmup_ratio", "max_grad_norm",
+               "seed", "options", "max_new_tokens", "deepspeed", "offload_activations")
 
 
 #: The identity's record of what ``--gpu-memory`` chose (micro-batch, accumulation, checkpointing).
@@ -156,16 +162,19 @@ def init_source(init_from: Optional[str]) -> Optional[str]:
 
 
 def check_resume_identity(saved: Dict[str, Any], now: Dict[str, Any], out: str) -> None:
-    """``ValueError`` naming the first difference between the saved run's identity and this run's."""
+    """``ValueError`` naming the first difference between the saved run's identity and this run's. An option
+    the saved identity lacks (a run from before the option existed) counts as its default."""
+    defaults = asdict(TrainConfig())
     names = {"world_size": "the world size", "dtype": "the parameter dtype (--dtype)",
              "data_fingerprint": "the data content (or --data-split, --data-columns)",
              "init_source": "the model --init-from resolves to",
              GPU_MEMORY_CHOICE: "what --gpu-memory chose (micro-batch, accumulation, checkpointing)"}
     flat_saved = {**saved, **(saved.get("options") or {})}
     for key, value in {**now, **now["options"]}.items():
-        if key != "options" and flat_saved.get(key) != value:
+        saved_value = flat_saved.get(key, defaults.get(key))
+        if key != "options" and saved_value != value:
             what = names.get(key, f"--{key.replace('_', '-')}")
-            raise ValueError(f"--resume: {what} is {value!r} but the run in {out} used {flat_saved.get(key)!r}")
+            raise ValueError(f"--resume: {what} is {value!r} but the run in {out} used {saved_value!r}")
 
 
 #: Every numeric option's range (``>=0``, ``>0``, ``[0,1)``...; ``finite``: any finite number). A None (a default

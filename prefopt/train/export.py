@@ -133,8 +133,10 @@ def load_trained_model(checkpoint: str, *, device: str = "cpu", dtype: Optional[
     """``(ModelAdapter, processor, run config)`` of the model saved in ``checkpoint``, rebuilt as the run
     built it: the same source and LoRA structure, the base weights as the reference point left them
     (``--reference adapters`` merges the adapters there), the checkpoint's trainable weights; in the
-    run's dtype unless ``dtype`` is given."""
-    from .models import build_model
+    run's dtype unless ``dtype`` is given. A ``--qlora`` run's adapters are put on the source weights
+    reloaded unquantised in the dtype they are saved in (never a dequantised copy of the 4-bit ones, whatever
+    dtype the 4-bit run computed in), so an export merges into those."""
+    from .models import build_model, saved_dtype
     from .reference import load_tensors, merge_adapters
 
     problem = ckpt.verify(checkpoint)
@@ -143,9 +145,12 @@ def load_trained_model(checkpoint: str, *, device: str = "cpu", dtype: Optional[
     state = ckpt.read_trainer_state(checkpoint)
     config = state["config"]
     source = run_model_source(config)
+    remote = dict(revision=config.get("revision"), trust_remote_code=config.get("trust_remote_code", False))
+    if dtype is None and config.get("qlora"):
+        dtype = saved_dtype(source, **remote)
     adapter, processor = build_model(source, dtype=dtype or config.get("dtype"), lora=config["lora"],
                                      lora_r=config["lora_r"], lora_alpha=config["lora_alpha"], device=device,
-                                     seed=config["seed"], trust_remote_code=config.get("trust_remote_code", False))
+                                     seed=config["seed"], **remote)
     point = _adapters_reference_point(config, state)
     if point is not None and state["step"] > point:
         path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), f"reference-{point}.safetensors")
@@ -254,6 +259,7 @@ def _export_checkpoint(checkpoint: str, out: str, keep_adapter: bool, final: str
         "checkpoint": os.path.abspath(checkpoint),
         "step": state["step"],
         "lora": "adapter" if config["lora"] and keep_adapter else ("merged" if config["lora"] else None),
+        "qlora": bool(config.get("qlora")),  # trained on a 4-bit backbone; exported onto the source weights
     }
     return export_model(adapter, processor, out, keep_adapter=keep_adapter, metadata=metadata, final=final)
 

@@ -2,7 +2,7 @@
 
     prepare(config)          everything that can fail on a user's mistake, before anything is written:
                              options, launcher, data, model, processor/data fit, resume point
-    Run.execute()            the run folder, AdamW + cosine schedule, the DDP/DeepSpeed wrap, resume,
+    Run.execute()            the run folder, AdamW (--optim) + cosine schedule, the DDP/DeepSpeed wrap, resume,
                              then per step:
         reference            at the method's reference point (step 0; CW-DPO: the end of stage 1) the
                              reference becomes the current policy (frozen copy / adapters off /
@@ -51,6 +51,7 @@ from .errors import Diverged
 from .faults import FaultsMixin, read_skipped_records
 from .interrupts import SKIPPED_FILE, Cadence, Interrupted, StopSignals, at_boundary
 from .methods import METHODS, PolicyObjective, Stage, build_method
+from .optimizers import build_optimizer, check_optim
 from .probes import LogpProbe, ProbeResult, should_stop
 from .rollouts import RolloutsMixin
 from .step import StepMixin, start_memory_peak
@@ -104,6 +105,15 @@ def prepare(cfg: TrainConfig) -> "Run":
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r} (expected one of {', '.join(METHODS)})")
     check_ranges(cfg)
+    check_optim(cfg.optim, deepspeed=cfg.deepspeed is not None)
+    if cfg.qlora:
+        if cfg.deepspeed is not None:
+            raise ValueError("--qlora: not with --deepspeed (4-bit weights under ZeRO are untested; train on one GPU)")
+        cfg = dataclasses.replace(cfg, lora=True)  # the adapters QLoRA trains
+    if cfg.offload_activations:
+        if cfg.deepspeed is not None:
+            raise ValueError("--offload-activations: not with --deepspeed (untested with ZeRO's partitioned weights)")
+        cfg = dataclasses.replace(cfg, gradient_checkpointing=True)  # what is offloaded: the checkpoints' inputs
     if cfg.keep_adapter and not cfg.lora:
         raise ValueError("--keep-adapter needs --lora (without adapters there is nothing to keep apart)")
     if cfg.deepspeed is not None and cfg.deepspeed not in dist.ZERO_PRESETS and not os.path.isfile(cfg.deepspeed):
@@ -176,7 +186,7 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
         raise ValueError(f"--data {cfg.data}: no training records")
     method_probe = build_method(cfg.method, cfg.method_options(), total_steps=1)  # validates the method's options
     if cfg.reference_mode(method_probe) != "none":
-        ref_mod.check_mode(cfg.reference_mode(method_probe), method_probe, lora=cfg.lora)
+        ref_mod.check_mode(cfg.reference_mode(method_probe), method_probe, lora=cfg.lora, qlora=cfg.qlora)
     modes = sorted({collated_mode(s) for _, s in method_probe.stages})
     if "pair" in modes:
         for i, r in enumerate(records):
@@ -190,8 +200,9 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
     import_model_code(source, trust_remote_code=cfg.trust_remote_code)
     start_memory_peak()  # peak_memory_mb on CPU counts from here: the model, not the libraries
     policy, processor = build_model(source, dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r,
-                                    lora_alpha=cfg.lora_alpha, gradient_checkpointing=cfg.gradient_checkpointing,
-                                    device=state.device, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
+                                    lora_alpha=cfg.lora_alpha, qlora=cfg.qlora,
+                                    gradient_checkpointing=cfg.gradient_checkpointing, device=state.device,
+                                    seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
     collator = make_collator(processor, policy.config, cfg.share_prefix, method=cfg.method, max_length=cfg.max_length)
     try:  # a model whose processor cannot take this data at all is one error, not a report per record
         collator._check_images([next((r for r in records if r.images), records[0])])
@@ -235,6 +246,8 @@ def _prepare(cfg: TrainConfig, state: dist.DistState, resume_state) -> "Run":
                   file=sys.stderr, flush=True)
     method = build_method(cfg.method, cfg.method_options(), total_steps=total, temperature=head.temperature,
                           softcap=head.softcap, backend=cfg.op_backend)
+    if cfg.qlora and cfg.reference_mode(method) != "none":  # its reference point is known with the run's length
+        ref_mod.check_mode(cfg.reference_mode(method), method, lora=cfg.lora, qlora=cfg.qlora)
     dist.barrier(state)  # every rank has checked --out before rank 0 writes to it
     run = Run(cfg, state, policy, processor, collator, records, probe_records, plan, method,
               cfg.reference_mode(method), total, resume_state)
@@ -396,11 +409,12 @@ class Run(StepMixin, FaultsMixin, RolloutsMixin, SummaryMixin):
         # The module every gradient flows through (its reference is set at the method's reference point).
         objective = PolicyObjective(self.policy)
 
-        # AdamW over the trainable parameters, cosine schedule with linear warmup, the backend's wrap.
+        # --optim (AdamW, 8-bit or not) over the trainable parameters, cosine schedule with linear warmup, the
+        # backend's wrap.
         from transformers import get_cosine_schedule_with_warmup
 
         params = [p for p in objective.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate(), weight_decay=cfg.weight_decay)
+        optimizer = build_optimizer(cfg.optim, params, lr=cfg.learning_rate(), weight_decay=cfg.weight_decay)
         warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, self.total_steps)
         head = self.policy.head()
@@ -543,7 +557,7 @@ class Run(StepMixin, FaultsMixin, RolloutsMixin, SummaryMixin):
 
         cfg, state = self.cfg, self.state
         start, _ = build_model(model_source(cfg), dtype=cfg.dtype, lora=cfg.lora, lora_r=cfg.lora_r,
-                               lora_alpha=cfg.lora_alpha, device=state.device, seed=cfg.seed,
+                               lora_alpha=cfg.lora_alpha, qlora=cfg.qlora, device=state.device, seed=cfg.seed,
                               trust_remote_code=cfg.trust_remote_code)
         result = evaluate(self.policy, processor=self.processor, reference=start, records=self.eval_records,
                           batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,

@@ -508,6 +508,18 @@ def resolve_hub_id(name: Optional[str], *, revision: Optional[str] = None, trust
     return resolve_model(name, revision=revision, trust_remote_code=trust_remote_code, option=option)
 
 
+def saved_dtype(name: str, *, revision: Optional[str] = None, trust_remote_code: bool = False) -> Optional[torch.dtype]:
+    """The dtype a model's weights are saved in (its config's ``dtype``), or None for the embedded tiny models and
+    for a config that does not say."""
+    if name in TINY_MODELS:
+        return None
+    from transformers import AutoConfig
+
+    path = resolve_model(name, revision=revision, trust_remote_code=trust_remote_code)
+    dtype = getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "dtype", None)
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def resolve_model(name: str, *, revision: Optional[str] = None, trust_remote_code: bool = False,
                   option: str = "--model", files: Optional[List[str]] = None) -> str:
     """The local folder of ``name``, as Hugging Face tools resolve it: a local folder of that name first, else a
@@ -641,7 +653,9 @@ def _load_processor(path: str, config, *, vlm: bool, trust_remote_code: bool):
         raise ValueError(f"{path}: the tokenizer does not load ({first_line(e)})") from None
 
 
-def _load_local(path: str, *, dtype, attn: str, trust_remote_code: bool = False):
+def _load_local(path: str, *, dtype, attn: str, trust_remote_code: bool = False, quantize_on=None):
+    """(model, processor) of a model folder; ``quantize_on``: a device to load the language model's linear layers
+    to in 4-bit NF4 (:mod:`.quantize`), else None."""
     from transformers import AutoConfig
 
     check_model_files(path)
@@ -655,9 +669,17 @@ def _load_local(path: str, *, dtype, attn: str, trust_remote_code: bool = False)
     if auto is None:
         raise ValueError(f"{path}: unsupported model type {getattr(config, 'model_type', None)!r}; prefopt trains "
                          + SUPPORTED_MODELS)
+    quantized = {}
+    if quantize_on is not None:
+        from .quantize import bnb_config, kept_linears
+
+        with torch.device("meta"):  # the module names, without weights
+            skeleton = auto.from_config(config, trust_remote_code=trust_remote_code)
+        quantized = dict(quantization_config=bnb_config(dtype, kept_linears(skeleton, _lora_targets(skeleton))),
+                         device_map={"": torch.device(quantize_on)})
     try:
         model = auto.from_pretrained(path, local_files_only=True, dtype=dtype, attn_implementation=attn,
-                                     use_safetensors=True, trust_remote_code=trust_remote_code)
+                                     use_safetensors=True, trust_remote_code=trust_remote_code, **quantized)
     except Exception as e:  # transformers' own errors for a folder it cannot load
         if _needs_remote_code(e):
             raise _remote_code_refusal(path, e) from None
@@ -709,6 +731,7 @@ def build_model(
     lora: bool = False,
     lora_r: int = 8,
     lora_alpha: int = 16,
+    qlora: bool = False,
     gradient_checkpointing: bool = False,
     device="cpu",
     seed: int = 0,
@@ -730,16 +753,27 @@ def build_model(
     Attention: flash_attention_2 when flash-attn is importable, ``device`` is CUDA and the dtype is bf16/fp16,
     else sdpa.
     ``lora``: wrap with peft LoRA on the language model's linear layers (rank ``lora_r``, ``lora_alpha``);
-    everything else, the head included, is frozen. ``gradient_checkpointing``: non-reentrant checkpointing
-    of the decoder layers (and ``use_cache`` off). The model is returned in train mode on ``device``.
+    everything else, the head included, is frozen. ``qlora``: the same with the language model's linear layers
+    in 4-bit NF4 under the adapters (:mod:`.quantize`; implies ``lora``). ``gradient_checkpointing``:
+    non-reentrant checkpointing of the decoder layers (and ``use_cache`` off). The model is returned in train
+    mode on ``device``.
     """
     dtype = _default_dtype(device, dtype)
     attn = _attn_implementation(device, dtype)
     if name_or_path in TINY_MODELS:
         model, processor = _build_tiny(name_or_path, dtype=dtype, attn=attn, seed=seed)
+        if qlora:
+            from .quantize import quantize_linears
+
+            quantize_linears(model, _lora_targets(model), dtype, device)
     else:
         path = resolve_model(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-        model, processor = _load_local(path, dtype=dtype, attn=attn, trust_remote_code=trust_remote_code)
+        model, processor = _load_local(path, dtype=dtype, attn=attn, trust_remote_code=trust_remote_code,
+                                       quantize_on=device if qlora else None)
+    if qlora:
+        from .quantize import keep_trainable_layout
+
+        keep_trainable_layout(model)
     model.config.use_cache = False
     if gradient_checkpointing:
         kw = {"use_reentrant": False}
@@ -747,7 +781,7 @@ def build_model(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
         else:  # pragma: no cover - older transformers
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-    if lora:
+    if lora or qlora:
         from peft import LoraConfig, get_peft_model
 
         cfg = LoraConfig(

@@ -5,13 +5,13 @@ vision tower, projector, decoder, head, and what trains (everything, ``--lora`` 
 adapters over a 4-bit decoder). The per-device peak is a sum of named terms, each from shapes:
 
 ==============  ============================================================================================
-weights         parameters in ``--dtype``; ``--qlora``: the decoder's linear layers in NF4 (4 bits a weight and
-                a 32-bit absmax per block of 64, bitsandbytes' defaults), LoRA adapters in fp32 (peft keeps
-                them there); ZeRO-3 divides them by ``--world`` and adds two gathered decoder layers and the
+weights         parameters in ``--dtype``; ``--qlora``: the decoder's linear layers in NF4 (4 bits a weight,
+                double-quantised absmax per block of 64: 0.516 bytes a weight), LoRA adapters in fp32 (peft
+                keeps them there); ZeRO-3 divides them by ``--world`` and adds two gathered decoder layers and the
                 head (gathered for the fused op)
 gradients       one per trainable parameter, in its dtype (ZeRO-2/3: divided by ``--world``)
 optimizer       AdamW: two states per trainable parameter in its dtype; ``adamw8bit`` / ``paged_adamw8bit``:
-                2 bytes a parameter for tensors of 4096 elements or more, 8 below (bitsandbytes keeps small
+                2.03 bytes a parameter for tensors of 4096 elements or more, 8 below (bitsandbytes keeps small
                 ones in 32 bits); under DeepSpeed an fp32 master copy and fp32 AdamW states (12 bytes a
                 parameter) divided by ``--world``
 activations     what autograd keeps for backward, per token of a layer (:func:`layer_elements`: norms,
@@ -62,10 +62,13 @@ CUDA_MARGIN_BYTES = 3 * GiB // 2
 CPU_FRAMEWORK_BYTES = 16 * MiB
 #: The config files a plan reads (a hub id resolves these only: no weights are downloaded).
 CONFIG_FILES = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
-#: bitsandbytes' NF4: 4 bits a weight plus one fp32 absmax per block of 64 weights.
-NF4_BYTES_PER_WEIGHT = 0.5 + 4 / 64
-#: bitsandbytes' 8-bit optimizers keep tensors below this many elements in 32-bit state.
+#: bitsandbytes' NF4 as ``--qlora`` stores it (double quantisation): 4 bits a weight, an 8-bit absmax per block of
+#: 64 weights and an fp32 scale per 256 of those.
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
+#: bitsandbytes' 8-bit optimizers keep tensors below this many elements in 32-bit state (8 bytes an element) ...
 EIGHT_BIT_MIN_ELEMENTS = 4096
+#: ... and larger ones in two 8-bit states with an fp32 absmax per block of 256.
+EIGHT_BIT_STATE_BYTES = 2 * (1 + 4 / 256)
 #: Config-only folders written from the published configs (the README's table): llava-1.5-7b, qwen2.5-vl-3b,
 #: qwen2.5-vl-7b.
 SHIPPED_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "configs")
@@ -385,12 +388,18 @@ def plan(shape: ModelShape, opts: PlanOptions) -> Dict:
     elif opts.optim == "adamw":
         optimizer = trainable * 2 * grad_bytes
     else:
-        small = trainable if adapters else shape.small_tensor_params
-        optimizer = (trainable - small) * 2 + small * 8
+        if adapters:
+            small = sum(n for l in shape.decoder_linears for n in (opts.lora_r * l.in_features,
+                                                                   opts.lora_r * l.out_features)
+                        if n < EIGHT_BIT_MIN_ELEMENTS)
+        else:
+            small = shape.small_tensor_params
+        optimizer = (trainable - small) * EIGHT_BIT_STATE_BYTES + small * 8
 
     # activations: what is kept for backward, and what one layer's backward adds (recomputed layer, gradients)
     tokens = step.rows * step.row_length
-    ckpt, offload = opts.gradient_checkpointing or opts.offload_activations, opts.offload_activations
+    # offloaded activations live in host memory: on a CPU device that is the same memory
+    ckpt, offload = opts.gradient_checkpointing or opts.offload_activations, opts.offload_activations and opts.device != "cpu"
     act, recompute = activation_bytes(dec, tokens, nbytes, checkpointing=ckpt, offload=offload,
                                       lora_r=opts.lora_r if adapters else 0)
     act += 3 * dec.hidden * tokens * nbytes  # the final norm and the answers' hidden states gathered for the head
@@ -498,8 +507,13 @@ def check_options(opts: PlanOptions) -> None:
         raise PlanError(f"--deepspeed: expected zero2 or zero3, got {opts.deepspeed!r}")
     if opts.world > 1 and not opts.deepspeed:
         raise PlanError(f"--world {opts.world}: divides nothing without --deepspeed zero2|zero3")
-    if opts.qlora and opts.deepspeed == "zero3":
-        raise PlanError("--qlora under --deepspeed zero3 is not supported")
+    if opts.qlora and opts.deepspeed:
+        raise PlanError("--qlora: not with --deepspeed (prefopt train refuses it)")
+    if opts.qlora and opts.method == "cw-dpo" and mode == "adapters":
+        raise PlanError("--qlora: cw-dpo's adapters-off reference merges its adapters at the reference point, which 4-bit "
+                        "weights cannot take (give --reference precompute)")
+    if opts.offload_activations and opts.deepspeed:
+        raise PlanError("--offload-activations: not with --deepspeed (prefopt train refuses it)")
     if opts.dtype not in (None, *DTYPE_BYTES):
         raise PlanError(f"--dtype: expected one of {', '.join(DTYPE_BYTES)}, got {opts.dtype!r}")
 
@@ -554,9 +568,9 @@ def cheapest_change(shape: ModelShape, opts: PlanOptions, budget: float, margin:
         if change == "qlora" and not o.qlora:
             ref = "adapters" if o.reference_mode() == "model" else o.reference
             return "--qlora", dataclasses.replace(o, lora=False, qlora=True, reference=ref)
-        if change == "offload" and not o.offload_activations:
+        if change == "offload" and not o.offload_activations and not o.deepspeed:
             return "--offload-activations", dataclasses.replace(o, offload_activations=True)
-        if change == "zero" and not o.qlora:
+        if change == "zero" and not o.qlora and not o.offload_activations:
             for world in (2, 4, 8):
                 changed = dataclasses.replace(o, deepspeed="zero3", world=world)
                 if _fits(shape, changed, budget, margin) or world == 8:
@@ -613,8 +627,9 @@ def fit_gpu_memory(cfg, source: str, state, saved_identity: Optional[Dict]):
     """``cfg`` (a run's :class:`~prefopt.train.config.TrainConfig`) with the micro-batch, accumulation and gradient
     checkpointing ``--gpu-memory`` picks for the model in folder ``source`` on ``state``'s device: the largest
     micro-batch that divides the global batch (``batch_size x grad_accum``, kept) and fits without checkpointing,
-    else with it (prompts of 64 text tokens, at most a quarter of ``--max-length``). A resumed run reuses what its checkpoint's identity recorded. Prints the choice (main rank);
-    ``PlanError`` (one line) when nothing fits or no plan can be made."""
+    else with it (prompts of 64 text tokens, at most a quarter of ``--max-length``). A resumed run reuses what
+    its checkpoint's identity recorded. Prints the choice (main rank); ``PlanError`` (one line) when nothing
+    fits or no plan can be made."""
     from .config import GPU_MEMORY_CHOICE
     from .models import TINY_MODELS
 
@@ -627,7 +642,8 @@ def fit_gpu_memory(cfg, source: str, state, saved_identity: Optional[Dict]):
             raise PlanError(f"--gpu-memory: a plan needs a model folder or hub id, and {source} is an embedded model")
         preset = cfg.deepspeed if cfg.deepspeed in ("zero2", "zero3") else None
         o = cfg.options
-        opts = PlanOptions(method=cfg.method, lora=cfg.lora, lora_r=cfg.lora_r, reference=cfg.reference,
+        opts = PlanOptions(method=cfg.method, lora=cfg.lora, qlora=cfg.qlora, lora_r=cfg.lora_r, reference=cfg.reference,
+                           optim=cfg.optim, offload_activations=cfg.offload_activations,
                            kl_coef=o.kl_coef, grpo_beta=o.grpo_beta, num_generations=o.num_generations,
                            onpolicy_fraction=o.onpolicy_fraction, max_new_tokens=cfg.max_new_tokens,
                            max_length=cfg.max_length, prompt_tokens=min(PlanOptions.prompt_tokens, cfg.max_length // 4),

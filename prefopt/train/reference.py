@@ -251,10 +251,17 @@ def load_tensors(path: str, fp: Optional[str] = None) -> Optional[Dict[str, Tens
     return tensors
 
 
-def check_mode(mode: str, method, *, lora: bool) -> None:
-    """``ValueError`` for a reference mode that cannot serve ``method``."""
+def check_mode(mode: str, method, *, lora: bool, qlora: bool = False) -> None:
+    """``ValueError`` for a reference mode that cannot serve ``method`` (with ``qlora``: a 4-bit backbone)."""
     if mode not in MODES:
         raise ValueError(f"--reference: expected one of {', '.join(MODES)}, got {mode!r}")
+    if qlora and mode == "model":
+        raise ValueError("--reference model: not with --qlora (its reference is the 4-bit policy with its adapters "
+                         "off, one model in memory); use --reference adapters or precompute")
+    if qlora and mode == "adapters" and method.reference_point:
+        raise ValueError(f"--qlora: {method.name} takes its reference at step {method.reference_point}, which merges "
+                         "the adapters into the base weights, and 4-bit weights take no merge; use --reference "
+                         "precompute (with --onpolicy-fraction 0) or a method whose reference is the start")
     if mode == "adapters" and not lora:
         raise ValueError("--reference adapters needs --lora (the reference is the policy with its adapters off)")
     if mode == "precompute":

@@ -3,7 +3,8 @@
     micro_batch      this rank's records of micro-batch ``a`` of step ``s`` (:class:`~prefopt.train.loop.DataPlan`),
                      collated on the device (GRPO's rollouts and on-policy negatives: :mod:`.rollouts`)
     item count       the whole accumulated global batch's size in the loss's unit
-    forward          the engine's forward; the ranks agree whether one failed (:mod:`.faults` then drops the
+    forward          the engine's forward (its saved activations in host memory with --offload-activations);
+                     the ranks agree whether one failed (:mod:`.faults` then drops the
                      failing records and the step is redone from the same generator state)
     backward, step   every micro-batch's loss normalised by that count; clip, AdamW, schedule (the engine)
     metrics          TRL's names, summed over ranks before the optimizer step
@@ -62,6 +63,18 @@ def peak_memory_mb(device: torch.device) -> float:
     peak = _proc_status_kib("VmHWM")
     peak = 1024 * (peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     return max(0, peak - _cpu_baseline) / 2**20
+
+
+def saved_activations(offload: bool, device: torch.device):
+    """Where a training forward keeps what its backward needs: on ``device`` (a null context), or with ``offload``
+    (``--offload-activations``) in host memory through ``torch.autograd.graph.save_on_cpu`` (pinned on CUDA),
+    copied back when the backward unpacks it. Under non-reentrant checkpointing every checkpointed decoder
+    layer saves only its inputs, so those are what moves to the host, with the tensors saved outside the
+    checkpointed layers (embeddings, vision tower, the fused loss's inputs); inside them nothing is saved. On
+    the CPU the tensors stay where they are: the same numbers."""
+    if not offload:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
 
 
 def count_items(loss, labels: torch.Tensor) -> int:
@@ -194,7 +207,8 @@ class StepMixin:
         failure there ends the run)."""
         out, failure = None, None
         try:
-            out = self.engine(batch, stage=stage, num_items=num_items, indices=idx)
+            with saved_activations(self.cfg.offload_activations, self.state.device):
+                out = self.engine(batch, stage=stage, num_items=num_items, indices=idx)
         except Exception as e:
             failure = e
         if self.state.distributed and self.state.zero_stage != 3:
