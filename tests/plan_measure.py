@@ -67,19 +67,20 @@ def write_data(folder, n=16, image=False):
     return str(folder)
 
 
-#: (name, model, prefopt train's options, the plan's options): the pairwise subset of methods x full / LoRA x
-#: reference modes x checkpointing measured by tests/test_plan.py.
+#: (name, model, the options of prefopt train and of the plan): the pairwise subset of methods x full / LoRA / QLoRA
+#: x reference modes x checkpointing measured by tests/test_plan.py.
 CASES = [
     ("text dpo full model-ref", "text", dict(method="dpo", reference="model")),
     ("text dpo lora adapters ckpt", "text", dict(method="dpo", lora=True, reference="adapters",
                                                  gradient_checkpointing=True)),
     ("text nsft full model-ref ckpt", "text", dict(method="nsft", reference="model", gradient_checkpointing=True)),
     ("text grpo lora adapters", "text", dict(method="grpo", lora=True, reference="adapters", grpo_beta=0.04)),
-    ("text dpo full precompute ckpt", "text", dict(method="dpo", reference="precompute", gradient_checkpointing=True)),
+    ("text dpo qlora precompute ckpt", "text", dict(method="dpo", qlora=True, reference="precompute",
+                                                    gradient_checkpointing=True)),
     ("llava cw-dpo full model-ref", "llava", dict(method="cw-dpo", reference="model")),
     ("llava dpo lora precompute ckpt", "llava", dict(method="dpo", lora=True, reference="precompute",
                                                     gradient_checkpointing=True)),
-    ("llava nsft lora adapters", "llava", dict(method="nsft", lora=True, reference="adapters")),
+    ("llava nsft qlora adapters", "llava", dict(method="nsft", qlora=True, reference="adapters")),
 ]
 #: Every case's micro-batch and row length (LLaVA's rows hold the 576 image tokens).
 BATCH, MAX_LENGTH = 2, {"text": 256, "llava": 704}

@@ -186,8 +186,8 @@ def measure(case, folders, root):
 
 
 def test_the_plan_predicts_the_measured_cpu_peak(measured_models):
-    """8 runs (dpo, cw-dpo, nsft, grpo x full / LoRA x reference model / adapters / precompute x checkpointing),
-    two at a time: each plan within 15% or 64 MiB of its run's measured peak, whichever is larger."""
+    """8 runs (dpo, cw-dpo, nsft, grpo x full / LoRA / QLoRA x reference model / adapters / precompute x
+    checkpointing), two at a time: each plan within 15% or 64 MiB of its run's measured peak, whichever is larger."""
     import plan_measure as M
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
