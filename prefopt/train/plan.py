@@ -214,7 +214,6 @@ def _tower(module, config) -> Tower:
 def model_shape(folder: str, *, trust_remote_code: bool = False) -> ModelShape:
     """:class:`ModelShape` of the model whose config is in ``folder``, built on the meta device."""
     import torch
-    from torch import nn
     from transformers import AutoConfig
 
     from .errors import first_line
@@ -377,7 +376,8 @@ def plan(shape: ModelShape, opts: PlanOptions) -> Dict:
     model_weights = dense * nbytes + (linear_params * NF4_BYTES_PER_WEIGHT if opts.qlora else 0) + lora_params * 4
     weights = model_weights
     if zero == 3:
-        weights = model_weights / world + 2 * dec.layer_params * nbytes + max(p["head"], dec.hidden * shape.vocab) * nbytes
+        gathered = 2 * dec.layer_params + max(p["head"], dec.hidden * shape.vocab)  # two layers, the head
+        weights = model_weights / world + gathered * nbytes
 
     # what trains: its gradients and optimizer state
     trainable = lora_params if adapters else shape.total_params
@@ -399,7 +399,8 @@ def plan(shape: ModelShape, opts: PlanOptions) -> Dict:
     # activations: what is kept for backward, and what one layer's backward adds (recomputed layer, gradients)
     tokens = step.rows * step.row_length
     # offloaded activations live in host memory: on a CPU device that is the same memory
-    ckpt, offload = opts.gradient_checkpointing or opts.offload_activations, opts.offload_activations and opts.device != "cpu"
+    ckpt = opts.gradient_checkpointing or opts.offload_activations
+    offload = opts.offload_activations and opts.device != "cpu"
     act, recompute = activation_bytes(dec, tokens, nbytes, checkpointing=ckpt, offload=offload,
                                       lora_r=opts.lora_r if adapters else 0)
     act += 3 * dec.hidden * tokens * nbytes  # the final norm and the answers' hidden states gathered for the head
@@ -432,11 +433,11 @@ def plan(shape: ModelShape, opts: PlanOptions) -> Dict:
     layered = dec.layers * dec.layer_params + (shape.vision.layers * shape.vision.layer_params if vision_trains else 0)
     early_gradients = 0 if adapters else (shape.total_params - layered) * grad_bytes / (world if zero else 1)
     held = {"weights": weights, "optimizer": optimizer, "reference": ref_weights, "framework": framework}
+    kept_ref_hidden = ref_hidden if mode in ("model", "adapters") else 0  # the reference's hidden states
     backward = {**held, "gradients": early_gradients, "activations (decoder)": act,
-                "activations (vision tower)": vision_act, "reference": ref_weights + (ref_hidden if mode in
-                                                                                      ("model", "adapters") else 0),
+                "activations (vision tower)": vision_act, "reference": ref_weights + kept_ref_hidden,
                 "head": head, "layer backward": max(0, layer_backward - head)}
-    optimizer_step = {**held, "gradients": gradients, "optimizer step": trainable * grad_bytes / (world if zero else 1)}
+    optimizer_step = {**held, "gradients": gradients, "optimizer step": gradients}
     phases = {"backward": backward, "optimizer step": optimizer_step}
     one_layer = layer_elements(dec, nbytes) * nbytes
     sampled_rows = _sampled_rows(opts)
@@ -734,6 +735,10 @@ def format_plan(model: str, opts: PlanOptions, result: Dict) -> str:
     lines.append(f"  {'peak':<36}{gib(result['peak_bytes']):>14}")
     if len(result["phases"]) > 1:
         lines.append("  phases: " + ", ".join(f"{k} {gib(v)}" for k, v in result["phases"].items()))
+    if result["peak_phase"] == "evaluation":
+        rest = max(v for k, v in result["phases"].items() if k != "evaluation")
+        lines.append(f"  the end-of-run evaluation (the starting model built beside the policy) is the peak; without it "
+                     f"(--eval-size 0, or prefopt eval afterwards) the peak is {gib(rest)}")
     lines.append(f"  output head: prefopt's fused op {gib(result['head_fused_bytes'])}; materialised logits would "
                  f"take {gib(result['head_materialised_bytes'])}")
     lines += [f"  note: {n}" for n in result["notes"]]
