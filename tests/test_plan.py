@@ -125,6 +125,7 @@ def test_the_command_prints_a_table_and_json(capsys):
     (["--reference", "adapters"], "--reference adapters"),
     (["--world", "4"], "--world 4"),
     (["--batch-size", "0"], "--batch-size"),
+    (["--model", "tiny-llava"], "--model tiny-llava: an embedded model has no config folder"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys):
     code, out, err = run_cli(["--model", LLAVA, *argv], capsys)

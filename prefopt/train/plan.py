@@ -176,8 +176,11 @@ class PlanError(ValueError):
 def config_folder(model: str, *, revision: Optional[str] = None, trust_remote_code: bool = False) -> str:
     """The folder of ``model``'s config files: a local folder, one of :data:`SHIPPED_CONFIGS` by name, else a
     hub id's from the Hugging Face cache (or downloaded when online: config and processor files only)."""
-    from .models import resolve_model
+    from .models import TINY_MODELS, resolve_model
 
+    if model in TINY_MODELS:
+        raise PlanError(f"--model {model}: an embedded model has no config folder to plan from; give a folder, a hub "
+                        f"id or a shipped config ({', '.join(sorted(os.listdir(SHIPPED_CONFIGS)))})")
     shipped = os.path.join(SHIPPED_CONFIGS, model)
     if not os.path.exists(model) and os.path.isdir(shipped):
         return shipped
