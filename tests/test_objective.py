@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from prefopt.bench.oracle import oracle_linear_logprobs
-from prefopt.ops import TokenStats
+from prefopt.ops import TokenStats, linear_logprobs
 from prefopt.ops.objective import FUSED_GRADIENT, PATH_COUNTS, RECOMPUTE, linear_objective
 from test_op import assert_close, make_inputs, small_chunks  # noqa: F401  (small_chunks: the recompute tiles)
 
@@ -187,18 +187,21 @@ def test_bad_arguments_name_themselves():
         linear_objective(h, w, y, lambda s, x: x, token_inputs=[torch.zeros(2)])
     with pytest.raises(ValueError, match="budget_bytes"):
         linear_objective(h, w, y, lambda s: -s.logp, budget_bytes=0)
+    with pytest.raises(ValueError, match="budget_bytes: expected None or a positive int"):
+        linear_logprobs(h, w, y, budget_bytes=2.5)
     with pytest.raises(TypeError, match="token_loss"):
         linear_objective(h, w, y, None)
     with pytest.raises(ValueError, match="token_loss: expected a tensor of shape"):
         linear_objective(h, w, y, lambda s: s.logp.sum(), backend="torch")
 
 
-def test_default_budget_is_the_head_gradient_within_bounds():
+def test_default_budget_is_a_quarter_of_the_head_gradient_within_bounds():
     from prefopt.ops.objective import DEFAULT_BUDGET_BYTES, MIN_BUDGET_BYTES, default_budget_bytes
 
     assert default_budget_bytes(torch.empty(1000, 256)) == MIN_BUDGET_BYTES  # a 1 MiB gradient: the floor
-    assert default_budget_bytes(torch.empty(8192, 256)) == 8192 * 256 * 4
-    assert default_budget_bytes(torch.empty(32000, 1024)) == DEFAULT_BUDGET_BYTES
+    assert default_budget_bytes(torch.empty(8192, 256)) == 8192 * 256  # the quick bench's head: 2 MiB
+    assert default_budget_bytes(torch.empty(32000, 1024)) == 32000 * 1024  # issue 2's: 31 MiB
+    assert default_budget_bytes(torch.empty(128000, 4096)) == DEFAULT_BUDGET_BYTES
 
 
 def test_groups_stay_whole_and_must_be_integers(seed):
@@ -210,8 +213,9 @@ def test_groups_stay_whole_and_must_be_integers(seed):
         seen.append(row.clone())
         return -stats.logp
 
-    # 2 rows (10 tokens) per chunk, rows 0 and 2 grouped: chunks hold {0, 2} and {1, 3}.
-    budget = 10 * 53 * 4 * 2
+    # 2 rows (10 tokens) per chunk (one [tokens, 53] fp32 tile for a log-prob-only loss), rows 0 and 2
+    # grouped: chunks hold {0, 2} and {1, 3}.
+    budget = 10 * 53 * 4
     out = linear_objective(h, w, y, row_loss, token_inputs=[rows], groups=rows % 2, backend="torch",
                            budget_bytes=budget)
     assert out.path == FUSED_GRADIENT
@@ -219,6 +223,6 @@ def test_groups_stay_whole_and_must_be_integers(seed):
     h64, w64 = h.detach().double(), w.detach().double()
     assert_close(out.stats.logp, oracle_linear_logprobs(h64, w64, y).logp, 2e-5, "logp", seed)
     assert linear_objective(h, w, y, row_loss, token_inputs=[rows], groups=rows, backend="torch",
-                            budget_bytes=4 * 53 * 4 * 2).path == RECOMPUTE  # a 5-token group over a 4-token budget
+                            budget_bytes=4 * 53 * 4).path == RECOMPUTE  # a 5-token group over a 4-token budget
     with pytest.raises(ValueError, match="groups: expected an integer tensor"):
         linear_objective(h, w, y, row_loss, token_inputs=[rows], groups=rows.float())

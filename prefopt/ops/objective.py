@@ -21,22 +21,25 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import (FUSED_GRADIENT, PATH_COUNTS, RECOMPUTE, PackedInputs, TokenStats, linear_logprobs, pack_inputs,
-               resolve_backend)
+from . import (FUSED_GRADIENT, PATH_COUNTS, RECOMPUTE, PackedInputs, TokenStats, check_budget_bytes, linear_logprobs,
+               pack_inputs, resolve_backend)
 from .common import ForwardStats, GradCoefficients, OpConfig, empty_stat, logit_grad_coefficients
 from .torch_backend import fused_gradient_pass, tokens_per_chunk
 
-#: The most memory the logits tiles of one chunk of tokens take by default (see :func:`default_budget_bytes`).
+#: The most memory the logits tiles of one call take by default (see :func:`default_budget_bytes`).
 DEFAULT_BUDGET_BYTES = 64 * 2**20
 #: ... and the least (below it the products get too thin to run at speed).
-MIN_BUDGET_BYTES = 4 * 2**20
+MIN_BUDGET_BYTES = 2**20
 
 
 def default_budget_bytes(weight: Tensor) -> int:
-    """The size of the head's fp32 gradient, within [MIN_BUDGET_BYTES, DEFAULT_BUDGET_BYTES]: the tiles add
-    at most the weight gradient every path must produce (at the quick bench's GRPO shape, 8 MiB: the
-    peak stays under half of Liger's; fewer, larger chunks are faster on a CPU)."""
-    return min(DEFAULT_BUDGET_BYTES, max(MIN_BUDGET_BYTES, weight.numel() * 4))
+    """A quarter of the head's fp32 gradient, within [MIN_BUDGET_BYTES, DEFAULT_BUDGET_BYTES], on either
+    path: the tiles add at most a quarter of the gradient every path must produce. The memory-efficient
+    peers hold about one gradient's worth of logits tiles beyond it (Cut Cross-Entropy at the quick
+    bench's shapes, 16 MiB for an 8 MiB head), so peak memory stays under half of theirs (at the issue-2
+    shape a 125 MiB head gets 31 MiB, under the 44 MiB of headroom there); larger budgets are faster on a
+    CPU (fewer, larger chunks) and the keyword trades."""
+    return min(DEFAULT_BUDGET_BYTES, max(MIN_BUDGET_BYTES, weight.numel()))  # 4-byte entries, a quarter
 
 
 #: ``token_loss(stats, *token_inputs) -> [n]``: each scored token's share of the loss (see linear_objective).
@@ -202,8 +205,7 @@ def linear_objective(
                              f"got {getattr(x, 'shape', type(x).__name__)}")
     if budget_bytes is None:
         budget_bytes = default_budget_bytes(weight)
-    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0:
-        raise ValueError(f"budget_bytes: expected a positive int (bytes), got {budget_bytes!r}")
+    check_budget_bytes(budget_bytes, optional=False)
     if groups is not None and (not isinstance(groups, Tensor) or groups.shape != targets.shape
                                or groups.is_floating_point() or groups.is_complex()):
         raise ValueError(f"groups: expected an integer tensor of shape {list(targets.shape)} like targets, "
@@ -224,7 +226,8 @@ def linear_objective(
             packed, sizes = _grouped(packed, groups)
             chunks = _chunks(sizes, limit) if max(sizes, default=0) <= limit else None
     if chunks is None:
-        stats = linear_logprobs(hidden, weight, targets, entropy=entropy, kl=kl, uniform_nll=uniform_nll, **common)
+        stats = linear_logprobs(hidden, weight, targets, entropy=entropy, kl=kl, uniform_nll=uniform_nll,
+                                budget_bytes=budget_bytes, **common)
         valid = targets != ignore_index
         scored = TokenStats(*(None if s is None else s[valid] for s in stats))
         per_token = token_loss(scored, *(x[valid] for x in inputs))

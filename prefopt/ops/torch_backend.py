@@ -24,15 +24,42 @@ from .common import ForwardStats, GradCoefficients, OpConfig, compute_dtype, mak
 CHUNK_SIZES = {"cpu": (1024, 4096), "cuda": (2048, 8192)}
 
 
-def chunk_sizes(device: torch.device, n: int = 0) -> Tuple[int, int]:
+#: The narrowest vocabulary tile a byte budget makes on its own (narrower products run below speed).
+MIN_BUDGET_TILE_VOCAB = 512
+
+
+def tiles_alive(config: OpConfig, reference: bool) -> int:
+    """The most tile-sized tensors either pass holds at once: the logits, whose storage becomes their
+    exponentials and then the gradient; with E_p[z] (entropy, KL) the exponentials apart and a product
+    temporary; the reference's logits and, when the KL keeps them, a log-sum-exp temporary; tanh under
+    softcap."""
+    return 1 + 2 * config.needs_mean_logit + (1 + config.kl if reference else 0) + (config.softcap is not None)
+
+
+def chunk_sizes(device: torch.device, n: int = 0, budget_bytes: Optional[int] = None,
+                item: int = 4) -> Tuple[int, int]:
     """Tile (tokens, vocabulary entries) for ``n`` tokens: with fewer tokens than a tile holds, the tile
     grows along the vocabulary instead (same size), so a small batch makes fewer, larger tile operations:
     on CPU each is a parallel region whose start and join cost more than the work at small shapes (and
-    much more on a loaded machine)."""
+    much more on a loaded machine). ``budget_bytes`` (one tile of ``item``-byte entries) shrinks the
+    tile to fit, tokens first down to a :data:`MIN_BUDGET_TILE_VOCAB`-wide tile."""
     chunk_t, chunk_v = CHUNK_SIZES.get(device.type, CHUNK_SIZES["cuda"])
     if 0 < n < chunk_t:
         chunk_v *= chunk_t // n
+        chunk_t = n
+    if budget_bytes is not None:
+        entries = max(1, budget_bytes // item)
+        chunk_t = max(1, min(chunk_t, entries // MIN_BUDGET_TILE_VOCAB))
+        chunk_v = max(1, min(chunk_v, entries // chunk_t))
     return chunk_t, chunk_v
+
+
+def _tile_budget(config: OpConfig, reference: bool, dtype: torch.dtype) -> Tuple[Optional[int], int]:
+    """The byte budget of one tile of a pass under ``config.budget_bytes`` and the tiles' entry size."""
+    item = torch.finfo(dtype).bits // 8
+    if config.budget_bytes is None:
+        return None, item
+    return config.budget_bytes // tiles_alive(config, reference), item
 
 
 def logits_tile(
@@ -105,7 +132,7 @@ def logit_grad_(p: Tensor, z: Tensor, zr: Optional[Tensor], tanh: Optional[Tenso
         grad.add_(coef.c3[:, None])
     grad[rows, cols] += coef.a[rows]
     if tanh is not None:
-        grad.mul_(1 - tanh * tanh)
+        grad.mul_(tanh.mul_(tanh).neg_().add_(1))  # tanh is not read afterwards
     if config.temperature != 1.0:
         grad.div_(config.temperature)
     return grad
@@ -117,8 +144,8 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
     n, hidden_size = hidden.shape
     vocab = weight.shape[0]
     dtype = compute_dtype(hidden.dtype)
-    chunk_t, chunk_v = chunk_sizes(hidden.device, n)
     want_ref = ref_hidden is not None
+    chunk_t, chunk_v = chunk_sizes(hidden.device, n, *_tile_budget(config, want_ref, dtype))
 
     def new():
         return hidden.new_zeros(n, dtype=dtype)
@@ -170,7 +197,7 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
                 run_max = new_max
                 shift = _finite_or_zero(new_max)[:, None]
                 # e = exp(z - max); z itself is only needed afterwards for E_p[z], else overwrite it.
-                e = torch.exp(z - shift) if mean_logit is not None else z.sub_(shift).exp_()
+                e = (z - shift).exp_() if mean_logit is not None else z.sub_(shift).exp_()
                 run_sum = run_sum * scale + e.sum(1)
                 if mean_logit is not None:
                     mean_logit[t0:t1] = mean_logit[t0:t1] * scale + (e * z).sum(1)
@@ -180,7 +207,7 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
                     # M' and 1 - p_y leave the target out (see common.shortcut_grad_hidden)
                     e[rows, cols] = 0
                     rest_mass[t0:t1] = rest_mass[t0:t1] * scale + e.sum(1)
-                    weights = e if tanh is None else e.mul_(1 - tanh * tanh)
+                    weights = e if tanh is None else e.mul_(tanh.mul_(tanh).neg_().add_(1))
                     tile_moment = weights.to(hidden.dtype) @ weight[v0:v1].to(hidden.dtype)
                     moment[t0:t1] = moment[t0:t1] * scale[:, None] + tile_moment.to(dtype)
             if want_ref:
@@ -211,7 +238,7 @@ def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, 
     n, hidden_size = hidden.shape
     vocab = weight.shape[0]
     dtype = lse.dtype
-    chunk_t, chunk_v = chunk_sizes(hidden.device, n)
+    chunk_t, chunk_v = chunk_sizes(hidden.device, n, *_tile_budget(config, ref_hidden is not None, dtype))
     grad_hidden = hidden.new_zeros(n, hidden_size, dtype=dtype) if want_h else None
     grad_weight = torch.empty_like(weight) if want_w else None
     grad_bias = torch.empty_like(bias) if want_b else None
@@ -236,7 +263,7 @@ def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, 
                 rb = None if ref_bias is None else ref_bias[v0:v1]
                 zr, _ = logits_tile(ref_hidden[t0:t1], ref_weight[v0:v1], rb, config, dtype)
             # Without c1 the logits are not needed once p is formed: p takes their storage.
-            p = z.sub_(lse[t0:t1, None]).exp_() if coef.c1 is None else torch.exp(z - lse[t0:t1, None])
+            p = z.sub_(lse[t0:t1, None]).exp_() if coef.c1 is None else (z - lse[t0:t1, None]).exp_()
             rows, cols = _target_columns(targets[t0:t1], v0, v1)
             grad = logit_grad_(p, z, zr, tanh, _coef_rows(coef, t0, t1), rows, cols, config)
             if want_h:
@@ -268,12 +295,9 @@ def _row_dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def tokens_per_chunk(vocab: int, dtype: torch.dtype, config: OpConfig, reference: bool, budget_bytes: int) -> int:
-    """Tokens whose whole-vocabulary tiles in :func:`fused_gradient_pass` fit ``budget_bytes``: the
-    probabilities (in the logits' storage unless E_p[z] or the entropy / KL gradients need the logits too)
-    and one temporary, the reference's logits (and a log-sum-exp temporary when the KL keeps them), tanh
-    under softcap."""
-    tiles = 2 + config.needs_mean_logit + (1 + config.kl if reference else 0) + (config.softcap is not None)
-    return max(1, budget_bytes // (vocab * torch.finfo(dtype).bits // 8 * tiles))
+    """Tokens whose whole-vocabulary tiles in :func:`fused_gradient_pass` fit ``budget_bytes``
+    (:func:`tiles_alive` of them)."""
+    return max(1, budget_bytes // (vocab * torch.finfo(dtype).bits // 8 * tiles_alive(config, reference)))
 
 
 def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config: OpConfig, upstream,
