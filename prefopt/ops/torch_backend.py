@@ -301,10 +301,14 @@ def tokens_per_chunk(vocab: int, dtype: torch.dtype, config: OpConfig, reference
 
 
 def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config: OpConfig, upstream,
-                        chunks: Sequence[Tuple[int, int]], want_h: bool, want_w: bool, want_b: bool):
+                        chunks: Sequence[Tuple[int, int]], want_h: bool, want_w: bool, want_b: bool, tile_step=None):
     """The 3-product pass: per chunk ``[t0, t1)`` of tokens, the whole-vocabulary logits tile, the
     statistics, the objective's per-token gradient (``upstream(t0, t1, ForwardStats of the chunk) ->
     GradCoefficients``) and, while the tile is live, d hidden and the chunk's share of d weight / d bias.
+
+    ``tile_step(h, y, ref_h, weight, bias, ref_weight, ref_bias, config, dtype, gradient_rule) ->
+    (ForwardStats of the chunk, the gradient on its raw logits)`` forms the tile and its gradient
+    (default :func:`torch_tile_step`; the Triton backend gives its kernels'); the products stay here.
 
     Returns ``(ForwardStats of every token, d hidden, d weight, d bias)``; the gradients are those of the
     objective itself (not yet scaled by an incoming gradient), in the dtype of their input.
@@ -313,6 +317,7 @@ def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, r
     vocab = weight.shape[0]
     dtype = compute_dtype(hidden.dtype)
     want_ref = ref_hidden is not None
+    tile_step = tile_step or torch_tile_step
 
     def new():
         return hidden.new_zeros(n, dtype=dtype)
@@ -324,39 +329,13 @@ def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, r
     grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if want_w else None
     grad_bias = torch.zeros(vocab, dtype=dtype, device=weight.device) if want_b else None
     for t0, t1 in chunks:
-        h, y = hidden[t0:t1], targets[t0:t1]
-        z, tanh = logits_tile(h, weight, bias, config, dtype)
-        stats.target_logit[t0:t1] = z.gather(1, y[:, None]).squeeze(1)
-        if stats.logit_sum is not None:
-            stats.logit_sum[t0:t1] = z.sum(1)
-        shift = _finite_or_zero(z.amax(1))
-        # The logits are read after p exists only for E_p[z] (and then the entropy / KL gradients).
-        p = (z - shift[:, None]).exp_() if config.needs_mean_logit else z.sub_(shift[:, None]).exp_()
-        total = p.sum(1)
-        stats.lse[t0:t1] = shift + total.log()
-        if config.needs_mean_logit:
-            p.div_(total[:, None])
-            stats.mean_logit[t0:t1] = _row_dot(p, z)
-        zr = None
-        if want_ref:
-            zr, _ = logits_tile(ref_hidden[t0:t1], ref_weight, ref_bias, config, dtype)
-            stats.ref_target_logit[t0:t1] = zr.gather(1, y[:, None]).squeeze(1)
-            if config.kl:  # the KL gradient reads the reference logits again
-                stats.ref_lse[t0:t1] = torch.logsumexp(zr, 1)
-                stats.mean_ref_logit[t0:t1] = _row_dot(p, zr)
-            else:
-                stats.ref_lse[t0:t1] = _tile_logsumexp_(zr, zr.amax(1))
-                zr = None
-        coef = upstream(t0, t1, ForwardStats(*(None if s is None else s[t0:t1] for s in (
-            stats.lse, stats.target_logit, stats.mean_logit, stats.logit_sum, stats.ref_lse, stats.ref_target_logit,
-            stats.mean_ref_logit))))
-        if not config.needs_mean_logit:
-            # p is still exp(z - max), unnormalised; without c1 / c2 the 1 / sum folds into c0 (one pass fewer).
-            coef = coef._replace(c0=coef.c0 / total)
-        rows = torch.arange(t1 - t0, device=hidden.device)
-        grad = logit_grad_(p, z, zr, tanh, coef, rows, y, config)
-        # Only the gradient tile stays (in p's storage); nothing of this chunk may outlive it (below).
-        del z, zr, tanh, p
+        h = hidden[t0:t1]
+        chunk, grad = tile_step(h, targets[t0:t1], ref_hidden[t0:t1] if want_ref else None, weight, bias, ref_weight,
+                                ref_bias, config, dtype, lambda chunk_stats: upstream(t0, t1, chunk_stats))
+        for name in _PASS_STATS:
+            value = getattr(chunk, name)
+            if value is not None:
+                getattr(stats, name)[t0:t1] = value
         if want_h:
             if h.dtype == dtype == weight.dtype:
                 torch.mm(grad, weight, out=grad_hidden[t0:t1])
@@ -369,3 +348,41 @@ def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, r
         del grad  # before the next chunk's tiles exist
     return (stats, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype))
+
+
+#: What the fused-gradient pass computes per token.
+_PASS_STATS = ("lse", "target_logit", "mean_logit", "logit_sum", "ref_lse", "ref_target_logit", "mean_ref_logit")
+
+
+def torch_tile_step(h, y, ref_h, weight, bias, ref_weight, ref_bias, config: OpConfig, dtype, gradient_rule):
+    """One chunk of :func:`fused_gradient_pass` in torch: the tile, its statistics, ``gradient_rule(ForwardStats)
+    -> GradCoefficients`` and the gradient on the raw logits, formed in the tile's storage."""
+    z, tanh = logits_tile(h, weight, bias, config, dtype)
+    target_logit = z.gather(1, y[:, None]).squeeze(1)
+    logit_sum = z.sum(1) if config.needs_logit_sum else None
+    shift = _finite_or_zero(z.amax(1))
+    # The logits are read after p exists only for E_p[z] (and then the entropy / KL gradients).
+    p = (z - shift[:, None]).exp_() if config.needs_mean_logit else z.sub_(shift[:, None]).exp_()
+    total = p.sum(1)
+    lse = shift + total.log()
+    mean_logit = None
+    if config.needs_mean_logit:
+        p.div_(total[:, None])
+        mean_logit = _row_dot(p, z)
+    zr = ref_lse = ref_target_logit = mean_ref_logit = None
+    if ref_h is not None:
+        zr, _ = logits_tile(ref_h, ref_weight, ref_bias, config, dtype)
+        ref_target_logit = zr.gather(1, y[:, None]).squeeze(1)
+        if config.kl:  # the KL gradient reads the reference logits again
+            ref_lse = torch.logsumexp(zr, 1)
+            mean_ref_logit = _row_dot(p, zr)
+        else:
+            ref_lse = _tile_logsumexp_(zr, zr.amax(1))
+            zr = None
+    chunk = ForwardStats(lse, target_logit, mean_logit, logit_sum, ref_lse, ref_target_logit, mean_ref_logit)
+    coef = gradient_rule(chunk)
+    if not config.needs_mean_logit:
+        # p is still exp(z - max), unnormalised; without c1 / c2 the 1 / sum folds into c0 (one pass fewer).
+        coef = coef._replace(c0=coef.c0 / total)
+    rows = torch.arange(y.shape[0], device=y.device)
+    return chunk, logit_grad_(p, z, zr, tanh, coef, rows, y, config)
