@@ -92,11 +92,14 @@ def _tile_logsumexp_(z: Tensor, row_max: Tensor) -> Tensor:
     return shift + z.sub_(shift[:, None]).exp_().sum(1).log()
 
 
-def _add_weight_grad(acc: Tensor, grad: Tensor, h: Tensor) -> None:
-    """``acc += grad^T @ h`` in ``acc``'s dtype: in place when the hidden states share it, else the product in
+def _add_weight_grad(acc: Tensor, grad: Tensor, h: Tensor, first: bool) -> None:
+    """``acc += grad^T @ h`` in ``acc``'s dtype (``acc = ...`` for the ``first`` term: whatever ``acc`` held is
+    not read, so it needs no zeroing): in place when the hidden states share its dtype, else the product in
     the hidden states' dtype (a low-precision matmul), then added."""
     if h.dtype == acc.dtype:
-        acc.addmm_(grad.T, h)
+        acc.addmm_(grad.T, h, beta=0 if first else 1)
+    elif first:
+        acc.copy_(grad.T.to(h.dtype) @ h)
     else:
         acc += (grad.T.to(h.dtype) @ h).to(acc.dtype)
 
@@ -179,7 +182,8 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
             target_logit[t0 + rows] = z[rows, cols]
             if logit_sum is not None:
                 logit_sum[t0:t1] += z.sum(1)
-            tile_max, tile_argmax = z.max(1)  # the first maximum of the tile
+            # the first maximum of the tile (its index only for top1)
+            tile_max, tile_argmax = z.max(1) if argmax is not None else (z.amax(1), None)
             if argmax is not None:
                 # Strictly greater: on a tie the earlier tile's (lower) index stays, as argmax over the row.
                 better = (tile_max > run_max) | (v0 == 0)
@@ -247,11 +251,14 @@ def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, 
         w, b = weight[v0:v1], None if bias is None else bias[v0:v1]
         tile_grad_w = None
         if want_w:
-            # Accumulate straight into the gradient when it has the compute dtype, else in an fp32 tile.
+            # Accumulate straight into the gradient when it has the compute dtype, else in an fp32 tile; the
+            # first token chunk overwrites it (zeroed only when there are no tokens).
             if weight.dtype == dtype:
-                tile_grad_w = grad_weight[v0:v1].zero_()
+                tile_grad_w = grad_weight[v0:v1]
             else:
-                tile_grad_w = hidden.new_zeros(v1 - v0, hidden_size, dtype=dtype)
+                tile_grad_w = hidden.new_empty(v1 - v0, hidden_size, dtype=dtype)
+            if n == 0:
+                tile_grad_w.zero_()
         tile_grad_b = hidden.new_zeros(v1 - v0, dtype=dtype) if want_b else None
         for t0 in range(0, n, chunk_t):
             t1 = min(t0 + chunk_t, n)
@@ -272,7 +279,7 @@ def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, 
                 else:
                     grad_hidden[t0:t1] += (grad.to(h.dtype) @ w.to(h.dtype)).to(dtype)
             if want_w:
-                _add_weight_grad(tile_grad_w, grad, h)
+                _add_weight_grad(tile_grad_w, grad, h, first=t0 == 0)
             if want_b:
                 tile_grad_b += grad.sum(0)
         if want_w and weight.dtype != dtype:
@@ -326,9 +333,11 @@ def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, r
                          new() if config.needs_logit_sum else None, new() if want_ref else None,
                          new() if want_ref else None, new() if config.kl else None)
     grad_hidden = hidden.new_empty(n, hidden_size) if want_h else None
-    grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if want_w else None
+    grad_weight = None
+    if want_w:  # the first chunk overwrites it (zeroed only when there is none)
+        grad_weight = (torch.empty if chunks else torch.zeros)(weight.shape, dtype=dtype, device=weight.device)
     grad_bias = torch.zeros(vocab, dtype=dtype, device=weight.device) if want_b else None
-    for t0, t1 in chunks:
+    for i, (t0, t1) in enumerate(chunks):
         h = hidden[t0:t1]
         chunk, grad = tile_step(h, targets[t0:t1], ref_hidden[t0:t1] if want_ref else None, weight, bias, ref_weight,
                                 ref_bias, config, dtype, lambda chunk_stats: upstream(t0, t1, chunk_stats))
@@ -342,7 +351,7 @@ def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, r
             else:
                 grad_hidden[t0:t1] = grad.to(h.dtype) @ weight.to(h.dtype)
         if want_w:
-            _add_weight_grad(grad_weight, grad, h)
+            _add_weight_grad(grad_weight, grad, h, first=i == 0)
         if want_b:
             grad_bias += grad.sum(0)
         del grad  # before the next chunk's tiles exist
