@@ -63,12 +63,18 @@ def _tile_budget(config: OpConfig, reference: bool, dtype: torch.dtype) -> Tuple
 
 
 def logits_tile(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], config: OpConfig, dtype: torch.dtype
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], config: OpConfig, dtype: torch.dtype,
+    out: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """z = softcap(hidden @ weight.T + bias) / temperature in ``dtype``; also tanh(s/cap) for its derivative."""
-    # Products run in the dtype of hidden (as under autocast); the result is a fresh tile, so every
-    # step below may work in place.
-    s = (hidden @ weight.T.to(hidden.dtype)).to(dtype)
+    """z = softcap(hidden @ weight.T + bias) / temperature in ``dtype``; also tanh(s/cap) for its derivative.
+    ``out``: a ``[rows, V]`` buffer the product writes into when it has ``dtype`` already (see
+    :func:`fused_gradient_pass`)."""
+    # Products run in the dtype of hidden (as under autocast); the result is a fresh tile (or the caller's
+    # buffer), so every step below may work in place.
+    if out is not None and hidden.dtype == dtype:
+        s = torch.mm(hidden, weight.T.to(dtype), out=out)
+    else:
+        s = (hidden @ weight.T.to(hidden.dtype)).to(dtype)
     if bias is not None:
         s.add_(bias.to(dtype))
     tanh = None
@@ -313,9 +319,11 @@ def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, r
     statistics, the objective's per-token gradient (``upstream(t0, t1, ForwardStats of the chunk) ->
     GradCoefficients``) and, while the tile is live, d hidden and the chunk's share of d weight / d bias.
 
-    ``tile_step(h, y, ref_h, weight, bias, ref_weight, ref_bias, config, dtype, gradient_rule) ->
-    (ForwardStats of the chunk, the gradient on its raw logits)`` forms the tile and its gradient
-    (default :func:`torch_tile_step`; the Triton backend gives its kernels'); the products stay here.
+    ``tile_step(h, y, ref_h, weight, bias, ref_weight, ref_bias, config, dtype, gradient_rule, out) ->
+    (ForwardStats of the chunk, the gradient on its raw logits)`` forms the tile (in ``out``, one
+    ``[chunk, V]`` buffer for every chunk: a fresh tile per chunk left the allocator's heap holding a second
+    one, in resident memory, as often as not) and its gradient (default :func:`torch_tile_step`; the Triton
+    backend gives its kernels'); the products stay here.
 
     Returns ``(ForwardStats of every token, d hidden, d weight, d bias)``; the gradients are those of the
     objective itself (not yet scaled by an incoming gradient), in the dtype of their input.
@@ -337,10 +345,14 @@ def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, r
     if want_w:  # the first chunk overwrites it (zeroed only when there is none)
         grad_weight = (torch.empty if chunks else torch.zeros)(weight.shape, dtype=dtype, device=weight.device)
     grad_bias = torch.zeros(vocab, dtype=dtype, device=weight.device) if want_b else None
+    buffer = None
+    if hidden.dtype == dtype:  # the product writes there (a low-precision product needs its own tile)
+        buffer = hidden.new_empty(max((t1 - t0 for t0, t1 in chunks), default=0), vocab, dtype=dtype)
     for i, (t0, t1) in enumerate(chunks):
         h = hidden[t0:t1]
         chunk, grad = tile_step(h, targets[t0:t1], ref_hidden[t0:t1] if want_ref else None, weight, bias, ref_weight,
-                                ref_bias, config, dtype, lambda chunk_stats: upstream(t0, t1, chunk_stats))
+                                ref_bias, config, dtype, lambda chunk_stats: upstream(t0, t1, chunk_stats),
+                                None if buffer is None else buffer[: t1 - t0])
         for name in _PASS_STATS:
             value = getattr(chunk, name)
             if value is not None:
@@ -363,10 +375,11 @@ def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, r
 _PASS_STATS = ("lse", "target_logit", "mean_logit", "logit_sum", "ref_lse", "ref_target_logit", "mean_ref_logit")
 
 
-def torch_tile_step(h, y, ref_h, weight, bias, ref_weight, ref_bias, config: OpConfig, dtype, gradient_rule):
-    """One chunk of :func:`fused_gradient_pass` in torch: the tile, its statistics, ``gradient_rule(ForwardStats)
-    -> GradCoefficients`` and the gradient on the raw logits, formed in the tile's storage."""
-    z, tanh = logits_tile(h, weight, bias, config, dtype)
+def torch_tile_step(h, y, ref_h, weight, bias, ref_weight, ref_bias, config: OpConfig, dtype, gradient_rule, out):
+    """One chunk of :func:`fused_gradient_pass` in torch: the tile (in ``out``), its statistics,
+    ``gradient_rule(ForwardStats) -> GradCoefficients`` and the gradient on the raw logits, formed in the tile's
+    storage."""
+    z, tanh = logits_tile(h, weight, bias, config, dtype, out)
     target_logit = z.gather(1, y[:, None]).squeeze(1)
     logit_sum = z.sum(1) if config.needs_logit_sum else None
     shift = _finite_or_zero(z.amax(1))

@@ -118,11 +118,12 @@ def shortcut_pays(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
 LinearLogprobsTriton = make_backend_function("LinearLogprobsTriton", stream_forward, recompute_grads, shortcut_pays)
 
 
-def tile_step(h, y, ref_h, weight, bias, ref_weight, ref_bias, config: OpConfig, dtype, gradient_rule):
+def tile_step(h, y, ref_h, weight, bias, ref_weight, ref_bias, config: OpConfig, dtype, gradient_rule, out):
     """One chunk of the fused-gradient pass (see the module docstring): returns the chunk's ForwardStats and
-    the gradient on its raw logits, in the storage of the raw logits tile."""
+    the gradient on its raw logits, in the storage of the raw logits tile (``out`` where the product can write
+    there)."""
     raw = OpConfig()  # softcap and temperature are applied inside the kernels
-    s, _ = logits_tile(h, weight, bias, raw, dtype)
+    s, _ = logits_tile(h, weight, bias, raw, dtype, out)
     sr = logits_tile(ref_h, ref_weight, ref_bias, raw, dtype)[0] if ref_h is not None else None
     opts = dict(temperature=config.temperature, softcap=config.softcap)
     stats = live_tile.tile_stats(s, y, sr=sr, mean_logit=config.needs_mean_logit, logit_sum=config.needs_logit_sum,
