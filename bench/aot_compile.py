@@ -27,9 +27,10 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from prefopt.kernels import linear_logprobs as K  # noqa: E402
+from prefopt.kernels import live_tile as LT  # noqa: E402
 
 DIVISIBLE = {"K", "KR", "V", "v_base", "v_stop", "stride_h", "stride_w", "stride_rh", "stride_rw", "stride_e", "stride_ds",
-             "width", "v_begin"}
+             "width", "v_begin", "stride_s", "stride_sr"}
 FLOATS = {"inv_temp", "softcap", "inv_softcap"}
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 SHAPE = (16384, 152064, 4096)  # tokens, vocabulary, hidden size (the issue's largest)
@@ -107,6 +108,24 @@ def backward_variant(dtype, *, ref=True):
     return compile_kernel(K._bwd_dlogits_kernel, pointers, constexprs, blocks)
 
 
+def live_tile_variant(kernel, dtype, *, ref=True):
+    """The fused-gradient path's element-wise kernels on an fp32 (fp64) logits tile, every option on."""
+    s = "*" + ("fp64" if dtype == torch.float64 else "fp32")
+    acc = K._acc_dtype(dtype)
+    if kernel == "stats":
+        pointers = {name: s for name in ("s_ptr", "sr_ptr", "lse_ptr", "tgt_ptr", "mean_ptr", "sum_ptr", "rlse_ptr",
+                                         "rtgt_ptr", "rmean_ptr")}
+        constexprs = dict(SOFTCAP=True, REF=ref, MEAN=True, SUM=True, REF_MEAN=ref, ACC=acc)
+        fn = LT._stats_kernel
+    else:
+        pointers = {name: s for name in ("s_ptr", "sr_ptr", "lse_ptr", "a_ptr", "c0_ptr", "c1_ptr", "c2_ptr", "c3_ptr")}
+        constexprs = dict(SOFTCAP=True, HAS_C1=True, HAS_C2=ref, HAS_C3=True, ACC=acc)
+        fn = LT._grad_kernel
+    pointers["t_ptr"] = "*i64"
+    constexprs.update(BLOCK_N=LT.BLOCK_N, BLOCK_V=LT.block_v(dtype))
+    return compile_kernel(fn, pointers, constexprs, K.Blocks(LT.BLOCK_N, LT.block_v(dtype), 0, LT.NUM_WARPS, 3))
+
+
 TILE_64 = K.Blocks(64, 128, 64, 8, 4)
 TILE_128 = K.Blocks(128, 128, 64, 8, 3)
 
@@ -123,6 +142,10 @@ VARIANTS = {
     "fwd-fp32-tf32": lambda: forward_variant(torch.float32, ref=False, softcap=False, stats=False, precision="tf32"),
     "fwd-fp64-all": lambda: forward_variant(torch.float64),
     "bwd-fp64-kl": lambda: backward_variant(torch.float64),
+    "tile-stats-fp32-all": lambda: live_tile_variant("stats", torch.float32),
+    "tile-grad-fp32-kl": lambda: live_tile_variant("grad", torch.float32),
+    "tile-stats-fp64-all": lambda: live_tile_variant("stats", torch.float64),
+    "tile-grad-fp64-kl": lambda: live_tile_variant("grad", torch.float64),
 }
 
 #: The alternatives the choices were made against (compiled only when named on the command line).

@@ -171,3 +171,20 @@ def test_frozen_auto_choice_agrees_with_the_model(hidden, expect):
     assert (on < off) == expect == frozen_shortcut_pays(shape.scored, shape.vocab, hidden, torch.bfloat16)
     at_rate = frozen_shortcut_pays(shape.scored, shape.vocab, hidden, torch.bfloat16, H100_AT_CUBLAS_RATE)
     assert at_rate == (hidden >= 1024)
+
+
+def test_both_floors_are_reported_for_every_workload():
+    # Issue 19: the naive path's floor (3 products for a trainable head, 2 frozen, +1 per reference head) and the
+    # recomputing design's (one more), for every workload, in the model table too.
+    from prefopt.bench.runner import Point
+
+    shape = ISSUE_SHAPES[0]
+    expected_naive = {"dpo-ref": 4, "dpo-precomputed": 3, "dpo-frozen": 3, "nsft-kl": 4, "grpo": 3}
+    assert set(expected_naive) == set(WORKLOADS)
+    table = io_model.model_table([Point(name, shape) for name in WORKLOADS], torch.bfloat16)
+    for name, naive in expected_naive.items():
+        both = io_model.floors(WORKLOADS[name], shape, torch.bfloat16)
+        assert (both["naive"]["products"], both["recompute"]["products"]) == (naive, naive + 1), name
+        line = (f"floors: naive path {naive} products, {both['naive']['seconds'] * 1e3:.1f} ms; recomputing design "
+                f"{naive + 1} products, {both['recompute']['seconds'] * 1e3:.1f} ms")
+        assert f"### {name}: {shape.label()}\n\n{line}" in table, name

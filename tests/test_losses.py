@@ -20,10 +20,9 @@ def small_chunks(monkeypatch):
     objective.PATH_COUNTS.clear()
 
 
-def ran(path, backend="torch"):
-    """Every call of the op took ``path`` (the Triton backend has no fused-gradient path yet: it recomputes)."""
-    expected = objective.RECOMPUTE if backend != "torch" else path
-    return set(objective.PATH_COUNTS) == {expected}
+def ran(path):
+    """Every call of the op took ``path`` (on either backend: both have the fused-gradient path)."""
+    return set(objective.PATH_COUNTS) == {path}
 
 
 def batch(rows=ROWS, length=LENGTH, hidden_size=HIDDEN, vocab=VOCAB):
@@ -118,7 +117,7 @@ def test_paired_loss_matches_reference(name, backend, reference, path, seed):
         ref_logps = oracle_linear_logprobs(ref["ref_hidden"], ref["ref_weight"], y).logp.sum(-1).float()
         out = module(w, h, y, b, ref_logps=ref_logps)
     out.loss.backward()
-    assert ran(path, backend)
+    assert ran(path)
     h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, w, b))
     ref64 = {k: v.double() for k, v in ref.items()}
     expected = formula(pair_terms(h64, w64, b64, y, ref64)).mean()
@@ -206,7 +205,7 @@ def test_sft_loss(backend, label_smoothing, path, seed):
                                   fused_gradient=path == objective.FUSED_GRADIENT)
     out = module(w, h, y, b)
     out.loss.backward()
-    assert ran(path, backend)
+    assert ran(path)
     h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, w, b))
     s = oracle_linear_logprobs(h64, w64, y, bias=b64)
     expected = ((1 - label_smoothing) * -s.logp + label_smoothing * s.uniform_nll).sum() / (y != -100).sum()
@@ -223,7 +222,7 @@ def test_nsft_loss(backend, path, seed):
     module = prefopt.FusedNSFTLoss(kl_coef=0.3, backend=backend, fused_gradient=path == objective.FUSED_GRADIENT)
     out = module(w, h, y, b, **ref)
     out.loss.backward()
-    assert ran(path, backend)
+    assert ran(path)
     h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, w, b))
     s = oracle_linear_logprobs(h64, w64, y, bias=b64, **{k: v.double() for k, v in ref.items()})
     n = (y != -100).sum()
@@ -292,7 +291,7 @@ def test_grpo_loss_types(backend, case, path, seed):
                                    fused_gradient=path == objective.FUSED_GRADIENT, **options)
     out = module(w, h, y, advantages, b, old_logps=old.float(), **ref)
     out.loss.backward()
-    assert ran(path, backend)
+    assert ran(path)
     h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, w, b))
     s = oracle_linear_logprobs(h64, w64, y, bias=b64, **{k: v.double() for k, v in ref.items()})
     expected = grpo_reference(s.logp, old.double(), s.ref_logp, advantages.double(), mask, 0.1, 0.2,

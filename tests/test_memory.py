@@ -74,3 +74,60 @@ def test_frozen_head_backward_has_no_pass_over_the_vocabulary():
     assert hidden.grad is not None and weight.grad is None
     vocab_sized = [(f, s) for f, s in watch.shapes if VOCAB in s or CHUNK_VOCAB in s]
     assert not vocab_sized, f"backward touched vocabulary-sized tensors: {vocab_sized[:3]}"
+
+
+class TileWatch(TorchDispatchMode):
+    """Records the bytes of the largest fresh tensor (not a view) any op returns, other than those
+    [*, HIDDEN] (d hidden, d weight and their chunks, which every path must produce)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view:  # a view of an existing tensor allocates nothing
+            return out
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and (t.dim() == 0 or t.shape[-1] != HIDDEN):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+BUDGET = 48 * 2**10  # a few tokens per chunk: a pair of 40-token rows does not fit (recompute path)
+
+
+@pytest.mark.parametrize("case", ["logp", "all-stats-softcap", "pairs-recompute", "pairs-reference-recompute"])
+def test_tiles_stay_within_the_budget(case):
+    from prefopt.ops import FUSED_GRADIENT, PATH_COUNTS, RECOMPUTE
+    from prefopt.ops.common import OpConfig
+    from prefopt.ops.objective import linear_objective
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 40, HIDDEN, requires_grad=True)
+    weight = torch.randn(VOCAB, HIDDEN, requires_grad=True)
+    targets = torch.randint(0, VOCAB, (2, 40))
+    ref = dict(ref_hidden=torch.randn(2, 40, HIDDEN), ref_weight=torch.randn(VOCAB, HIDDEN))
+    before = dict(PATH_COUNTS)
+    with TileWatch() as forward:
+        if case == "logp":
+            config, reference, path = OpConfig(), False, FUSED_GRADIENT
+            loss = linear_objective(hidden, weight, targets, lambda s: -s.logp, budget_bytes=BUDGET).loss
+        elif case == "all-stats-softcap":
+            config, reference, path = OpConfig(softcap=5.0, entropy=True, kl=True), True, FUSED_GRADIENT
+            loss = linear_objective(hidden, weight, targets, lambda s: s.entropy + s.kl - s.logp, softcap=5.0,
+                                    entropy=True, kl=True, budget_bytes=BUDGET, **ref).loss
+        else:
+            reference = case == "pairs-reference-recompute"
+            config, path = OpConfig(), RECOMPUTE
+            refs = ref if reference else dict(ref_logps=torch.randn(2))
+            loss = FusedDPOLoss(budget_bytes=BUDGET)(weight, hidden, targets, **refs).loss
+    with TileWatch() as backward:
+        loss.backward()
+    assert PATH_COUNTS[path] == before.get(path, 0) + 1
+    # The recompute backward reads the reference tiles only for the KL gradient.
+    for watch, alive in ((forward, torch_backend.tiles_alive(config, reference)),
+                         (backward, torch_backend.tiles_alive(config, reference and config.kl))):
+        assert watch.largest * alive <= BUDGET, f"a {watch.largest}-byte tile, {alive} alive, budget {BUDGET}"
+    assert forward.largest > BUDGET // 8  # the tiles were not shrunk further than the budget asks
+    assert hidden.grad is not None and weight.grad is not None

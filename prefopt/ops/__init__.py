@@ -218,6 +218,15 @@ def pack_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Option
                         targets.shape, compute_dtype(hidden.dtype))
 
 
+def check_budget_bytes(budget_bytes, optional: bool) -> None:
+    """``budget_bytes`` is a positive int (or None where ``optional``); one clear error otherwise."""
+    if optional and budget_bytes is None:
+        return
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0:
+        expected = "None or a positive int (bytes)" if optional else "a positive int (bytes)"
+        raise ValueError(f"budget_bytes: expected {expected}, got {budget_bytes!r}")
+
+
 def linear_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -238,6 +247,7 @@ def linear_logprobs(
     log_sum_sq_probs: bool = False,
     backend: str = "auto",
     capturable: bool = False,
+    budget_bytes: Optional[int] = None,
 ) -> TokenStats:
     """Per-token log-probabilities of ``targets`` under the head ``weight`` applied to ``hidden``.
 
@@ -271,6 +281,9 @@ def linear_logprobs(
             synchronise either): the target range is checked on the device (a device-side assert instead
             of the ``ValueError``), and ignored positions are computed and masked out instead of being
             removed first (they cost their share of the products, and their hidden states must be finite).
+        budget_bytes: the most memory the torch backend's logits tiles take at once (tiles shrink to fit,
+            down to one token by one vocabulary entry); None keeps its fixed tile sizes (16 MiB of fp32 on
+            a CPU). The Triton backend sizes its buffers itself.
 
     Returns:
         :class:`TokenStats` of tensors shaped like ``targets`` (0 at ignored positions).
@@ -278,9 +291,10 @@ def linear_logprobs(
     packed = pack_inputs(hidden, weight, targets, bias=bias, ignore_index=ignore_index, temperature=temperature,
                          softcap=softcap, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, kl=kl,
                          backend=backend, capturable=capturable)
+    check_budget_bytes(budget_bytes, optional=True)
     PATH_COUNTS[RECOMPUTE] += 1
     config = OpConfig(float(temperature), None if softcap is None else float(softcap), entropy, kl, uniform_nll,
-                      mean_logit, top1, log_sum_sq_probs)
+                      mean_logit, top1, log_sum_sq_probs, budget_bytes)
     outputs = _backend_function(packed.backend).apply(
         packed.hidden, weight, bias, packed.targets, packed.ref_hidden, packed.ref_weight, packed.ref_bias, config
     )

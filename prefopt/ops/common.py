@@ -47,6 +47,8 @@ class OpConfig:
     mean_logit: bool = False
     top1: bool = False
     log_sum_sq_probs: bool = False
+    # The torch backend's bound on its logits tiles alive at once (None: its fixed tile sizes).
+    budget_bytes: Optional[int] = None
 
     @property
     def needs_mean_logit(self) -> bool:

@@ -8,9 +8,11 @@ GRPO), its gradient with respect to a token's statistics is known as soon as the
 logits tile, the statistics, their gradient (autograd on the few per-token numbers), the gradient on
 the logits and from it d hidden and d weight: 3 products, +1 per reference head (the KL gradient reuses
 the reference tile). The gradients wait for backward, which only scales them by the incoming gradient.
+Both backends: torch forms the tile's statistics and gradient with torch ops, Triton with the kernels of
+:mod:`prefopt.kernels.live_tile`; the products are torch's (cuBLAS on a GPU) either way.
 
 The chunk of tokens is sized so that its tiles fit ``budget_bytes``. Where the path does not apply (no
-gradient wanted, a backend without it, a head partitioned by DeepSpeed ZeRO-3, whose full-size gradient
+gradient wanted, a head partitioned by DeepSpeed ZeRO-3, whose full-size gradient
 would be held from forward to backward), the same objective runs on :func:`linear_logprobs` and the
 recompute backward. :data:`prefopt.ops.PATH_COUNTS` counts the calls of each path.
 """
@@ -21,22 +23,25 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import (FUSED_GRADIENT, PATH_COUNTS, RECOMPUTE, PackedInputs, TokenStats, linear_logprobs, pack_inputs,
-               resolve_backend)
+from . import (FUSED_GRADIENT, PATH_COUNTS, RECOMPUTE, PackedInputs, TokenStats, check_budget_bytes, linear_logprobs,
+               pack_inputs)
 from .common import ForwardStats, GradCoefficients, OpConfig, empty_stat, logit_grad_coefficients
-from .torch_backend import fused_gradient_pass, tokens_per_chunk
+from .torch_backend import fused_gradient_pass, tokens_per_chunk, torch_tile_step
 
-#: The most memory the logits tiles of one chunk of tokens take by default (see :func:`default_budget_bytes`).
+#: The most memory the logits tiles of one call take by default (see :func:`default_budget_bytes`).
 DEFAULT_BUDGET_BYTES = 64 * 2**20
 #: ... and the least (below it the products get too thin to run at speed).
-MIN_BUDGET_BYTES = 4 * 2**20
+MIN_BUDGET_BYTES = 2**20
 
 
 def default_budget_bytes(weight: Tensor) -> int:
-    """The size of the head's fp32 gradient, within [MIN_BUDGET_BYTES, DEFAULT_BUDGET_BYTES]: the tiles add
-    at most the weight gradient every path must produce (at the quick bench's GRPO shape, 8 MiB: the
-    peak stays under half of Liger's; fewer, larger chunks are faster on a CPU)."""
-    return min(DEFAULT_BUDGET_BYTES, max(MIN_BUDGET_BYTES, weight.numel() * 4))
+    """A quarter of the head's fp32 gradient, within [MIN_BUDGET_BYTES, DEFAULT_BUDGET_BYTES], on either
+    path: the tiles add at most a quarter of the gradient every path must produce. The memory-efficient
+    peers hold about one gradient's worth of logits tiles beyond it (Cut Cross-Entropy at the quick
+    bench's shapes, 16 MiB for an 8 MiB head), so peak memory stays under half of theirs (at the issue-2
+    shape a 125 MiB head gets 31 MiB, under the 44 MiB of headroom there); larger budgets are faster on a
+    CPU (fewer, larger chunks) and the keyword trades."""
+    return min(DEFAULT_BUDGET_BYTES, max(MIN_BUDGET_BYTES, weight.numel()))  # 4-byte entries, a quarter
 
 
 #: ``token_loss(stats, *token_inputs) -> [n]``: each scored token's share of the loss (see linear_objective).
@@ -93,16 +98,26 @@ class _Upstream:
         return torch.stack(self.parts).sum() if self.parts else like.new_zeros(())
 
 
-class FusedGradientTorch(torch.autograd.Function):
+def _tile_step(backend: str):
+    """The backend's chunk step of :func:`prefopt.ops.torch_backend.fused_gradient_pass`."""
+    if backend == "torch":
+        return torch_tile_step
+    from .triton_backend import tile_step
+
+    return tile_step
+
+
+class FusedGradient(torch.autograd.Function):
     """forward(hidden [n, H], weight, bias, targets [n], ref_hidden, ref_weight, ref_bias, config, upstream,
-    chunks) -> (loss, logp, lse, entropy, ref_logp, kl, uniform_nll), the statistics without gradient.
-    Saved for backward: the objective's d hidden, d weight, d bias (nothing else)."""
+    chunks, tile_step) -> (loss, logp, lse, entropy, ref_logp, kl, uniform_nll), the statistics without
+    gradient. Saved for backward: the objective's d hidden, d weight, d bias (nothing else)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config, upstream, chunks):
+    def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config, upstream, chunks,
+                tile_step):
         stats, grad_hidden, grad_weight, grad_bias = fused_gradient_pass(
             hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config, upstream, chunks,
-            *ctx.needs_input_grad[:3])
+            *ctx.needs_input_grad[:3], tile_step=tile_step)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         values = [empty_stat(stats.lse) if v is None else v
                   for v in _token_values(stats, config, weight.shape[0])[:6]]
@@ -116,7 +131,7 @@ class FusedGradientTorch(torch.autograd.Function):
         grads = ctx.saved_tensors
         if not bool(g_loss == 1):  # g_loss is materialised: 0 when only the statistics were used
             grads = [None if g is None else g * g_loss.to(g.dtype) for g in grads]
-        return (*grads,) + (None,) * 7
+        return (*grads,) + (None,) * 8
 
 
 def _check_token_loss(loss, tokens: int, grouped: bool) -> None:
@@ -202,8 +217,7 @@ def linear_objective(
                              f"got {getattr(x, 'shape', type(x).__name__)}")
     if budget_bytes is None:
         budget_bytes = default_budget_bytes(weight)
-    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0:
-        raise ValueError(f"budget_bytes: expected a positive int (bytes), got {budget_bytes!r}")
+    check_budget_bytes(budget_bytes, optional=False)
     if groups is not None and (not isinstance(groups, Tensor) or groups.shape != targets.shape
                                or groups.is_floating_point() or groups.is_complex()):
         raise ValueError(f"groups: expected an integer tensor of shape {list(targets.shape)} like targets, "
@@ -214,8 +228,7 @@ def linear_objective(
                   ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, backend=backend)
     config = OpConfig(float(temperature), None if softcap is None else float(softcap), entropy, kl, uniform_nll)
     packed = chunks = None
-    if (fused_gradient and wants_grad and resolve_backend(backend, hidden.device) == "torch"
-            and not (_partitioned(weight) or _partitioned(bias))):
+    if fused_gradient and wants_grad and not (_partitioned(weight) or _partitioned(bias)):
         packed = pack_inputs(hidden, weight, targets, kl=kl, capturable=False, **common)
         limit = tokens_per_chunk(weight.shape[0], packed.stat_dtype, config, ref_hidden is not None, budget_bytes)
         n = packed.targets.shape[0]
@@ -224,7 +237,8 @@ def linear_objective(
             packed, sizes = _grouped(packed, groups)
             chunks = _chunks(sizes, limit) if max(sizes, default=0) <= limit else None
     if chunks is None:
-        stats = linear_logprobs(hidden, weight, targets, entropy=entropy, kl=kl, uniform_nll=uniform_nll, **common)
+        stats = linear_logprobs(hidden, weight, targets, entropy=entropy, kl=kl, uniform_nll=uniform_nll,
+                                budget_bytes=budget_bytes, **common)
         valid = targets != ignore_index
         scored = TokenStats(*(None if s is None else s[valid] for s in stats))
         per_token = token_loss(scored, *(x[valid] for x in inputs))
@@ -234,8 +248,9 @@ def linear_objective(
 
     PATH_COUNTS[FUSED_GRADIENT] += 1
     upstream = _Upstream(token_loss, [packed.pack(x) for x in inputs], config, weight.shape[0], groups is not None)
-    loss, *values = FusedGradientTorch.apply(packed.hidden, weight, bias, packed.targets, packed.ref_hidden,
-                                             packed.ref_weight, packed.ref_bias, config, upstream, chunks)
+    loss, *values = FusedGradient.apply(packed.hidden, weight, bias, packed.targets, packed.ref_hidden,
+                                        packed.ref_weight, packed.ref_bias, config, upstream, chunks,
+                                        _tile_step(packed.backend))
     asked = (True, True, entropy, ref_hidden is not None, kl, uniform_nll)
     stats = TokenStats(*(packed.unpack(v) if wanted else None for v, wanted in zip(values, asked)))
     return ObjectiveOutput(loss, stats, FUSED_GRADIENT)

@@ -24,24 +24,57 @@ from .common import ForwardStats, GradCoefficients, OpConfig, compute_dtype, mak
 CHUNK_SIZES = {"cpu": (1024, 4096), "cuda": (2048, 8192)}
 
 
-def chunk_sizes(device: torch.device, n: int = 0) -> Tuple[int, int]:
+#: The narrowest vocabulary tile a byte budget makes on its own (narrower products run below speed).
+MIN_BUDGET_TILE_VOCAB = 512
+
+
+def tiles_alive(config: OpConfig, reference: bool) -> int:
+    """The most tile-sized tensors either pass holds at once: the logits, whose storage becomes their
+    exponentials and then the gradient; with E_p[z] (entropy, KL) the exponentials apart and a product
+    temporary; the reference's logits and, when the KL keeps them, a log-sum-exp temporary; tanh under
+    softcap."""
+    return 1 + 2 * config.needs_mean_logit + (1 + config.kl if reference else 0) + (config.softcap is not None)
+
+
+def chunk_sizes(device: torch.device, n: int = 0, budget_bytes: Optional[int] = None,
+                item: int = 4) -> Tuple[int, int]:
     """Tile (tokens, vocabulary entries) for ``n`` tokens: with fewer tokens than a tile holds, the tile
     grows along the vocabulary instead (same size), so a small batch makes fewer, larger tile operations:
     on CPU each is a parallel region whose start and join cost more than the work at small shapes (and
-    much more on a loaded machine)."""
+    much more on a loaded machine). ``budget_bytes`` (one tile of ``item``-byte entries) shrinks the
+    tile to fit, tokens first down to a :data:`MIN_BUDGET_TILE_VOCAB`-wide tile."""
     chunk_t, chunk_v = CHUNK_SIZES.get(device.type, CHUNK_SIZES["cuda"])
     if 0 < n < chunk_t:
         chunk_v *= chunk_t // n
+        chunk_t = n
+    if budget_bytes is not None:
+        entries = max(1, budget_bytes // item)
+        chunk_t = max(1, min(chunk_t, entries // MIN_BUDGET_TILE_VOCAB))
+        chunk_v = max(1, min(chunk_v, entries // chunk_t))
     return chunk_t, chunk_v
 
 
+def _tile_budget(config: OpConfig, reference: bool, dtype: torch.dtype) -> Tuple[Optional[int], int]:
+    """The byte budget of one tile of a pass under ``config.budget_bytes`` and the tiles' entry size."""
+    item = torch.finfo(dtype).bits // 8
+    if config.budget_bytes is None:
+        return None, item
+    return config.budget_bytes // tiles_alive(config, reference), item
+
+
 def logits_tile(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], config: OpConfig, dtype: torch.dtype
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], config: OpConfig, dtype: torch.dtype,
+    out: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """z = softcap(hidden @ weight.T + bias) / temperature in ``dtype``; also tanh(s/cap) for its derivative."""
-    # Products run in the dtype of hidden (as under autocast); the result is a fresh tile, so every
-    # step below may work in place.
-    s = (hidden @ weight.T.to(hidden.dtype)).to(dtype)
+    """z = softcap(hidden @ weight.T + bias) / temperature in ``dtype``; also tanh(s/cap) for its derivative.
+    ``out``: a ``[rows, V]`` buffer the product writes into when it has ``dtype`` already (see
+    :func:`fused_gradient_pass`)."""
+    # Products run in the dtype of hidden (as under autocast); the result is a fresh tile (or the caller's
+    # buffer), so every step below may work in place.
+    if out is not None and hidden.dtype == dtype:
+        s = torch.mm(hidden, weight.T.to(dtype), out=out)
+    else:
+        s = (hidden @ weight.T.to(hidden.dtype)).to(dtype)
     if bias is not None:
         s.add_(bias.to(dtype))
     tanh = None
@@ -65,11 +98,14 @@ def _tile_logsumexp_(z: Tensor, row_max: Tensor) -> Tensor:
     return shift + z.sub_(shift[:, None]).exp_().sum(1).log()
 
 
-def _add_weight_grad(acc: Tensor, grad: Tensor, h: Tensor) -> None:
-    """``acc += grad^T @ h`` in ``acc``'s dtype: in place when the hidden states share it, else the product in
+def _add_weight_grad(acc: Tensor, grad: Tensor, h: Tensor, first: bool) -> None:
+    """``acc += grad^T @ h`` in ``acc``'s dtype (``acc = ...`` for the ``first`` term: whatever ``acc`` held is
+    not read, so it needs no zeroing): in place when the hidden states share its dtype, else the product in
     the hidden states' dtype (a low-precision matmul), then added."""
     if h.dtype == acc.dtype:
-        acc.addmm_(grad.T, h)
+        acc.addmm_(grad.T, h, beta=0 if first else 1)
+    elif first:
+        acc.copy_(grad.T.to(h.dtype) @ h)
     else:
         acc += (grad.T.to(h.dtype) @ h).to(acc.dtype)
 
@@ -105,7 +141,7 @@ def logit_grad_(p: Tensor, z: Tensor, zr: Optional[Tensor], tanh: Optional[Tenso
         grad.add_(coef.c3[:, None])
     grad[rows, cols] += coef.a[rows]
     if tanh is not None:
-        grad.mul_(1 - tanh * tanh)
+        grad.mul_(tanh.mul_(tanh).neg_().add_(1))  # tanh is not read afterwards
     if config.temperature != 1.0:
         grad.div_(config.temperature)
     return grad
@@ -117,8 +153,8 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
     n, hidden_size = hidden.shape
     vocab = weight.shape[0]
     dtype = compute_dtype(hidden.dtype)
-    chunk_t, chunk_v = chunk_sizes(hidden.device, n)
     want_ref = ref_hidden is not None
+    chunk_t, chunk_v = chunk_sizes(hidden.device, n, *_tile_budget(config, want_ref, dtype))
 
     def new():
         return hidden.new_zeros(n, dtype=dtype)
@@ -152,7 +188,8 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
             target_logit[t0 + rows] = z[rows, cols]
             if logit_sum is not None:
                 logit_sum[t0:t1] += z.sum(1)
-            tile_max, tile_argmax = z.max(1)  # the first maximum of the tile
+            # the first maximum of the tile (its index only for top1)
+            tile_max, tile_argmax = z.max(1) if argmax is not None else (z.amax(1), None)
             if argmax is not None:
                 # Strictly greater: on a tie the earlier tile's (lower) index stays, as argmax over the row.
                 better = (tile_max > run_max) | (v0 == 0)
@@ -170,7 +207,7 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
                 run_max = new_max
                 shift = _finite_or_zero(new_max)[:, None]
                 # e = exp(z - max); z itself is only needed afterwards for E_p[z], else overwrite it.
-                e = torch.exp(z - shift) if mean_logit is not None else z.sub_(shift).exp_()
+                e = (z - shift).exp_() if mean_logit is not None else z.sub_(shift).exp_()
                 run_sum = run_sum * scale + e.sum(1)
                 if mean_logit is not None:
                     mean_logit[t0:t1] = mean_logit[t0:t1] * scale + (e * z).sum(1)
@@ -180,7 +217,7 @@ def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bi
                     # M' and 1 - p_y leave the target out (see common.shortcut_grad_hidden)
                     e[rows, cols] = 0
                     rest_mass[t0:t1] = rest_mass[t0:t1] * scale + e.sum(1)
-                    weights = e if tanh is None else e.mul_(1 - tanh * tanh)
+                    weights = e if tanh is None else e.mul_(tanh.mul_(tanh).neg_().add_(1))
                     tile_moment = weights.to(hidden.dtype) @ weight[v0:v1].to(hidden.dtype)
                     moment[t0:t1] = moment[t0:t1] * scale[:, None] + tile_moment.to(dtype)
             if want_ref:
@@ -211,7 +248,7 @@ def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, 
     n, hidden_size = hidden.shape
     vocab = weight.shape[0]
     dtype = lse.dtype
-    chunk_t, chunk_v = chunk_sizes(hidden.device, n)
+    chunk_t, chunk_v = chunk_sizes(hidden.device, n, *_tile_budget(config, ref_hidden is not None, dtype))
     grad_hidden = hidden.new_zeros(n, hidden_size, dtype=dtype) if want_h else None
     grad_weight = torch.empty_like(weight) if want_w else None
     grad_bias = torch.empty_like(bias) if want_b else None
@@ -220,11 +257,14 @@ def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, 
         w, b = weight[v0:v1], None if bias is None else bias[v0:v1]
         tile_grad_w = None
         if want_w:
-            # Accumulate straight into the gradient when it has the compute dtype, else in an fp32 tile.
+            # Accumulate straight into the gradient when it has the compute dtype, else in an fp32 tile; the
+            # first token chunk overwrites it (zeroed only when there are no tokens).
             if weight.dtype == dtype:
-                tile_grad_w = grad_weight[v0:v1].zero_()
+                tile_grad_w = grad_weight[v0:v1]
             else:
-                tile_grad_w = hidden.new_zeros(v1 - v0, hidden_size, dtype=dtype)
+                tile_grad_w = hidden.new_empty(v1 - v0, hidden_size, dtype=dtype)
+            if n == 0:
+                tile_grad_w.zero_()
         tile_grad_b = hidden.new_zeros(v1 - v0, dtype=dtype) if want_b else None
         for t0 in range(0, n, chunk_t):
             t1 = min(t0 + chunk_t, n)
@@ -236,7 +276,7 @@ def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, 
                 rb = None if ref_bias is None else ref_bias[v0:v1]
                 zr, _ = logits_tile(ref_hidden[t0:t1], ref_weight[v0:v1], rb, config, dtype)
             # Without c1 the logits are not needed once p is formed: p takes their storage.
-            p = z.sub_(lse[t0:t1, None]).exp_() if coef.c1 is None else torch.exp(z - lse[t0:t1, None])
+            p = z.sub_(lse[t0:t1, None]).exp_() if coef.c1 is None else (z - lse[t0:t1, None]).exp_()
             rows, cols = _target_columns(targets[t0:t1], v0, v1)
             grad = logit_grad_(p, z, zr, tanh, _coef_rows(coef, t0, t1), rows, cols, config)
             if want_h:
@@ -245,7 +285,7 @@ def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, 
                 else:
                     grad_hidden[t0:t1] += (grad.to(h.dtype) @ w.to(h.dtype)).to(dtype)
             if want_w:
-                _add_weight_grad(tile_grad_w, grad, h)
+                _add_weight_grad(tile_grad_w, grad, h, first=t0 == 0)
             if want_b:
                 tile_grad_b += grad.sum(0)
         if want_w and weight.dtype != dtype:
@@ -268,19 +308,22 @@ def _row_dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def tokens_per_chunk(vocab: int, dtype: torch.dtype, config: OpConfig, reference: bool, budget_bytes: int) -> int:
-    """Tokens whose whole-vocabulary tiles in :func:`fused_gradient_pass` fit ``budget_bytes``: the
-    probabilities (in the logits' storage unless E_p[z] or the entropy / KL gradients need the logits too)
-    and one temporary, the reference's logits (and a log-sum-exp temporary when the KL keeps them), tanh
-    under softcap."""
-    tiles = 2 + config.needs_mean_logit + (1 + config.kl if reference else 0) + (config.softcap is not None)
-    return max(1, budget_bytes // (vocab * torch.finfo(dtype).bits // 8 * tiles))
+    """Tokens whose whole-vocabulary tiles in :func:`fused_gradient_pass` fit ``budget_bytes``
+    (:func:`tiles_alive` of them)."""
+    return max(1, budget_bytes // (vocab * torch.finfo(dtype).bits // 8 * tiles_alive(config, reference)))
 
 
 def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config: OpConfig, upstream,
-                        chunks: Sequence[Tuple[int, int]], want_h: bool, want_w: bool, want_b: bool):
+                        chunks: Sequence[Tuple[int, int]], want_h: bool, want_w: bool, want_b: bool, tile_step=None):
     """The 3-product pass: per chunk ``[t0, t1)`` of tokens, the whole-vocabulary logits tile, the
     statistics, the objective's per-token gradient (``upstream(t0, t1, ForwardStats of the chunk) ->
     GradCoefficients``) and, while the tile is live, d hidden and the chunk's share of d weight / d bias.
+
+    ``tile_step(h, y, ref_h, weight, bias, ref_weight, ref_bias, config, dtype, gradient_rule, out) ->
+    (ForwardStats of the chunk, the gradient on its raw logits)`` forms the tile (in ``out``, one
+    ``[chunk, V]`` buffer for every chunk: a fresh tile per chunk left the allocator's heap holding a second
+    one, in resident memory, as often as not) and its gradient (default :func:`torch_tile_step`; the Triton
+    backend gives its kernels'); the products stay here.
 
     Returns ``(ForwardStats of every token, d hidden, d weight, d bias)``; the gradients are those of the
     objective itself (not yet scaled by an incoming gradient), in the dtype of their input.
@@ -289,6 +332,7 @@ def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, r
     vocab = weight.shape[0]
     dtype = compute_dtype(hidden.dtype)
     want_ref = ref_hidden is not None
+    tile_step = tile_step or torch_tile_step
 
     def new():
         return hidden.new_zeros(n, dtype=dtype)
@@ -297,51 +341,70 @@ def fused_gradient_pass(hidden, weight, bias, targets, ref_hidden, ref_weight, r
                          new() if config.needs_logit_sum else None, new() if want_ref else None,
                          new() if want_ref else None, new() if config.kl else None)
     grad_hidden = hidden.new_empty(n, hidden_size) if want_h else None
-    grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if want_w else None
+    grad_weight = None
+    if want_w:  # the first chunk overwrites it (zeroed only when there is none)
+        grad_weight = (torch.empty if chunks else torch.zeros)(weight.shape, dtype=dtype, device=weight.device)
     grad_bias = torch.zeros(vocab, dtype=dtype, device=weight.device) if want_b else None
-    for t0, t1 in chunks:
-        h, y = hidden[t0:t1], targets[t0:t1]
-        z, tanh = logits_tile(h, weight, bias, config, dtype)
-        stats.target_logit[t0:t1] = z.gather(1, y[:, None]).squeeze(1)
-        if stats.logit_sum is not None:
-            stats.logit_sum[t0:t1] = z.sum(1)
-        shift = _finite_or_zero(z.amax(1))
-        # The logits are read after p exists only for E_p[z] (and then the entropy / KL gradients).
-        p = (z - shift[:, None]).exp_() if config.needs_mean_logit else z.sub_(shift[:, None]).exp_()
-        total = p.sum(1)
-        stats.lse[t0:t1] = shift + total.log()
-        if config.needs_mean_logit:
-            p.div_(total[:, None])
-            stats.mean_logit[t0:t1] = _row_dot(p, z)
-        zr = None
-        if want_ref:
-            zr, _ = logits_tile(ref_hidden[t0:t1], ref_weight, ref_bias, config, dtype)
-            stats.ref_target_logit[t0:t1] = zr.gather(1, y[:, None]).squeeze(1)
-            if config.kl:  # the KL gradient reads the reference logits again
-                stats.ref_lse[t0:t1] = torch.logsumexp(zr, 1)
-                stats.mean_ref_logit[t0:t1] = _row_dot(p, zr)
-            else:
-                stats.ref_lse[t0:t1] = _tile_logsumexp_(zr, zr.amax(1))
-                zr = None
-        coef = upstream(t0, t1, ForwardStats(*(None if s is None else s[t0:t1] for s in (
-            stats.lse, stats.target_logit, stats.mean_logit, stats.logit_sum, stats.ref_lse, stats.ref_target_logit,
-            stats.mean_ref_logit))))
-        if not config.needs_mean_logit:
-            # p is still exp(z - max), unnormalised; without c1 / c2 the 1 / sum folds into c0 (one pass fewer).
-            coef = coef._replace(c0=coef.c0 / total)
-        rows = torch.arange(t1 - t0, device=hidden.device)
-        grad = logit_grad_(p, z, zr, tanh, coef, rows, y, config)
-        # Only the gradient tile stays (in p's storage); nothing of this chunk may outlive it (below).
-        del z, zr, tanh, p
+    buffer = None
+    if hidden.dtype == dtype:  # the product writes there (a low-precision product needs its own tile)
+        buffer = hidden.new_empty(max((t1 - t0 for t0, t1 in chunks), default=0), vocab, dtype=dtype)
+    for i, (t0, t1) in enumerate(chunks):
+        h = hidden[t0:t1]
+        chunk, grad = tile_step(h, targets[t0:t1], ref_hidden[t0:t1] if want_ref else None, weight, bias, ref_weight,
+                                ref_bias, config, dtype, lambda chunk_stats: upstream(t0, t1, chunk_stats),
+                                None if buffer is None else buffer[: t1 - t0])
+        for name in _PASS_STATS:
+            value = getattr(chunk, name)
+            if value is not None:
+                getattr(stats, name)[t0:t1] = value
         if want_h:
             if h.dtype == dtype == weight.dtype:
                 torch.mm(grad, weight, out=grad_hidden[t0:t1])
             else:
                 grad_hidden[t0:t1] = grad.to(h.dtype) @ weight.to(h.dtype)
         if want_w:
-            _add_weight_grad(grad_weight, grad, h)
+            _add_weight_grad(grad_weight, grad, h, first=i == 0)
         if want_b:
             grad_bias += grad.sum(0)
         del grad  # before the next chunk's tiles exist
     return (stats, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype))
+
+
+#: What the fused-gradient pass computes per token.
+_PASS_STATS = ("lse", "target_logit", "mean_logit", "logit_sum", "ref_lse", "ref_target_logit", "mean_ref_logit")
+
+
+def torch_tile_step(h, y, ref_h, weight, bias, ref_weight, ref_bias, config: OpConfig, dtype, gradient_rule, out):
+    """One chunk of :func:`fused_gradient_pass` in torch: the tile (in ``out``), its statistics,
+    ``gradient_rule(ForwardStats) -> GradCoefficients`` and the gradient on the raw logits, formed in the tile's
+    storage."""
+    z, tanh = logits_tile(h, weight, bias, config, dtype, out)
+    target_logit = z.gather(1, y[:, None]).squeeze(1)
+    logit_sum = z.sum(1) if config.needs_logit_sum else None
+    shift = _finite_or_zero(z.amax(1))
+    # The logits are read after p exists only for E_p[z] (and then the entropy / KL gradients).
+    p = (z - shift[:, None]).exp_() if config.needs_mean_logit else z.sub_(shift[:, None]).exp_()
+    total = p.sum(1)
+    lse = shift + total.log()
+    mean_logit = None
+    if config.needs_mean_logit:
+        p.div_(total[:, None])
+        mean_logit = _row_dot(p, z)
+    zr = ref_lse = ref_target_logit = mean_ref_logit = None
+    if ref_h is not None:
+        zr, _ = logits_tile(ref_h, ref_weight, ref_bias, config, dtype)
+        ref_target_logit = zr.gather(1, y[:, None]).squeeze(1)
+        if config.kl:  # the KL gradient reads the reference logits again
+            ref_lse = torch.logsumexp(zr, 1)
+            mean_ref_logit = _row_dot(p, zr)
+        else:
+            ref_lse = _tile_logsumexp_(zr, zr.amax(1))
+            zr = None
+    chunk = ForwardStats(lse, target_logit, mean_logit, logit_sum, ref_lse, ref_target_logit, mean_ref_logit)
+    coef = gradient_rule(chunk)
+    if not config.needs_mean_logit:
+        # p is still exp(z - max), unnormalised; without c1 / c2 the 1 / sum folds into c0 (one pass fewer).
+        coef = coef._replace(c0=coef.c0 / total)
+    rows = torch.arange(y.shape[0], device=y.device)
+    return chunk, logit_grad_(p, z, zr, tanh, coef, rows, y, config)

@@ -30,6 +30,11 @@ read+write of ``H`` values per ``BLOCK`` multiply-adds — memory-bound by sever
 whereas the chunk buffer is written once and read twice per chunk and the products run at cuBLAS
 speed. The op thus performs the minimum number of ``n x H x V`` products: 1 forward + 3 backward for
 a trainable head (recompute, d hidden, d weight), 1 forward (+ the moments product) for a frozen one.
+
+The fused-gradient path (:func:`prefopt.linear_objective`, 3 products): :func:`tile_step` is one chunk of
+:func:`prefopt.ops.torch_backend.fused_gradient_pass` with cuBLAS forming the chunk's raw logits tile
+(fp32) and :mod:`prefopt.kernels.live_tile` its statistics and, once the objective has its gradient, the
+gradient on the logits over the tile; d hidden and d weight are then cuBLAS products of that tile.
 """
 from __future__ import annotations
 
@@ -38,9 +43,11 @@ from dataclasses import fields
 import torch
 
 from prefopt.kernels import linear_logprobs as K
+from prefopt.kernels import live_tile
 
 from .common import ForwardStats, OpConfig, make_backend_function
 from .launch_model import frozen_shortcut_pays
+from .torch_backend import logits_tile
 
 
 def stream_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, config: OpConfig,
@@ -109,3 +116,18 @@ def shortcut_pays(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 LinearLogprobsTriton = make_backend_function("LinearLogprobsTriton", stream_forward, recompute_grads, shortcut_pays)
+
+
+def tile_step(h, y, ref_h, weight, bias, ref_weight, ref_bias, config: OpConfig, dtype, gradient_rule, out):
+    """One chunk of the fused-gradient pass (see the module docstring): returns the chunk's ForwardStats and
+    the gradient on its raw logits, in the storage of the raw logits tile (``out`` where the product can write
+    there)."""
+    raw = OpConfig()  # softcap and temperature are applied inside the kernels
+    s, _ = logits_tile(h, weight, bias, raw, dtype, out)
+    sr = logits_tile(ref_h, ref_weight, ref_bias, raw, dtype)[0] if ref_h is not None else None
+    opts = dict(temperature=config.temperature, softcap=config.softcap)
+    stats = live_tile.tile_stats(s, y, sr=sr, mean_logit=config.needs_mean_logit, logit_sum=config.needs_logit_sum,
+                                 mean_ref_logit=config.kl, **opts)
+    chunk = ForwardStats(*stats)
+    coef = gradient_rule(chunk)
+    return chunk, live_tile.tile_grad_(s, y, stats.lse, *coef, sr=sr if config.kl else None, **opts)
