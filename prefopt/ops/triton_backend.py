@@ -82,7 +82,10 @@ def recompute_grads(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, 
     blocks = K.backward_blocks(n, vocab, hidden_size, hidden.dtype)
     item = torch.empty((), dtype=mm_dtype).element_size()
     width = K.chunk_width(n, vocab, hidden_size, item, blocks.block_v)
-    buffer = torch.empty(n, width, dtype=mm_dtype, device=hidden.device)
+    # zeros, not empty: a narrower last chunk leaves columns of the buffer unwritten within each row's stride,
+    # and torch's CPU bf16 matmul reads them (times zero, harmless when finite; uninitialised NaN/Inf there
+    # made d hidden NaN)
+    buffer = torch.zeros(n, width, dtype=mm_dtype, device=hidden.device)
     rows = K.product_rows(K.CHUNK_BYTES, hidden_size, 4)
     for v0 in range(0, vocab, width):
         v1 = min(v0 + width, vocab)
