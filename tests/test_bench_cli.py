@@ -155,3 +155,24 @@ def test_vlm_flop_model_matches_a_hand_count():
                            "head": 320, "total": 3004, "activation_bytes_per_layer": 616}
     assert m["ratio"]["decoder_positions"] == 0.7
     assert "| LLaVA-1.5-7B | DPO | ratio | 0.55x |" in table() and "Qwen2.5-VL-7B | GRPO" in table()
+
+
+def test_vlm_profile_groups_backward_operators_with_their_forward():
+    """bench/vlm_profile.py: an operator of the backward counts in the group of the module whose forward it
+    differentiates (the autograd sequence number), not in "other"."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.vlm_profile import _scope, group_times
+
+    mlp, attention = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+    _scope(mlp, "decoder MLP")
+    _scope(attention, "decoder attention")
+    x = torch.randn(32, 64, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        mlp(attention(x)).sum().backward()
+    groups = group_times(prof.events())
+    for group in ("decoder MLP", "decoder attention"):
+        ops = groups[group]
+        assert ops.get("aten::addmm", 0) > 0 and ops.get("aten::mm", 0) > 0, (group, dict(ops))  # forward, backward
+    assert "aten::mm" not in groups.get("other", {})
