@@ -11,7 +11,7 @@ Examples::
     python -m bench --preset gpu                   # issue 3's GPU grid, incl. the matrix-product floor
     python -m bench --preset gpu --io-model        # the H100 IO/FLOP model of that grid (no GPU needed)
     python -m bench --preset gpu-first-contact --out DIR   # first run on a GPU (<= 5 min, nothing to install)
-    python -m bench --preset vlm-step              # DPO steps of a LLaVA-like VLM, shared prefixes or not
+    python -m bench --preset vlm-step              # DPO/GRPO steps of VLMs, shared prefixes or not, TRL
     python -m bench --workload grpo,nsft-kl --tokens 1024,2048 --vocab 32000 --impl naive,prefopt-torch
 """
 from __future__ import annotations
@@ -91,8 +91,9 @@ def make_preset(name: str, device: str) -> Preset:
                       "the floor and the installed peers (bench/first_contact.py); without CUDA a dry run", device,
                       "bfloat16", [], [])
     if name == "vlm-step":
-        return Preset("vlm-step", "whole DPO optimizer steps of a LLaVA-like VLM (576 image tokens), unshared rows "
-                      "against one prefix per record (bench/vlm_step.py)", device, "float32", [], [])
+        return Preset("vlm-step", "whole DPO and GRPO optimizer steps of a LLaVA-like and a Qwen2-VL-like VLM, unshared "
+                      "rows against one prefix per record and stock TRL, and a FLOP model at 7B shapes "
+                      "(bench/vlm_step.py)", device, "float32", [], [])
     if name == "full":
         if device == "cuda":
             pts = make_preset("gpu", device).points

@@ -1,17 +1,26 @@
-"""``python -m bench --preset vlm-step``: whole DPO optimizer steps of a LLaVA-like and a Qwen2-VL-like VLM,
-unshared rows against one prefix per record (prefopt.train.prefixes).
+"""``python -m bench --preset vlm-step``: whole optimizer steps of a LLaVA-like and a Qwen2-VL-like VLM,
+unshared rows against one prefix per record (prefopt.train.prefixes), DPO and GRPO, and stock TRL.
 
 The models are built from configs (no download): LLaVA-1.5's geometry (CLIP at 336 px, patch 14: 576 image
 tokens) with a 1-layer vision tower of width 256, and Qwen2-VL's (patch 14, 2x2 merge, a 1120 x 896 image:
 1,280 image tokens) with a 1-layer vision tower of width 128; each with a 4-layer decoder of width 512 and a
 32,000-token vocabulary; a frozen copy is the reference. Each record: one image, a 32-token prompt, 64-token chosen
-and rejected answers. A step is what ``prefopt train`` runs per optimizer step: the reference forward (no
-grad), the policy forward and backward, the fused DPO loss on the head, AdamW; the batch is collated once
-before the steps (the collation is not timed). Both variants run in one fresh process on the same model,
-one warm-up step each, then their timed steps interleaved (the order alternating), so that a change of
-the machine's load hits both alike; per variant the median step time and the largest peak resident set of
-a step above the resident set just before it (bench/worker.py's CpuMemory: VmHWM reset through
-/proc/self/clear_refs). The losses of both variants on the same weights are printed as a check.
+and rejected answers. Variants, per model:
+
+- ``unshared`` / ``shared``: a DPO step as ``prefopt train`` runs it per optimizer step: the reference forward
+  (no grad), the policy forward and backward, the fused DPO loss on the head, AdamW;
+- ``grpo-unshared`` / ``grpo-shared``: a GRPO step (k3 KL to the reference, beta 0.04) on 4 fixed answers per
+  record (its chosen and rejected and two more of 64 tokens) with fixed advantages; no sampling;
+- ``trl``: stock TRL ``DPOTrainer.training_step`` (its own collator, every image repeated for the chosen and
+  the rejected row, its own fused head and loss) on its own copy of the same weights, then AdamW;
+  ``trl-prefopt-shared`` (LLaVA-like only): the same through ``PrefoptDPOTrainer(share_prefix="on")``.
+
+Every batch is collated once before the steps (the collation is not timed). All variants run in one fresh
+process per model, one warm-up step each, then their timed steps interleaved (the order alternating), so
+that a change of the machine's load hits all alike; per variant the median step time and the largest peak
+resident set of a step above the resident set just before it (bench/worker.py's CpuMemory: VmHWM reset
+through /proc/self/clear_refs). Each variant's loss on the first weights is printed as a check. Then the
+FLOP and activation model of the same comparison at 7B shapes (bench/vlm_model.py).
 """
 from __future__ import annotations
 
@@ -26,7 +35,9 @@ IMAGE_SIZE, PATCH = 336, 14  # LLaVA-1.5: (336 / 14)^2 = 576 image tokens
 QWEN_IMAGE = (1120, 896)  # Qwen2-VL: (80 x 64 patches of 14) / (2 x 2 merge) = 1,280 image tokens
 IMAGE_TOKENS = {"llava": 576, "qwen2-vl": 1280}
 PROMPT_TOKENS, ANSWER_TOKENS = 32, 64
-VARIANTS = ("unshared", "shared")
+GRPO_ANSWERS = 4
+#: Families whose TRL batches prefopt's head shares (prefopt.integrations.trl.TRL_SHARED_FAMILIES).
+TRL_SHARED = ("llava",)
 
 
 def make_processor(family: str):
@@ -120,12 +131,76 @@ def records(processor, n: int, family: str):
                              rejected=text_of(tok, ANSWER_TOKENS, 3 * i + 2), images=[image]) for i in range(n)]
 
 
+def trl_dpo(family: str, processor, data, share_prefix=None):
+    """(trainer, its first batch from its own collator) of stock TRL ``DPOTrainer`` (``share_prefix`` None), or
+    of ``PrefoptDPOTrainer`` with that ``share_prefix``, on a fresh copy of the policy (weights seed 0) and of
+    the reference (seed 1): TRL wraps each model's forward with its head. The records in TRL's
+    conversational vision format (one image, the prompt after it); TRL's collator repeats every image for the
+    chosen and the rejected row."""
+    import tempfile
+
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    from prefopt.integrations.trl import PrefoptDPOConfig, PrefoptDPOTrainer
+
+    def message(role, *content):
+        return [{"role": role, "content": list(content)}]
+
+    text = lambda t: {"type": "text", "text": t}  # noqa: E731
+    rows = datasets.Dataset.from_dict({
+        "images": [list(r.images) for r in data],
+        "prompt": [message("user", {"type": "image"}, text(r.prompt)) for r in data],
+        "chosen": [message("assistant", text(r.chosen)) for r in data],
+        "rejected": [message("assistant", text(r.rejected)) for r in data]})
+    common = dict(output_dir=tempfile.mkdtemp(prefix="vlm-step-trl-"), per_device_train_batch_size=len(data),
+                  max_length=None, use_cpu=True, bf16=False, report_to=[], save_strategy="no", seed=0,
+                  disable_tqdm=True, beta=0.1)
+    if share_prefix is None:
+        cls, args = DPOTrainer, DPOConfig(**common)
+    else:
+        cls, args = PrefoptDPOTrainer, PrefoptDPOConfig(**common, share_prefix=share_prefix)
+    trainer = cls(model=build(family, 0)[0].hf_model, ref_model=build(family, 1)[0].hf_model, args=args,
+                  train_dataset=rows, processing_class=processor)
+    trainer.current_gradient_accumulation_steps = 1  # what Trainer's loop sets, without accumulation
+    return trainer, next(iter(trainer.get_train_dataloader()))
+
+
+def trl_decoder_tokens(batch, share_prefix, config) -> int:
+    """The positions the decoder runs on a TRL batch: its padded rows, or packed (prefopt's head with
+    ``share_prefix``) one row per prefix."""
+    if share_prefix is None:
+        return batch["input_ids"].numel()
+    from prefopt.train.prefixes import pack_padded_batch
+
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+    return pack_padded_batch(inputs, labels, image_token_ids=[config.image_token_id])[0]["input_ids"].numel()
+
+
+def grpo_rows(processor, data):
+    """GRPO's group of 4 fixed answers per record (its chosen and rejected, two more of the same length), each
+    row a copy of its record as the loop's rollouts make them; and the group-normalised advantages of fixed
+    rewards."""
+    import dataclasses
+
+    import torch
+
+    from prefopt.train.methods import group_advantages
+
+    tok = processor.tokenizer
+    rows = [dataclasses.replace(r, chosen=answer, rejected=None) for i, r in enumerate(data) for answer in (
+        r.chosen, r.rejected, text_of(tok, ANSWER_TOKENS, 1000 + 2 * i), text_of(tok, ANSWER_TOKENS, 1001 + 2 * i))]
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.25] * len(data))
+    return rows, group_advantages(rewards, GRPO_ANSWERS)
+
+
 def measure(family: str, batch_records: int, steps: int) -> dict:
-    """Both variants' step times and per-step peak memory, in this process, their steps interleaved."""
+    """Every variant's step times and per-step peak memory, in this process, their steps interleaved."""
     import torch
 
     from prefopt.train.data import PreferenceCollator
-    from prefopt.train.loop import count_items
+    from prefopt.train.step import count_items
     from prefopt.train.methods import MethodOptions, PolicyObjective, build_method
     from prefopt.train.prefixes import SharedPrefixCollator, decoder_tokens, logical_tokens
     from prefopt.train.reference import ModelReference
@@ -136,43 +211,79 @@ def measure(family: str, batch_records: int, steps: int) -> dict:
     policy, processor = build(family, 0)
     copy, _ = build(family, 1)
     data = records(processor, batch_records, family)
-    batches = {"unshared": PreferenceCollator(processor, max_length=2048)(data, mode="pair"),
-               "shared": SharedPrefixCollator(processor, max_length=2048)(data, mode="pair")}
-    stage = build_method("dpo", MethodOptions(), total_steps=2 * steps + 2).stage_at(0)
     objective = PolicyObjective(policy, ModelReference(copy))
     optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=1e-5)
-    with torch.no_grad():  # the same weights: both variants' losses
-        losses = {v: float(objective(b, stage=stage, num_items=batch_records).loss) for v, b in batches.items()}
+    collators = {"unshared": PreferenceCollator(processor, max_length=4096),
+                 "shared": SharedPrefixCollator(processor, max_length=4096)}
+    dpo = build_method("dpo", MethodOptions(), total_steps=10 * steps).stage_at(0)
+    grpo = build_method("grpo", MethodOptions(num_generations=GRPO_ANSWERS, grpo_beta=0.04),
+                        total_steps=10 * steps).stage_at(0)
+    rows, advantages = grpo_rows(processor, data)
+    batches, stages = {}, {}
+    for variant, collator in collators.items():
+        batches[variant], stages[variant] = collator(data, mode="pair"), dpo
+        batches[f"grpo-{variant}"], stages[f"grpo-{variant}"] = collator(rows, mode="sft"), grpo
+        batches[f"grpo-{variant}"]["advantages"] = advantages
 
-    def step(batch) -> None:
-        out = objective(batch, stage=stage, num_items=count_items(stage.loss, batch["labels"]))
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def prefopt_loss(variant) -> torch.Tensor:
+        batch, stage = batches[variant], stages[variant]
+        return objective(batch, stage=stage, num_items=count_items(stage.loss, batch["labels"])).loss
 
+    def prefopt_step(variant):
+        def step() -> float:
+            loss = prefopt_loss(variant)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return float(loss.detach())
+        return step
+
+    def trl_step(trainer, batch):
+        trl_optimizer = torch.optim.AdamW([p for p in trainer.model.parameters() if p.requires_grad], lr=1e-5)
+
+        def step() -> float:
+            loss = trainer.training_step(trainer.model, batch)
+            trl_optimizer.step()
+            trl_optimizer.zero_grad(set_to_none=True)
+            return float(loss.detach())
+        return step
+
+    variants = {v: prefopt_step(v) for v in batches}
+    with torch.no_grad():  # the same weights: every variant's loss
+        losses = {v: float(prefopt_loss(v)) for v in batches}
+    tokens = {v: (decoder_tokens(b), logical_tokens(b)) for v, b in batches.items()}
+    for name, share in [("trl", None)] + ([("trl-prefopt-shared", "on")] if family in TRL_SHARED else []):
+        trainer, batch = trl_dpo(family, processor, data, share)
+        variants[name] = trl_step(trainer, batch)
+        losses[name] = variants[name]()  # its own copy's first step: on the same weights; also its warm-up
+        tokens[name] = (trl_decoder_tokens(batch, share, trainer.model.config), int(batch["attention_mask"].sum()))
     memory = CpuMemory()
-    for batch in batches.values():  # warm-up (AdamW's state is allocated here)
-        step(batch)
-    times = {v: [] for v in VARIANTS}
-    peaks = {v: [] for v in VARIANTS}
+    for variant in batches:  # warm-up (AdamW's state is allocated here)
+        variants[variant]()
+    times = {v: [] for v in variants}
+    peaks = {v: [] for v in variants}
+    order = list(variants)
     for k in range(steps):
-        for variant in (VARIANTS if k % 2 == 0 else VARIANTS[::-1]):
+        for variant in (order if k % 2 == 0 else order[::-1]):
             baseline = memory.current()
             memory.reset_peak()
             start = time.perf_counter()
-            step(batches[variant])
+            variants[variant]()
             times[variant].append(time.perf_counter() - start)
             peaks[variant].append((memory.peak() - baseline) / 2**20)
     return {"family": family, "image_tokens": IMAGE_TOKENS[family], "records": batch_records,
             "memory_method": memory.method, "variants": [
         {"variant": v, "steps_s": times[v], "median_s": statistics.median(times[v]), "peak_extra_mib": max(peaks[v]),
-         "loss": losses[v], "decoder_tokens": decoder_tokens(batches[v]), "logical_tokens": logical_tokens(batches[v])}
-        for v in VARIANTS]}
+         "loss": losses[v], "decoder_tokens": tokens[v][0], "logical_tokens": tokens[v][1]}
+        for v in variants]}
 
 
-def run(out: str, batch_records: int = 2, steps: int = 6) -> int:
-    """Each model family in a fresh process; the table to stdout, the figures to ``OUT/results.json``."""
+def run(out: str, batch_records: int = 2, steps: int = 3) -> int:
+    """Each model family in a fresh process; the tables (measured steps, then the 7B FLOP model) to stdout,
+    the figures to ``OUT/results.json``."""
     import torch
+
+    from .vlm_model import table
 
     os.makedirs(out, exist_ok=True)
     results = []
@@ -185,20 +296,24 @@ def run(out: str, batch_records: int = 2, steps: int = 6) -> int:
             return 2
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     load = os.getloadavg()
-    lines = [f"vlm-step: {PROMPT_TOKENS}-token prompt, {ANSWER_TOKENS}-token answers, {batch_records} records per step, "
-             f"{steps} timed DPO steps per variant (interleaved) after 1 warm-up, fp32 CPU, torch threads "
-             f"{torch.get_num_threads()}, load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}", "",
+    lines = [f"vlm-step: {PROMPT_TOKENS}-token prompt, {ANSWER_TOKENS}-token answers, {batch_records} records per step "
+             f"(GRPO: {GRPO_ANSWERS} fixed answers each), {steps} timed steps per variant (interleaved) after 1 "
+             f"warm-up, fp32 CPU, torch threads {torch.get_num_threads()}, load average at the end "
+             f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}", "",
              "| model | image tokens | variant | median step (s) | vs unshared | peak extra memory in a step (MiB) | "
-             "decoder tokens | logical tokens | loss |", "|---|---|---|---|---|---|---|---|---|"]
+             "decoder tokens | logical tokens | loss (first weights) |", "|---|---|---|---|---|---|---|---|---|"]
     for result in results:
-        base = result["variants"][0]
+        medians = {r["variant"]: r["median_s"] for r in result["variants"]}
         for r in result["variants"]:
+            base = medians["grpo-unshared" if r["variant"].startswith("grpo") else "unshared"]
             lines.append(f"| {result['family']}-like | {result['image_tokens']} | {r['variant']} | {r['median_s']:.2f} | "
-                         f"{r['median_s'] / base['median_s']:.2f}x | {r['peak_extra_mib']:.0f} | {r['decoder_tokens']} | "
+                         f"{r['median_s'] / base:.2f}x | {r['peak_extra_mib']:.0f} | {r['decoder_tokens']} | "
                          f"{r['logical_tokens']} | {r['loss']:.6f} |")
-    print("\n".join(lines))
+    model = table(PROMPT_TOKENS, ANSWER_TOKENS)
+    print("\n".join(lines) + "\n\n" + model)
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"results": results, "loadavg": load, "torch_threads": torch.get_num_threads()}, f, indent=1)
+        json.dump({"results": results, "loadavg": load, "torch_threads": torch.get_num_threads(), "flop_model": model},
+                  f, indent=1)
     return 0
 
 

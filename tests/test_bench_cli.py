@@ -136,3 +136,43 @@ def test_vlm_step_records_have_the_stated_geometry():
     plain = PreferenceCollator(qwen, max_length=4096)(vlm_step.records(qwen, 1, "qwen2-vl"), mode="pair")
     assert (plain["input_ids"] == qwen.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum(-1).tolist() == [1280] * 2
     assert (plain["labels"] != -100).sum(-1).tolist() == [64 + 2] * 2
+
+
+def test_vlm_flop_model_matches_a_hand_count():
+    """bench/vlm_model.py at a tiny shape: 2 answers of 2 tokens after a 1-token prompt and a 2-token image."""
+    from bench.vlm_model import DecoderShape, ModelShape, VisionShape, step_model, table
+
+    shape = ModelShape("tiny", VisionShape(layers=1, hidden=2, intermediate=4, patches=3, gated_mlp=False, projector=10),
+                       DecoderShape(layers=1, hidden=4, intermediate=8, heads=2, kv_heads=1, vocab=10), image_tokens=2)
+    m = step_model(shape, prompt_tokens=1, answer_tokens=2, answers=2)
+    # vision per image: 3 patches x 2 x (4 x 2 x 2 + 2 x 2 x 4) = 192, attention 4 x 2 x 3^2 = 72, projector 2 x 10
+    # decoder per position: 2 x (4 x (4 + 2 x 2) + 4 x 4 + 3 x 4 x 8) = 288; prefix 3 positions
+    # attention pairs: unshared 2 rows of 5 -> 2 x 15; shared 3 x 4 / 2 + 2 x (2 x 3 + 2 x 3 / 2) = 24; 4 x 4 each
+    # head: 2 answers x 2 tokens x 2 x 4 x 10; activations per position 2 x 4 + 8 + 4 + 3 x 8 = 44 values, 2 bytes
+    assert m["unshared"] == {"decoder_positions": 10, "vision": 568, "decoder_linear": 2880, "decoder_attention": 480,
+                             "head": 320, "total": 4248, "activation_bytes_per_layer": 880}
+    assert m["shared"] == {"decoder_positions": 7, "vision": 284, "decoder_linear": 2016, "decoder_attention": 384,
+                           "head": 320, "total": 3004, "activation_bytes_per_layer": 616}
+    assert m["ratio"]["decoder_positions"] == 0.7
+    assert "| LLaVA-1.5-7B | DPO | ratio | 0.55x |" in table() and "Qwen2.5-VL-7B | GRPO" in table()
+
+
+def test_vlm_profile_groups_backward_operators_with_their_forward():
+    """bench/vlm_profile.py: an operator of the backward counts in the group of the module whose forward it
+    differentiates (the autograd sequence number), not in "other"."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.vlm_profile import _scope, group_times
+
+    mlp, attention = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+    _scope(mlp, "decoder MLP")
+    _scope(attention, "decoder attention")
+    x = torch.randn(32, 64, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        mlp(attention(x)).sum().backward()
+    groups = group_times(prof.events())
+    for group in ("decoder MLP", "decoder attention"):
+        ops = groups[group]
+        assert ops.get("aten::addmm", 0) > 0 and ops.get("aten::mm", 0) > 0, (group, dict(ops))  # forward, backward
+    assert "aten::mm" not in groups.get("other", {})

@@ -277,3 +277,28 @@ def test_held_out_pair_scoring_equals_unshared():
     for k in EVAL_KEYS:
         on, off = results["on"][k], results["off"][k]
         assert (on is None and off is None) or abs(on - off) <= 1e-5 * max(1.0, abs(off)), k
+
+
+def test_padded_batch_packs_rows_with_the_same_prompt_and_images():
+    """TRL's padded layout (left-padded prompts, -100 outside the answers): rows with the same prompt tokens,
+    first column and image share a packed row; ``index`` finds every logical position that predicts a label."""
+    from prefopt.train.prefixes import pack_padded_batch
+
+    IMG = 9
+    ids = torch.tensor([[0, 5, IMG, 6, 7, 8, 0], [0, 5, IMG, 6, 3, 0, 0], [5, IMG, 4, 4, 2, 2, 2], [0, 5, IMG, 6, 1, 1, 0]])
+    attention = (torch.arange(7) >= torch.tensor([1, 1, 0, 1])[:, None]) & (ids != 0)
+    answer_from = torch.tensor([4, 4, 3, 4])
+    labels = ids.masked_fill((torch.arange(7) < answer_from[:, None]) | ~attention, -100)
+    pixels = torch.tensor([[1.0], [1.0], [1.0], [2.0]])  # row 3: the same prompt as rows 0 and 1, another image
+    packed, index = pack_padded_batch({"input_ids": ids, "attention_mask": attention.long(), "pixel_values": pixels},
+                                      labels, image_token_ids=[IMG])
+    assert packed["input_ids"].shape[0] == 3 and torch.equal(packed["pixel_values"], pixels[[0, 2, 3]])
+    assert packed["input_ids"][0].tolist()[:6] == [5, IMG, 6, 7, 8, 3]  # prefix once, then both answers
+    assert packed["attention_mask"].dtype == torch.bool and packed["prefix_lengths"].tolist() == [3, 3, 3]
+    assert packed["position_ids"][0].tolist()[:6] == [1, 2, 3, 4, 5, 4]  # each token's column in its own row
+    flat = torch.cat([packed["input_ids"].flatten(), torch.tensor([-1])])
+    predicts = labels[:, 1:] != -100  # position t predicts labels[t + 1]: the same token sits there, packed
+    assert torch.equal(flat[index][:, :-1][predicts], ids[:, :-1][predicts])
+    several = torch.tensor([[5, IMG, IMG, 6, 7], [5, IMG, IMG, 6, 8]])  # pixel rows per row: not one image each
+    batch = {"input_ids": several, "attention_mask": torch.ones_like(several), "pixel_values": torch.ones(4, 1)}
+    assert pack_padded_batch(batch, several.masked_fill(torch.arange(5) < 4, -100), image_token_ids=[IMG]) is None

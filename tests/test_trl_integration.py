@@ -20,6 +20,8 @@ Sampled parity matrix (about a minute of CI on 2 cores; the budget is 240 s), an
   dr_grpo, cispo, sapo, luspo, vespo).
 - prefopt's own cw-dpo, sft-c and nsft (PrefoptDPOConfig) against full logits; the ZeRO-3 code path (gather,
   recompute in backward) against the direct one without DeepSpeed; unsupported options.
+- share_prefix=True against the same trainer unshared (the head must have packed): DPO and GRPO (LoRA,
+  adapters-off reference, 2 iterations), tiny Llama and tiny LLaVA; the refusal / fallback rules.
 Real 2-process DDP and ZeRO-3 launches are in test_trl_distributed.py. Not covered: FSDP2.
 """
 import contextlib
@@ -370,3 +372,101 @@ def test_head_fields_equal_trls_head(transform):
         torch.testing.assert_close(getattr(our_out, field), getattr(trl_out, field), rtol=1e-5, atol=1e-5, msg=field)
     for ours, theirs in zip(our_grads, trl_grads):  # per tensor, relative to its norm
         assert float((ours - theirs).norm()) <= 1e-5 * float(theirs.norm()) + 1e-9
+
+
+# -- share_prefix: the same runs with one prefix per record / per prompt's group of answers
+
+@contextlib.contextmanager
+def counted_packing():
+    """Counts the batches the head packed (one row per prefix) and the decoder positions of packed rows."""
+    calls = {"packed": 0, "positions": 0}
+    pack = integration.pack_padded_batch
+
+    def counted(*args, **kwargs):
+        out = pack(*args, **kwargs)
+        if out is not None:
+            calls["packed"] += 1
+            calls["positions"] += out[0]["input_ids"].numel()
+        return out
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(integration, "pack_padded_batch", counted)
+    try:
+        yield calls
+    finally:
+        mp.undo()
+
+
+def unshared_and_shared(build):
+    """``build(share_prefix)``: the same run unshared and shared; the shared one must have packed its batches
+    (policy and reference) and equal the unshared one: the losses, every logged metric, the weight update."""
+    with counted_packing() as calls:
+        runs = [train(build("off"))]
+        assert calls["packed"] == 0
+        runs.append(train(build(True)))
+    assert calls["packed"] >= 6, f"{calls['packed']} packed batches in 3 steps"
+    assert_same_run(*runs)
+
+
+@pytest.mark.parametrize("model,data", [("tiny-llama", text_pairs), ("tiny-llava", image_pairs)], ids=["text", "llava"])
+def test_dpo_share_prefix_equals_unshared(model, data):
+    """A record's chosen and rejected rows in one packed row, for the policy and the explicit reference;
+    several TRL loss types at once (sums, per-token means; on text WPO's weights, which TRL cannot apply to
+    its in-place-expanded sft loss)."""
+    text = model == "tiny-llama"
+    loss_types = ["sigmoid", "ipo"] + ([] if text else ["sft"])
+
+    def build(share):
+        policy, processor = tiny(model)
+        args = PrefoptDPOConfig(output_dir=tempfile.mkdtemp(), **COMMON, max_length=None, loss_type=loss_types,
+                                loss_weights=[1.0] * len(loss_types), use_weighting=text, share_prefix=share)
+        return PrefoptDPOTrainer(model=policy, ref_model=tiny(model)[0], args=args, train_dataset=data(),
+                                 processing_class=processor)
+
+    unshared_and_shared(build)
+
+
+def image_prompts():
+    return image_pairs().remove_columns(["chosen", "rejected"])
+
+
+def reward_text_length(completions, **kwargs):
+    """:func:`reward_length` of plain or conversational completions (their assistant message's text)."""
+    return reward_length([c if isinstance(c, str) else c[-1]["content"] for c in completions])
+
+
+@pytest.mark.parametrize("model,data", [("tiny-llama", prompts), ("tiny-llava", image_prompts)], ids=["text", "llava"])
+def test_grpo_share_prefix_equals_unshared(model, data):
+    """A prompt's group of sampled answers (the same seeded completions in both runs) in one packed row (TRL
+    left-pads prompts: positions keep their columns), for the policy, the old policy (2 iterations) and the
+    LoRA's adapters-off reference."""
+    from prefopt.integrations.trl import PrefoptGRPOConfig
+
+    def build(share):
+        policy, processor = tiny(model)
+        args = PrefoptGRPOConfig(output_dir=tempfile.mkdtemp(), **COMMON, num_generations=2, max_completion_length=6,
+                                 num_iterations=2, beta=0.1, share_prefix=share)
+        return PrefoptGRPOTrainer(model=policy, reward_funcs=reward_text_length, args=args, train_dataset=data(),
+                                  processing_class=processor,
+                                  peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+    unshared_and_shared(build)
+
+
+def test_share_prefix_refuses_or_falls_back_in_one_line():
+    """``on`` (True) refuses a family it cannot share in one line; ``auto`` trains it unshared."""
+    import types
+
+    share = integration._share_prefix
+    llava = types.SimpleNamespace(model_type="llava", _attn_implementation="sdpa")
+    assert share(llava, True) and share(llava, "auto") and not share(llava, False)
+    for family, words in [("gemma3", "'gemma3' cannot share"), ("qwen2_vl", "'qwen2_vl' is not tested with shared "
+                                                                            "prefixes in TRL's trainers")]:
+        config = types.SimpleNamespace(model_type=family, _attn_implementation="sdpa")
+        assert share(config, "auto") is False
+        with pytest.raises(ValueError, match=f"^share_prefix='on': model family {words}") as e:
+            share(config, "on")
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="^share_prefix: expected one of auto, on, off or a bool, got 'yes'$"):
+        PrefoptDPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, share_prefix="yes")
+    assert PrefoptDPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, share_prefix=True).share_prefix == "on"

@@ -32,8 +32,9 @@ from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx, use
 
 from .. import objectives
 from ..ops import linear_logprobs
+from ..train.prefixes import SHARE_PREFIX_CHOICES, pack_padded_batch, packed_positions, share_refusal
 
-__all__ = ["add_prefopt_lm_head", "PrefoptDPOConfig", "PrefoptDPOTrainer", "PrefoptGRPOTrainer",
+__all__ = ["add_prefopt_lm_head", "PrefoptDPOConfig", "PrefoptDPOTrainer", "PrefoptGRPOConfig", "PrefoptGRPOTrainer",
            "DPO_SUPPORTED_OPTIONS", "GRPO_SUPPORTED_OPTIONS"]
 
 #: Per-token fields of TRL's ``FusedCausalLMOutput`` prefopt's head computes (all of TRL 1.16's).
@@ -109,7 +110,8 @@ class _GatheredHead(torch.autograd.Function):
 
 
 def add_prefopt_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
-                        outputs: Tuple[str, ...] = ("log_probs",), backend: str = "auto") -> None:
+                        outputs: Tuple[str, ...] = ("log_probs",), backend: str = "auto",
+                        share_prefix: str = "off") -> None:
     """Give ``model`` TRL's fused-head calling convention, computed by :func:`prefopt.linear_logprobs`.
 
     After it, ``model(..., labels=labels, fused_lm_head=True)`` runs the backbone and returns a
@@ -128,6 +130,12 @@ def add_prefopt_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: b
     prefopt's own additions (nSFT): ``fused_lm_head="hidden"`` returns the scored positions' final hidden
     states; ``prefopt_ref_hidden`` (those of the reference) with ``prefopt_ref_head`` (its ``(weight,
     bias)``, default this model's head) adds ``output["kl"]``, the full-vocabulary KL(pi || pi_ref) per token.
+
+    ``share_prefix`` (``auto``, ``on``, ``off``: ``prefopt train --share-prefix``'s rules for the model's
+    family, :func:`prefopt.train.prefixes.share_refusal` and :data:`TRL_SHARED_FAMILIES`): the rows of a
+    scored batch that hold the same prompt and images run as one packed row
+    (:func:`prefopt.train.prefixes.pack_padded_batch`), and the answers' hidden states go back to the rows'
+    own layout before the head, so every output field is the unshared one's.
     """
     unknown = [name for name in outputs if name not in HEAD_OUTPUTS]
     if unknown:
@@ -136,6 +144,9 @@ def add_prefopt_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: b
         raise ValueError("model config: output_router_logits (MoE load-balancing loss) is not supported by "
                          "prefopt's head")
     softcap, logit_scale = _logit_transform(model.config.get_text_config())
+    share = _share_prefix(model.config, share_prefix)
+    image_token_ids = [i for i in (getattr(model.config, n, None) for n in ("image_token_id", "image_token_index"))
+                       if isinstance(i, int)][:1]
     original_forward = model.forward
 
     @functools.wraps(type(model).forward)  # generate() checks its keyword arguments against this signature
@@ -147,7 +158,17 @@ def add_prefopt_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: b
         if kwargs.get("output_router_logits"):
             raise ValueError("output_router_logits: the MoE load-balancing loss is not supported by prefopt's head")
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        packed = None
+        if share and not args and labels is not None and shift_labels is None:
+            packed = pack_padded_batch(kwargs, labels, image_token_ids=image_token_ids)
+        if packed is None:
+            hidden = self.base_model(*args, **kwargs).last_hidden_state
+        else:  # one row per prefix; the answers' hidden states back in their rows (0 where no label is predicted)
+            inputs, index = packed
+            prefix_lengths = inputs.pop("prefix_lengths")
+            inputs["position_ids"] = packed_positions(self.base_model, inputs, prefix_lengths)
+            hidden = self.base_model(**inputs).last_hidden_state
+            hidden = torch.cat([hidden.flatten(0, 1), hidden.new_zeros(1, hidden.shape[-1])])[index]
         if shift_labels is None:  # hidden[:, t] predicts labels[:, t + 1]
             hidden, targets = hidden[:, :-1], labels[:, 1:]
         else:
@@ -209,13 +230,43 @@ def add_prefopt_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: b
     model.forward = types.MethodType(forward, model)
 
 
+#: ``config.model_type`` of the families whose shared rows through TRL's trainers are tested equal to the
+#: unshared ones (tests/test_trl_integration.py); the others train unshared (``auto``) or are refused (``on``).
+TRL_SHARED_FAMILIES = ("llama", "qwen2", "llava")
+
+
+def _share_prefix_choice(value) -> str:
+    """``share_prefix``'s value as ``auto``, ``on`` or ``off`` (True is ``on``, False ``off``)."""
+    choice = ("on" if value else "off") if isinstance(value, bool) else value
+    if choice not in SHARE_PREFIX_CHOICES:
+        raise ValueError(f"share_prefix: expected one of {', '.join(SHARE_PREFIX_CHOICES)} or a bool, got {value!r}")
+    return choice
+
+
+def _share_prefix(config, share_prefix) -> bool:
+    """Whether a model of ``config`` shares prefixes under ``share_prefix`` (:func:`_share_prefix_choice`);
+    ``on`` where it cannot: ValueError, one line naming why."""
+    choice = _share_prefix_choice(share_prefix)
+    if choice == "off":
+        return False
+    refusal = share_refusal(config)
+    family = getattr(config, "model_type", "?")
+    if refusal is None and family not in TRL_SHARED_FAMILIES:
+        refusal = (f"model family {family!r} is not tested with shared prefixes in TRL's trainers "
+                   f"(tested: {', '.join(TRL_SHARED_FAMILIES)})")
+    if refusal is not None and choice == "on":
+        raise ValueError(f"share_prefix='on': {refusal}")
+    return refusal is None
+
+
 @contextmanager
-def _prefopt_heads(trainer_module, backend: str = "auto"):
+def _prefopt_heads(trainer_module, backend: str = "auto", share_prefix: str = "off"):
     """While TRL's trainer is constructed, its calls to ``add_fused_lm_head`` add prefopt's head instead, with
     the arguments TRL gives (outputs, temperature, fp32 head), at the point where TRL adds its own: before
     accelerate (mixed precision, DeepSpeed) and PEFT wrap the models."""
     trl_head = trainer_module.add_fused_lm_head
-    trainer_module.add_fused_lm_head = functools.partial(add_prefopt_lm_head, backend=backend)
+    trainer_module.add_fused_lm_head = functools.partial(add_prefopt_lm_head, backend=backend,
+                                                         share_prefix=share_prefix)
     try:
         yield
     finally:
@@ -243,7 +294,7 @@ DPO_SUPPORTED_OPTIONS = (
     "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "pad_token", "activation_offloading",
     "use_weighting",
     # PrefoptDPOConfig's own
-    "cw_floor", "cw_tau", "cw_detach_weight", "sftc_lam", "sftc_margin", "kl_coef", "prefopt_backend",
+    "cw_floor", "cw_tau", "cw_detach_weight", "sftc_lam", "sftc_margin", "kl_coef", "prefopt_backend", "share_prefix",
 )
 MOE = "the MoE load-balancing loss is not computed by prefopt's head: not supported"
 DPO_UNSUPPORTED = {
@@ -251,6 +302,9 @@ DPO_UNSUPPORTED = {
     "padding_free": "not tested with prefopt's head: not supported",
     "use_liger_kernel": "replaces the model's forward: not supported",
 }
+
+SHARE_PREFIX_HELP = ("one prefix per record (True / 'on', 'auto', False / 'off'): the rows of a batch with the "
+                     "same prompt and images run their prefix through the vision tower and the decoder once")
 
 #: prefopt's own paired losses reachable through ``PrefoptDPOConfig(loss_type=...)``.
 PREFOPT_DPO_LOSS_TYPES = ("cw-dpo", "sft-c", "nsft")
@@ -268,6 +322,10 @@ class PrefoptDPOConfig(DPOConfig):
     ``precompute_ref_log_probs`` or under ZeRO-3), alone (not mixed with TRL's loss types). The field
     names are those of ``prefopt train``'s options (``--cw-floor`` ...), with the same defaults as
     prefopt's losses.
+
+    ``share_prefix=True`` (``"on"``; ``"auto"``; default False, ``"off"``): a record's chosen and rejected rows
+    run their images and prompt through the vision tower and the decoder once, for the policy and the
+    reference (:func:`add_prefopt_lm_head`); losses, metrics and gradients are the unshared ones.
     """
 
     cw_floor: float = field(default=-3.0, metadata={"help": "CW-DPO: per-token log-prob of a negative below which "
@@ -278,9 +336,11 @@ class PrefoptDPOConfig(DPOConfig):
     sftc_margin: float = field(default=2.0, metadata={"help": "SFT-C: NLL per token a negative is pushed up to."})
     kl_coef: float = field(default=0.1, metadata={"help": "nSFT: weight of the per-token KL to the reference."})
     prefopt_backend: str = field(default="auto", metadata={"help": "backend of prefopt's op: auto, torch or triton."})
+    share_prefix: str = field(default="off", metadata={"help": SHARE_PREFIX_HELP})
 
     def __post_init__(self):
         super().__post_init__()
+        self.share_prefix = _share_prefix_choice(self.share_prefix)
         ours = [t for t in self.loss_type if t in PREFOPT_DPO_LOSS_TYPES]
         if ours and len(self.loss_type) > 1:
             raise ValueError(f"loss_type: prefopt's {ours[0]!r} runs alone, not mixed with {self.loss_type}")
@@ -311,7 +371,8 @@ class PrefoptDPOTrainer(DPOTrainer):
         if args is not None:
             _check_options(args, type(args) if isinstance(args, PrefoptDPOConfig) else DPOConfig,
                            DPO_SUPPORTED_OPTIONS, DPO_UNSUPPORTED, "PrefoptDPOTrainer")
-        with _prefopt_heads(dpo_trainer_module, getattr(args, "prefopt_backend", "auto")):
+        with _prefopt_heads(dpo_trainer_module, getattr(args, "prefopt_backend", "auto"),
+                            getattr(args, "share_prefix", "off")):
             super().__init__(model, ref_model, args, *rest, **kwargs)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -434,6 +495,19 @@ GRPO_SUPPORTED_OPTIONS = tuple(
 )
 
 
+@dataclass
+class PrefoptGRPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus ``share_prefix`` (as :class:`PrefoptDPOConfig`'s): the answers sampled for one prompt
+    run its images and prompt through the vision tower and the decoder once when they are scored (policy,
+    old policy and reference); generation is TRL's."""
+
+    share_prefix: str = field(default="off", metadata={"help": SHARE_PREFIX_HELP})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.share_prefix = _share_prefix_choice(self.share_prefix)
+
+
 class PrefoptGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` whose per-token log-probs and entropies (policy, old policy and reference) come
     from prefopt's fused op; same constructor, ``GRPOConfig`` and behaviour.
@@ -441,11 +515,12 @@ class PrefoptGRPOTrainer(GRPOTrainer):
     TRL's own loss code runs on them, so every ``loss_type`` of the installed TRL (grpo, bnpo, dr_grpo,
     dapo, cispo, sapo, luspo, vespo in 1.16) and its ``num_items_in_batch`` normalisation hold as in TRL.
     Supported options: every ``GRPOConfig`` option but ``use_vllm``, ``use_liger_kernel`` and
-    ``router_aux_loss_coef`` (:data:`GRPO_SUPPORTED_OPTIONS`); those raise a ValueError naming them.
+    ``router_aux_loss_coef`` (:data:`GRPO_SUPPORTED_OPTIONS`); those raise a ValueError naming them. With a
+    :class:`PrefoptGRPOConfig`, also ``share_prefix``.
     """
 
     def __init__(self, model, reward_funcs, args=None, *rest, **kwargs):
         if args is not None:
             _check_options(args, GRPOConfig, GRPO_SUPPORTED_OPTIONS, GRPO_UNSUPPORTED, "PrefoptGRPOTrainer")
-        with _prefopt_heads(grpo_trainer_module):
+        with _prefopt_heads(grpo_trainer_module, share_prefix=getattr(args, "share_prefix", "off")):
             super().__init__(model, reward_funcs, args, *rest, **kwargs)

@@ -27,7 +27,7 @@ masks are their own (Gemma 3's bidirectional image attention, PaliGemma's prefix
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -35,7 +35,7 @@ from .data import PreferenceCollator, PreferenceRecord
 
 __all__ = ["SHARE_PREFIX_CHOICES", "SHARED_FAMILIES", "NOT_SHARED", "SHARED_METHODS",
            "SharedPrefixCollator", "share_refusal", "method_refusal", "make_collator", "logical_tokens",
-           "decoder_tokens", "block_mask", "packed_positions"]
+           "decoder_tokens", "block_mask", "packed_positions", "PackedRows", "pack_padded_batch"]
 
 SHARE_PREFIX_CHOICES = ("auto", "on", "off")
 
@@ -124,64 +124,36 @@ class SharedPrefixCollator(PreferenceCollator):
         groups: Dict[tuple, List[int]] = {}
         for row, (i, _, _) in enumerate(rows):
             groups.setdefault(prefix_key(records[i]), []).append(row)
+        packing = PackedRows([ids for ids, _, _ in encoded], [p for _, p, _ in encoded], list(groups.values()))
 
-        packed, starts, prefix_len = [], {}, []  # starts[row]: where its answer segment begins in its packed row
-        packed_of = {}  # row -> its packed row
-        for b, group in enumerate(groups.values()):
+        packed = []
+        for b, group in enumerate(packing.groups):
             i = rows[group[0]][0]
-            first_ids, _, first = encoded[group[0]]
-            P = min(encoded[row][1] for row in group)
-            for row in group[1:]:
-                ids = encoded[row][0]
-                n = min(P, len(ids), len(first_ids))
-                same = (ids[:n] == first_ids[:n]).long()
-                P = min(P, int(same.cumprod(0).sum()))
-            pieces = [first_ids[:P]]
-            for row in group:
-                starts[row] = sum(len(p) for p in pieces)
-                pieces.append(encoded[row][0][P:])
-            ids = torch.cat(pieces)
-            if any(int(t) in self.image_token_ids for t in ids[P:]):
+            if any(int(t) in self.image_token_ids for t in packing.ids[b][packing.prefix_lengths[b]:]):
                 raise ValueError(f"{records[i].where or f'record {i}'}: image tokens after the shared prefix")
-            feats = {"input_ids": ids[None]}
+            first = encoded[group[0]][2]
+            feats = {"input_ids": packing.ids[b][None]}
             for key, value in first.items():
                 if key in ("input_ids", "attention_mask", "labels") or not isinstance(value, torch.Tensor):
                     continue
                 if value.dim() >= 2 and value.shape[0] == 1 and value.shape[1] == first["input_ids"].shape[1]:
-                    per_token = [value[0, :P]] + [encoded[row][2][key][0, P:len(encoded[row][0])] for row in group]
-                    feats[key] = torch.cat(per_token)[None]
+                    feats[key] = packing.pack_group(b, {row: encoded[row][2][key][0] for row in group})[None]
                 else:  # images and their sizes / grids: once per record, from its first row
                     feats[key] = value
-            packed.append((feats, group))
-            prefix_len.append(P)
-            packed_of.update({row: b for row in group})
+            packed.append(feats)
 
-        T = max(f["input_ids"].shape[1] for f, _ in packed)
-        out = self._pad([f for f, _ in packed], T, left=False)
-        B = len(packed)
-        segment = torch.full((B, T), -1, dtype=torch.long)  # -1 padding, 0 prefix, a + 1 answer a
-        positions = torch.zeros((B, T), dtype=torch.long)
-        for b, (feats, group) in enumerate(packed):
-            P = prefix_len[b]
-            segment[b, :P] = 0
-            positions[b, :P] = torch.arange(P)
-            for a, row in enumerate(group):
-                n = len(encoded[row][0]) - P
-                segment[b, starts[row]:starts[row] + n] = a + 1
-                positions[b, starts[row]:starts[row] + n] = torch.arange(P, P + n)
-        out["attention_mask"] = block_mask(segment)
-        out["position_ids"] = positions
-        out["prefix_lengths"] = torch.tensor(prefix_len, dtype=torch.long)
+        T = packing.width
+        out = self._pad(packed, T, left=False)
+        out["attention_mask"] = block_mask(packing.segment)
+        out["position_ids"] = packing.positions
+        out["prefix_lengths"] = torch.tensor(packing.prefix_lengths, dtype=torch.long)
 
         width = max(len(ids) - prompt_len + 1 for ids, prompt_len, _ in encoded)
         labels = torch.full((len(rows), width), self.ignore_index, dtype=torch.long)
         answer_positions = torch.zeros((len(rows), width), dtype=torch.long)
         for row, (ids, prompt_len, _) in enumerate(encoded):
-            b = packed_of[row]
-            P = prefix_len[b]
             logical = torch.arange(prompt_len - 1, len(ids))  # the prompt's last position, then the answer
-            packed_at = torch.where(logical < P, logical, starts[row] + logical - P)
-            answer_positions[row, : len(logical)] = b * T + packed_at
+            answer_positions[row, : len(logical)] = packing.flat_index(row, logical)
             labels[row, 1: len(logical)] = ids[prompt_len:]
         for tid in self.image_token_ids:
             labels[labels == tid] = self.ignore_index
@@ -193,6 +165,137 @@ class SharedPrefixCollator(PreferenceCollator):
             out["correction_rows"] = torch.tensor([c for _, _, c in rows], dtype=torch.bool)
         out["logical_tokens"] = torch.tensor(sum(len(ids) for ids, _, _ in encoded))
         return out
+
+
+class PackedRows:
+    """How logical rows (token ids, prompt lengths) pack when the rows of each of ``groups`` share one row.
+
+    A group's shared prefix is the longest run of first tokens all its rows have in common, at most its
+    shortest prompt (:attr:`prefix_lengths`); each row's remaining tokens follow as its answer segment
+    (:attr:`starts`). :attr:`ids` the packed rows' token ids, :attr:`segment` ``[B, T]`` (-1 padding, 0 the
+    prefix, a + 1 the group's row a: :func:`block_mask`'s input) and :attr:`positions` ``[B, T]`` (each token's
+    position in its own logical row, plus the group's ``offsets``: where its rows' first token sits).
+    """
+
+    def __init__(self, ids: Sequence[torch.Tensor], prompt_lengths: Sequence[int], groups: Sequence[Sequence[int]],
+                 offsets: Optional[Sequence[int]] = None):
+        self.groups = [list(g) for g in groups]
+        self.lengths = [len(row_ids) for row_ids in ids]
+        self.prefix_lengths, self.starts, self.packed_of = [], {}, {}
+        for b, group in enumerate(self.groups):
+            first = ids[group[0]]
+            P = min(prompt_lengths[row] for row in group)
+            for row in group[1:]:
+                n = min(P, len(ids[row]), len(first))
+                P = min(P, int((ids[row][:n] == first[:n]).long().cumprod(0).sum()))
+            start = P
+            for row in group:
+                self.starts[row], self.packed_of[row] = start, b
+                start += self.lengths[row] - P
+            self.prefix_lengths.append(P)
+        self.ids = [self.pack_group(b, {row: ids[row] for row in group}) for b, group in enumerate(self.groups)]
+        self.width = T = max(len(row_ids) for row_ids in self.ids)
+        B = len(self.groups)
+        self.segment = torch.full((B, T), -1, dtype=torch.long)
+        self.positions = torch.zeros((B, T), dtype=torch.long)
+        for b, group in enumerate(self.groups):
+            P, offset = self.prefix_lengths[b], 0 if offsets is None else offsets[group[0]]
+            self.segment[b, :P] = 0
+            self.positions[b, :P] = torch.arange(offset, offset + P)
+            for a, row in enumerate(group):
+                start, n = self.starts[row], self.lengths[row] - P
+                self.segment[b, start:start + n] = a + 1
+                self.positions[b, start:start + n] = torch.arange(offset + P, offset + P + n)
+
+    def pack_group(self, b: int, values: Dict[int, torch.Tensor]) -> torch.Tensor:
+        """Per-token ``values`` of group ``b``'s rows (row -> ``[L, ...]``) laid out as its packed row."""
+        group, P = self.groups[b], self.prefix_lengths[b]
+        return torch.cat([values[group[0]][:P]] + [values[row][P:self.lengths[row]] for row in group])
+
+    def flat_index(self, row: int, logical: torch.Tensor) -> torch.Tensor:
+        """Where positions ``logical`` of logical row ``row`` sit in the packed rows flattened to ``[B * T]``."""
+        b, P = self.packed_of[row], self.prefix_lengths[self.packed_of[row]]
+        return b * self.width + torch.where(logical < P, logical, self.starts[row] + logical - P)
+
+
+def pack_padded_batch(inputs: Dict[str, torch.Tensor], labels: torch.Tensor, *, image_token_ids: Sequence[int] = (),
+                      ignore_index: int = -100) -> Optional[Tuple[Dict[str, torch.Tensor], torch.Tensor]]:
+    """A padded batch of logical rows as TRL's trainers build it, packed: one row per prefix.
+
+    ``inputs``: the model's keyword inputs, each row's tokens contiguous (``attention_mask`` 1 there; padding
+    on either side), per-token keys ``[N, T, ...]``, image keys one entry per row (``[N, ...]``); ``labels``
+    ``[N, T]``: ``ignore_index`` but on the scored answer tokens. Rows whose tokens before their first label,
+    first column and images are equal share a packed row (a DPO record's chosen and rejected rows, a GRPO
+    prompt's answers). Returns ``(packed inputs, index)``: the packed rows' model inputs (the boolean block
+    mask, ``position_ids`` each token's column in its own row, ``prefix_lengths``) and ``index [N, T]``, where
+    each logical row's position sits in the packed hidden states flattened to ``[B * T', H]`` with one
+    zero row appended (every position that predicts no label points there); or None where the rows cannot be
+    packed here: no row shares its prefix, images that are not one per row (each row's image tokens counted
+    by ``image_token_ids``), a row scored from its first token.
+    """
+    input_ids = inputs["input_ids"]
+    N, T = input_ids.shape
+    attention = inputs.get("attention_mask")
+    attention = torch.ones_like(input_ids, dtype=torch.bool) if attention is None else attention.bool()
+    if attention.dim() != 2:
+        return None
+    per_token = {k: v for k, v in inputs.items()
+                 if torch.is_tensor(v) and v.dim() >= 2 and tuple(v.shape[:2]) == (N, T) and k != "attention_mask"}
+    images = {k: v for k, v in inputs.items()
+              if torch.is_tensor(v) and v.dim() >= 1 and k not in per_token and k != "attention_mask"}
+    if images:
+        image_tokens = sum((input_ids == t).sum(1) for t in image_token_ids) if image_token_ids else None
+        if (image_tokens is None or any(v.shape[0] != N for v in images.values())
+                or bool((image_tokens == 0).any()) or bool((image_tokens != image_tokens[0]).any())):
+            return None  # not one image per row
+    cpu_attention, cpu_labels = attention.cpu(), labels.cpu()
+    ids, prompt_lengths, offsets = [], [], []
+    by_prompt: Dict[tuple, List[List[int]]] = {}  # (first column, prompt ids) -> groups of rows, told apart by images
+    for r in range(N):
+        columns = cpu_attention[r].nonzero().squeeze(1)
+        first, length = int(columns[0]) if len(columns) else 0, len(columns)
+        if length and int(columns[-1]) - first + 1 != length:
+            return None  # a row's tokens with holes
+        scored = (cpu_labels[r, first:first + length] != ignore_index).nonzero()
+        prompt = int(scored[0]) if len(scored) else length
+        if prompt == 0 and length:
+            return None
+        row_ids = input_ids[r, first:first + length].cpu()
+        ids.append(row_ids)
+        prompt_lengths.append(prompt)
+        offsets.append(first)
+        candidates = by_prompt.setdefault((first, tuple(row_ids[:prompt].tolist())), [])
+        for group in candidates:
+            if all(torch.equal(v[r], v[group[0]]) for v in images.values()):
+                group.append(r)
+                break
+        else:
+            candidates.append([r])
+    groups = sorted((group for candidates in by_prompt.values() for group in candidates), key=lambda g: g[0])
+    if len(groups) == N:
+        return None
+    packing = PackedRows(ids, prompt_lengths, groups, offsets)
+    device = input_ids.device
+    packed = {k: v for k, v in inputs.items() if k not in per_token and k not in images and k != "attention_mask"}
+    firsts = torch.tensor([g[0] for g in packing.groups], device=device)
+    for k, v in images.items():
+        packed[k] = v[firsts]
+    for k, v in per_token.items():
+        rows = [packing.pack_group(b, {r: v[r, offsets[r]:offsets[r] + packing.lengths[r]] for r in group})
+                for b, group in enumerate(packing.groups)]
+        out = v.new_zeros((len(rows), packing.width, *v.shape[2:]))  # padding: attends to itself, predicts nothing
+        for b, row in enumerate(rows):
+            out[b, :len(row)] = row
+        packed[k] = out
+    packed["attention_mask"] = block_mask(packing.segment).to(device)
+    packed["position_ids"] = packing.positions.to(device)
+    packed["prefix_lengths"] = torch.tensor(packing.prefix_lengths, device=device)
+    zero_row = len(packing.groups) * packing.width
+    index = torch.full((N, T), zero_row, dtype=torch.long)
+    for r in range(N):
+        logical = torch.arange(max(prompt_lengths[r] - 1, 0), packing.lengths[r])
+        index[r, offsets[r] + logical] = packing.flat_index(r, logical)
+    return packed, index.to(device)
 
 
 def prefix_key(record: PreferenceRecord) -> tuple:
