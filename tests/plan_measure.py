@@ -1,6 +1,9 @@
 """Models and data for comparing ``prefopt plan --device cpu --dtype fp32`` with ``prefopt train``'s measured peak:
 a Llama text model of about 50M parameters and a LLaVA with LLaVA-1.5's image geometry (336 px, patch 14: 576
-image tokens) on a small decoder, each with a JSONL set whose answers fill every row to --max-length."""
+image tokens) on a small decoder, each with a JSONL set whose answers fill every row to --max-length. The weights
+are saved in bf16, so that an fp32 run holds a copy of every one, as a GPU run does: weights loaded in the file's
+own dtype on a CPU stay pages of the memory-mapped file, resident only where read (a frozen embedding's unused
+rows never are), which no plan of a GPU run should model."""
 import json
 import os
 
@@ -8,7 +11,7 @@ import torch
 import transformers
 from PIL import Image
 
-from tiny_families import text_config, tokenizer
+from tiny_families import save_model, text_config, tokenizer
 
 WORDS = "the red square sits left of two small blue circles near a green line".split()
 
@@ -18,7 +21,7 @@ def save_text_model(folder):
     tok = tokenizer()
     config = text_config(tok, vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                          num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
-    return _save(transformers.LlamaForCausalLM, config, tok, folder)
+    return save_model(transformers.LlamaForCausalLM, config, tok, folder, dtype=torch.bfloat16)
 
 
 def save_llava_model(folder):
@@ -36,19 +39,7 @@ def save_llava_model(folder):
     processor = T.LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
                                  vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                  chat_template=tok.chat_template, image_token="<image>")
-    return _save(T.LlavaForConditionalGeneration, config, processor, folder)
-
-
-def _save(model_cls, config, processor, folder):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = model_cls._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    tok = getattr(processor, "tokenizer", processor)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return str(folder)
+    return save_model(T.LlavaForConditionalGeneration, config, processor, folder, dtype=torch.bfloat16)
 
 
 def write_data(folder, n=16, image=False):

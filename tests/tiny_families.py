@@ -222,7 +222,12 @@ def build(name):
 
 def save_family(name, folder, seed=0):
     """Write the tiny ``name`` (random weights from ``seed``) with its processor to ``folder``; returns it."""
-    model_cls, config, processor = build(name)
+    return save_model(*build(name), folder, seed=seed)
+
+
+def save_model(model_cls, config, processor, folder, seed=0, dtype=torch.float32):
+    """Write a ``model_cls`` of ``config`` (random weights from ``seed``, saved in ``dtype``) with ``processor`` to
+    ``folder``; returns it."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
@@ -235,6 +240,6 @@ def save_family(name, folder, seed=0):
     tok = getattr(processor, "tokenizer", processor)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(folder)
+    model.to(dtype).save_pretrained(folder)
     processor.save_pretrained(folder)
     return str(folder)

@@ -53,6 +53,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from ..ops.objective import DEFAULT_BUDGET_BYTES, MIN_BUDGET_BYTES
+
 MiB, GiB = 2**20, 2**30
 #: What ``max_memory_allocated`` does not see on a GPU, added before comparing with ``--gpu-memory``: the CUDA
 #: context with torch's kernels (about 0.5 GiB), cuBLAS's workspace and the caching allocator's fragmentation.
@@ -416,9 +418,10 @@ def plan(shape: ModelShape, opts: PlanOptions) -> Dict:
         + 2 * (largest.hidden + largest.intermediate) * max(tokens, vision_tokens) * nbytes
 
     # the head: prefopt's fused op, and materialised logits for comparison
-    tile = (1024 * 4096 if opts.device == "cpu" else 2048 * 8192) * 4
-    budget = min(64 * MiB, max(4 * MiB, shape.vocab * dec.hidden * 4))
-    head_fused = min(max(budget, 3 * tile), 3 * step.scored * shape.vocab * 4) + 2 * step.scored * dec.hidden * 4
+    # its logits tiles stay within the op's default budget (prefopt.ops.objective.default_budget_bytes: a quarter
+    # of the head's fp32 gradient, 1-64 MiB), whichever path runs
+    budget = min(DEFAULT_BUDGET_BYTES, max(MIN_BUDGET_BYTES, shape.vocab * dec.hidden))
+    head_fused = min(budget, 3 * step.scored * shape.vocab * 4) + 2 * step.scored * dec.hidden * 4
     head_materialised = 2 * step.scored * shape.vocab * 4 + 2 * step.scored * dec.hidden * 4
     head = head_fused if opts.fused_head else head_materialised
 
