@@ -328,7 +328,7 @@ def format_summary(s: dict) -> str:
                      f"negatives {s['probe/delta_logp_rejected']:+.4f}")
     lines += [
         f"  peak memory        {s['peak_memory_mb']:.0f} MiB ("
-        + ("torch's peak GPU allocation" if s["device"].startswith("cuda") else "peak resident set above the pre-model baseline")
+        + ("torch's peak GPU allocation" if s["device"].startswith("cuda") else "peak resident set, libraries left out, above the pre-model baseline")
         + f"; reference: {REFERENCE_WORDS[s['reference']]})   throughput {num(s['tokens_per_second'], '.0f')} tokens/s",
         f"  checkpoint         {s['checkpoint']}",
         f"  model folder       {s['model_folder']}   (Hugging Face from_pretrained)",
