@@ -32,6 +32,8 @@ from .rollouts import rollout_metrics
 #: The process's own memory (bytes: the resident set less its shared libraries' pages) when :func:`start_memory_peak`
 #: ran: CPU peaks are counted above it.
 _cpu_baseline = 0
+#: (high-water mark in bytes, the peak in MiB :func:`peak_memory_mb` made of it), or None before the first.
+_cpu_peak: Optional[Tuple[int, float]] = None
 
 
 def _proc_status_kib(field: str) -> Optional[int]:
@@ -64,7 +66,8 @@ def start_memory_peak() -> None:
     """Take the CPU baseline of :func:`peak_memory_mb`, just before the model is built: the resident set now
     less its shared libraries' pages, and (Linux) the resident high-water mark reset to the resident set, so that
     what the process held before (data loading, imports) is not counted."""
-    global _cpu_baseline
+    global _cpu_baseline, _cpu_peak
+    _cpu_peak = None
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")  # resets VmHWM to VmRSS (Linux >= 4.0)
@@ -77,14 +80,18 @@ def start_memory_peak() -> None:
 
 def peak_memory_mb(device: torch.device) -> float:
     """The run's peak memory in MiB: on CUDA torch's peak allocation (``max_memory_allocated``); on CPU the
-    process's peak resident set less its shared libraries' pages (read now: they only grow while the
-    libraries stay loaded), above the baseline :func:`start_memory_peak` took before the model was built (the quantity
+    process's peak resident set less its shared libraries' pages (read the first time that peak is seen: the
+    pages only grow while the libraries stay loaded, and reading them costs about 10 ms, too much for every
+    step), above the baseline :func:`start_memory_peak` took before the model was built (the quantity
     ``prefopt plan --device cpu --dtype fp32`` predicts)."""
+    global _cpu_peak
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     peak = _proc_status_kib("VmHWM")
     peak = 1024 * (peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-    return max(0, peak - _library_bytes() - _cpu_baseline) / 2**20
+    if _cpu_peak is None or _cpu_peak[0] != peak:
+        _cpu_peak = (peak, max(0, peak - _library_bytes() - _cpu_baseline) / 2**20)
+    return _cpu_peak[1]
 
 
 def saved_activations(offload: bool, device: torch.device):
